@@ -1,0 +1,278 @@
+"""Command-line flags, their validation, the resolved run configuration and the banner.
+
+Everything a run needs is checked here, before any data is read or any model built:
+a bad flag gives one line naming the flag and what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import torch
+
+from models import ARCHITECTURES
+from quant.lsq import FULL_PRECISION_BITS
+
+RULE = "=" * 80
+
+#: Flags that say how to run, not what the experiment is: they may change on --resume.
+RUN_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
+                       "no_download", "tensorboard", "compile", "eval_batch_size"})
+
+#: The five ablation scenarios of the README, as (name, λ_w, λ_a, backprop A-BR to α).
+SCENARIOS = (
+    ("W-only", 1.0, 0.0, False),
+    ("W+A stable", 1.0, 1.0, False),
+    ("W+A moving target", 1.0, 1.0, True),
+    ("A-only", 0.0, 1.0, False),
+    ("LSQ baseline", 0.0, 0.0, False),
+)
+
+
+class ConfigError(ValueError):
+    """A flag combination that cannot run; the message names the flag and what was expected."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``cifar10_qat_br.py``."""
+    p = argparse.ArgumentParser(
+        prog="cifar10_qat_br.py",
+        description="Two-stage quantization-aware training of a CIFAR-10 ResNet: LSQ warmup, then "
+                    "LSQ + Bin Regularization. Loss = CE + λ_w·BR_w + λ_a·BR_a.")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--num-bits", type=int, default=2, help="bits of weights and activations (2-8; 32 = float) [2]")
+    q.add_argument("--num-bits-weight", type=int, default=None, help="override --num-bits for weights")
+    q.add_argument("--num-bits-act", type=int, default=None, help="override --num-bits for activations")
+    q.add_argument("--first-last-bits", type=int, default=8,
+                   help="bits of the first conv and last linear (32 keeps them float) [8]")
+    q.add_argument("--clip-value", type=float, default=None,
+                   help="clip activations to [0, c] (ReLU6/ReLU1-style networks) [none]")
+    b = p.add_argument_group("bin regularization (stage 2)")
+    b.add_argument("--lambda-br", type=float, default=1.0, help="weight of W-BR on weights; 0 disables [1.0]")
+    b.add_argument("--lambda-br-act", type=float, default=1.0,
+                   help="weight of A-BR on pre-quantization activations; 0 disables [1.0]")
+    b.add_argument("--br-backprop-to-alpha-act", action="store_true",
+                   help="let A-BR's gradient reach the activation step sizes (default: detached)")
+    a = p.add_argument_group("step sizes")
+    a.add_argument("--freeze-alpha", action="store_true",
+                   help="freeze every step size (weights and activations) after warmup")
+    a.add_argument("--freeze-weight-alpha", action="store_true", help="freeze the weight step sizes after warmup")
+    a.add_argument("--freeze-act-alpha", action="store_true", help="freeze the activation step sizes after warmup")
+    s = p.add_argument_group("schedule and optimiser")
+    s.add_argument("--epochs", type=int, default=100, help="total epochs [100]")
+    s.add_argument("--warmup-epochs", type=int, default=30, help="stage 1 (LSQ only) epochs [30]")
+    s.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine decay over all epochs [0.01]")
+    s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum [0.9]")
+    s.add_argument("--weight-decay", type=float, default=5e-4,
+                   help="weight decay on network parameters, never on step sizes (decaying α shrinks the "
+                        "quantization grid, a known flaw of public LSQ code) [5e-4]")
+    s.add_argument("--batch-size", type=int, default=128, help="training batch size [128]")
+    s.add_argument("--eval-batch-size", type=int, default=1000, help="evaluation batch size [1000]")
+    m = p.add_argument_group("model and data")
+    m.add_argument("--arch", default="resnet20", help=f"one of {', '.join(ARCHITECTURES)} [resnet20]")
+    m.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="float checkpoint made by this tool (--num-bits 32) to start from")
+    m.add_argument("--data-dir", default="./data",
+                   help="torchvision CIFAR-10 (cifar-10-batches-py/) or an image folder with train/ and test/ [./data]")
+    m.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
+    r = p.add_argument_group("run")
+    r.add_argument("--output-dir", default=None, help="run folder [results/<arch>_<bits>_<lambdas>_s<seed>]")
+    r.add_argument("--seed", type=int, default=42, help="random seed [42]")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
+    r.add_argument("--workers", type=int, default=2, help="processes for decoding images once [2]")
+    r.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (BR and step sizes stay float32)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to <output-dir>/tensorboard")
+    r.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue the run in --output-dir from last.pt (or from PATH)")
+    r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    r.add_argument("--dry-run", action="store_true", help="print the banner and the resolved config, then exit")
+    return p
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags actually given on the command line."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def weight_bits(cfg) -> int:
+    return cfg.num_bits_weight if cfg.num_bits_weight is not None else cfg.num_bits
+
+
+def act_bits(cfg) -> int:
+    return cfg.num_bits_act if cfg.num_bits_act is not None else cfg.num_bits
+
+
+def is_float_run(cfg) -> bool:
+    """True when nothing is quantized (every width is 32)."""
+    return min(weight_bits(cfg), act_bits(cfg), cfg.first_last_bits) >= FULL_PRECISION_BITS
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def default_output_dir(cfg) -> str:
+    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...]_s<seed>``; ``results/<arch>_fp32_s<seed>`` for float."""
+    if is_float_run(cfg):
+        return os.path.join("results", f"{cfg.arch}_fp32_s{cfg.seed}")
+    name = (f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{cfg.first_last_bits}"
+            f"_lbr{_fmt(cfg.lambda_br)}_lbra{_fmt(cfg.lambda_br_act)}")
+    name += "_abp" if cfg.br_backprop_to_alpha_act else ""
+    name += "_frz" if cfg.freeze_alpha else ("_frzw" if cfg.freeze_weight_alpha else "") + (
+        "_frza" if cfg.freeze_act_alpha else "")
+    name += f"_clip{_fmt(cfg.clip_value)}" if cfg.clip_value is not None else ""
+    return os.path.join("results", name + f"_s{cfg.seed}")
+
+
+def _check_bits(value: int, flag: str) -> None:
+    if not (2 <= value <= 8 or value == FULL_PRECISION_BITS):
+        raise ConfigError(f"{flag} must be 2-8, or 32 for full precision, got {value}")
+
+
+def _check_number(value: float, flag: str, minimum: float = 0.0, strict: bool = False) -> None:
+    bad = not math.isfinite(value) or (value <= minimum if strict else value < minimum)
+    if bad:
+        relation = ">" if strict else ">="
+        raise ConfigError(f"{flag} must be a finite number {relation} {minimum:g}, got {value}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu.
+
+    Raises:
+        ConfigError: an unknown name, or CUDA asked for on a machine without a GPU.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    return device
+
+
+def validate(cfg) -> None:
+    """Check every flag that needs no file access. Raises ``ConfigError`` with one line."""
+    _check_bits(cfg.num_bits, "--num-bits")
+    if cfg.num_bits_weight is not None:
+        _check_bits(cfg.num_bits_weight, "--num-bits-weight")
+    if cfg.num_bits_act is not None:
+        _check_bits(cfg.num_bits_act, "--num-bits-act")
+    _check_bits(cfg.first_last_bits, "--first-last-bits")
+    _check_number(cfg.lambda_br, "--lambda-br")
+    _check_number(cfg.lambda_br_act, "--lambda-br-act")
+    _check_number(cfg.lr, "--lr", strict=True)
+    _check_number(cfg.momentum, "--momentum")
+    _check_number(cfg.weight_decay, "--weight-decay")
+    if cfg.clip_value is not None:
+        _check_number(cfg.clip_value, "--clip-value", strict=True)
+    if cfg.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if not 0 <= cfg.warmup_epochs <= cfg.epochs:
+        raise ConfigError(f"--warmup-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.eval_batch_size < 1:
+        raise ConfigError(f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
+    if cfg.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.arch not in ARCHITECTURES:
+        raise ConfigError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {cfg.arch!r}")
+    if cfg.resume is not None and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: pass one")
+    resolve_device(cfg.device)
+
+
+def warnings_for(cfg) -> list[str]:
+    """Flags that have no effect in this combination (reported in the banner, not errors)."""
+    out = []
+    w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
+    stage2 = cfg.epochs > cfg.warmup_epochs
+    if cfg.br_backprop_to_alpha_act and cfg.lambda_br_act == 0:
+        out.append("--br-backprop-to-alpha-act has no effect: A-BR is disabled (--lambda-br-act 0)")
+    if cfg.lambda_br > 0 and w_bits >= FULL_PRECISION_BITS:
+        out.append("--lambda-br has no effect: weights are not quantized (32 bits), W-BR has nothing to regularise")
+    if cfg.lambda_br_act > 0 and a_bits >= FULL_PRECISION_BITS:
+        out.append("--lambda-br-act has no effect: activations are not quantized (32 bits)")
+    if not stage2 and (cfg.lambda_br > 0 or cfg.lambda_br_act > 0) and not is_float_run(cfg):
+        out.append("BR never runs: --warmup-epochs equals --epochs, so there is no stage 2")
+    if not stage2 and (cfg.freeze_alpha or cfg.freeze_weight_alpha or cfg.freeze_act_alpha):
+        out.append("the freeze flags have no effect: there is no stage 2 to freeze step sizes in")
+    if cfg.freeze_alpha and (cfg.freeze_weight_alpha or cfg.freeze_act_alpha):
+        out.append("--freeze-weight-alpha / --freeze-act-alpha are implied by --freeze-alpha")
+    if is_float_run(cfg) and (cfg.freeze_alpha or cfg.freeze_weight_alpha or cfg.freeze_act_alpha):
+        out.append("the freeze flags have no effect: a float run has no step sizes")
+    if cfg.amp and resolve_device(cfg.device).type != "cuda":
+        out.append("--amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
+    return out
+
+
+def frozen_kinds(cfg) -> tuple[bool, bool]:
+    """(weight α frozen in stage 2, activation α frozen in stage 2)."""
+    return cfg.freeze_alpha or cfg.freeze_weight_alpha, cfg.freeze_alpha or cfg.freeze_act_alpha
+
+
+def banner(cfg, source_line: str, n_layers: str = "") -> list[str]:
+    """The run banner (lines), in the wording researchers grep for."""
+    w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
+    E, W = cfg.epochs, cfg.warmup_epochs
+    freeze_w, freeze_a = frozen_kinds(cfg)
+    both_off = cfg.lambda_br == 0 and cfg.lambda_br_act == 0
+    lines = [RULE, "Starting 2-Stage QAT+BR Training", RULE]
+    lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only)" if W > 0 else "Stage 1 (Warmup): none (--warmup-epochs 0)")
+    if E > W:
+        lines.append(f"Stage 2 (BR): Epochs {W + 1}-{E}" + (" (both λ = 0: LSQ only, no BR)" if both_off else ""))
+    else:
+        lines.append("Stage 2 (BR): none (--warmup-epochs equals --epochs)")
+    lines += ["", "BR Configuration:"]
+    on = lambda lam: "[ENABLED]" if lam > 0 else "[DISABLED]"  # noqa: E731
+    lines.append(f"  - W-BR (weights): λ={float(cfg.lambda_br)} {on(cfg.lambda_br)}")
+    if cfg.lambda_br > 0:
+        lines.append("    └─> Gradients to alpha: Always enabled (paper-faithful, weights are stable)")
+        if freeze_w and E > W:
+            lines.append("    └─> Note: weight alpha is frozen after warmup, so in stage 2 this gradient cannot change it")
+    lines.append(f"  - A-BR (activations): λ={float(cfg.lambda_br_act)} {on(cfg.lambda_br_act)}")
+    if cfg.lambda_br_act > 0:
+        lines.append(f"    └─> Gradients to alpha: {cfg.br_backprop_to_alpha_act} (default: False, recommended)")
+        if cfg.br_backprop_to_alpha_act and freeze_a and E > W:
+            lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot change it")
+    lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {cfg.freeze_alpha}"]
+    lines.append("    └─> If True: NO updates to alpha from ANY loss (CE or BR)")
+    lines.append("    └─> If False: CE can update alpha, A-BR respects --br-backprop-to-alpha-act flag")
+    if not cfg.freeze_alpha and (freeze_w or freeze_a):
+        kinds = " and ".join(k for k, f in (("weight", freeze_w), ("activation", freeze_a)) if f)
+        lines.append(f"  - Frozen after warmup anyway: {kinds} alpha (--freeze-{'weight' if freeze_w else 'act'}-alpha)")
+    lines.append(RULE)
+    bits = lambda b: "float" if b >= FULL_PRECISION_BITS else f"{b}-bit"  # noqa: E731
+    lines.append(f"Model: {cfg.arch}" + (f" {n_layers}" if n_layers else ""))
+    if is_float_run(cfg):
+        lines.append("Bits: full precision (float baseline, no quantization)")
+    else:
+        lines.append(f"Bits: W{w_bits}A{a_bits} (weights {bits(w_bits)}, activations {bits(a_bits)}); "
+                     f"first/last layers {bits(cfg.first_last_bits)}")
+    if cfg.clip_value is not None:
+        lines.append(f"Activations clipped to [0, {cfg.clip_value:g}]")
+    lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
+    lines.append(f"Optimiser: SGD lr {cfg.lr:g} momentum {cfg.momentum:g} weight decay {cfg.weight_decay:g} "
+                 f"(none on alpha), cosine over {E} epochs, batch {cfg.batch_size}, seed {cfg.seed}")
+    lines.append(f"Data: {source_line}")
+    lines.append(f"Device: {resolve_device(cfg.device)}" + (" (bf16 autocast)" if cfg.amp else ""))
+    lines.append(f"Output: {cfg.output_dir}")
+    for w in warnings_for(cfg):
+        lines.append(f"WARNING: {w}")
+    lines.append(RULE)
+    return lines
+

@@ -1,0 +1,259 @@
+"""CIFAR-10 data: read once with torchvision, held as a uint8 tensor on the training device,
+augmented there in batches (random crop 32 with padding 4, horizontal flip), normalised there.
+
+Two on-disk layouts are read: torchvision's ``cifar-10-batches-py/`` (downloaded when
+missing unless ``download=False``) and an image folder with ``train/<class>/`` and
+``test/<class>/`` (``torchvision.datasets.ImageFolder``). An image folder is decoded
+once and cached next to the data as ``.cifar10_<split>_uint8.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from checkpoint import atomic_torch_save
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+IMAGE_SIZE = 32
+CROP_PADDING = 4
+
+
+class DataError(ValueError):
+    """The data directory cannot be used; the message says what to pass or fix."""
+
+
+@dataclass
+class Split:
+    """One split held in memory. ``images``: uint8 ``(N, 3, 32, 32)``; ``labels``: int64 ``(N,)``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class DataSource:
+    """Where the data comes from: ``kind`` is ``"torchvision"`` or ``"imagefolder"``; ``root`` a folder."""
+
+    kind: str
+    root: str
+
+    def describe(self) -> str:
+        return f"{'torchvision CIFAR-10' if self.kind == 'torchvision' else 'image folder'} at {self.root}"
+
+
+def _is_image_folder(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "train")) or os.path.isdir(os.path.join(path, "test"))
+
+
+def find_source(data_dir: str, download: bool) -> DataSource:
+    """Decide how to read ``data_dir`` (``--data-dir``) without reading any image.
+
+    Accepts ``cifar-10-batches-py/`` inside ``data_dir``, an image folder ``data_dir``
+    itself, or a single sub-folder of ``data_dir`` that is one (the archive unpacks
+    to ``cifar10-jpeg/``). Otherwise torchvision's copy is downloaded if allowed.
+
+    Raises:
+        DataError: nothing usable is there and ``download`` is False.
+    """
+    if os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
+        return DataSource("torchvision", data_dir)
+    if _is_image_folder(data_dir):
+        return DataSource("imagefolder", data_dir)
+    if os.path.isdir(data_dir):
+        subdirs = [os.path.join(data_dir, d) for d in sorted(os.listdir(data_dir))
+                   if os.path.isdir(os.path.join(data_dir, d))]
+        folders = [d for d in subdirs if _is_image_folder(d)]
+        if len(folders) == 1:
+            return DataSource("imagefolder", folders[0])
+    if download:
+        return DataSource("torchvision", data_dir)
+    raise DataError(
+        f"--data-dir {data_dir}: no CIFAR-10 found (expected cifar-10-batches-py/ or train/<class>/ and "
+        f"test/<class>/ image folders); pass --data-dir pointing at one, or drop --no-download to download it")
+
+
+def _check_image_folder(split_dir: str) -> None:
+    if not os.path.isdir(split_dir):
+        raise DataError(f"--data-dir: missing split folder {split_dir} (expected train/ and test/ with one "
+                        f"folder per class: {', '.join(CLASSES)})")
+    found = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    if tuple(found) != CLASSES:
+        missing, extra = sorted(set(CLASSES) - set(found)), sorted(set(found) - set(CLASSES))
+        raise DataError(f"--data-dir: {split_dir} has the wrong class folders (missing: {missing or 'none'}; "
+                        f"unexpected: {extra or 'none'}); CIFAR-10 needs exactly {', '.join(CLASSES)}")
+    for name in CLASSES:
+        if not os.listdir(os.path.join(split_dir, name)):
+            raise DataError(f"--data-dir: class folder {os.path.join(split_dir, name)} is empty")
+
+
+def _fingerprint(samples: list[tuple[str, int]]) -> list:
+    """Cheap identity of an image folder: each file's relative path, size and mtime."""
+    out = []
+    for path, label in samples:
+        st = os.stat(path)
+        out.append((os.path.basename(path), label, st.st_size, int(st.st_mtime)))
+    return out
+
+
+class _DecodeOrFlag(torch.utils.data.Dataset):
+    """Decode one image to uint8 ``(3, 32, 32)``; an unreadable one becomes a flag, not a crash in a worker."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __len__(self):
+        return len(self.folder.samples)
+
+    def __getitem__(self, i):
+        from torchvision.transforms.functional import pil_to_tensor
+        path, _ = self.folder.samples[i]
+        try:
+            image = pil_to_tensor(self.folder.loader(path))
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is reported by file name
+            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), i, str(exc)
+        if tuple(image.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
+            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), i, f"size {tuple(image.shape)}, expected (3, 32, 32)"
+        return image, i, ""
+
+
+def _decode_image_folder(split_dir: str, workers: int) -> Split:
+    from torchvision.datasets import ImageFolder
+    folder = ImageFolder(split_dir)
+    loader = torch.utils.data.DataLoader(_DecodeOrFlag(folder), batch_size=500, num_workers=workers)
+    images = torch.empty(len(folder), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    for batch, index, errors in loader:
+        for i, err in zip(index.tolist(), errors):
+            if err:
+                raise DataError(f"--data-dir: cannot read image {folder.samples[i][0]}: {err}")
+        images[index] = batch
+    return Split(images, torch.tensor(folder.targets, dtype=torch.int64))
+
+
+def _load_image_folder(root: str, train: bool, workers: int, log) -> Split:
+    split = "train" if train else "test"
+    split_dir = os.path.join(root, split)
+    _check_image_folder(split_dir)
+    from torchvision.datasets import ImageFolder
+    fingerprint = _fingerprint(ImageFolder(split_dir).samples)
+    cache = os.path.join(root, f".cifar10_{split}_uint8.pt")
+    if os.path.exists(cache):
+        try:
+            saved = torch.load(cache, weights_only=True)
+            if saved["fingerprint"] == fingerprint:
+                return Split(saved["images"], saved["labels"])
+        except Exception:  # noqa: BLE001 - a bad cache is rebuilt, never trusted
+            pass
+    log(f"Decoding {len(fingerprint)} images of {split_dir} once (cached next to the data)...")
+    data = _decode_image_folder(split_dir, workers)
+    try:
+        atomic_torch_save({"images": data.images, "labels": data.labels, "fingerprint": fingerprint}, cache)
+    except OSError as exc:
+        log(f"warning: could not write the decoded-data cache {cache} ({exc}); it will be decoded again next run")
+    return data
+
+
+def _load_torchvision(root: str, train: bool, download: bool) -> Split:
+    from torchvision.datasets import CIFAR10
+    try:
+        ds = CIFAR10(root, train=train, download=download)
+    except Exception as exc:  # noqa: BLE001 - download or archive errors become one line
+        raise DataError(f"--data-dir {root}: cannot read or download torchvision CIFAR-10 ({exc}); "
+                        f"pass --data-dir pointing at a copy, and --no-download when offline") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return Split(images, torch.tensor(ds.targets, dtype=torch.int64))
+
+
+def load_split(source: DataSource, train: bool, download: bool = False, workers: int = 2, log=print) -> Split:
+    """Load one split of CIFAR-10 as uint8 tensors on the CPU.
+
+    Raises:
+        DataError: missing split, wrong or empty class folders, an unreadable image
+            (named), or a torchvision copy that cannot be read or downloaded.
+    """
+    if source.kind == "torchvision":
+        return _load_torchvision(source.root, train, download)
+    return _load_image_folder(source.root, train, workers, log)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator for one epoch's order and augmentation, derived from (seed, epoch).
+
+    Deriving it (instead of carrying one generator through the run) makes every epoch's
+    batches a function of the seed and the epoch alone, so a resumed run sees exactly
+    the batches of an uninterrupted one.
+    """
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def random_crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Per-sample random crop (padding 4) and horizontal flip of a batch, on its device.
+
+    torchvision's transforms draw one crop per call, so a batched per-sample crop is
+    done here with one gather.
+
+    Args:
+        images: ``(B, C, 32, 32)``, any dtype.
+        offsets: int64 ``(B, 2)`` in ``[0, 8]``: top and left of each crop in the padded image.
+        flips: bool ``(B,)``: which samples to mirror.
+
+    Returns:
+        ``(B, C, 32, 32)`` of the dtype of ``images``.
+    """
+    padded = F.pad(images, (CROP_PADDING,) * 4)
+    span = torch.arange(IMAGE_SIZE, device=images.device)
+    rows = (offsets[:, 0:1] + span)[:, :, None]           # (B, 32, 1)
+    cols = (offsets[:, 1:2] + span)[:, None, :]           # (B, 1, 32)
+    cols = torch.where(flips[:, None, None], offsets[:, 1:2, None] + IMAGE_SIZE - 1 - span, cols)
+    batch = torch.arange(images.shape[0], device=images.device)[:, None, None]
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # advanced indices first: (B, 32, 32, C)
+
+
+class DeviceLoader:
+    """Mini-batches of a ``Split`` held on ``device``, normalised there.
+
+    Training batches are shuffled and augmented (``random_crop_flip``) with
+    ``epoch_generator(seed, epoch)``; a final batch of one sample is dropped (BatchNorm
+    cannot train on it). Evaluation batches are in order and not augmented.
+
+    Yields ``(x, y)``: float32 ``(B, 3, 32, 32)`` normalised images (``channels_last``
+    if asked) and int64 ``(B,)`` labels.
+    """
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device, train: bool, seed: int = 0,
+                 channels_last: bool = False):
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.batch_size, self.device, self.train, self.seed = batch_size, device, train, seed
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        if self.train and n % self.batch_size == 1:
+            n -= 1
+        return -(-n // self.batch_size)
+
+    def batches(self, epoch: int = 0):
+        n = len(self.labels)
+        if self.train:
+            gen = epoch_generator(self.seed, epoch)
+            order = torch.randperm(n, generator=gen).to(self.device)
+            offsets = torch.randint(0, 2 * CROP_PADDING + 1, (n, 2), generator=gen).to(self.device)
+            flips = (torch.rand(n, generator=gen) < 0.5).to(self.device)
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            if self.train:
+                idx = order[sl]
+                x = random_crop_flip(self.images[idx], offsets[sl], flips[sl])
+                y = self.labels[idx]
+            else:
+                x, y = self.images[sl], self.labels[sl]
+            x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            yield x, y

@@ -1,0 +1,311 @@
+"""The two-stage training engine: LSQ warmup, then LSQ + Bin Regularization.
+
+Stage 1 (epochs 1..W) minimises cross-entropy with LSQ fake quantization; stage 2
+(W+1..E) adds ``λ_w·BR_w + λ_a·BR_a``. Every epoch ends with an evaluation, a line of
+``metrics.jsonl`` and an atomic ``last.pt``, so a run never loses a finished epoch and
+resumes bit-exactly on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from checkpoint import append_jsonl, atomic_torch_save
+from config import act_bits, frozen_kinds, weight_bits
+from hooks import ActivationHookManager
+from quant import FULL_PRECISION_BITS, keep_step_sizes_positive, quantized_layers
+from regularizers import INFO_FIELDS, BinRegularizer, weight_bin_stats
+
+#: How often (in steps) a CUDA run reads its non-finite flag; on the CPU reading is free, so every step.
+CUDA_CHECK_EVERY = 50
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, a gradient or a parameter became NaN/inf; the message names the step and the layer."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; ``signum`` says which. Finished epochs are in last.pt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.SGD:
+    """SGD with two parameter groups: network parameters (weight decay) and step sizes α (none).
+
+    Weight decay on α would pull every step size towards zero, shrinking the grid
+    independently of the task loss. α is kept positive after every step.
+    """
+    alphas = [p for n, p in model.named_parameters() if n.endswith("_quant.alpha")]
+    alpha_ids = {id(p) for p in alphas}
+    others = [p for p in model.parameters() if id(p) not in alpha_ids]
+    groups = [{"params": others, "weight_decay": cfg.weight_decay, "name": "weights"}]
+    if alphas:
+        groups.append({"params": alphas, "weight_decay": 0.0, "name": "step_sizes"})
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    keep_step_sizes_positive(optimizer, model)
+    return optimizer
+
+
+def rng_state() -> dict:
+    """Every random generator state (python, numpy, torch CPU and CUDA)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs the two-stage schedule on one device.
+
+    Args:
+        cfg: the resolved configuration (``config.build_parser`` namespace).
+        model: the (quantized) network, already on ``device``.
+        train_loader, test_loader: ``data.DeviceLoader`` objects.
+        device: the training device.
+        output_dir: where metrics and checkpoints go (None: keep nothing, for benchmarks).
+        log: a ``print``-like function for the console.
+        tb: an optional ``tb_logging.TensorBoardLogger``.
+    """
+
+    def __init__(self, cfg, model, train_loader, test_loader, device, output_dir=None, log=print, tb=None):
+        self.cfg, self.model, self.device, self.output_dir, self.log, self.tb = cfg, model, device, output_dir, log, tb
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.layers = quantized_layers(model)
+        # BR regularises the low-bit layers; the first conv and last linear stay at
+        # --first-last-bits, where the grid is fine and BR has nothing to gain.
+        self.br_layers = {n: m for n, m in self.layers.items() if not m.is_first_or_last}
+        self.w_reg = self.a_reg = self.hooks = None
+        if cfg.lambda_br > 0 and weight_bits(cfg) < FULL_PRECISION_BITS and self.br_layers:
+            self.w_reg = BinRegularizer(weight_bits(cfg), signed=True)
+        if cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS and self.br_layers:
+            signs = {m.act_quant.signed for m in self.br_layers.values()}
+            if signs != {False}:
+                raise ValueError("A-BR expects non-negative (unsigned) inputs in every inner layer")
+            self.a_reg = BinRegularizer(act_bits(cfg), signed=False)
+            self.hooks = ActivationHookManager(model, self.br_layers)
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs)
+        self.use_amp = cfg.amp and device.type == "cuda"
+        self.start_epoch, self.best_acc, self.best_epoch, self.elapsed = 1, -1.0, 0, 0.0
+        self.last_acc = None
+        self.previous_bins: dict[str, torch.Tensor] = {}
+        self._stop_signal = None
+
+    # -- state -------------------------------------------------------------------------------
+    def stage(self, epoch: int) -> int:
+        """1 during warmup (epochs 1..W), 2 after."""
+        return 1 if epoch <= self.cfg.warmup_epochs else 2
+
+    def state_dict(self, epoch: int, config: dict) -> dict:
+        """Everything a continuation needs, after ``epoch`` finished."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": epoch, "stage": self.stage(epoch),
+                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "last_acc": self.last_acc,
+                "elapsed": self.elapsed,
+                "previous_bins": {k: v.cpu() for k, v in self.previous_bins.items()},
+                "rng": rng_state(), "config": config}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        """Continue from a checkpoint written by ``state_dict`` (model state loaded already or here)."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.start_epoch = ckpt["epoch"] + 1
+        self.best_acc, self.best_epoch, self.elapsed = ckpt["best_acc"], ckpt["best_epoch"], ckpt["elapsed"]
+        self.last_acc = ckpt["last_acc"]
+        self.previous_bins = dict(ckpt["previous_bins"])
+        set_rng_state(ckpt["rng"])
+
+    def set_alpha_trainable(self, epoch: int) -> None:
+        """Freeze the step sizes named by the freeze flags from the first epoch after warmup.
+
+        A frozen α gets ``requires_grad=False`` and no gradient, so SGD skips it entirely
+        (no momentum or decay step either): it stays bit-identical.
+        """
+        freeze_w, freeze_a = frozen_kinds(self.cfg)
+        stage2 = self.stage(epoch) == 2
+        for layer in self.layers.values():
+            for quantizer, frozen in ((layer.weight_quant, freeze_w), (layer.act_quant, freeze_a)):
+                if quantizer.alpha is not None:
+                    quantizer.alpha.requires_grad_(not (frozen and stage2))
+                    if frozen and stage2:
+                        quantizer.alpha.grad = None
+
+    # -- one step ------------------------------------------------------------------------------
+    def loss_terms(self, x: torch.Tensor, y: torch.Tensor, use_br: bool):
+        """Forward pass and loss terms. Returns ``(loss, logits, ce, br_w, br_a, w_info, a_info)``."""
+        zero = torch.zeros((), device=self.device)
+        if self.hooks is not None:
+            self.hooks.enabled = use_br
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            logits = self.model(x)
+        ce = F.cross_entropy(logits.float(), y)
+        br_w = br_a = zero
+        w_info = a_info = None
+        if use_br and self.w_reg is not None:
+            br_w, w_info = self.w_reg.compute_total_loss(
+                {n: m.weight for n, m in self.br_layers.items()},
+                {n: m.weight_quant.alpha for n, m in self.br_layers.items()}, backprop_to_alpha=True)
+        if use_br and self.a_reg is not None:
+            acts = self.hooks.get_pre_quant_activations()
+            self.hooks.clear()
+            br_a, a_info = self.a_reg.compute_total_loss(
+                acts, {n: self.br_layers[n].act_quant.alpha for n in acts},
+                backprop_to_alpha=self.cfg.br_backprop_to_alpha_act)
+        loss = ce + self.cfg.lambda_br * br_w + self.cfg.lambda_br_act * br_a
+        return loss, logits, ce, br_w, br_a, w_info, a_info
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, use_br: bool) -> dict:
+        """One optimiser step. Returns device tensors (no host sync): loss parts, correct count, infos."""
+        loss, logits, ce, br_w, br_a, w_info, a_info = self.loss_terms(x, y, use_br)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.detach(), "ce": ce.detach(), "br_w": br_w.detach(), "br_a": br_a.detach(),
+                "correct": (logits.argmax(1) == y).sum(), "w_info": w_info, "a_info": a_info}
+
+    # -- epochs ------------------------------------------------------------------------------
+    def _check_finite(self, step_out: dict, epoch: int, step: int) -> None:
+        if bool(torch.isfinite(step_out["loss"])):
+            return
+        parts = ", ".join(f"{k}={float(step_out[k]):.4g}" for k in ("ce", "br_w", "br_a"))
+        bad = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        where = f"first non-finite parameter: {bad}" if bad else "all parameters still finite"
+        raise NonFiniteError(f"non-finite loss at epoch {epoch} step {step} ({parts}); {where}")
+
+    def train_epoch(self, epoch: int) -> dict:
+        """Train one epoch; returns the epoch's means (floats) and the last step's BR infos."""
+        self.model.train()
+        self.set_alpha_trainable(epoch)
+        use_br = self.stage(epoch) == 2
+        sums = torch.zeros(4, device=self.device)  # loss, ce, br_w, br_a, summed over steps
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = steps = 0
+        check_every = 1 if self.device.type == "cpu" else CUDA_CHECK_EVERY
+        out = {}
+        bar = tqdm(self.train_loader.batches(epoch), total=len(self.train_loader), leave=False,
+                   desc=f"epoch {epoch}", disable=None)
+        for x, y in bar:
+            out = self.train_step(x, y, use_br)
+            sums += torch.stack([out["loss"], out["ce"], out["br_w"], out["br_a"]])
+            correct += out["correct"]
+            seen += y.shape[0]
+            steps += 1
+            if steps % check_every == 0:
+                self._check_finite(out, epoch, steps)
+            if self._stop_signal is not None:
+                raise Interrupted(self._stop_signal)
+        if out:
+            self._check_finite(out, epoch, steps)
+        means = (sums / max(steps, 1)).tolist()
+        return {"loss": means[0], "ce": means[1], "br_w": means[2], "br_a": means[3],
+                "train_acc": 100.0 * int(correct) / max(seen, 1), "images": seen,
+                "w_info": out.get("w_info"), "a_info": out.get("a_info")}
+
+    @torch.inference_mode()
+    def evaluate(self) -> float:
+        """Top-1 accuracy (%) on the test loader."""
+        self.model.eval()
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for x, y in self.test_loader.batches():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+                correct += (self.model(x).argmax(1) == y).sum()
+        return 100.0 * int(correct) / max(len(self.test_loader.labels), 1)
+
+    def layer_summaries(self) -> tuple[dict, dict]:
+        """Per quantized layer: α values, and weight bin statistics (updates ``previous_bins``)."""
+        alphas, bins = {}, {}
+        for name, layer in self.layers.items():
+            alphas[name] = {kind: float(q.alpha.detach()) for kind, q in (("weight", layer.weight_quant), ("act", layer.act_quant))
+                            if q.alpha is not None}
+            q = layer.weight_quant
+            if q.alpha is not None:
+                bins[name], self.previous_bins[name] = weight_bin_stats(
+                    layer.weight, q.alpha, q.quant_min, q.quant_max, self.previous_bins.get(name))
+        return alphas, bins
+
+    @staticmethod
+    def _info_dict(info) -> dict | None:
+        if info is None:
+            return None
+        rows = {"total": info["total"], **info["per_tensor"]}
+        return {k: dict(zip(INFO_FIELDS, v.tolist())) for k, v in rows.items()}
+
+    def _handle_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+
+    def fit(self, config: dict) -> dict:
+        """Train from ``start_epoch`` to ``cfg.epochs``; returns the summary dict.
+
+        Raises:
+            NonFiniteError, Interrupted: the run stopped; finished epochs are in last.pt.
+        """
+        cfg = self.cfg
+        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs + 1):
+                self.run_epoch(epoch, config)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return self.summary()
+
+    def summary(self) -> dict:
+        """The content of summary.json."""
+        return {"status": "finished", "final_test_acc": self.last_acc, "best_test_acc": self.best_acc,
+                "best_epoch": self.best_epoch, "epochs": self.cfg.epochs, "wall_time_s": self.elapsed}
+
+    def run_epoch(self, epoch: int, config: dict) -> dict:
+        """Train, evaluate, log and checkpoint one epoch; returns its metrics row."""
+        start = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        train = self.train_epoch(epoch)
+        train_seconds = time.perf_counter() - start
+        self.scheduler.step()
+        test_acc = self.evaluate()
+        self.last_acc = test_acc
+        if test_acc > self.best_acc:
+            self.best_acc, self.best_epoch = test_acc, epoch
+        alphas, bins = self.layer_summaries()
+        seconds = time.perf_counter() - start
+        self.elapsed += seconds
+        row = {"epoch": epoch, "epochs": self.cfg.epochs, "stage": self.stage(epoch), "lr": lr,
+               "loss": train["loss"], "ce": train["ce"], "br_w": train["br_w"], "br_a": train["br_a"],
+               "train_acc": train["train_acc"], "test_acc": test_acc, "best_test_acc": self.best_acc,
+               "best_epoch": self.best_epoch, "alpha": alphas, "bins": bins,
+               "br_w_info": self._info_dict(train["w_info"]), "br_a_info": self._info_dict(train["a_info"])}
+        self.log(f"Epoch {epoch}/{self.cfg.epochs} [{'BR' if row['stage'] == 2 else 'warmup'}] lr {lr:.5f} | "
+                 f"loss {row['loss']:.4f} (CE {row['ce']:.4f}, BR_w {row['br_w']:.4f}, BR_a {row['br_a']:.4f}) | "
+                 f"train {row['train_acc']:.2f}% | test {test_acc:.2f}% (best {self.best_acc:.2f}% @{self.best_epoch}) | "
+                 f"{seconds:.1f}s (train {train['images'] / train_seconds:.0f} img/s)")
+        if self.tb is not None:
+            self.tb.log_epoch(row, self.model, self.hooks)
+        if self.output_dir is not None:
+            self._save_epoch(row, seconds, epoch, config, improved=self.best_epoch == epoch)
+        return row
+
+    def _save_epoch(self, row: dict, seconds: float, epoch: int, config: dict, improved: bool) -> None:
+        append_jsonl(row, os.path.join(self.output_dir, "metrics.jsonl"))
+        append_jsonl({"epoch": epoch, "seconds": seconds}, os.path.join(self.output_dir, "timing.jsonl"))
+        state = self.state_dict(epoch, config)
+        atomic_torch_save(state, os.path.join(self.output_dir, "last.pt"))
+        if improved:
+            atomic_torch_save(state, os.path.join(self.output_dir, "best.pt"))

@@ -1,0 +1,82 @@
+"""Capture pre-quantization activations for activation Bin Regularization (A-BR).
+
+A-BR (this project's extension of Han et al., ICCV 2021, to activations) regularises
+the input of each activation quantizer. ``ActivationHookManager`` records those inputs
+with forward pre-hooks, keeping their autograd history so that A-BR's gradient trains
+the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from quant.layers import QuantizedLayer
+
+
+class ActivationHookManager:
+    """Record the input of each quantized layer's activation quantizer during training.
+
+    Captures are keyed by the layer's module name (the same key as the layer's step
+    sizes: ``<layer>.act_quant.alpha``). Each capture is the tensor the quantizer
+    receives, shape ``(N, C, H, W)`` for convs and ``(N, F)`` for linears, not a copy:
+    the network keeps it for its own backward pass anyway.
+
+    A capture happens only when the manager is enabled, the quantizer is in training
+    mode and gradients are enabled: nothing is recorded under ``eval()``,
+    ``torch.no_grad()`` or ``torch.inference_mode()``. A new forward pass of the model
+    drops the previous captures, so nothing is kept from one step to the next even if
+    ``clear()`` is forgotten.
+
+    Args:
+        model: the network.
+        layer_names: the layers to watch (default: every quantized layer with an
+            enabled activation quantizer).
+
+    Raises:
+        KeyError: a name in ``layer_names`` that is not a quantized layer of ``model``.
+
+    Use as a context manager, or call ``remove()`` to detach the hooks.
+    """
+
+    def __init__(self, model: nn.Module, layer_names: Iterable[str] | None = None):
+        layers = {name: m for name, m in model.named_modules()
+                  if isinstance(m, QuantizedLayer) and m.act_quant.enabled}
+        names = list(layers) if layer_names is None else list(layer_names)
+        unknown = [n for n in names if n not in layers]
+        if unknown:
+            raise KeyError(f"ActivationHookManager: not quantized layers with an activation quantizer: {unknown}")
+        self.enabled = True
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles = [model.register_forward_pre_hook(lambda _m, _a: self.clear())]
+        for name in names:
+            self._handles.append(layers[name].act_quant.register_forward_pre_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            if self.enabled and module.training and torch.is_grad_enabled():
+                self._captured[name] = inputs[0]
+        return hook
+
+    def get_pre_quant_activations(self) -> dict[str, torch.Tensor]:
+        """The captures of the latest forward pass: layer name -> pre-quantization activation."""
+        return dict(self._captured)
+
+    def clear(self) -> None:
+        """Drop every capture (releases the references; autograd may still hold its own)."""
+        self._captured.clear()
+
+    def remove(self) -> None:
+        """Detach every hook and drop the captures."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()
+
+    def __enter__(self) -> "ActivationHookManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

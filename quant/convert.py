@@ -1,0 +1,75 @@
+"""Convert a float CIFAR network into an LSQ fake-quantized one (Esser et al. 2020, section 3)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from quant.layers import QConv2d, QLinear, QuantizedLayer
+from quant.lsq import FULL_PRECISION_BITS, check_num_bits
+
+
+def _quantized_copy(layer: nn.Module, weight_bits: int, act_bits: int, act_signed: bool) -> nn.Module:
+    kwargs = dict(weight_bits=weight_bits, act_bits=act_bits, act_signed=act_signed,
+                  device=layer.weight.device, dtype=layer.weight.dtype)
+    if isinstance(layer, nn.Conv2d):
+        new = QConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                      layer.padding, layer.dilation, layer.groups, layer.bias is not None,
+                      layer.padding_mode, **kwargs)
+    else:
+        new = QLinear(layer.in_features, layer.out_features, layer.bias is not None, **kwargs)
+    new.load_state_dict(layer.state_dict(), strict=False)  # weights and bias; quantizers stay fresh
+    new.train(layer.training)
+    return new
+
+
+def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last_bits: int = 8) -> nn.Module:
+    """Replace every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by ``QConv2d`` / ``QLinear``, in place.
+
+    Trained weights and biases are kept. The first conv and the last linear (in module
+    order) are quantized at ``first_last_bits`` for both weight and input, as in LSQ;
+    every other layer at ``weight_bits`` / ``act_bits``. The first layer's input (the
+    normalised image) is quantized signed; every other input unsigned, which assumes
+    it is non-negative (after ReLU, or average pooling of ReLU outputs), as in the
+    CIFAR ResNets of ``models``. A width of 32 keeps that tensor in float; a network
+    with every width at 32 is returned unchanged.
+
+    The quantizers are named ``<layer>.weight_quant`` and ``<layer>.act_quant``, where
+    ``<layer>`` is the layer's module name, so weight α, activation α and captured
+    activations all match by ``<layer>``.
+
+    Args:
+        model: a float network; modified in place and returned.
+        weight_bits, act_bits, first_last_bits: 2..8, or 32 for full precision.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: unsupported widths, or a network without conv/linear layers.
+    """
+    check_num_bits(weight_bits, "weight_bits")
+    check_num_bits(act_bits, "act_bits")
+    check_num_bits(first_last_bits, "first_last_bits")
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, QuantizedLayer)]
+    if not layers:
+        raise ValueError("quantize_model: the model has no nn.Conv2d or nn.Linear layer to quantize")
+    if min(weight_bits, act_bits, first_last_bits) >= FULL_PRECISION_BITS:
+        return model
+    first_name, last_name = layers[0][0], layers[-1][0]
+    modules = dict(model.named_modules())
+    for name, layer in layers:
+        is_edge = name in (first_name, last_name)
+        if is_edge and first_last_bits >= FULL_PRECISION_BITS:
+            continue
+        w_bits, a_bits = (first_last_bits, first_last_bits) if is_edge else (weight_bits, act_bits)
+        new = _quantized_copy(layer, w_bits, a_bits, act_signed=(name == first_name))
+        new.is_first_or_last = is_edge
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child_name, new)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """Every ``QConv2d`` / ``QLinear`` of ``model``, keyed by module name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}

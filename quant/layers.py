@@ -1,0 +1,79 @@
+"""Quantized drop-in replacements for ``nn.Conv2d`` and ``nn.Linear`` (LSQ, Esser et al. 2020).
+
+LSQ quantizes the weights and the input of every matrix-multiply layer; the layers
+here hold one ``LSQQuantizer`` for each: ``weight_quant`` (signed) and ``act_quant``
+(unsigned for non-negative inputs, signed otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.lsq import LSQQuantizer
+
+
+class QuantizedLayer:
+    """Mixin for layers with ``weight_quant`` and ``act_quant`` quantizers.
+
+    Attributes:
+        weight_quant: signed ``LSQQuantizer`` for the weight (N = number of weights).
+        act_quant: ``LSQQuantizer`` for the layer input (N = features per sample).
+        is_first_or_last: True for the network's first conv and last linear, which
+            stay at ``first_last_bits`` and are not bin-regularised.
+    """
+
+    def _init_quantizers(self, weight_bits: int, act_bits: int, act_signed: bool) -> None:
+        self.weight_quant = LSQQuantizer(weight_bits, signed=True, grad_count="numel")
+        self.act_quant = LSQQuantizer(act_bits, signed=act_signed, grad_count="per_sample")
+        self.is_first_or_last = False
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight, same shape as ``self.weight``."""
+        return self.weight_quant(self.weight)
+
+
+class QConv2d(nn.Conv2d, QuantizedLayer):
+    """``nn.Conv2d`` whose weight and input are fake-quantized with LSQ.
+
+    Input ``(N, C_in, H, W)``, output ``(N, C_out, H', W')`` exactly as ``nn.Conv2d``.
+
+    Args:
+        weight_bits, act_bits: 2..8, or >= 32 to leave that tensor in float.
+        act_signed: whether the input can be negative (the first layer's image input).
+        Remaining arguments: as ``nn.Conv2d``.
+
+    Raises:
+        ValueError: unsupported bit widths (see ``LSQQuantizer``).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, *args,
+                 weight_bits: int = 2, act_bits: int = 2, act_signed: bool = False, **kwargs):
+        super().__init__(in_channels, out_channels, kernel_size, *args, **kwargs)
+        self._init_quantizers(weight_bits, act_bits, act_signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.act_quant(x), self.quantized_weight(), self.bias)
+
+
+class QLinear(nn.Linear, QuantizedLayer):
+    """``nn.Linear`` whose weight and input are fake-quantized with LSQ.
+
+    Input ``(N, in_features)``, output ``(N, out_features)`` exactly as ``nn.Linear``.
+
+    Args:
+        weight_bits, act_bits, act_signed: as ``QConv2d``.
+        Remaining arguments: as ``nn.Linear``.
+
+    Raises:
+        ValueError: unsupported bit widths (see ``LSQQuantizer``).
+    """
+
+    def __init__(self, in_features, out_features, bias: bool = True, *,
+                 weight_bits: int = 2, act_bits: int = 2, act_signed: bool = False, **kwargs):
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self._init_quantizers(weight_bits, act_bits, act_signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act_quant(x), self.quantized_weight(), self.bias)

@@ -1,0 +1,43 @@
+"""Per-layer bin statistics of quantized weights, for monitoring what BR does.
+
+Bin flips follow Nagel et al., "Overcoming Oscillations in Quantization-Aware
+Training", ICML 2022: weights near a bin boundary keep switching bins. The
+fraction of weights whose bin changed between two epochs measures it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def bin_indices(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int) -> torch.Tensor:
+    """Bin of each value, ``clamp(round(v/α), quant_min, quant_max) - quant_min``, as int16, shape of ``v``."""
+    return (torch.clamp(torch.round(v.float() / alpha.float()), quant_min, quant_max) - quant_min).to(torch.int16)
+
+
+@torch.no_grad()
+def weight_bin_stats(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int,
+                     previous: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    """Distance to level, bin flips and occupancy of one quantized tensor.
+
+    Args:
+        v: values (weights), any shape. alpha: step size, shape ``()``.
+        quant_min, quant_max: the integer range.
+        previous: the bins returned by the previous call for this tensor, or None.
+
+    Returns:
+        ``(stats, bins)``. ``stats`` holds Python floats: ``dist_alpha`` (mean
+        ``|v - kα| / α``, 0 means every value sits on its level), ``flips`` (fraction of
+        values whose bin differs from ``previous``; None without it) and ``occupancy``
+        (fraction of values per bin, ``quant_max - quant_min + 1`` entries, from
+        ``quant_min`` up). ``bins`` is the int16 tensor to pass as ``previous`` next time.
+    """
+    bins = bin_indices(v, alpha, quant_min, quant_max)
+    levels = (bins.float() + quant_min) * alpha.float()
+    dist = ((v.float() - levels).abs().mean() / alpha.float()).item()
+    counts = torch.bincount(bins.flatten().long(), minlength=quant_max - quant_min + 1).float()
+    occupancy = (counts / max(v.numel(), 1)).tolist()
+    flips = None
+    if previous is not None and previous.shape == bins.shape:
+        flips = (previous.to(bins.device) != bins).float().mean().item()
+    return {"dist_alpha": dist, "flips": flips, "occupancy": occupancy}, bins

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny CIFAR-10-shaped image folder made inside the test."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data import CLASSES  # noqa: E402
+
+
+def make_image_folder(root, train_per_class: int = 4, test_per_class: int = 2, seed: int = 0) -> str:
+    """Write ``train/<class>/*.png`` and ``test/<class>/*.png`` of random 32x32 RGB images; return root.
+
+    Each class gets its own mean colour, so a network can learn something in a few steps.
+    """
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c, name in enumerate(CLASSES):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                base = np.array([25 * c, 255 - 25 * c, (80 * c) % 256], dtype=np.float64)
+                pixels = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}.png"))
+    return str(root)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "cifar")
