@@ -29,7 +29,7 @@ def build_quantized_model(cfg) -> torch.nn.Module:
     model = build_model(cfg.arch, clip_value=cfg.clip_value)
     if cfg.pretrained:
         runner.load_pretrained(model, cfg)
-    return quantize_model(model, cfgmod.weight_bits(cfg), cfgmod.act_bits(cfg), cfg.first_last_bits)
+    return quantize_model(model, cfgmod.weight_bits(cfg), cfgmod.act_bits(cfg), cfgmod.first_last_bits(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

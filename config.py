@@ -109,8 +109,13 @@ def act_bits(cfg) -> int:
 
 
 def is_float_run(cfg) -> bool:
-    """True when nothing is quantized (every width is 32)."""
-    return min(weight_bits(cfg), act_bits(cfg), cfg.first_last_bits) >= FULL_PRECISION_BITS
+    """True when weights and activations are both at 32 bits: the float baseline, nothing quantized."""
+    return min(weight_bits(cfg), act_bits(cfg)) >= FULL_PRECISION_BITS
+
+
+def first_last_bits(cfg) -> int:
+    """Width of the first conv and last linear: ``--first-last-bits``, or 32 in a float run."""
+    return FULL_PRECISION_BITS if is_float_run(cfg) else cfg.first_last_bits
 
 
 def _fmt(x: float) -> str:
@@ -121,7 +126,7 @@ def default_output_dir(cfg) -> str:
     """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...]_s<seed>``; ``results/<arch>_fp32_s<seed>`` for float."""
     if is_float_run(cfg):
         return os.path.join("results", f"{cfg.arch}_fp32_s{cfg.seed}")
-    name = (f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{cfg.first_last_bits}"
+    name = (f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{first_last_bits(cfg)}"
             f"_lbr{_fmt(cfg.lambda_br)}_lbra{_fmt(cfg.lambda_br_act)}")
     name += "_abp" if cfg.br_backprop_to_alpha_act else ""
     name += "_frz" if cfg.freeze_alpha else ("_frzw" if cfg.freeze_weight_alpha else "") + (
@@ -262,7 +267,7 @@ def banner(cfg, source_line: str, n_layers: str = "") -> list[str]:
         lines.append("Bits: full precision (float baseline, no quantization)")
     else:
         lines.append(f"Bits: W{w_bits}A{a_bits} (weights {bits(w_bits)}, activations {bits(a_bits)}); "
-                     f"first/last layers {bits(cfg.first_last_bits)}")
+                     f"first/last layers {bits(first_last_bits(cfg))}")
     if cfg.clip_value is not None:
         lines.append(f"Activations clipped to [0, {cfg.clip_value:g}]")
     lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")

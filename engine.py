@@ -114,6 +114,14 @@ class Trainer:
         """1 during warmup (epochs 1..W), 2 after."""
         return 1 if epoch <= self.cfg.warmup_epochs else 2
 
+    def stage_label(self, epoch: int) -> str:
+        """What the epoch trains: ``float``, ``warmup`` (LSQ only), ``BR``, or ``LSQ`` (stage 2 with both λ = 0)."""
+        if not self.layers:
+            return "float"
+        if self.stage(epoch) == 1:
+            return "warmup"
+        return "BR" if (self.w_reg or self.a_reg) else "LSQ"
+
     def state_dict(self, epoch: int, config: dict) -> dict:
         """Everything a continuation needs, after ``epoch`` finished."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -292,7 +300,7 @@ class Trainer:
                "train_acc": train["train_acc"], "test_acc": test_acc, "best_test_acc": self.best_acc,
                "best_epoch": self.best_epoch, "alpha": alphas, "bins": bins,
                "br_w_info": self._info_dict(train["w_info"]), "br_a_info": self._info_dict(train["a_info"])}
-        self.log(f"Epoch {epoch}/{self.cfg.epochs} [{'BR' if row['stage'] == 2 else 'warmup'}] lr {lr:.5f} | "
+        self.log(f"Epoch {epoch}/{self.cfg.epochs} [{self.stage_label(epoch)}] lr {lr:.5f} | "
                  f"loss {row['loss']:.4f} (CE {row['ce']:.4f}, BR_w {row['br_w']:.4f}, BR_a {row['br_a']:.4f}) | "
                  f"train {row['train_acc']:.2f}% | test {test_acc:.2f}% (best {self.best_acc:.2f}% @{self.best_epoch}) | "
                  f"{seconds:.1f}s (train {train['images'] / train_seconds:.0f} img/s)")
@@ -309,3 +317,6 @@ class Trainer:
         atomic_torch_save(state, os.path.join(self.output_dir, "last.pt"))
         if improved:
             atomic_torch_save(state, os.path.join(self.output_dir, "best.pt"))
+        if epoch == self.cfg.warmup_epochs and self.layers:
+            # The network as stage 1 left it, for before/after-BR plots of the bins.
+            atomic_torch_save(state, os.path.join(self.output_dir, "warmup_end.pt"))

@@ -16,7 +16,7 @@ from checkpoint import CheckpointError, atomic_write_json, load_checkpoint, trun
 from config import RUN_FLAGS, ConfigError, default_output_dir, explicit_flags, is_float_run, resolve_device
 
 #: Files that make a folder "hold a run".
-RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "summary.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json")
 
 
 def _flag(key: str) -> str:
@@ -135,9 +135,10 @@ def git_commit() -> str | None:
 def run_config(cfg, data_source: str) -> dict:
     """The content of config.json: every resolved flag, derived values and versions."""
     import torchvision
-    from config import act_bits, weight_bits
+    from config import act_bits, first_last_bits, weight_bits
     return {"flags": {k: v for k, v in vars(cfg).items()},
-            "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg), "float_run": is_float_run(cfg),
+            "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg),
+                        "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
                         "device": str(resolve_device(cfg.device)), "data": data_source},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__},

@@ -1,0 +1,112 @@
+"""LSQ quantizer: values and gradients worked out by hand (Esser et al. 2020, eq. 1-3)."""
+
+import math
+
+import pytest
+import torch
+
+from quant import LSQQuantizer, MIN_STEP_SIZE, integer_range, keep_step_sizes_positive
+
+
+def _quantizer(num_bits, signed, alpha, grad_count="numel"):
+    q = LSQQuantizer(num_bits, signed, grad_count)
+    with torch.no_grad():
+        q.alpha.fill_(alpha)
+    q.initialized.fill_(True)
+    q._is_initialized = True
+    return q
+
+
+def test_integer_ranges():
+    assert integer_range(2, signed=True) == (-2, 1)
+    assert integer_range(2, signed=False) == (0, 3)
+    assert integer_range(4, signed=True) == (-8, 7)
+    assert integer_range(8, signed=False) == (0, 255)
+    q = LSQQuantizer(3, signed=True)
+    assert (q.num_bits, q.signed, q.quant_min, q.quant_max) == (3, True, -4, 3)
+    assert isinstance(q.alpha, torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, 31, -2, 2.5, True])
+def test_unsupported_widths_name_the_value(bits):
+    with pytest.raises(ValueError, match=str(bits)):
+        LSQQuantizer(bits, signed=True)
+
+
+def test_32_bits_is_identity_without_alpha():
+    q = LSQQuantizer(32, signed=False)
+    x = torch.randn(3, 4)
+    assert q.alpha is None and not q.enabled
+    assert torch.equal(q(x), x)
+
+
+def test_signed_forward_and_gradients_by_hand():
+    # α = 0.5, 2-bit signed: range [-2, 1].  x/α = [-3.2, -1.2, 0.2, 0.6, 1.6, 2.2]
+    q = _quantizer(2, True, 0.5)
+    x = torch.tensor([-1.6, -0.6, 0.1, 0.3, 0.8, 1.1], requires_grad=True)
+    out = q(x)
+    assert torch.allclose(out, torch.tensor([-1.0, -0.5, 0.0, 0.5, 0.5, 0.5]))
+    out.sum().backward()
+    # STE: gradient 1 strictly inside the range, 0 where x/α was clipped.
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0]))
+    # eq. 3 per element: -2 (below), 0.2, -0.2, 0.4 (inside: round(x/α) - x/α), 1, 1 (above) -> sum 0.4
+    # times g = 1/sqrt(N·Qp) = 1/sqrt(6·1).
+    assert q.alpha.grad.item() == pytest.approx(0.4 / math.sqrt(6), rel=1e-5)
+
+
+def test_unsigned_activation_gradient_scale_uses_features_per_sample():
+    # 2-bit unsigned: range [0, 3], α = 0.5; N = features of one sample = 3, so g = 1/sqrt(3·3).
+    q = _quantizer(2, False, 0.5, grad_count="per_sample")
+    x = torch.tensor([[0.2, 0.9, 2.0], [-0.4, 1.3, 0.7]], requires_grad=True)
+    out = q(x)
+    assert torch.allclose(out, torch.tensor([[0.0, 1.0, 1.5], [0.0, 1.5, 0.5]]))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]))
+    # eq. 3: [-0.4, 0.2, 3] and [0, 0.4, -0.4] -> 2.8; g = 1/3.
+    assert q.alpha.grad.item() == pytest.approx(2.8 / 3, rel=1e-5)
+
+
+def test_initialisation_from_first_tensor_in_place():
+    q = LSQQuantizer(2, signed=True)
+    param = q.alpha
+    q(torch.tensor([1.0, -3.0]))  # mean |x| = 2, Qp = 1 -> α = 4
+    assert q.alpha is param
+    assert q.alpha.item() == pytest.approx(4.0)
+    assert bool(q.initialized)
+    u = LSQQuantizer(2, signed=False)
+    u(torch.tensor([1.0, 3.0]))  # Qp = 3 -> α = 4/sqrt(3)
+    assert u.alpha.item() == pytest.approx(4 / math.sqrt(3), rel=1e-6)
+    q(torch.tensor([100.0]))  # a later tensor does not re-initialise
+    assert q.alpha.item() == pytest.approx(4.0)
+
+
+def test_initialisation_works_under_inference_mode():
+    q = LSQQuantizer(2, signed=False)
+    with torch.inference_mode():
+        q(torch.tensor([1.0, 3.0]))
+    assert q.alpha.item() == pytest.approx(4 / math.sqrt(3), rel=1e-6)
+
+
+def test_state_dict_round_trip_keeps_alpha_and_does_not_reinitialise():
+    q = LSQQuantizer(2, signed=True)
+    q(torch.tensor([1.0, -3.0]))
+    with torch.no_grad():
+        q.alpha.fill_(0.125)  # as if trained
+    fresh = LSQQuantizer(2, signed=True)
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.alpha.item() == 0.125 and bool(fresh.initialized)
+    fresh(torch.tensor([50.0, -50.0]))
+    assert fresh.alpha.item() == 0.125
+
+
+def test_alpha_stays_positive_after_huge_negative_step():
+    q = LSQQuantizer(2, signed=True)
+    q(torch.tensor([0.5, -0.5]))
+    model = torch.nn.Sequential(q)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    keep_step_sizes_positive(opt, model)
+    for _ in range(3):
+        q.alpha.grad = torch.tensor(1e6)
+        opt.step()
+        assert q.alpha.item() > 0 and q.alpha.item() == pytest.approx(MIN_STEP_SIZE, rel=1e-6)
+    assert torch.isfinite(q(torch.tensor([0.3]))).all()
