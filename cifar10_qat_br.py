@@ -19,7 +19,7 @@ import config as cfgmod
 import runner
 from checkpoint import CheckpointError, atomic_write_json
 from data import DataError, DeviceLoader, find_source, load_split
-from engine import Interrupted, NonFiniteError, Trainer
+from engine import Interrupted, NonFiniteError, Trainer, seed_everything
 from models import build_model
 from quant import quantize_model, quantized_layers
 
@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg, source, ckpt) -> int:
     device = cfgmod.resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
     train_split = load_split(source, train=True, download=not cfg.no_download, workers=cfg.workers)
     test_split = load_split(source, train=False, download=not cfg.no_download, workers=cfg.workers)
     if len(train_split.labels) < 2:
@@ -68,6 +67,7 @@ def train(cfg, source, ckpt) -> int:
     train_loader = DeviceLoader(train_split, cfg.batch_size, device, train=True, seed=cfg.seed,
                                 channels_last=channels_last)
     test_loader = DeviceLoader(test_split, cfg.eval_batch_size, device, train=False, channels_last=channels_last)
+    seed_everything(cfg.seed)  # after data loading, which may draw from the global generators
     model = build_quantized_model(cfg).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -76,6 +76,7 @@ def train(cfg, source, ckpt) -> int:
     if cfg.tensorboard:
         from tb_logging import TensorBoardLogger
         tb = TensorBoardLogger(os.path.join(cfg.output_dir, "tensorboard"))
+        tb.attach(model)
     trainer = Trainer(cfg, model, train_loader, test_loader, device, cfg.output_dir, tb=tb)
     run_config = runner.run_config(cfg, source.describe())
     if ckpt is not None:

@@ -58,6 +58,13 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.SGD:
     return optimizer
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     """Every random generator state (python, numpy, torch CPU and CUDA)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -88,6 +95,8 @@ class Trainer:
     def __init__(self, cfg, model, train_loader, test_loader, device, output_dir=None, log=print, tb=None):
         self.cfg, self.model, self.device, self.output_dir, self.log, self.tb = cfg, model, device, output_dir, log, tb
         self.train_loader, self.test_loader = train_loader, test_loader
+        # The forward pass may run compiled; state (checkpoints, α, hooks) lives on ``model``.
+        self.forward = torch.compile(model) if cfg.compile else model
         self.layers = quantized_layers(model)
         # BR regularises the low-bit layers; the first conv and last linear stay at
         # --first-last-bits, where the grid is fine and BR has nothing to gain.
@@ -164,22 +173,35 @@ class Trainer:
         if self.hooks is not None:
             self.hooks.enabled = use_br
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            logits = self.model(x)
+            logits = self.forward(x)
         ce = F.cross_entropy(logits.float(), y)
         br_w = br_a = zero
         w_info = a_info = None
         if use_br and self.w_reg is not None:
-            br_w, w_info = self.w_reg.compute_total_loss(
-                {n: m.weight for n, m in self.br_layers.items()},
-                {n: m.weight_quant.alpha for n, m in self.br_layers.items()}, backprop_to_alpha=True)
+            br_w, w_info = self.weight_br()
         if use_br and self.a_reg is not None:
             acts = self.hooks.get_pre_quant_activations()
             self.hooks.clear()
-            br_a, a_info = self.a_reg.compute_total_loss(
-                acts, {n: self.br_layers[n].act_quant.alpha for n in acts},
-                backprop_to_alpha=self.cfg.br_backprop_to_alpha_act)
+            br_a, a_info = self.activation_br(acts)
         loss = ce + self.cfg.lambda_br * br_w + self.cfg.lambda_br_act * br_a
         return loss, logits, ce, br_w, br_a, w_info, a_info
+
+    def weight_br(self):
+        """W-BR over the low-bit layers' weights; its gradient always reaches the weight α."""
+        return self.w_reg.compute_total_loss({n: m.weight for n, m in self.br_layers.items()},
+                                             {n: m.weight_quant.alpha for n, m in self.br_layers.items()},
+                                             backprop_to_alpha=True)
+
+    def activation_br(self, acts: dict):
+        """A-BR over captured pre-quantization activations (layer name -> tensor).
+
+        The target ``k·α`` carries gradient to each layer's own activation α only with
+        ``--br-backprop-to-alpha-act``. Either way the gradient reaches the activations,
+        and through them the layers that produced them (upstream weights and step sizes,
+        exactly as cross-entropy's gradient does).
+        """
+        return self.a_reg.compute_total_loss(acts, {n: self.br_layers[n].act_quant.alpha for n in acts},
+                                             backprop_to_alpha=self.cfg.br_backprop_to_alpha_act)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, use_br: bool) -> dict:
         """One optimiser step. Returns device tensors (no host sync): loss parts, correct count, infos."""
@@ -235,7 +257,7 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for x, y in self.test_loader.batches():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                correct += (self.model(x).argmax(1) == y).sum()
+                correct += (self.forward(x).argmax(1) == y).sum()
         return 100.0 * int(correct) / max(len(self.test_loader.labels), 1)
 
     def layer_summaries(self) -> tuple[dict, dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 
 import torch
@@ -85,6 +86,7 @@ def prepare_output_dir(cfg, resuming: bool) -> None:
                               f"pass --resume to continue it or --overwrite to replace it")
         for f in existing:
             os.remove(os.path.join(out, f))
+        shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
 
 
 def trim_logs_to(output_dir: str, epoch: int) -> None:

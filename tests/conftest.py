@@ -34,3 +34,20 @@ def make_image_folder(root, train_per_class: int = 4, test_per_class: int = 2, s
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "cifar")
+
+
+@pytest.fixture(scope="session")
+def shared_folder(tmp_path_factory):
+    """One tiny image folder for the whole session (its decode cache is reused by every run)."""
+    return make_image_folder(tmp_path_factory.mktemp("cifar"), train_per_class=4, test_per_class=2)
+
+
+def run_cli(argv, capsys=None):
+    """Run the entrypoint in-process; returns (exit status, stdout, stderr)."""
+    import cifar10_qat_br
+    rc = cifar10_qat_br.main([str(a) for a in argv])
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    return rc, out, err
+
+
+TINY = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16", "--workers", "0", "--no-download"]

@@ -1,0 +1,404 @@
+#!/usr/bin/env python
+"""Merge the runs under a folder into one results table (Markdown and CSV).
+
+    python summarize.py RUNS_DIR [--out PREFIX]
+
+A run is any folder under ``RUNS_DIR`` (searched recursively; ``RUNS_DIR`` itself may be
+one run) holding one of ``config.json``, ``summary.json``, ``metrics.jsonl``,
+``last.pt`` or the ``sweep_exit_code`` marker written by ``scripts/sweep.sh``.
+
+Runs whose experiment flags (every flag but the seed and how-to-run flags such as
+``--workers``; ``--pretrained`` included) agree form one configuration. The
+Markdown table has a row per configuration: the scenario (W-only, W+A stable, ...), the
+experiment flags that vary between configurations, the seeds, final and best test
+top-1 as mean ± sample std over the finished seeds, epochs and mean wall time per
+run. Runs that failed, were interrupted or are unfinished are counted in the row's
+``runs`` column and listed one by one under the table with their reason; they are
+never averaged and never dropped.
+
+Writes ``PREFIX.md`` (the table), ``PREFIX.csv`` (the same rows, mean and std in
+separate columns) and ``PREFIX_runs.csv`` (one row per run, every status);
+``PREFIX`` defaults to ``RUNS_DIR/summary``. The Markdown is also printed.
+
+Exit status: 0; 2 when ``RUNS_DIR`` is missing or holds no run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+
+#: Files that make a folder a run folder.
+RUN_MARKERS = ("config.json", "summary.json", "metrics.jsonl", "last.pt", "sweep_exit_code")
+
+#: Flags that describe how a run was executed, not the experiment (never table columns).
+IGNORED_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
+                           "no_download", "tensorboard", "compile", "eval_batch_size", "seed",
+                           "num_bits", "num_bits_weight", "num_bits_act", "first_last_bits"})
+
+#: Column order and headers of the experiment settings (others follow, as ``--flag``).
+COLUMN_NAMES = {
+    "arch": "arch", "weight_bits": "W bits", "act_bits": "A bits", "first_last_bits": "first/last bits",
+    "lambda_br": "λ_w", "lambda_br_act": "λ_a", "br_backprop_to_alpha_act": "A-BR→α",
+    "freeze_alpha": "freeze α", "freeze_weight_alpha": "freeze W α", "freeze_act_alpha": "freeze A α",
+    "clip_value": "clip", "warmup_epochs": "warmup", "lr": "lr", "weight_decay": "wd", "momentum": "momentum",
+    "batch_size": "batch", "pretrained": "pretrained", "amp": "amp",
+}
+
+#: Scenario names, in the order of the README's table (config.SCENARIOS).
+SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "float")
+
+#: What an exit status of cifar10_qat_br.py means (see its docstring).
+EXIT_MEANINGS = {1: "crashed", 2: "bad flag, data or checkpoint", 3: "non-finite values",
+                 130: "SIGINT", 143: "SIGTERM"}
+
+
+class SummaryError(ValueError):
+    """The runs folder cannot be summarised; the message says why."""
+
+
+@dataclass
+class Run:
+    """One run folder as read from disk.
+
+    Attributes:
+        path: the folder, relative to the runs folder.
+        status: ``finished``, ``failed``, ``interrupted`` or ``unfinished``.
+        reason: why it is not finished ("" when finished).
+        settings: experiment setting -> value (empty without a readable config.json).
+        seed: ``--seed`` (None when unknown).
+        final_acc, best_acc: test top-1 (%) of the last and of the best epoch (None if unknown).
+        best_epoch, epochs_done, epochs: epoch numbers (None if unknown).
+        wall_time_s: training time (s) from summary.json, or summed from timing.jsonl.
+    """
+
+    path: str
+    status: str = "unfinished"
+    reason: str = ""
+    settings: dict = field(default_factory=dict)
+    seed: int | None = None
+    final_acc: float | None = None
+    best_acc: float | None = None
+    best_epoch: int | None = None
+    epochs_done: int | None = None
+    epochs: int | None = None
+    wall_time_s: float | None = None
+
+
+def scenario(settings: dict) -> str:
+    """The README scenario of a configuration, from its λ_w, λ_a and A-BR→α settings."""
+    if settings.get("float_run"):
+        return "float"
+    w, a = settings.get("lambda_br", 0) > 0, settings.get("lambda_br_act", 0) > 0
+    if w and a:
+        return "W+A moving target" if settings.get("br_backprop_to_alpha_act") else "W+A stable"
+    return "W-only" if w else ("A-only" if a else "LSQ baseline")
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line of a killed run
+    return rows
+
+
+def _last_error_line(path: str) -> str:
+    """The last ``error: ...`` line of the latest attempt in a training log, without the prefix; "" if none.
+
+    scripts/sweep.sh starts each attempt with a ``===== `` line; earlier attempts are ignored.
+    """
+    if not os.path.exists(path):
+        return ""
+    found = ""
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("===== "):
+                found = ""
+            elif line.startswith("error:"):
+                found = line[len("error:"):].strip()
+    return found
+
+
+def read_run(root: str, folder: str) -> Run:
+    """Read one run folder (``root/folder``) into a ``Run``; never raises for bad contents."""
+    full = os.path.join(root, folder)
+    run = Run(path=folder)
+    notes = []
+    config_path = os.path.join(full, "config.json")
+    if os.path.exists(config_path):
+        try:
+            config = _read_json(config_path)
+            flags, derived = config.get("flags", {}), config.get("derived", {})
+            run.settings = {k: v for k, v in flags.items() if k not in IGNORED_FLAGS}
+            for key in ("weight_bits", "act_bits", "first_last_bits", "float_run"):
+                if key in derived:
+                    run.settings[key] = derived[key]
+            run.seed = flags.get("seed")
+            run.epochs = flags.get("epochs")
+        except (OSError, ValueError, AttributeError) as exc:
+            notes.append(f"config.json unreadable ({exc})")
+    else:
+        notes.append("no config.json")
+    rows = _read_jsonl(os.path.join(full, "metrics.jsonl"))
+    if rows:
+        last = rows[-1]
+        run.epochs_done = last.get("epoch")
+        run.epochs = run.epochs or last.get("epochs")
+        run.final_acc, run.best_acc = last.get("test_acc"), last.get("best_test_acc")
+        run.best_epoch = last.get("best_epoch")
+    timing = _read_jsonl(os.path.join(full, "timing.jsonl"))
+    if timing:
+        run.wall_time_s = sum(r.get("seconds", 0.0) for r in timing)
+    summary_path = os.path.join(full, "summary.json")
+    summary = None
+    if os.path.exists(summary_path):
+        try:
+            summary = _read_json(summary_path)
+        except (OSError, ValueError) as exc:
+            notes.append(f"summary.json unreadable ({exc})")
+    if isinstance(summary, dict) and summary.get("status") == "finished":
+        run.status = "finished"
+        run.final_acc, run.best_acc = summary.get("final_test_acc"), summary.get("best_test_acc")
+        run.best_epoch, run.wall_time_s = summary.get("best_epoch"), summary.get("wall_time_s")
+        run.epochs = summary.get("epochs", run.epochs)
+        run.epochs_done = run.epochs
+        run.reason = "; ".join(notes)
+        return run
+    if run.epochs_done:
+        progress = f"{run.epochs_done}/{run.epochs if run.epochs is not None else '?'} epochs done"
+        if run.final_acc is not None:
+            progress += f", last test top-1 {run.final_acc:.2f}%"
+    else:
+        progress = "no epoch finished"
+    code = None
+    marker = os.path.join(full, "sweep_exit_code")
+    if os.path.exists(marker):
+        try:
+            with open(marker) as f:
+                code = int(f.read().strip())
+        except (OSError, ValueError):
+            code = 1
+    if code is not None and code != 0:
+        run.status = "interrupted" if code in (130, 143) else "failed"
+        meaning = EXIT_MEANINGS.get(code, "killed by a signal" if code > 128 else "crashed")
+        detail = _last_error_line(os.path.join(full, "train.log"))
+        run.reason = f"exit {code} ({meaning}); {progress}" + (f"; error: {detail}" if detail else "")
+        if run.status == "interrupted":
+            run.reason += "; rerun the sweep (or --resume) to continue it"
+    else:
+        run.status = "unfinished"
+        run.reason = f"{progress} (still running, or stopped without an exit status)"
+    run.reason = "; ".join([run.reason] + notes)
+    return run
+
+
+def find_runs(runs_dir: str) -> list[Run]:
+    """Every run folder under ``runs_dir`` (sorted by path), read with ``read_run``.
+
+    Raises:
+        SummaryError: ``runs_dir`` is not a folder, or holds no run.
+    """
+    if not os.path.isdir(runs_dir):
+        raise SummaryError(f"{runs_dir}: no such folder (pass the folder the sweep wrote its runs to)")
+    folders = []
+    for here, dirs, files in os.walk(runs_dir):
+        if any(m in files for m in RUN_MARKERS):
+            folders.append(os.path.relpath(here, runs_dir))
+            dirs[:] = []  # a run's sub-folders (tensorboard/, plots/) are part of it
+        else:
+            dirs.sort()
+    if not folders:
+        raise SummaryError(f"{runs_dir}: no run found (no folder with config.json, metrics.jsonl or summary.json)")
+    return [read_run(runs_dir, f) for f in sorted(folders)]
+
+
+def varying_settings(runs: list[Run]) -> list[str]:
+    """Settings whose value differs between runs (runs without a config ignored), in table order."""
+    keys = set().union(*(r.settings for r in runs if r.settings))
+    varying = [k for k in keys if k not in ("epochs", "float_run")
+               and len({json.dumps(r.settings.get(k)) for r in runs if r.settings}) > 1]
+    order = list(COLUMN_NAMES)
+    return sorted(varying, key=lambda k: (order.index(k) if k in order else len(order), k))
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt_acc(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """``1h02m``, ``12m05s`` or ``42s``; ``–`` for None."""
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def _fmt_value(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def group_runs(runs: list[Run]) -> list[dict]:
+    """One dict per configuration (runs with a config.json; others are listed apart).
+
+    Each dict: ``scenario``, ``settings`` (the group's settings), ``runs`` (its ``Run``s),
+    ``seeds`` (of the finished runs), ``final`` / ``best`` ((mean, std) over the finished
+    runs), ``epochs`` and ``wall_time_s`` (mean over the finished runs).
+    """
+    groups: dict[str, dict] = {}
+    for run in runs:
+        if not run.settings:
+            continue
+        key = json.dumps(run.settings, sort_keys=True)
+        groups.setdefault(key, {"settings": run.settings, "runs": []})["runs"].append(run)
+    out = []
+    for g in groups.values():
+        done = sorted((r for r in g["runs"] if r.status == "finished"), key=lambda r: (r.seed is None, r.seed))
+        g["scenario"] = scenario(g["settings"])
+        g["seeds"] = [r.seed for r in done]
+        g["final"] = _mean_std([r.final_acc for r in done if r.final_acc is not None])
+        g["best"] = _mean_std([r.best_acc for r in done if r.best_acc is not None])
+        g["epochs"] = g["settings"].get("epochs")
+        times = [r.wall_time_s for r in done if r.wall_time_s is not None]
+        g["wall_time_s"] = statistics.fmean(times) if times else None
+        out.append(g)
+    return out
+
+
+def _value_key(value):
+    """Numbers in numeric order, then text, then missing values."""
+    if isinstance(value, (int, float)):
+        return (0, float(value), "")
+    return (2, 0.0, "") if value is None else (1, 0.0, json.dumps(value, sort_keys=True))
+
+
+def _sort_key(group: dict, columns: list[str]):
+    name = group["scenario"]
+    rank = SCENARIO_ORDER.index(name) if name in SCENARIO_ORDER else len(SCENARIO_ORDER)
+    return (rank, [_value_key(group["settings"].get(k)) for k in columns], _value_key(group["epochs"]))
+
+
+def _runs_cell(group: dict) -> str:
+    counts: dict[str, int] = {}
+    for r in group["runs"]:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    total = len(group["runs"])
+    parts = [f"{counts.get('finished', 0)}/{total} finished"]
+    parts += [f"{n} {status}" for status, n in counts.items() if status != "finished"]
+    return ", ".join(parts)
+
+
+def build_tables(runs: list[Run]) -> tuple[str, list[dict], list[dict]]:
+    """The Markdown text, the per-configuration CSV rows and the per-run CSV rows."""
+    columns = varying_settings(runs)
+    groups = sorted(group_runs(runs), key=lambda g: _sort_key(g, columns))
+    headers = ["scenario"] + [COLUMN_NAMES.get(k, "--" + k.replace("_", "-")) for k in columns] + [
+        "seeds", "final top-1 (%)", "best top-1 (%)", "epochs", "wall time / run", "runs"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    config_rows = []
+    for g in groups:
+        cells = [g["scenario"]] + [_fmt_value(g["settings"].get(k)) for k in columns] + [
+            ",".join(str(s) for s in g["seeds"]) or "–", _fmt_acc(*g["final"]), _fmt_acc(*g["best"]),
+            _fmt_value(g["epochs"]), fmt_duration(g["wall_time_s"]), _runs_cell(g)]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        config_rows.append({"scenario": g["scenario"], **{k: g["settings"].get(k) for k in columns},
+                            "seeds": " ".join(str(s) for s in g["seeds"]), "n_finished": len(g["seeds"]),
+                            "n_runs": len(g["runs"]),
+                            "final_top1_mean": g["final"][0], "final_top1_std": g["final"][1],
+                            "best_top1_mean": g["best"][0], "best_top1_std": g["best"][1],
+                            "epochs": g["epochs"], "wall_time_s_mean": g["wall_time_s"]})
+    n_done = sum(r.status == "finished" for r in runs)
+    text = [f"{len(runs)} run(s), {n_done} finished, {len(groups)} configuration(s). "
+            f"Top-1: mean ± sample std over the finished seeds.", ""] + lines
+    not_done = [r for r in runs if r.status != "finished"]
+    if not_done:
+        text += ["", "Not finished (not in the means):", ""]
+        text += [f"- `{r.path}`: {r.status}: {r.reason}" for r in not_done]
+    orphans = [r for r in runs if r.status == "finished" and not r.settings]
+    if orphans:
+        text += ["", "Finished but not in the table (config.json missing or unreadable):", ""]
+        text += [f"- `{r.path}`: final {_fmt_acc(r.final_acc, None)}, best {_fmt_acc(r.best_acc, None)}"
+                 + (f" ({r.reason})" if r.reason else "") for r in orphans]
+    run_rows = []
+    for r in runs:
+        run_rows.append({"run": r.path, "status": r.status, "scenario": scenario(r.settings) if r.settings else None,
+                         **{k: r.settings.get(k) for k in columns}, "seed": r.seed,
+                         "final_top1": r.final_acc, "best_top1": r.best_acc, "best_epoch": r.best_epoch,
+                         "epochs_done": r.epochs_done, "epochs": r.epochs, "wall_time_s": r.wall_time_s,
+                         "reason": r.reason})
+    return "\n".join(text) + "\n", config_rows, run_rows
+
+
+def _write_csv(rows: list[dict], path: str) -> None:
+    fields = list(rows[0]) if rows else ["scenario"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="summarize.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", help="folder holding the run folders (e.g. the sweep's RUNS_DIR)")
+    parser.add_argument("--out", default=None, metavar="PREFIX",
+                        help="write PREFIX.md, PREFIX.csv and PREFIX_runs.csv [RUNS_DIR/summary]")
+    parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs(args.runs_dir)
+        markdown, config_rows, run_rows = build_tables(runs)
+        prefix = args.out or os.path.join(args.runs_dir, "summary")
+        if os.path.dirname(prefix):
+            os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        with open(prefix + ".md", "w") as f:
+            f.write(markdown)
+        _write_csv(config_rows, prefix + ".csv")
+        _write_csv(run_rows, prefix + "_runs.csv")
+    except SummaryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write the summary: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(markdown, end="")
+    print(f"Wrote {prefix}.md, {prefix}.csv and {prefix}_runs.csv", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""TensorBoard logging of a training run (``cifar10_qat_br.py --tensorboard``).
+
+Written with torch's own writer (``torch.utils.tensorboard.SummaryWriter``) to
+``<output-dir>/tensorboard``; view with ``tensorboard --logdir <output-dir>/tensorboard``
+(or a folder above several runs to compare them).
+
+What is logged, once per epoch (step = epoch number):
+
+* scalars ``loss/total``, ``loss/ce``, ``loss/br_w``, ``loss/br_a`` (epoch means of the
+  un-weighted BR terms), ``acc/train``, ``acc/test``, ``acc/best`` (top-1, %), ``lr``
+  (the epoch's learning rate), ``stage`` (1 warmup, 2 BR);
+* every step size: ``alpha_weight/<layer>`` and ``alpha_act/<layer>`` (units of the
+  weights / activations);
+* the bin metrics of ``metrics.jsonl``: ``bins_dist_alpha/<layer>`` (mean distance of the
+  weights to their level, in α units) and ``bins_flips/<layer>`` (fraction of weights
+  whose bin changed since the previous epoch);
+* histograms ``weights/<layer>`` (the float weights, before quantization) and
+  ``activations/<layer>`` (pre-quantization inputs of the layer's ``act_quant``).
+
+Activation histograms. The engine's ``ActivationHookManager`` drops its captures after
+every step (and records only in stage 2 with A-BR), so nothing is left of it when an
+epoch ends. The logger therefore registers its own forward pre-hook on each quantized
+layer's ``act_quant``: in training mode only, it keeps a detached copy of the first
+``ACT_SAMPLES`` samples of the latest input (a few small device copies per step, no
+host synchronisation). The histogram of an epoch is thus the last training batch of
+that epoch. The hooks are registered by ``attach(model)``, or at the first
+``log_epoch`` call if ``attach`` was never called, in which case the first epoch has
+weight histograms but no activation histograms.
+
+The logger never changes training: it uses no random numbers, runs no forward pass,
+does not touch BatchNorm statistics, and its hooks return nothing (the input is
+passed on unchanged); reading values to the host happens only in ``log_epoch``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quant import quantized_layers
+
+#: Samples of the latest training batch kept per layer for the activation histograms.
+ACT_SAMPLES = 8
+
+
+class TensorBoardLogger:
+    """Per-epoch TensorBoard scalars and histograms of a QAT+BR run.
+
+    Args:
+        log_dir: folder for the event files (created if missing).
+
+    Raises:
+        OSError: ``log_dir`` cannot be created.
+    """
+
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+        self.log_dir = log_dir
+        self.writer = SummaryWriter(log_dir=log_dir)
+        self._samples: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._attached_to = None
+
+    # -- activation samples ---------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Register the activation-sampling pre-hooks on every quantized layer's ``act_quant``.
+
+        Idempotent for the same model; attaching to another model detaches the old hooks.
+        """
+        if self._attached_to is model:
+            return
+        self.detach()
+        for name, layer in quantized_layers(model).items():
+            if layer.act_quant.enabled:
+                self._handles.append(layer.act_quant.register_forward_pre_hook(self._make_hook(name)))
+        self._attached_to = model
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            if module.training:
+                with torch.no_grad():
+                    self._samples[name] = inputs[0].detach()[:ACT_SAMPLES].clone()
+        return hook
+
+    def detach(self) -> None:
+        """Remove the hooks and drop the kept samples."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._samples.clear()
+        self._attached_to = None
+
+    # -- logging --------------------------------------------------------------------------
+    def log_epoch(self, row: dict, model: nn.Module, hooks=None) -> None:
+        """Write one epoch: the scalars of ``row`` and the histograms of ``model``.
+
+        Args:
+            row: the ``metrics.jsonl`` row of the epoch (``engine.Trainer.run_epoch``):
+                ``epoch``, ``lr``, ``loss``, ``ce``, ``br_w``, ``br_a``, ``train_acc``,
+                ``test_acc``, ``best_test_acc``, ``stage``, ``alpha`` (layer -> {"weight",
+                "act"} -> float) and ``bins`` (layer -> {"dist_alpha", "flips", ...});
+                missing keys are skipped.
+            model: the network being trained (its quantized layers give the histograms).
+            hooks: the engine's ``ActivationHookManager`` or None. Unused: its captures
+                are gone by the end of an epoch (see the module docstring).
+        """
+        del hooks
+        step = int(row["epoch"])
+        w = self.writer
+        for tag, key in (("loss/total", "loss"), ("loss/ce", "ce"), ("loss/br_w", "br_w"), ("loss/br_a", "br_a"),
+                         ("acc/train", "train_acc"), ("acc/test", "test_acc"), ("acc/best", "best_test_acc"),
+                         ("lr", "lr"), ("stage", "stage")):
+            if row.get(key) is not None:
+                w.add_scalar(tag, float(row[key]), step)
+        for layer, alphas in (row.get("alpha") or {}).items():
+            for kind, value in alphas.items():
+                w.add_scalar(f"alpha_{kind}/{layer}", float(value), step)
+        for layer, stats in (row.get("bins") or {}).items():
+            for key in ("dist_alpha", "flips"):
+                if stats.get(key) is not None:
+                    w.add_scalar(f"bins_{key}/{layer}", float(stats[key]), step)
+        for name, layer in quantized_layers(model).items():
+            w.add_histogram(f"weights/{name}", layer.weight.detach().float().cpu(), step)
+            sample = self._samples.get(name)
+            if sample is not None:
+                w.add_histogram(f"activations/{name}", sample.float().cpu(), step)
+        self._samples.clear()
+        self.attach(model)
+        w.flush()
+
+    def close(self) -> None:
+        """Remove the hooks, flush and close the event file."""
+        self.detach()
+        self.writer.close()

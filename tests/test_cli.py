@@ -1,0 +1,194 @@
+"""The main job end to end on a tiny image folder, banners, and the BR / step-size rules."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, run_cli
+from config import SCENARIOS, build_parser
+from data import DeviceLoader, Split
+from engine import Trainer
+from models import build_model
+from quant import quantize_model
+
+
+def _read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_end_to_end_two_stages(shared_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, _ = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY], capsys)
+    assert rc == 0, stdout
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "warmup_end.pt"):
+        assert (out / name).exists(), name
+    rows = _read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["stage"] for r in rows] == [1, 2]
+    assert rows[0]["br_w"] == 0.0 and rows[0]["br_a"] == 0.0
+    assert rows[1]["br_w"] > 0.0 and rows[1]["br_a"] > 0.0
+    assert rows[1]["loss"] > rows[1]["ce"]
+    assert "Epoch 1/2 [warmup]" in stdout and "Epoch 2/2 [BR]" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["status"] == "finished"
+    assert summary["best_test_acc"] == max(r["test_acc"] for r in rows)
+    config = json.loads((out / "config.json").read_text())
+    assert config["flags"]["lambda_br"] == 1.0 and config["derived"]["weight_bits"] == 2
+    assert config["versions"]["torch"] == torch.__version__
+    layer = "layers.0.0.conv1"
+    assert set(rows[1]["alpha"][layer]) == {"weight", "act"}
+    assert rows[1]["bins"][layer]["flips"] is not None and len(rows[1]["bins"][layer]["occupancy"]) == 4
+    assert rows[1]["br_w_info"]["total"]["nonempty_bins"] > 0
+
+
+def _banner(capsys, *flags):
+    rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", *flags], capsys)
+    assert rc == 0
+    return out
+
+
+@pytest.mark.parametrize("name,lam_w,lam_a,backprop", SCENARIOS)
+def test_dry_run_banners_for_the_five_scenarios(capsys, name, lam_w, lam_a, backprop):
+    flags = ["--lambda-br", lam_w, "--lambda-br-act", lam_a] + (["--br-backprop-to-alpha-act"] if backprop else [])
+    out = _banner(capsys, *map(str, flags))
+    assert "Starting 2-Stage QAT+BR Training" in out
+    assert "Stage 1 (Warmup): Epochs 1-30 (LSQ only)" in out
+    w_line = f"  - W-BR (weights): λ={lam_w} [{'ENABLED' if lam_w else 'DISABLED'}]"
+    a_line = f"  - A-BR (activations): λ={lam_a} [{'ENABLED' if lam_a else 'DISABLED'}]"
+    assert w_line in out.splitlines() and a_line in out.splitlines()
+    assert ("Gradients to alpha: Always enabled" in out) == bool(lam_w)
+    if lam_a:
+        assert f"    └─> Gradients to alpha: {backprop} (default: False, recommended)" in out.splitlines()
+    else:
+        assert "(default: False, recommended)" not in out
+    assert ("Stage 2 (BR): Epochs 31-100 (both λ = 0" in out) == (not lam_w and not lam_a)
+    assert "WARNING" not in out
+
+
+def test_banner_example_wording_and_freeze_truth_line(capsys):
+    out = _banner(capsys, "--freeze-alpha")
+    expected = """================================================================================
+Starting 2-Stage QAT+BR Training
+================================================================================
+Stage 1 (Warmup): Epochs 1-30 (LSQ only)
+Stage 2 (BR): Epochs 31-100
+
+BR Configuration:
+  - W-BR (weights): λ=1.0 [ENABLED]
+    └─> Gradients to alpha: Always enabled (paper-faithful, weights are stable)"""
+    assert out.startswith(expected)
+    assert "  - Freeze alpha after warmup: True" in out
+    assert "weight alpha is frozen after warmup, so in stage 2 this gradient cannot change it" in out
+    assert "Data: " in out and "Output: results/resnet20_w2a2" in out
+    assert "random initialisation" in out
+
+
+def test_useless_flag_gets_a_banner_warning(capsys):
+    out = _banner(capsys, "--lambda-br-act", "0", "--br-backprop-to-alpha-act")
+    assert "WARNING: --br-backprop-to-alpha-act has no effect" in out
+
+
+# -- the rules on gradients, checked on the training step itself -----------------------------
+
+def _trainer(*flags):
+    cfg = build_parser().parse_args(["--epochs", "4", "--warmup-epochs", "1", *flags])
+    torch.manual_seed(0)
+    model = quantize_model(build_model("resnet20"), 2, 2)
+    split = Split(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 10)
+    loader = DeviceLoader(split, 4, torch.device("cpu"), train=True)
+    trainer = Trainer(cfg, model, loader, DeviceLoader(split, 8, torch.device("cpu"), train=False),
+                      torch.device("cpu"), log=lambda *_: None)
+    model.train()
+    model(next(loader.batches(0))[0])  # initialise every step size
+    return trainer
+
+
+def _own_alpha_grads(trainer, term):
+    """|d BR / d α| summed over the regularised layers, with each layer's values held fixed.
+
+    The values are detached leaves, so only the dependence through the BR target k·α
+    (the thing the backprop flags control) is measured.
+    """
+    x, y = next(trainer.train_loader.batches(0))
+    trainer.hooks.enabled = True
+    trainer.model(x)
+    acts = {n: v.detach().requires_grad_() for n, v in trainer.hooks.get_pre_quant_activations().items()}
+    layers = trainer.br_layers.values()
+    if term == "w":
+        loss, _ = trainer.weight_br()
+        alphas = [m.weight_quant.alpha for m in layers]
+        values = [m.weight for m in layers]
+    else:
+        loss, _ = trainer.activation_br(acts)
+        alphas = [m.act_quant.alpha for m in layers]
+        values = list(acts.values())
+    grads = torch.autograd.grad(loss, alphas + values, allow_unused=True)
+    norm = lambda gs: sum(0.0 if g is None else g.abs().sum().item() for g in gs)  # noqa: E731
+    return norm(grads[:len(alphas)]), norm(grads[len(alphas):])
+
+
+def test_a_br_sends_no_gradient_to_activation_alpha_unless_asked():
+    alpha_grad, value_grad = _own_alpha_grads(_trainer(), "a")
+    assert alpha_grad == 0.0 and value_grad > 0.0
+    alpha_grad, value_grad = _own_alpha_grads(_trainer("--br-backprop-to-alpha-act"), "a")
+    assert alpha_grad > 0.0 and value_grad > 0.0
+
+
+def test_w_br_reaches_weight_alpha():
+    alpha_grad, value_grad = _own_alpha_grads(_trainer(), "w")
+    assert alpha_grad > 0.0 and value_grad > 0.0
+
+
+def test_stage_one_computes_no_br():
+    trainer = _trainer()
+    x, y = next(trainer.train_loader.batches(0))
+    loss, _, ce, br_w, br_a, w_info, a_info = trainer.loss_terms(x, y, use_br=False)
+    assert br_w.item() == 0.0 and br_a.item() == 0.0 and w_info is None and a_info is None
+    assert torch.equal(loss, ce)
+
+
+@pytest.mark.parametrize("flag,frozen_kinds", [("--freeze-alpha", {"weight", "act"}),
+                                                ("--freeze-weight-alpha", {"weight"}),
+                                                ("--freeze-act-alpha", {"act"})])
+def test_freeze_keeps_alpha_bit_identical_through_stage_two(flag, frozen_kinds):
+    trainer = _trainer(flag, "--br-backprop-to-alpha-act", "--lr", "0.1")
+
+    def alphas():
+        return {(n, kind): q.alpha.detach().clone() for n, m in trainer.layers.items()
+                for kind, q in (("weight", m.weight_quant), ("act", m.act_quant))}
+
+    trainer.set_alpha_trainable(1)
+    for x, y in trainer.train_loader.batches(1):  # a warmup step builds momentum for every α
+        trainer.train_step(x, y, use_br=False)
+    before = alphas()
+    trainer.set_alpha_trainable(2)
+    for epoch in (2, 3):
+        for x, y in trainer.train_loader.batches(epoch):
+            trainer.train_step(x, y, use_br=True)
+    after = alphas()
+    for key, value in before.items():
+        same = torch.equal(value, after[key])
+        assert same == (key[1] in frozen_kinds), key
+
+
+def test_float_baseline_then_pretrained_qat(shared_folder, tmp_path, capsys):
+    fp = tmp_path / "fp"
+    rc, out, _ = run_cli(["--data-dir", shared_folder, "--output-dir", fp, "--num-bits", "32",
+                          "--lambda-br", "0", "--lambda-br-act", "0", *TINY], capsys)
+    assert rc == 0
+    assert "Bits: full precision" in out and "[float]" in out
+    state = torch.load(fp / "best.pt", weights_only=False)["model"]
+    assert not any("_quant" in k for k in state)
+    qat = tmp_path / "qat"
+    rc, out, _ = run_cli(["--data-dir", shared_folder, "--output-dir", qat, "--pretrained", fp / "best.pt",
+                          *TINY], capsys)
+    assert rc == 0, out
+    assert f"Init: float checkpoint {fp / 'best.pt'}" in out
+    # The QAT model started from the float weights: the first epoch's model differs from a random start
+    # only through training, so check the loaded weights directly on a fresh conversion.
+    import cifar10_qat_br
+    cfg = build_parser().parse_args(["--pretrained", str(fp / "best.pt")])
+    model = cifar10_qat_br.build_quantized_model(cfg)
+    assert torch.equal(model.layers[0][0].conv1.weight, state["layers.0.0.conv1.weight"])

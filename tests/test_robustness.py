@@ -1,0 +1,340 @@
+"""Runs that survive: exact resume, atomic outputs, one clear line for every bad input, numerical safety."""
+
+import gc
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+from conftest import TINY, make_image_folder, run_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+THREE = ["--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16", "--workers", "0", "--no-download"]
+
+
+def _metrics_text(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def reference_run(shared_folder, tmp_path_factory):
+    """An uninterrupted 3-epoch run (1 warmup, 2 BR)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert run_cli(["--data-dir", shared_folder, "--output-dir", out, *THREE]) == (0, "", "")
+    return out
+
+
+def test_same_seed_same_metrics(shared_folder, reference_run, tmp_path):
+    out = tmp_path / "again"
+    assert run_cli(["--data-dir", shared_folder, "--output-dir", out, *THREE])[0] == 0
+    assert _metrics_text(out) == _metrics_text(reference_run)
+
+
+def test_crash_between_metrics_and_checkpoint_resumes_bit_identically(shared_folder, reference_run, tmp_path,
+                                                                      monkeypatch, capsys):
+    out = tmp_path / "crashed"
+    real_save = checkpoint.atomic_torch_save
+
+    def crash_on_second_epoch(obj, path):
+        if path.endswith("last.pt") and obj["epoch"] == 2:
+            raise KeyboardInterrupt("simulated crash after metrics line 2 was written")
+        real_save(obj, path)
+
+    import engine
+    monkeypatch.setattr(engine, "atomic_torch_save", crash_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(["--data-dir", shared_folder, "--output-dir", out, *THREE])
+    assert len(_metrics_text(out).splitlines()) == 2  # epoch 2 logged, but not checkpointed
+    monkeypatch.setattr(engine, "atomic_torch_save", real_save)
+    rc, stdout, _ = run_cli(["--resume", "--output-dir", out, "--data-dir", shared_folder, "--workers", "0"], capsys)
+    assert rc == 0 and "Resumed from epoch 1 of 3" in stdout
+    assert _metrics_text(out) == _metrics_text(reference_run)
+    ref = json.loads((reference_run / "summary.json").read_text())
+    got = json.loads((out / "summary.json").read_text())
+    assert got["final_test_acc"] == ref["final_test_acc"] and got["best_test_acc"] == ref["best_test_acc"]
+
+
+def _spawn(args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "cifar10_qat_br.py"), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def _wait_for_lines(path, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path) and len(open(path).read().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()}")
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for metrics")
+
+
+@pytest.fixture(scope="module")
+def bigger_folder(tmp_path_factory):
+    """Enough images for epochs that last a moment, so a signal lands mid-epoch."""
+    return make_image_folder(tmp_path_factory.mktemp("cifar_big"), train_per_class=16, test_per_class=2)
+
+
+def _run_subprocess(args):
+    proc = _spawn(args)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    return stdout
+
+
+@pytest.fixture(scope="module")
+def bigger_reference(bigger_folder, tmp_path_factory):
+    """The uninterrupted run, in a process of its own like the interrupted ones.
+
+    Bit-identity is promised between runs of the tool (fresh processes); a run inside
+    the test process can differ in the last bits after other tests ran there.
+    """
+    out = tmp_path_factory.mktemp("bigref") / "run"
+    _run_subprocess(["--data-dir", bigger_folder, "--output-dir", out, *THREE])
+    return out
+
+
+def test_kill_9_mid_run_then_resume_is_bit_identical(bigger_folder, bigger_reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = _spawn(["--data-dir", bigger_folder, "--output-dir", out, *THREE])
+    _wait_for_lines(out / "metrics.jsonl", 1, proc)
+    time.sleep(0.3)  # somewhere inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stdout = _run_subprocess(["--resume", "--output-dir", out, "--data-dir", bigger_folder, "--workers", "0"])
+    assert "Resumed from epoch" in stdout
+    assert _metrics_text(out) == _metrics_text(bigger_reference)
+
+
+def test_sigint_stops_saves_and_says_how_to_resume(bigger_folder, bigger_reference, tmp_path):
+    out = tmp_path / "sigint"
+    proc = _spawn(["--data-dir", bigger_folder, "--output-dir", out, *THREE])
+    _wait_for_lines(out / "metrics.jsonl", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "Resume with: python cifar10_qat_br.py --resume --output-dir" in stderr
+    assert "Traceback" not in stderr
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] >= 1
+    _run_subprocess(["--resume", "--output-dir", out, "--data-dir", bigger_folder, "--workers", "0"])
+    assert _metrics_text(out) == _metrics_text(bigger_reference)
+
+
+def test_resume_refuses_changed_experiment_but_allows_run_flags(shared_folder, reference_run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run, out)
+    rc, _, err = run_cli(["--resume", "--output-dir", out, "--data-dir", shared_folder, "--lambda-br", "0.5",
+                          "--epochs", "5"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "--lambda-br 0.5 (run: 1.0)" in err and "--epochs 5 (run: 3)" in err
+    rc, out_text, _ = run_cli(["--resume", "--output-dir", out, "--data-dir", shared_folder, "--workers", "1",
+                               "--device", "cpu"], capsys)
+    assert rc == 0  # a finished run: nothing left to train
+    assert "Resumed from epoch 3 of 3" in out_text
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(shared_folder, reference_run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run, out)
+    rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", out, *THREE], capsys)
+    assert rc == 2 and "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    rc, _, _ = run_cli(["--data-dir", shared_folder, "--output-dir", out, "--overwrite", *TINY], capsys)
+    assert rc == 0
+    assert len(_metrics_text(out).splitlines()) == 2
+
+
+def test_atomic_write_keeps_the_previous_file_on_a_crash(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    checkpoint.atomic_torch_save({"epoch": 1}, path)
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", torn_save)
+    with pytest.raises(OSError):
+        checkpoint.atomic_torch_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+# -- bad input: one line, non-zero exit, before any work --------------------------------------
+
+BAD_FLAGS = [
+    (["--num-bits", "9"], "--num-bits must be 2-8, or 32"),
+    (["--num-bits", "1"], "--num-bits must be 2-8, or 32"),
+    (["--num-bits-weight", "16"], "--num-bits-weight must be 2-8, or 32"),
+    (["--num-bits-act", "0"], "--num-bits-act must be 2-8, or 32"),
+    (["--first-last-bits", "12"], "--first-last-bits must be 2-8, or 32"),
+    (["--lambda-br", "-1"], "--lambda-br must be a finite number >= 0"),
+    (["--lambda-br-act", "nan"], "--lambda-br-act must be a finite number"),
+    (["--lambda-br", "inf"], "--lambda-br must be a finite number"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--epochs", "5", "--warmup-epochs", "6"], "--warmup-epochs must be between 0 and --epochs (5)"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--clip-value", "0"], "--clip-value must be a finite number > 0"),
+    (["--clip-value", "-2"], "--clip-value must be a finite number > 0"),
+    (["--arch", "resnet99"], "--arch must be one of resnet20, resnet32, resnet56, resnet18"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS)
+def test_bad_flags_give_one_line(flags, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = run_cli(["--data-dir", tmp_path / "nodata", "--no-download", "--output-dir", out, *flags], capsys)
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing was created
+
+
+@pytest.mark.parametrize("flag", ["--num-bits", "--epochs", "--lambda-br"])
+def test_non_numeric_values_are_refused_by_argparse(flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli([flag, "2.5x"])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu(tmp_path, capsys):
+    rc, _, err = run_cli(["--device", "cuda", "--data-dir", tmp_path], capsys)
+    assert rc == 2 and "no CUDA GPU is available" in err
+
+
+def _bad_data(tmp_path, capsys, folder):
+    rc, _, err = run_cli(["--data-dir", folder, "--no-download", "--output-dir", tmp_path / "o", *TINY], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_missing_data_dir_with_no_download(tmp_path, capsys):
+    err = _bad_data(tmp_path, capsys, tmp_path / "missing")
+    assert "--data-dir" in err and "no CIFAR-10 found" in err
+
+
+def test_image_folder_problems(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "c", train_per_class=1, test_per_class=1)
+    os.rename(os.path.join(root, "train", "truck"), os.path.join(root, "train", "lorry"))
+    err = _bad_data(tmp_path, capsys, root)
+    assert "wrong class folders" in err and "truck" in err and "lorry" in err
+    os.rename(os.path.join(root, "train", "lorry"), os.path.join(root, "train", "truck"))
+    shutil.rmtree(os.path.join(root, "test"))
+    assert "missing split folder" in _bad_data(tmp_path, capsys, root)
+    make_image_folder(root, train_per_class=1, test_per_class=1)
+    for f in os.listdir(os.path.join(root, "test", "cat")):
+        os.remove(os.path.join(root, "test", "cat", f))
+    assert "is empty" in _bad_data(tmp_path, capsys, root)
+    make_image_folder(root, train_per_class=1, test_per_class=1)
+    with open(os.path.join(root, "train", "dog", "0000.png"), "wb") as f:
+        f.write(b"not an image")
+    err = _bad_data(tmp_path, capsys, root)
+    assert "cannot read image" in err and os.path.join("dog", "0000.png") in err
+
+
+def test_bad_pretrained(shared_folder, reference_run, tmp_path, capsys):
+    base = ["--data-dir", shared_folder, "--output-dir", tmp_path / "o", *TINY]
+    rc, _, err = run_cli(base + ["--pretrained", tmp_path / "nope.pt"], capsys)
+    assert rc == 2 and "--pretrained: no checkpoint at" in err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00garbage")
+    rc, _, err = run_cli(base + ["--pretrained", junk], capsys)
+    assert rc == 2 and "is not a readable checkpoint" in err
+    rc, _, err = run_cli(base + ["--pretrained", reference_run / "last.pt"], capsys)
+    assert rc == 2 and "quantized checkpoint" in err
+    rc, _, err = run_cli(base + ["--pretrained", reference_run / "last.pt", "--arch", "resnet32"], capsys)
+    assert rc == 2 and "made for --arch resnet20" in err
+
+
+def test_bad_resume(shared_folder, tmp_path, capsys):
+    rc, _, err = run_cli(["--resume", "--output-dir", tmp_path / "empty", "--data-dir", shared_folder], capsys)
+    assert rc == 2 and "--resume: no checkpoint at" in err
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    rc, _, err = run_cli(["--resume", "--output-dir", bad, "--data-dir", shared_folder], capsys)
+    assert rc == 2 and "is not a readable checkpoint" in err
+
+
+def test_output_dir_that_is_a_file_or_cannot_be_created(shared_folder, tmp_path, capsys):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", afile, *TINY], capsys)
+    assert rc == 2 and "is a file" in err
+    rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", afile / "sub", *TINY], capsys)
+    assert rc == 2 and "cannot create it" in err
+
+
+# -- numerical safety ------------------------------------------------------------------------------
+
+def test_non_finite_loss_stops_naming_step_and_layer(shared_folder, tmp_path, monkeypatch, capsys):
+    import engine
+    real_step = engine.Trainer.train_step
+
+    def poisoned(self, x, y, use_br):
+        if use_br:  # stage 2: poison one step size
+            with torch.no_grad():
+                self.layers["layers.1.0.conv2"].weight_quant.alpha.fill_(float("nan"))
+        return real_step(self, x, y, use_br)
+
+    monkeypatch.setattr(engine.Trainer, "train_step", poisoned)
+    out = tmp_path / "nan"
+    rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY], capsys)
+    assert rc == 3
+    assert "non-finite loss at epoch 2 step 1" in err and "layers.1.0.conv2.weight_quant.alpha" in err
+    assert len(_metrics_text(out).splitlines()) == 1  # the failed epoch is not written
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1
+
+
+def test_memory_does_not_grow_over_1000_steps():
+    """Hooks keep nothing across steps: the live tensors and RSS stay flat over 1,000 A-BR steps."""
+    from config import build_parser
+    from data import DeviceLoader, Split
+    from engine import Trainer
+    from quant import quantize_model
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    model = quantize_model(net, 2, 2)
+    cfg = build_parser().parse_args(["--epochs", "2", "--warmup-epochs", "1"])
+    split = Split(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 10)
+    cpu = torch.device("cpu")
+    trainer = Trainer(cfg, model, DeviceLoader(split, 8, cpu, train=True), None, cpu, log=lambda *_: None)
+    assert trainer.hooks is not None
+    x, y = next(trainer.train_loader.batches(0))
+    x = x[:, :, :8, :8].contiguous()
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    for _ in range(100):
+        trainer.train_step(x, y, use_br=True)
+    tensors, rss = live_tensors(), rss_mb()
+    for _ in range(900):
+        trainer.train_step(x, y, use_br=True)
+    assert live_tensors() <= tensors
+    assert rss_mb() - rss < 25

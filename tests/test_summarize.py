@@ -1,0 +1,196 @@
+"""summarize.py on hand-made run folders (finished, failed, interrupted, unfinished), and the sweep's plan."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+
+import pytest
+
+import config as cfgmod
+import summarize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write_run(folder, *, seed, lambda_br, lambda_br_act, abp=False, epochs=10, workers=2,
+               summary=None, metrics=(), exit_code=None, log=None, with_config=True):
+    """A run folder as cifar10_qat_br.py (and scripts/sweep.sh) leave it."""
+    os.makedirs(folder, exist_ok=True)
+    if with_config:
+        argv = ["--seed", str(seed), "--lambda-br", str(lambda_br), "--lambda-br-act", str(lambda_br_act),
+                "--epochs", str(epochs), "--warmup-epochs", "3", "--workers", str(workers),
+                "--output-dir", str(folder)]
+        if abp:
+            argv.append("--br-backprop-to-alpha-act")
+        flags = vars(cfgmod.build_parser().parse_args(argv))
+        derived = {"weight_bits": 2, "act_bits": 2, "first_last_bits": 8, "float_run": False}
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({"flags": flags, "derived": derived}, f)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for epoch, acc in metrics:
+            f.write(json.dumps({"epoch": epoch, "epochs": epochs, "test_acc": acc, "best_test_acc": acc,
+                                "best_epoch": epoch}) + "\n")
+    if summary is not None:
+        final, best, wall = summary
+        with open(os.path.join(folder, "summary.json"), "w") as f:
+            json.dump({"status": "finished", "final_test_acc": final, "best_test_acc": best, "best_epoch": 9,
+                       "epochs": epochs, "wall_time_s": wall}, f)
+    if exit_code is not None:
+        with open(os.path.join(folder, "sweep_exit_code"), "w") as f:
+            f.write(f"{exit_code}\n")
+    if log is not None:
+        with open(os.path.join(folder, "train.log"), "w") as f:
+            f.write(log)
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    root = tmp_path / "runs"
+    # W-only, two seeds: final 90, 92 -> mean 91, sample std sqrt(2) = 1.41; best 91, 93 -> 92 ± 1.41;
+    # wall 100 s and 300 s -> mean 200 s = 3m20s. --workers differs: not part of the experiment.
+    _write_run(root / "a_s1", seed=1, lambda_br=1, lambda_br_act=0, summary=(90.0, 91.0, 100.0), workers=0,
+               metrics=[(10, 90.0)])
+    _write_run(root / "a_s2", seed=2, lambda_br=1, lambda_br_act=0, summary=(92.0, 93.0, 300.0), workers=4,
+               metrics=[(10, 92.0)])
+    # LSQ baseline: seed 1 finished (85.5 / 86.0, 3700 s = 1h01m); seed 2 failed with NaNs after 3 epochs.
+    _write_run(root / "b_s1", seed=1, lambda_br=0, lambda_br_act=0, summary=(85.5, 86.0, 3700.0),
+               metrics=[(10, 85.5)])
+    _write_run(root / "b_s2", seed=2, lambda_br=0, lambda_br_act=0, metrics=[(1, 20.0), (2, 30.0), (3, 40.0)],
+               exit_code=3, log="Epoch 3/10 ...\nerror: non-finite loss at epoch 4 step 7 (ce=nan). Stopped\n")
+    # W+A moving target, in a sub-folder: seed 1 still running (2 of 10 epochs), seed 2 interrupted (Ctrl-C).
+    _write_run(root / "nested" / "c_s1", seed=1, lambda_br=1, lambda_br_act=1, abp=True,
+               metrics=[(1, 11.0), (2, 12.5)])
+    _write_run(root / "nested" / "c_s2", seed=2, lambda_br=1, lambda_br_act=1, abp=True,
+               metrics=[(1, 10.0)], exit_code=130)
+    # A run that failed before writing its config (a bad --pretrained path).
+    _write_run(root / "e_s1", seed=1, lambda_br=1, lambda_br_act=0, with_config=False, exit_code=2,
+               log="error: --pretrained: no checkpoint at /nope.pt\n")
+    os.remove(root / "e_s1" / "metrics.jsonl")
+    # Not a run: a folder without any run file is ignored; a run's tensorboard/ is not searched.
+    os.makedirs(root / "empty")
+    os.makedirs(root / "a_s1" / "tensorboard")
+    return str(root)
+
+
+def test_markdown_table_by_hand(runs_dir):
+    markdown, _, _ = summarize.build_tables(summarize.find_runs(runs_dir))
+    lines = markdown.splitlines()
+    # λ_w, λ_a and A-BR→α vary between configurations; seed, workers, output folder do not count.
+    header = ("| scenario | λ_w | λ_a | A-BR→α | seeds | final top-1 (%) | best top-1 (%) | epochs | "
+              "wall time / run | runs |")
+    i = lines.index(header)
+    assert lines[i + 2:i + 5] == [
+        "| W-only | 1 | 0 | no | 1,2 | 91.00 ± 1.41 | 92.00 ± 1.41 | 10 | 3m20s | 2/2 finished |",
+        "| W+A moving target | 1 | 1 | yes | – | – | – | 10 | – | 0/2 finished, 1 unfinished, 1 interrupted |",
+        "| LSQ baseline | 0 | 0 | no | 1 | 85.50 | 86.00 | 10 | 1h01m | 1/2 finished, 1 failed |",
+    ]
+    assert len([l for l in lines if l.startswith("| ")]) == 4  # header + 3 configurations
+    assert lines[0].startswith("7 run(s), 3 finished, 3 configuration(s).")
+    not_finished = [l for l in lines if l.startswith("- ")]
+    assert len(not_finished) == 4  # every run that did not finish is listed, one line each
+    failed = next(l for l in not_finished if l.startswith("- `b_s2`"))
+    assert "failed" in failed and "exit 3" in failed and "3/10 epochs done" in failed and "40.00%" in failed
+    assert "non-finite loss at epoch 4 step 7" in failed
+    running = next(l for l in not_finished if l.startswith(f"- `{os.path.join('nested', 'c_s1')}`"))
+    assert "unfinished" in running and "2/10 epochs done" in running
+    stopped = next(l for l in not_finished if l.startswith(f"- `{os.path.join('nested', 'c_s2')}`"))
+    assert "interrupted" in stopped and "exit 130" in stopped
+    early = next(l for l in not_finished if l.startswith("- `e_s1`"))
+    assert "failed" in early and "no epoch finished" in early and "--pretrained: no checkpoint" in early
+
+
+def test_command_writes_markdown_and_csvs(runs_dir, capsys):
+    assert summarize.main([runs_dir, "--quiet"]) == 0
+    assert "Wrote" in capsys.readouterr().err
+    with open(os.path.join(runs_dir, "summary.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["scenario"] for r in rows] == ["W-only", "W+A moving target", "LSQ baseline"]
+    w_only = rows[0]
+    assert float(w_only["final_top1_mean"]) == pytest.approx(91.0)
+    assert float(w_only["final_top1_std"]) == pytest.approx(math.sqrt(2))
+    assert float(w_only["best_top1_mean"]) == pytest.approx(92.0)
+    assert float(w_only["wall_time_s_mean"]) == pytest.approx(200.0)
+    assert (w_only["seeds"], w_only["n_finished"], w_only["n_runs"]) == ("1 2", "2", "2")
+    assert rows[2]["final_top1_std"] == ""  # one finished seed: no spread
+    assert rows[1]["final_top1_mean"] == "" and rows[1]["n_finished"] == "0"
+    with open(os.path.join(runs_dir, "summary_runs.csv")) as f:
+        runs = {r["run"]: r for r in csv.DictReader(f)}
+    assert len(runs) == 7
+    assert runs["b_s2"]["status"] == "failed" and runs["b_s2"]["epochs_done"] == "3"
+    assert runs["b_s2"]["final_top1"] == "40.0"  # the last finished epoch, for the record
+    assert runs[os.path.join("nested", "c_s2")]["status"] == "interrupted"
+    assert runs["e_s1"]["status"] == "failed" and runs["e_s1"]["scenario"] == ""
+    assert runs["a_s2"]["final_top1"] == "92.0" and runs["a_s2"]["seed"] == "2"
+    with open(os.path.join(runs_dir, "summary.md")) as f:
+        assert "| W-only | 1 | 0 | no | 1,2 | 91.00 ± 1.41 |" in f.read()
+
+
+def test_out_prefix(runs_dir, tmp_path):
+    prefix = str(tmp_path / "tables" / "w2a2")
+    assert summarize.main([runs_dir, "--out", prefix, "--quiet"]) == 0
+    for suffix in (".md", ".csv", "_runs.csv"):
+        assert os.path.getsize(prefix + suffix) > 0
+
+
+def test_one_finished_run_folder_alone(runs_dir):
+    markdown, rows, _ = summarize.build_tables(summarize.find_runs(os.path.join(runs_dir, "a_s1")))
+    assert rows[0]["final_top1_mean"] == 90.0 and rows[0]["n_finished"] == 1
+    assert "| W-only | 1 | 90.00 | 91.00 | 10 | 1m40s | 1/1 finished |" in markdown
+    assert "Not finished" not in markdown
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_bad_runs_dir_is_one_error_line(tmp_path, capsys, make):
+    path = tmp_path / "runs"
+    if make == "empty":
+        os.makedirs(path / "nothing_here")
+    assert summarize.main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(path) in err[0]
+
+
+def test_sweep_dry_run_skips_finished_resumes_and_restarts(tmp_path):
+    runs = tmp_path / "sweep"
+    _write_run(runs / "w-only_w2a2_lam1_s1", seed=1, lambda_br=1, lambda_br_act=0, summary=(90.0, 91.0, 1.0))
+    os.makedirs(runs / "wa-stable_w2a2_lam1_s1")
+    open(runs / "wa-stable_w2a2_lam1_s1" / "last.pt", "w").close()
+    os.makedirs(runs / "a-only_w2a2_lam1_s1")
+    open(runs / "a-only_w2a2_lam1_s1" / "config.json", "w").close()
+    env = dict(os.environ, RUNS_DIR=str(runs), DATA_DIR="/data", SEEDS="1", BITS="2 w2a4", LAMBDAS="1 0.5")
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), "-n", "--", "--no-download"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    status = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("["):
+            name, _, what = line.split("] ", 1)[1].partition(": ")
+            status[name] = what
+    # 2 widths x (4 scenarios x 2 λ + 1 baseline) = 18 runs.
+    assert len(status) == 18
+    assert status["w-only_w2a2_lam1_s1"] == "finished, skipped"
+    assert status["wa-stable_w2a2_lam1_s1"] == "resume"
+    assert status["a-only_w2a2_lam1_s1"].startswith("restart")
+    assert status["lsq_w2a4_s1"] == "new" and "lsq_w2a4_lam0.5_s1" not in status
+    assert status["wa-moving_w2a4_lam0.5_s1"] == "new"
+    cmd = next(l for l in out.stdout.splitlines() if "--output-dir " + str(runs / "wa-moving_w2a4_lam0.5_s1") in l)
+    for piece in ("--num-bits-weight 2", "--num-bits-act 4", "--lambda-br 0.5", "--lambda-br-act 0.5",
+                  "--br-backprop-to-alpha-act", "--seed 1", "--data-dir /data", "--no-download"):
+        assert piece in cmd
+    resume = next(l for l in out.stdout.splitlines() if "wa-stable_w2a2_lam1_s1 " in l + " " and "--resume" in l)
+    assert resume.rstrip().endswith("--resume")
+    assert not os.path.exists(runs / "wa-moving_w2a4_lam0.5_s1")  # a dry run creates nothing
+
+
+def test_sweep_rejects_bad_settings(tmp_path):
+    env = dict(os.environ, RUNS_DIR=str(tmp_path / "s"), SCENARIOS="w-only nonsense")
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), "-n"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: SCENARIOS: unknown scenario 'nonsense'")
+
+
+def test_how_to_run_flags_never_split_configurations():
+    # Flags that may change on --resume (config.RUN_FLAGS) say how a run ran, not what it is.
+    assert cfgmod.RUN_FLAGS <= summarize.IGNORED_FLAGS
