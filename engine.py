@@ -327,7 +327,7 @@ class Trainer:
                  f"train {row['train_acc']:.2f}% | test {test_acc:.2f}% (best {self.best_acc:.2f}% @{self.best_epoch}) | "
                  f"{seconds:.1f}s (train {train['images'] / train_seconds:.0f} img/s)")
         if self.tb is not None:
-            self.tb.log_epoch(row, self.model, self.hooks)
+            self.tb.log_epoch(row, self.model)
         if self.output_dir is not None:
             self._save_epoch(row, seconds, epoch, config, improved=self.best_epoch == epoch)
         return row

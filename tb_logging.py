@@ -91,7 +91,7 @@ class TensorBoardLogger:
         self._attached_to = None
 
     # -- logging --------------------------------------------------------------------------
-    def log_epoch(self, row: dict, model: nn.Module, hooks=None) -> None:
+    def log_epoch(self, row: dict, model: nn.Module) -> None:
         """Write one epoch: the scalars of ``row`` and the histograms of ``model``.
 
         Args:
@@ -101,8 +101,6 @@ class TensorBoardLogger:
                 "act"} -> float) and ``bins`` (layer -> {"dist_alpha", "flips", ...});
                 missing keys are skipped.
             model: the network being trained (its quantized layers give the histograms).
-            hooks: the engine's ``ActivationHookManager`` or None. Unused: its captures
-                are gone by the end of an epoch (see the module docstring).
         """
         del hooks
         step = int(row["epoch"])

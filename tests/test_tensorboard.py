@@ -46,7 +46,7 @@ def test_logger_changes_nothing_and_writes_scalars_and_histograms(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     layers = list(quantized_layers(model))
-    logger.log_epoch(_row(1, layers), model, None)
+    logger.log_epoch(_row(1, layers), model)
     logger.close()
     assert torch.equal(torch.get_rng_state(), rng)
     after = model.state_dict()
