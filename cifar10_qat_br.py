@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = cfgmod.build_parser().parse_args(argv)
     try:
+        if cfg.resume is not None and cfg.overwrite:
+            raise cfgmod.ConfigError("--resume and --overwrite contradict each other: pass one")
+        ckpt = runner.resolve_resume(cfg, argv)  # first: flags not given come from the run
         cfgmod.validate(cfg)
-        ckpt = runner.resolve_resume(cfg, argv)
         if cfg.pretrained and ckpt is None:
             runner.check_pretrained(runner.load_checkpoint(cfg.pretrained, "--pretrained"), cfg)
         source = find_source(cfg.data_dir, download=not cfg.no_download)

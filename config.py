@@ -196,8 +196,6 @@ def validate(cfg) -> None:
         raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {cfg.arch!r}")
-    if cfg.resume is not None and cfg.overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other: pass one")
     resolve_device(cfg.device)
 
 

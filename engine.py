@@ -203,21 +203,35 @@ class Trainer:
         return self.a_reg.compute_total_loss(acts, {n: self.br_layers[n].act_quant.alpha for n in acts},
                                              backprop_to_alpha=self.cfg.br_backprop_to_alpha_act)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, use_br: bool) -> dict:
-        """One optimiser step. Returns device tensors (no host sync): loss parts, correct count, infos."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, use_br: bool, check: tuple | None = None) -> dict:
+        """One optimiser step. Returns device tensors (no host sync): loss parts, correct count, infos.
+
+        With ``check=(epoch, step)`` the loss is read before the update, and a non-finite
+        one raises ``NonFiniteError`` while the parameters are still those that caused it.
+        """
         loss, logits, ce, br_w, br_a, w_info, a_info = self.loss_terms(x, y, use_br)
+        out = {"loss": loss.detach(), "ce": ce.detach(), "br_w": br_w.detach(), "br_a": br_a.detach(),
+               "correct": (logits.argmax(1) == y).sum(), "w_info": w_info, "a_info": a_info}
+        if check is not None:
+            self._check_finite(out, *check)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.detach(), "ce": ce.detach(), "br_w": br_w.detach(), "br_a": br_a.detach(),
-                "correct": (logits.argmax(1) == y).sum(), "w_info": w_info, "a_info": a_info}
+        return out
 
     # -- epochs ------------------------------------------------------------------------------
+    def _first_non_finite_parameter(self) -> str | None:
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()])
+        if bool(finite.all()):
+            return None
+        names = [n for n, _ in self.model.named_parameters()]
+        return names[int((~finite).nonzero()[0])]
+
     def _check_finite(self, step_out: dict, epoch: int, step: int) -> None:
         if bool(torch.isfinite(step_out["loss"])):
             return
         parts = ", ".join(f"{k}={float(step_out[k]):.4g}" for k in ("ce", "br_w", "br_a"))
-        bad = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        bad = self._first_non_finite_parameter()
         where = f"first non-finite parameter: {bad}" if bad else "all parameters still finite"
         raise NonFiniteError(f"non-finite loss at epoch {epoch} step {step} ({parts}); {where}")
 
@@ -234,17 +248,15 @@ class Trainer:
         bar = tqdm(self.train_loader.batches(epoch), total=len(self.train_loader), leave=False,
                    desc=f"epoch {epoch}", disable=None)
         for x, y in bar:
-            out = self.train_step(x, y, use_br)
+            steps += 1
+            out = self.train_step(x, y, use_br, check=(epoch, steps) if steps % check_every == 0 else None)
             sums += torch.stack([out["loss"], out["ce"], out["br_w"], out["br_a"]])
             correct += out["correct"]
             seen += y.shape[0]
-            steps += 1
-            if steps % check_every == 0:
-                self._check_finite(out, epoch, steps)
             if self._stop_signal is not None:
                 raise Interrupted(self._stop_signal)
-        if out:
-            self._check_finite(out, epoch, steps)
+        if not bool(torch.isfinite(sums).all()):  # a NaN between two checks (CUDA)
+            self._check_finite({"loss": sums[0], "ce": sums[1], "br_w": sums[2], "br_a": sums[3]}, epoch, steps)
         means = (sums / max(steps, 1)).tolist()
         return {"loss": means[0], "ce": means[1], "br_w": means[2], "br_a": means[3],
                 "train_acc": 100.0 * int(correct) / max(seen, 1), "images": seen,
@@ -309,6 +321,9 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         train = self.train_epoch(epoch)
         train_seconds = time.perf_counter() - start
+        bad = self._first_non_finite_parameter()
+        if bad is not None:  # e.g. an inf gradient in the last step: never checkpoint it
+            raise NonFiniteError(f"non-finite parameter {bad} at the end of epoch {epoch}")
         self.scheduler.step()
         test_acc = self.evaluate()
         self.last_acc = test_acc

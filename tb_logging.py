@@ -102,7 +102,6 @@ class TensorBoardLogger:
                 missing keys are skipped.
             model: the network being trained (its quantized layers give the histograms).
         """
-        del hooks
         step = int(row["epoch"])
         w = self.writer
         for tag, key in (("loss/total", "loss"), ("loss/ce", "ce"), ("loss/br_w", "br_w"), ("loss/br_a", "br_a"),

@@ -288,11 +288,11 @@ def test_non_finite_loss_stops_naming_step_and_layer(shared_folder, tmp_path, mo
     import engine
     real_step = engine.Trainer.train_step
 
-    def poisoned(self, x, y, use_br):
+    def poisoned(self, x, y, use_br, check=None):
         if use_br:  # stage 2: poison one step size
             with torch.no_grad():
                 self.layers["layers.1.0.conv2"].weight_quant.alpha.fill_(float("nan"))
-        return real_step(self, x, y, use_br)
+        return real_step(self, x, y, use_br, check)
 
     monkeypatch.setattr(engine.Trainer, "train_step", poisoned)
     out = tmp_path / "nan"
