@@ -7,17 +7,7 @@ import torch
 from quant import LSQQuantizer
 from regularizers import bin_regularization
 from regularizers.bin_reg import _bin_sum, _BinRegularization
-
-
-def _reference(v, alpha, qmin, qmax):
-    """Slow obvious eq. 5: loop over bins, mean and biased variance of each non-empty one."""
-    k = torch.clamp(torch.round(v.detach() / alpha.detach()), qmin, qmax)
-    total = v.new_zeros(())
-    for level in range(qmin, qmax + 1):
-        members = v[k == level]
-        if members.numel():
-            total = total + (members.mean() - level * alpha) ** 2 + members.var(unbiased=False)
-    return total
+from test_bin_reg import _reference
 
 
 def _activation(shape=(4, 3, 6, 6), seed=0, channels_last=False, dtype=torch.float64):
