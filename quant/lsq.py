@@ -57,17 +57,6 @@ def integer_range(num_bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**num_bits - 1
 
 
-def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Return ``x`` in the forward pass; multiply its gradient by ``scale`` (LSQ eq. 4's g)."""
-    scaled = x * scale
-    return (x - scaled).detach() + scaled
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest in the forward pass, identity gradient (straight-through estimator)."""
-    return (x.round() - x).detach() + x
-
-
 def flat_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a 1-D tensor in memory order: a view when ``t`` is contiguous or ``channels_last``.
 
@@ -121,7 +110,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
     """LSQ fake quantization of one tensor in a single autograd node (LSQ eq. 1-3).
 
     Computes what the plain autograd formulation ``round_ste(clamp(x / a, Qmin, Qmax)) * a``
-    with ``a = scale_grad(alpha, g)`` computes (``plain_lsq`` in tests/test_lsq_fused.py),
+    with ``a = scale_grad(alpha, g)`` computes (``plain_lsq`` in tests/test_lsq_fused.py, the reference),
     in fewer passes over ``x`` and with less saved memory:
 
     * forward: ``c = x/a`` (saved) and ``out = round(clamp(c, Qmin, Qmax)) · a``.

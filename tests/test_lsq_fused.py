@@ -14,7 +14,18 @@ import pytest
 import torch
 
 from quant import LSQQuantizer, integer_range
-from quant.lsq import lsq_fake_quantize, round_ste, scale_grad
+from quant.lsq import lsq_fake_quantize
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Return ``x`` in the forward pass; multiply its gradient by ``scale`` (LSQ eq. 4's g)."""
+    scaled = x * scale
+    return (x - scaled).detach() + scaled
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest in the forward pass, identity gradient (straight-through estimator)."""
+    return (x.round() - x).detach() + x
 
 
 def plain_lsq(x, alpha, quant_min, quant_max, grad_scale):
