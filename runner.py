@@ -105,9 +105,8 @@ def load_pretrained(model: torch.nn.Module, cfg) -> None:
     """
     ckpt = load_checkpoint(cfg.pretrained, "--pretrained")
     check_pretrained(ckpt, cfg)
-    state = {k: v for k, v in ckpt["model"].items()}
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"--pretrained {cfg.pretrained}: does not fit {cfg.arch} ({first})") from None
@@ -138,7 +137,7 @@ def run_config(cfg, data_source: str) -> dict:
     """The content of config.json: every resolved flag, derived values and versions."""
     import torchvision
     from config import act_bits, first_last_bits, weight_bits
-    return {"flags": {k: v for k, v in vars(cfg).items()},
+    return {"flags": dict(vars(cfg)),
             "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg),
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
                         "device": str(resolve_device(cfg.device)), "data": data_source},
