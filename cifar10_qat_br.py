@@ -83,7 +83,7 @@ def train(cfg, source, ckpt) -> int:
     run_config = runner.run_config(cfg, source.describe())
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-        runner.trim_logs_to(cfg.output_dir, ckpt["epoch"])
+        runner.restore_logs(cfg.output_dir, ckpt)
         print(f"Resumed from epoch {ckpt['epoch']} of {cfg.epochs}", flush=True)
     runner.write_config(cfg, run_config)
     resume_hint = f"python cifar10_qat_br.py --resume --output-dir {cfg.output_dir}"

@@ -109,7 +109,8 @@ class Trainer:
             if signs != {False}:
                 raise ValueError("A-BR expects non-negative (unsigned) inputs in every inner layer")
             self.a_reg = BinRegularizer(act_bits(cfg), signed=False)
-            self.hooks = ActivationHookManager(model, self.br_layers)
+            self.hooks = ActivationHookManager(model, self.br_layers,
+                                               bin_stats_grad_to_alpha=cfg.br_backprop_to_alpha_act)
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs)
         self.use_amp = cfg.amp and device.type == "cuda"
@@ -180,9 +181,9 @@ class Trainer:
         if use_br and self.w_reg is not None:
             br_w, w_info = self.weight_br()
         if use_br and self.a_reg is not None:
-            acts = self.hooks.get_pre_quant_activations()
+            stats = self.hooks.get_bin_stats()
             self.hooks.clear()
-            br_a, a_info = self.activation_br(acts)
+            br_a, a_info = self.activation_br(stats)
         loss = ce + self.cfg.lambda_br * br_w + self.cfg.lambda_br_act * br_a
         return loss, logits, ce, br_w, br_a, w_info, a_info
 
@@ -192,16 +193,15 @@ class Trainer:
                                              {n: m.weight_quant.alpha for n, m in self.br_layers.items()},
                                              backprop_to_alpha=True)
 
-    def activation_br(self, acts: dict):
-        """A-BR over captured pre-quantization activations (layer name -> tensor).
+    def activation_br(self, stats: dict):
+        """A-BR from the bin statistics of the pre-quantization activations (layer name -> ``BinStats``).
 
         The target ``k·α`` carries gradient to each layer's own activation α only with
-        ``--br-backprop-to-alpha-act``. Either way the gradient reaches the activations,
-        and through them the layers that produced them (upstream weights and step sizes,
-        exactly as cross-entropy's gradient does).
+        ``--br-backprop-to-alpha-act`` (set on the quantizers by the hook manager). Either
+        way the gradient reaches the activations, and through them the layers that produced
+        them (upstream weights and step sizes, exactly as cross-entropy's gradient does).
         """
-        return self.a_reg.compute_total_loss(acts, {n: self.br_layers[n].act_quant.alpha for n in acts},
-                                             backprop_to_alpha=self.cfg.br_backprop_to_alpha_act)
+        return self.a_reg.total_from_stats(stats)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, use_br: bool, check: tuple | None = None) -> dict:
         """One optimiser step. Returns device tensors (no host sync): loss parts, correct count, infos.
@@ -348,12 +348,15 @@ class Trainer:
         return row
 
     def _save_epoch(self, row: dict, seconds: float, epoch: int, config: dict, improved: bool) -> None:
-        append_jsonl(row, os.path.join(self.output_dir, "metrics.jsonl"))
-        append_jsonl({"epoch": epoch, "seconds": seconds}, os.path.join(self.output_dir, "timing.jsonl"))
-        state = self.state_dict(epoch, config)
+        # Checkpoints first, holding this epoch's log rows: a kill before the logs are
+        # appended loses nothing (runner.restore_logs writes missing rows back on --resume).
+        logs = {"metrics.jsonl": row, "timing.jsonl": {"epoch": epoch, "seconds": seconds}}
+        state = dict(self.state_dict(epoch, config), log_rows=logs)
         atomic_torch_save(state, os.path.join(self.output_dir, "last.pt"))
         if improved:
             atomic_torch_save(state, os.path.join(self.output_dir, "best.pt"))
         if epoch == self.cfg.warmup_epochs and self.layers:
             # The network as stage 1 left it, for before/after-BR plots of the bins.
             atomic_torch_save(state, os.path.join(self.output_dir, "warmup_end.pt"))
+        for name, log_row in logs.items():
+            append_jsonl(log_row, os.path.join(self.output_dir, name))

@@ -3,7 +3,10 @@
 A-BR (this project's extension of Han et al., ICCV 2021, to activations) regularises
 the input of each activation quantizer. ``ActivationHookManager`` records those inputs
 with forward pre-hooks, keeping their autograd history so that A-BR's gradient trains
-the network.
+the network, and collects the bin statistics (``quant.bins.BinStats``) that each watched
+quantizer computes of its input in the same pass as the quantization: A-BR's loss is
+computed from those (``BinRegularizer.total_from_stats``), not from a second pass over
+the captured tensors.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from quant.bins import BinStats
 from quant.layers import QuantizedLayer
 
 
@@ -30,10 +34,16 @@ class ActivationHookManager:
     drops the previous captures, so nothing is kept from one step to the next even if
     ``clear()`` is forgotten.
 
+    Bin statistics: while the manager is enabled, each watched quantizer also hands it the
+    ``BinStats`` of its input (``get_bin_stats``); the quantizers compute none while it is
+    disabled or removed.
+
     Args:
         model: the network.
         layer_names: the layers to watch (default: every quantized layer with an
             enabled activation quantizer).
+        bin_stats_grad_to_alpha: whether the statistics carry gradient to each layer's own
+            activation α (``--br-backprop-to-alpha-act``); they always carry it to the input.
 
     Raises:
         KeyError: a name in ``layer_names`` that is not a quantized layer of ``model``.
@@ -41,18 +51,39 @@ class ActivationHookManager:
     Use as a context manager, or call ``remove()`` to detach the hooks.
     """
 
-    def __init__(self, model: nn.Module, layer_names: Iterable[str] | None = None):
+    def __init__(self, model: nn.Module, layer_names: Iterable[str] | None = None,
+                 bin_stats_grad_to_alpha: bool = False):
         layers = {name: m for name, m in model.named_modules()
                   if isinstance(m, QuantizedLayer) and m.act_quant.enabled}
         names = list(layers) if layer_names is None else list(layer_names)
         unknown = [n for n in names if n not in layers]
         if unknown:
             raise KeyError(f"ActivationHookManager: not quantized layers with an activation quantizer: {unknown}")
-        self.enabled = True
         self._captured: dict[str, torch.Tensor] = {}
+        self._bin_stats: dict[str, BinStats] = {}
+        self._quantizers = {name: layers[name].act_quant for name in names}
+        for quantizer in self._quantizers.values():
+            quantizer.bin_stats_grad_to_alpha = bin_stats_grad_to_alpha
         self._handles = [model.register_forward_pre_hook(lambda _m, _a: self.clear())]
-        for name in names:
-            self._handles.append(layers[name].act_quant.register_forward_pre_hook(self._make_hook(name)))
+        for name, quantizer in self._quantizers.items():
+            self._handles.append(quantizer.register_forward_pre_hook(self._make_hook(name)))
+        self.enabled = True
+
+    @property
+    def enabled(self) -> bool:
+        """Whether forward passes are recorded (captures and bin statistics)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        for name, quantizer in self._quantizers.items():
+            quantizer.bin_stats_sink = self._make_sink(name) if self._enabled and self._handles else None
+
+    def _make_sink(self, name: str):
+        def sink(stats: BinStats) -> None:
+            self._bin_stats[name] = stats
+        return sink
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
@@ -64,15 +95,21 @@ class ActivationHookManager:
         """The captures of the latest forward pass: layer name -> pre-quantization activation."""
         return dict(self._captured)
 
+    def get_bin_stats(self) -> dict[str, BinStats]:
+        """The bin statistics of the latest forward pass: layer name -> ``BinStats`` of its input."""
+        return dict(self._bin_stats)
+
     def clear(self) -> None:
         """Drop every capture (releases the references; autograd may still hold its own)."""
         self._captured.clear()
+        self._bin_stats.clear()
 
     def remove(self) -> None:
-        """Detach every hook and drop the captures."""
+        """Detach every hook, stop the bin statistics and drop the captures."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.enabled = False
         self.clear()
 
     def __enter__(self) -> "ActivationHookManager":

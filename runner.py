@@ -13,7 +13,8 @@ import subprocess
 
 import torch
 
-from checkpoint import CheckpointError, atomic_write_json, load_checkpoint, truncate_jsonl
+from checkpoint import (CheckpointError, append_jsonl, atomic_write_json, load_checkpoint, read_jsonl,
+                        truncate_jsonl)
 from config import RUN_FLAGS, ConfigError, default_output_dir, explicit_flags, is_float_run, resolve_device
 
 #: Files that make a folder "hold a run".
@@ -89,12 +90,21 @@ def prepare_output_dir(cfg, resuming: bool) -> None:
         shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
 
 
-def trim_logs_to(output_dir: str, epoch: int) -> None:
-    """Drop log lines of epochs after ``epoch`` (work the checkpoint does not contain)."""
+def restore_logs(output_dir: str, ckpt: dict) -> None:
+    """Make the logs end at the checkpoint's epoch before a resumed run appends to them.
+
+    Drops lines of epochs after it (work the checkpoint does not contain) and appends the
+    checkpoint's own rows when the run was killed after writing the checkpoint but before
+    its log lines.
+    """
+    epoch = ckpt["epoch"]
     for name in ("metrics.jsonl", "timing.jsonl"):
         path = os.path.join(output_dir, name)
         if os.path.exists(path):
             truncate_jsonl(path, lambda row: row.get("epoch", 0) <= epoch)
+        row = ckpt.get("log_rows", {}).get(name)
+        if row is not None and not any(r.get("epoch") == epoch for r in read_jsonl(path)):
+            append_jsonl(row, path)
 
 
 def load_pretrained(model: torch.nn.Module, cfg) -> None:

@@ -13,6 +13,10 @@ import math
 import torch
 from torch import nn
 
+from quant.bins import (BinStats, bin_alpha_gradient, eager_bin_gradient, eager_bin_statistics,
+                        flat_view)
+from quant.kernels import cpu_kernels, kernels_apply
+
 #: Smallest step size the optimiser may leave behind (see ``keep_step_sizes_positive``).
 MIN_STEP_SIZE = 1e-8
 
@@ -57,28 +61,6 @@ def integer_range(num_bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**num_bits - 1
 
 
-def flat_view(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a 1-D tensor in memory order: a view when ``t`` is contiguous or ``channels_last``.
-
-    Element-wise work and per-bin sums do not care about the order of the elements, so
-    they run on this view; ``unflat_view`` maps a result back to the layout of ``t``.
-    Any other layout is copied.
-    """
-    if t.is_contiguous():
-        return t.view(-1)
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1).reshape(-1)
-    return t.reshape(-1)
-
-
-def unflat_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Undo ``flat_view``: ``flat`` of ``like.numel()`` elements, shaped (and laid out) as ``like``."""
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
-        n, c, h, w = like.shape
-        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
-    return flat.view(like.shape)
-
-
 def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a * b).sum()`` as a scalar of at least float32, with no temporary for float32/64 inputs."""
     if a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype and a.stride() == b.stride():
@@ -86,71 +68,77 @@ def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dtype=torch.promote_types(a.dtype, torch.float32))
 
 
-def bin_residuals(x: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int,
-                  index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid level of every value and its distance to it, computed in at least float32.
-
-    Args:
-        x: any shape and float dtype. alpha: step size, shape ``()``.
-        quant_min, quant_max: the integer range. index_dtype: dtype of the bin index.
-
-    Returns:
-        ``(d, index)``, both 1-D over ``flat_view(x)``: ``d = x - k·α`` with
-        ``k = clamp(round(x/α), quant_min, quant_max)``, and ``index = k - quant_min``
-        (also in range for NaN values, whose ``d`` is NaN).
-    """
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    xf, af = flat_view(x.detach().to(dtype)), alpha.detach().to(dtype)
-    k = (xf / af).round_().clamp_(quant_min, quant_max)
-    index = (k - quant_min if quant_min else k).to(index_dtype).clamp_(0, quant_max - quant_min)
-    return torch.addcmul(xf, k, af, value=-1, out=k), index  # d takes the memory of k
-
-
 class _LSQFakeQuantize(torch.autograd.Function):
-    """LSQ fake quantization of one tensor in a single autograd node (LSQ eq. 1-3).
+    """LSQ fake quantization of one tensor in a single autograd node (LSQ eq. 1-3), with BR's
+    bin statistics of the same tensor as an optional second output.
 
     Computes what the plain autograd formulation ``round_ste(clamp(x / a, Qmin, Qmax)) * a``
-    with ``a = scale_grad(alpha, g)`` computes (``plain_lsq`` in tests/test_lsq_fused.py, the reference),
-    in fewer passes over ``x`` and with less saved memory:
+    with ``a = scale_grad(alpha, g)`` computes (``plain_lsq`` in tests/test_lsq_fused.py, the
+    reference), in one pass over ``x`` each way with the fused CPU kernels (quant/kernels.py)
+    and in a few PyTorch ops elsewhere:
 
-    * forward: ``c = x/a`` (saved) and ``out = round(clamp(c, Qmin, Qmax)) · a``.
-    * backward: ``∂L/∂x = ∂L/∂out`` where ``Qmin < c < Qmax`` (open interval, as
-      ``torch.clamp``'s gradient and the LSQ paper), else 0 (straight-through estimator,
-      one ``hardtanh_backward``), and LSQ eq. 3 times ``g`` for α:
-      ``∂L/∂α = g · Σ ∂L/∂out · (round(c) - c)`` inside the range, ``Qmin`` / ``Qmax``
-      outside, i.e. ``g · (Σ ∂L/∂out · out / a  -  Σ ∂L/∂x · c)``: two dot products.
+    * forward: ``out = round(clamp(x/a, Qmin, Qmax)) · a``; with ``bin_stats`` also the
+      ``(3, K)`` bin statistics of ``x`` on the grid ``a·[Qmin, Qmax]`` and ``Σ|x - out|``
+      (quant/bins.py), from the same pass.
+    * backward: ``∂L/∂x = ∂L/∂out`` where ``Qmin < x/a < Qmax`` (open interval, as
+      ``torch.clamp``'s gradient and the LSQ paper), else 0 (straight-through estimator);
+      LSQ eq. 3 times ``g`` for α: ``g · Σ ∂L/∂out · (round(c) - c)`` inside the range,
+      ``Qmin`` / ``Qmax`` outside (``c = x/a``). The gradient of the statistics is added to
+      ``∂L/∂x`` in the same pass (``G[1, j] + 2·G[2, j]·d``), and to α (without ``g``: BR
+      does not use LSQ's gradient scale) only when ``bin_stats == "to_alpha"``.
 
-    Saved for backward: ``c`` and ``out`` (the convolution saves ``out`` anyway). The plain
-    formulation saves two further tensors of the size of ``x``. The two dot products
-    cancel in part, so the α-gradient carries a relative rounding error of about 1e-5
-    in float32 (the plain form about 1e-6): far below the noise of a mini-batch gradient.
-    A NaN input gets the gradient ``∂L/∂out`` (the plain form gives 0); its output is NaN
-    in both, so the loss and every gradient are NaN anyway.
+    Saved for backward: ``x`` (which the ReLU before the quantizer saves anyway) and the
+    statistics. A NaN input gives a NaN output and a NaN α-gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, quant_min, quant_max, grad_scale):
+    def forward(ctx, x, alpha, quant_min, quant_max, grad_scale, bin_stats=None):
         # The value of scale_grad(alpha, g) is (α - αg) + αg, which is not always α to the
         # last bit; computing it the same way keeps the output bit-identical to the plain form.
         scaled = alpha * grad_scale
         a = ((alpha - scaled) + scaled).to(x.dtype)
-        c = x / a
-        out = torch.clamp(c, quant_min, quant_max).round_().mul_(a)
-        ctx.save_for_backward(c, a, out)
-        ctx.quant_range = (quant_min, quant_max)
+        with_stats = bin_stats is not None
+        if kernels_apply(x):
+            if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+                x = x.contiguous()
+            out, stats, abs_sum = cpu_kernels().lsq_forward(x, float(a), quant_min, quant_max, with_stats, True)
+        else:
+            out = torch.clamp(x / a, quant_min, quant_max).round_().mul_(a)
+            stats, abs_sum = (eager_bin_statistics(x, a, quant_min, quant_max) if with_stats
+                              else (x.new_zeros(3, 0, dtype=torch.float32), x.new_zeros((), dtype=torch.float32)))
+        ctx.save_for_backward(x, a, stats)
+        ctx.quant_range, ctx.bin_stats = (quant_min, quant_max), bin_stats
         ctx.grad_scale, ctx.alpha_dtype = grad_scale, alpha.dtype
-        return out
+        ctx.mark_non_differentiable(abs_sum)
+        ctx.set_materialize_grads(False)  # an unused statistics output costs nothing in backward
+        return out, stats, abs_sum
 
     @staticmethod
-    def backward(ctx, grad_out):
-        c, a, out = ctx.saved_tensors
-        # hardtanh_backward(g, c, lo, hi) is g where lo < c < hi, else 0: the STE in one pass.
-        grad_x = torch.ops.aten.hardtanh_backward(grad_out, c, *ctx.quant_range)
+    def backward(ctx, grad_out, grad_stats, _grad_abs_sum):
+        x, a, stats = ctx.saved_tensors
+        quant_min, quant_max = ctx.quant_range
+        if grad_out is None:
+            grad_out = torch.zeros_like(x)
+        br_table = grad_stats[1:].float().contiguous() if grad_stats is not None else None
+        if kernels_apply(x):
+            if grad_out.stride() != x.stride():
+                grad_out = torch.empty_like(x).copy_(grad_out)
+            grad_x, step_sum = cpu_kernels().lsq_backward(grad_out, x, float(a), quant_min, quant_max, br_table)
+        else:
+            c = x / a
+            # hardtanh_backward(g, c, lo, hi) is g where lo < c < hi, else 0: the STE in one pass.
+            grad_x = torch.ops.aten.hardtanh_backward(grad_out, c, quant_min, quant_max)
+            step_sum = (_sum_of_products(grad_out, torch.clamp(c, quant_min, quant_max).round_())
+                        - _sum_of_products(grad_x, c))
+            if br_table is not None:
+                grad_x = grad_x + eager_bin_gradient(grad_stats, x, a, quant_min, quant_max).to(grad_x.dtype)
         grad_alpha = None
         if ctx.needs_input_grad[1]:
-            total = _sum_of_products(grad_out, out) / a - _sum_of_products(grad_x, c)
-            grad_alpha = (total * ctx.grad_scale).to(ctx.alpha_dtype)
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None
+            grad_alpha = step_sum * ctx.grad_scale
+            if grad_stats is not None and ctx.bin_stats == "to_alpha":
+                grad_alpha = grad_alpha + bin_alpha_gradient(grad_stats, stats, quant_min)
+            grad_alpha = grad_alpha.to(ctx.alpha_dtype)
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None
 
 
 def lsq_fake_quantize(x: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int,
@@ -169,20 +157,7 @@ def lsq_fake_quantize(x: torch.Tensor, alpha: torch.Tensor, quant_min: int, quan
         those of ``round_ste(clamp(x / a, quant_min, quant_max)) * a`` with
         ``a = scale_grad(alpha, grad_scale).to(x.dtype)`` (see ``_LSQFakeQuantize``).
     """
-    return _LSQFakeQuantize.apply(x, alpha, quant_min, quant_max, grad_scale)
-
-
-#: Inputs of activation quantizers in training (weak keys: an entry lives as long as its tensor).
-_QUANTIZER_INPUTS = torch.utils.weak.WeakIdKeyDictionary()
-
-
-def is_quantizer_input(x: torch.Tensor) -> bool:
-    """Whether ``x`` went into an activation ``LSQQuantizer`` in training with gradients on.
-
-    Such a tensor has a consumer in the graph besides any loss on it, so its gradient is
-    never None when the backward pass reaches it (used by BR's deferred gradient).
-    """
-    return x in _QUANTIZER_INPUTS
+    return _LSQFakeQuantize.apply(x, alpha, quant_min, quant_max, grad_scale)[0]
 
 
 class LSQQuantizer(nn.Module):
@@ -205,12 +180,20 @@ class LSQQuantizer(nn.Module):
     activations). It is written in place and recorded in the ``initialized`` buffer,
     so a quantizer restored with ``load_state_dict`` is never re-initialised from data.
 
+    Bin statistics (for activation Bin Regularization, see ``hooks.ActivationHookManager``):
+    when ``bin_stats_sink`` is a callable, every forward pass in training mode with
+    gradients on also computes the ``quant.bins.BinStats`` of its input on its own grid,
+    in the same pass as the quantization, and passes them to the sink. Their gradient
+    reaches the input always and α only if ``bin_stats_grad_to_alpha``.
+
     Attributes:
         num_bits, signed, quant_min, quant_max: the integer grid.
         alpha: ``nn.Parameter`` of shape ``()``, in the units of ``x``; ``None`` when
             ``num_bits >= 32``.
         grad_count: ``"numel"`` (weights) or ``"per_sample"`` (activations): which N
             the gradient scale uses.
+        bin_stats_sink: ``None`` or a callable taking ``BinStats``.
+        bin_stats_grad_to_alpha: whether the statistics carry gradient to α.
 
     Raises:
         ValueError: ``num_bits`` not in 2..8 and below 32; unknown ``grad_count``.
@@ -234,6 +217,8 @@ class LSQQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         # Python mirror of the buffer, so that forward never reads a device value.
         self._is_initialized = False
+        self.bin_stats_sink = None
+        self.bin_stats_grad_to_alpha = False
 
     def extra_repr(self) -> str:
         if not self.enabled:
@@ -270,9 +255,13 @@ class LSQQuantizer(nn.Module):
             return x
         if not self._is_initialized:
             self.initialize_from(x)
-        if self.grad_count == "per_sample" and x.requires_grad and not torch.compiler.is_compiling():
-            _QUANTIZER_INPUTS[x] = True
-        return _LSQFakeQuantize.apply(x, self.alpha, self.quant_min, self.quant_max, self.grad_scale(x))
+        sink = self.bin_stats_sink if self.training and torch.is_grad_enabled() else None
+        mode = None if sink is None else ("to_alpha" if self.bin_stats_grad_to_alpha else "detached")
+        out, stats, abs_sum = _LSQFakeQuantize.apply(x, self.alpha, self.quant_min, self.quant_max,
+                                                     self.grad_scale(x), mode)
+        if sink is not None:
+            sink(BinStats(stats, abs_sum, x.numel(), self.alpha.detach(), self.quant_min))
+        return out
 
 
 def step_size_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:

@@ -105,39 +105,40 @@ def _trainer(*flags):
     return trainer
 
 
-def _own_alpha_grads(trainer, term):
-    """|d BR / d α| summed over the regularised layers, with each layer's values held fixed.
+def _br_term_gradients(trainer, term):
+    """Gradient sizes of one BR term alone: ``(|d/dα|, |d/d(values)|)``.
 
-    The values are detached leaves, so only the dependence through the BR target k·α
-    (the thing the backprop flags control) is measured.
+    W-BR: every regularised layer's weight α, and the weights. A-BR: the activation α of the
+    last regularised layer, the one α that A-BR can reach only through its own target k·α
+    (no regularised activation lies downstream of it), and the first conv's weight, which
+    A-BR reaches through the activations it regularises.
     """
-    x, y = next(trainer.train_loader.batches(0))
+    x, _ = next(trainer.train_loader.batches(0))
     trainer.hooks.enabled = True
     trainer.model(x)
-    acts = {n: v.detach().requires_grad_() for n, v in trainer.hooks.get_pre_quant_activations().items()}
-    layers = trainer.br_layers.values()
+    layers = list(trainer.br_layers.values())
     if term == "w":
         loss, _ = trainer.weight_br()
-        alphas = [m.weight_quant.alpha for m in layers]
-        values = [m.weight for m in layers]
+        alphas, values = [m.weight_quant.alpha for m in layers], [m.weight for m in layers]
     else:
-        loss, _ = trainer.activation_br(acts)
-        alphas = [m.act_quant.alpha for m in layers]
-        values = list(acts.values())
+        stats = trainer.hooks.get_bin_stats()
+        assert set(stats) == set(trainer.br_layers)
+        loss, _ = trainer.activation_br(stats)
+        alphas, values = [layers[-1].act_quant.alpha], [trainer.model.conv1.weight]
     grads = torch.autograd.grad(loss, alphas + values, allow_unused=True)
     norm = lambda gs: sum(0.0 if g is None else g.abs().sum().item() for g in gs)  # noqa: E731
     return norm(grads[:len(alphas)]), norm(grads[len(alphas):])
 
 
 def test_a_br_sends_no_gradient_to_activation_alpha_unless_asked():
-    alpha_grad, value_grad = _own_alpha_grads(_trainer(), "a")
+    alpha_grad, value_grad = _br_term_gradients(_trainer(), "a")
     assert alpha_grad == 0.0 and value_grad > 0.0
-    alpha_grad, value_grad = _own_alpha_grads(_trainer("--br-backprop-to-alpha-act"), "a")
+    alpha_grad, value_grad = _br_term_gradients(_trainer("--br-backprop-to-alpha-act"), "a")
     assert alpha_grad > 0.0 and value_grad > 0.0
 
 
 def test_w_br_reaches_weight_alpha():
-    alpha_grad, value_grad = _own_alpha_grads(_trainer(), "w")
+    alpha_grad, value_grad = _br_term_gradients(_trainer(), "w")
     assert alpha_grad > 0.0 and value_grad > 0.0
 
 

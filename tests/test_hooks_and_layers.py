@@ -97,6 +97,30 @@ def test_hooks_capture_in_training_only_and_keys_match_alpha_names():
     assert hooks.get_pre_quant_activations() == {}
 
 
+def test_bin_statistics_come_with_the_captures_and_only_while_enabled():
+    model = quantize_model(_tiny_net(), 2, 2).train()
+    x = torch.randn(2, 3, 8, 8)
+    quantizer = quantized_layers(model)["2"].act_quant
+    with ActivationHookManager(model, ["2"], bin_stats_grad_to_alpha=True) as hooks:
+        assert quantizer.bin_stats_grad_to_alpha
+        model(x)
+        stats = hooks.get_bin_stats()["2"]
+        v = hooks.get_pre_quant_activations()["2"]
+        # counted independently from the captured input and the quantizer's step size
+        k = torch.clamp(torch.round(v.detach() / quantizer.alpha.detach()), 0, 3)
+        assert stats.stats.shape == (3, 4) and stats.numel == v.numel() and stats.quant_min == 0
+        assert stats.stats[0].tolist() == [float((k == j).sum()) for j in range(4)]
+        assert stats.stats.requires_grad
+        hooks.enabled = False
+        model(x)
+        assert hooks.get_bin_stats() == {} and quantizer.bin_stats_sink is None
+        hooks.enabled = True
+        with torch.no_grad():
+            model(x)
+        assert hooks.get_bin_stats() == {}
+    assert quantizer.bin_stats_sink is None  # removed: the quantizer computes no statistics
+
+
 def test_clear_releases_and_a_new_forward_drops_old_captures():
     model = quantize_model(_tiny_net(), 2, 2).train()
     hooks = ActivationHookManager(model, ["2"])

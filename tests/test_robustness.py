@@ -38,24 +38,29 @@ def test_same_seed_same_metrics(shared_folder, reference_run, tmp_path):
     assert _metrics_text(out) == _metrics_text(reference_run)
 
 
-def test_crash_between_metrics_and_checkpoint_resumes_bit_identically(shared_folder, reference_run, tmp_path,
-                                                                      monkeypatch, capsys):
+@pytest.mark.parametrize("crash_in", ["checkpoint", "log"])
+def test_crash_while_saving_an_epoch_resumes_bit_identically(crash_in, shared_folder, reference_run, tmp_path,
+                                                             monkeypatch, capsys):
+    """A crash while epoch 2 is saved: in its checkpoint (nothing of epoch 2 kept) or after
+    the checkpoint, before its log lines (the resume writes them back from the checkpoint)."""
+    import engine
     out = tmp_path / "crashed"
-    real_save = checkpoint.atomic_torch_save
+    name, real = ("atomic_torch_save", engine.atomic_torch_save) if crash_in == "checkpoint" else \
+        ("append_jsonl", engine.append_jsonl)
 
     def crash_on_second_epoch(obj, path):
-        if path.endswith("last.pt") and obj["epoch"] == 2:
-            raise KeyboardInterrupt("simulated crash after metrics line 2 was written")
-        real_save(obj, path)
+        if obj["epoch"] == 2 and path.endswith("last.pt" if crash_in == "checkpoint" else "metrics.jsonl"):
+            raise KeyboardInterrupt(f"simulated crash in the {crash_in} of epoch 2")
+        real(obj, path)
 
-    import engine
-    monkeypatch.setattr(engine, "atomic_torch_save", crash_on_second_epoch)
+    monkeypatch.setattr(engine, name, crash_on_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_cli(["--data-dir", shared_folder, "--output-dir", out, *THREE])
-    assert len(_metrics_text(out).splitlines()) == 2  # epoch 2 logged, but not checkpointed
-    monkeypatch.setattr(engine, "atomic_torch_save", real_save)
+    assert len(_metrics_text(out).splitlines()) == 1  # epoch 2 not logged either way
+    monkeypatch.setattr(engine, name, real)
     rc, stdout, _ = run_cli(["--resume", "--output-dir", out, "--data-dir", shared_folder, "--workers", "0"], capsys)
-    assert rc == 0 and "Resumed from epoch 1 of 3" in stdout
+    done = 1 if crash_in == "checkpoint" else 2
+    assert rc == 0 and f"Resumed from epoch {done} of 3" in stdout
     assert _metrics_text(out) == _metrics_text(reference_run)
     ref = json.loads((reference_run / "summary.json").read_text())
     got = json.loads((out / "summary.json").read_text())
@@ -338,3 +343,19 @@ def test_memory_does_not_grow_over_1000_steps():
         trainer.train_step(x, y, use_br=True)
     assert live_tensors() <= tensors
     assert rss_mb() - rss < 25
+
+
+def test_resume_restores_log_rows_lost_between_checkpoint_and_log(tmp_path):
+    import runner
+    from checkpoint import read_jsonl
+    rows = {"metrics.jsonl": {"epoch": 2, "test_acc": 50.0}, "timing.jsonl": {"epoch": 2, "seconds": 1.5}}
+    ckpt = {"epoch": 2, "log_rows": rows}
+    # killed after last.pt of epoch 2 and before its log lines: metrics stop at epoch 1
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 40.0}\n')
+    runner.restore_logs(str(tmp_path), ckpt)
+    assert read_jsonl(str(tmp_path / "metrics.jsonl")) == [{"epoch": 1, "test_acc": 40.0}, rows["metrics.jsonl"]]
+    assert read_jsonl(str(tmp_path / "timing.jsonl")) == [rows["timing.jsonl"]]
+    # a log that ran ahead of the checkpoint is cut back, and nothing is written twice
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "test_acc": 50.0}\n{"epoch": 3}\n')
+    runner.restore_logs(str(tmp_path), ckpt)
+    assert [r["epoch"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2]

@@ -1,0 +1,242 @@
+"""Bin statistics of a tensor on an LSQ grid: the sufficient statistics of Bin Regularization.
+
+Every value v falls in the bin of the level it rounds to, ``k = clamp(round(v/α), Qn, Qp)``
+(Han et al., "Improving Low-Precision Network Quantization via Bin Regularization", ICCV
+2021, section 3). With ``d = v - k·α``, BR's loss of a tensor (eq. 5) is a function of three
+sums per bin (see ``regularizers.bin_reg``):
+
+    stats[0, j] = n_j = #{v in bin j}     stats[1, j] = Σ_{v in bin j} d     stats[2, j] = Σ_{v in bin j} d²
+
+with bin ``j`` holding level ``Qn + j`` (``j = 0 .. Qp - Qn``). ``stats`` is a ``(3, K)``
+tensor, ``K = Qp - Qn + 1``, in float32 (float64 for float64 input); ``abs_sum = Σ |d|``
+over the whole tensor (for the mean distance to the levels).
+
+Gradients (the sums are linear in d, and d depends on v with slope 1 and on α with slope -k):
+``∂/∂v_i = G[1, j(i)] + 2·G[2, j(i)]·d_i`` and ``∂/∂α = -Σ_j k_j·(G[1, j]·n_j + 2·G[2, j]·stats[1, j])``
+for an upstream gradient ``G`` of ``stats``; counts and ``abs_sum`` carry no gradient.
+
+``LSQQuantizer`` computes the statistics inside its own forward pass (``bin_stats=...``),
+``bin_statistics`` computes them for any tensor (weights).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+class BinStats(NamedTuple):
+    """Bin statistics of one tensor, as an ``LSQQuantizer`` hands them to its ``bin_stats_sink``.
+
+    Attributes:
+        stats: ``(3, K)`` (``STAT_ROWS``), differentiable in the tensor (and α if asked).
+        abs_sum: ``Σ |d|``, shape ``()``, not differentiable.
+        numel: number of values in the tensor.
+        alpha: the step size used, detached, shape ``()``.
+        quant_min: the level of bin 0.
+    """
+
+    stats: torch.Tensor
+    abs_sum: torch.Tensor
+    numel: int
+    alpha: torch.Tensor
+    quant_min: int
+
+
+#: The rows of a ``(3, K)`` statistics tensor.
+STAT_ROWS = ("count", "sum_d", "sum_d_squared")
+
+#: Largest number of bins for which CUDA sums bins with a one-hot matrix product (else index_add_).
+ONE_HOT_MAX_BINS = 16
+
+
+def flat_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 1-D tensor in memory order: a view when ``t`` is contiguous or ``channels_last``.
+
+    Element-wise work and per-bin sums do not care about the order of the elements, so
+    they run on this view; ``unflat_view`` maps a result back to the layout of ``t``.
+    Any other layout is copied.
+    """
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
+def unflat_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Undo ``flat_view``: ``flat`` of ``like.numel()`` elements, shaped (and laid out) as ``like``."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = like.shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(like.shape)
+
+
+def index_dtype(device: torch.device, for_gather: bool) -> torch.dtype:
+    """uint8 for CPU ``bincount`` (at most 256 bins), int32 for CPU ``index_select``, int64 on CUDA."""
+    if device.type != "cpu":
+        return torch.int64
+    return torch.int32 if for_gather else torch.uint8
+
+
+def bin_residuals(x: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int,
+                  index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid level of every value and its distance to it, computed in at least float32.
+
+    Args:
+        x: any shape and float dtype. alpha: step size, shape ``()``.
+        quant_min, quant_max: the integer range. index_dtype: dtype of the bin index.
+
+    Returns:
+        ``(d, index)``, both 1-D over ``flat_view(x)``: ``d = x - k·α`` with
+        ``k = clamp(round(x/α), quant_min, quant_max)``, and ``index = k - quant_min``
+        (also in range for NaN values, whose ``d`` is NaN).
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xf, af = flat_view(x.detach().to(dtype)), alpha.detach().to(dtype)
+    k = (xf / af).round_().clamp_(quant_min, quant_max)
+    index = (k - quant_min if quant_min else k).to(index_dtype).clamp_(0, quant_max - quant_min)
+    return torch.addcmul(xf, k, af, value=-1, out=k), index  # d takes the memory of k
+
+
+def bin_sum(index: torch.Tensor, num_bins: int, values: torch.Tensor | None = None,
+            dtype: torch.dtype = torch.float32, method: str | None = None) -> torch.Tensor:
+    """Per-bin count (``values=None``, as ``dtype``) or sum of ``values``; ``(num_bins,)``, no host sync.
+
+    ``method`` (default: by device): ``"bincount"`` on the CPU (fastest there, on uint8
+    indices); on CUDA ``bincount`` reads the index range back to the host, so small grids
+    use ``"one_hot"`` (a one-hot matrix product) and larger ones ``"index_add"``.
+    """
+    if method is None:
+        method = "bincount" if index.device.type == "cpu" else (
+            "one_hot" if num_bins <= ONE_HOT_MAX_BINS else "index_add")
+    dtype = dtype if values is None else values.dtype
+    if method == "bincount":
+        return torch.bincount(index, weights=values, minlength=num_bins).to(dtype)
+    if method == "one_hot":
+        one_hot = (index[:, None] == torch.arange(num_bins, device=index.device)).to(dtype)
+        return one_hot.sum(0) if values is None else values @ one_hot
+    ones = torch.ones((), dtype=dtype, device=index.device).expand(index.shape)
+    return torch.zeros(num_bins, dtype=dtype, device=index.device).index_add_(
+        0, index.long(), ones if values is None else values)
+
+
+def eager_bin_statistics(x: torch.Tensor, alpha: torch.Tensor, quant_min: int,
+                         quant_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(stats, abs_sum)`` of ``x`` (see the module docstring) with PyTorch ops; no gradient."""
+    num_bins = quant_max - quant_min + 1
+    d, index = bin_residuals(x, alpha, quant_min, quant_max, index_dtype(x.device, for_gather=False))
+    counts = bin_sum(index, num_bins, dtype=d.dtype)
+    sums = bin_sum(index, num_bins, d)
+    abs_sum = d.abs_().sum()  # d is not needed with its sign after this
+    squares = bin_sum(index, num_bins, d.square_())
+    return torch.stack([counts, sums, squares]), abs_sum
+
+
+def eager_bin_gradient(grad_stats: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
+                       quant_min: int, quant_max: int) -> torch.Tensor:
+    """``∂/∂x`` of ``Σ grad_stats * stats(x)``: ``G[1, j] + 2·G[2, j]·d`` per element, shaped as ``x``.
+
+    In at least float32 (the dtype of ``d``); the caller casts.
+    """
+    d, index = bin_residuals(x, alpha, quant_min, quant_max, index_dtype(x.device, for_gather=True))
+    per_bin = grad_stats[1].to(d.dtype).index_select(0, index)
+    twice_sq = (2 * grad_stats[2]).to(d.dtype).index_select(0, index)
+    return unflat_view(per_bin.addcmul_(twice_sq, d), x)
+
+
+def bin_alpha_gradient(grad_stats: torch.Tensor, stats: torch.Tensor, quant_min: int) -> torch.Tensor:
+    """``∂/∂α`` of ``Σ grad_stats * stats``: ``-Σ_j k_j·(G[1, j]·n_j + 2·G[2, j]·stats[1, j])``.
+
+    ``stats`` and ``grad_stats`` of shape ``(..., 3, K)``; the result has shape ``(...)``.
+    """
+    levels = torch.arange(stats.shape[-1], device=stats.device, dtype=stats.dtype) + quant_min
+    g, st = grad_stats.to(stats.dtype), stats
+    return -(levels * (g[..., 1, :] * st[..., 0, :] + 2 * g[..., 2, :] * st[..., 1, :])).sum(-1)
+
+
+class _BinStatistics(torch.autograd.Function):
+    """Bin statistics of several tensors, each on its own step size, in one pass of ops.
+
+    The tensors are concatenated (in at least float32) and every value's bin gets an
+    offset of ``K`` per tensor, so one set of per-bin sums covers all of them: a fixed
+    number of ops per call instead of per tensor (W-BR regularises 18 small weight tensors
+    per step, where the cost is the number of ops, not their size).
+    """
+
+    @staticmethod
+    def forward(ctx, quant_min, quant_max, grad_to_alpha, count, *tensors):
+        values, alphas = tensors[:count], tensors[count:]
+        num_bins = quant_max - quant_min + 1
+        d, index, tensor_id, steps = _batched_residuals(values, alphas, quant_min, quant_max)
+        total_bins = count * num_bins
+        counts = bin_sum(index, total_bins, dtype=d.dtype)
+        sums = bin_sum(index, total_bins, d)
+        abs_sums = torch.zeros(count, dtype=d.dtype, device=d.device).index_add_(0, tensor_id, d.abs())
+        squares = bin_sum(index, total_bins, d.square_())
+        stats = torch.stack([counts, sums, squares]).view(3, count, num_bins).transpose(0, 1).contiguous()
+        ctx.save_for_backward(*values, *alphas, stats)
+        ctx.quant_range, ctx.grad_to_alpha, ctx.count = (quant_min, quant_max), grad_to_alpha, count
+        ctx.mark_non_differentiable(abs_sums)
+        return stats, abs_sums
+
+    @staticmethod
+    def backward(ctx, grad_stats, _grad_abs_sums):
+        saved, count = ctx.saved_tensors, ctx.count
+        values, alphas, stats = saved[:count], saved[count:2 * count], saved[-1]
+        quant_min, quant_max = ctx.quant_range
+        grads_v = [None] * count
+        if any(ctx.needs_input_grad[4:4 + count]):
+            d, index, _, _ = _batched_residuals(values, alphas, quant_min, quant_max)
+            table = grad_stats.to(d.dtype)
+            per_bin = table[:, 1].reshape(-1).index_select(0, index)
+            flat = per_bin.addcmul_((2 * table[:, 2]).reshape(-1).index_select(0, index), d)
+            for i, (v, part) in enumerate(zip(values, flat.split([v.numel() for v in values]))):
+                if ctx.needs_input_grad[4 + i]:
+                    grads_v[i] = unflat_view(part, v).to(v.dtype)
+        grads_a = [None] * count
+        if ctx.grad_to_alpha:
+            per_tensor = bin_alpha_gradient(grad_stats, stats, quant_min)
+            grads_a = [g.to(a.dtype) if ctx.needs_input_grad[4 + count + i] else None
+                       for i, (g, a) in enumerate(zip(per_tensor.unbind(), alphas))]
+        return None, None, None, None, *grads_v, *grads_a
+
+
+def _batched_residuals(values, alphas, quant_min: int, quant_max: int):
+    """``d = v - kα`` of all values concatenated, their global bin index (``K`` per tensor),
+    the tensor each value came from, and the step sizes (all in at least float32, no gradient)."""
+    num_bins = quant_max - quant_min + 1
+    dtype = torch.promote_types(torch.promote_types(values[0].dtype, torch.float32), alphas[0].dtype)
+    device = values[0].device
+    flat = torch.cat([flat_view(v.detach()).to(dtype) for v in values])
+    steps = torch.stack([a.detach().to(dtype) for a in alphas])
+    sizes = torch.tensor([v.numel() for v in values], device=device)
+    tensor_id = torch.arange(len(values), device=device).repeat_interleave(sizes, output_size=flat.numel())
+    per_value = steps.index_select(0, tensor_id)
+    levels = (flat / per_value).round_().clamp_(quant_min, quant_max)
+    index = (levels - quant_min).long().clamp_(0, num_bins - 1).add_(tensor_id * num_bins)
+    return flat.addcmul_(levels, per_value, value=-1), index, tensor_id, steps  # d takes the memory of flat
+
+
+def bin_statistics(values: list[torch.Tensor], alphas: list[torch.Tensor], quant_min: int, quant_max: int,
+                   grad_to_alpha: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bin statistics of each tensor in ``values`` on the grid ``alphas[i]·[quant_min, quant_max]``.
+
+    Args:
+        values: L tensors of real values, any shapes and float dtypes (computed in at least
+            float32). alphas: L step sizes, each of shape ``()``, in the units of its tensor.
+        quant_min, quant_max: the integer range.
+        grad_to_alpha: whether the statistics carry gradient to the step sizes (through ``d``).
+
+    Returns:
+        ``(stats, abs_sums)``: ``stats`` of shape ``(L, 3, K)`` (``STAT_ROWS`` per tensor; see
+        the module docstring), differentiable in the values (and step sizes); ``abs_sums``
+        of shape ``(L,)``, ``Σ|d|`` per tensor, not differentiable.
+
+    Raises:
+        ValueError: ``values`` empty or of another length than ``alphas``.
+    """
+    if not values or len(values) != len(alphas):
+        raise ValueError(f"bin_statistics: need as many step sizes as tensors (at least one), "
+                         f"got {len(values)} tensors and {len(alphas)} step sizes")
+    return _BinStatistics.apply(quant_min, quant_max, grad_to_alpha, len(values), *values, *alphas)
