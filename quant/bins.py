@@ -21,6 +21,7 @@ for an upstream gradient ``G`` of ``stats``; counts and ``abs_sum`` carry no gra
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -66,7 +67,7 @@ def flat_view(t: torch.Tensor) -> torch.Tensor:
 
 def unflat_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Undo ``flat_view``: ``flat`` of ``like.numel()`` elements, shaped (and laid out) as ``like``."""
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+    if _is_channels_last(like):
         n, c, h, w = like.shape
         return flat.view(n, h, w, c).permute(0, 3, 1, 2)
     return flat.view(like.shape)
@@ -158,64 +159,83 @@ def bin_alpha_gradient(grad_stats: torch.Tensor, stats: torch.Tensor, quant_min:
 class _BinStatistics(torch.autograd.Function):
     """Bin statistics of several tensors, each on its own step size, in one pass of ops.
 
-    The tensors are concatenated (in at least float32) and every value's bin gets an
-    offset of ``K`` per tensor, so one set of per-bin sums covers all of them: a fixed
-    number of ops per call instead of per tensor (W-BR regularises 18 small weight tensors
-    per step, where the cost is the number of ops, not their size).
+    The tensors are concatenated in units of their own step (``c = v/α``, in at least
+    float32), and every value's bin gets an offset of ``K`` per tensor, so one set of
+    per-bin sums covers all of them: a fixed number of ops per call instead of per tensor
+    (W-BR regularises 18 small weight tensors per step, where the cost is the number of
+    ops, not their size). Sums in step units are scaled back per tensor: ``Σd = α·Σ(c-k)``,
+    ``Σd² = α²·Σ(c-k)²``. Saved for backward: the residuals and bins (the size of the
+    weights), so the backward pass does not recompute them.
     """
 
     @staticmethod
     def forward(ctx, quant_min, quant_max, grad_to_alpha, count, *tensors):
         values, alphas = tensors[:count], tensors[count:]
         num_bins = quant_max - quant_min + 1
-        d, index, tensor_id, steps = _batched_residuals(values, alphas, quant_min, quant_max)
+        dtype = torch.promote_types(torch.promote_types(values[0].dtype, torch.float32), alphas[0].dtype)
+        steps = torch.stack([a.detach().to(dtype) for a in alphas])
+        scaled = torch.cat([flat_view(v.detach()).to(dtype) / a for v, a in zip(values, steps.unbind())])
+        levels = scaled.round().clamp_(quant_min, quant_max)
+        index = (levels - quant_min).long().clamp_(0, num_bins - 1).add_(_bin_offsets(values, num_bins))
+        residual = scaled.sub_(levels)  # c - k, in steps; in the memory of scaled
         total_bins = count * num_bins
-        counts = bin_sum(index, total_bins, dtype=d.dtype)
-        sums = bin_sum(index, total_bins, d)
-        abs_sums = torch.zeros(count, dtype=d.dtype, device=d.device).index_add_(0, tensor_id, d.abs())
-        squares = bin_sum(index, total_bins, d.square_())
-        stats = torch.stack([counts, sums, squares]).view(3, count, num_bins).transpose(0, 1).contiguous()
-        ctx.save_for_backward(*values, *alphas, stats)
-        ctx.quant_range, ctx.grad_to_alpha, ctx.count = (quant_min, quant_max), grad_to_alpha, count
+        per_bin = torch.stack([bin_sum(index, total_bins, dtype=dtype), bin_sum(index, total_bins, residual),
+                               bin_sum(index, total_bins, residual.square()),
+                               bin_sum(index, total_bins, residual.abs())]).view(4, count, num_bins)
+        scale = torch.stack([torch.ones_like(steps), steps, steps * steps]).unsqueeze(-1)  # (3, L, 1)
+        stats = (per_bin[:3] * scale).transpose(0, 1).contiguous()  # (L, 3, K)
+        abs_sums = per_bin[3].sum(-1) * steps
+        ctx.save_for_backward(residual, index, steps, stats)
+        ctx.quant_range, ctx.grad_to_alpha = (quant_min, quant_max), grad_to_alpha
+        ctx.shapes = [(v.shape, v.dtype, _is_channels_last(v)) for v in values]
         ctx.mark_non_differentiable(abs_sums)
         return stats, abs_sums
 
     @staticmethod
     def backward(ctx, grad_stats, _grad_abs_sums):
-        saved, count = ctx.saved_tensors, ctx.count
-        values, alphas, stats = saved[:count], saved[count:2 * count], saved[-1]
-        quant_min, quant_max = ctx.quant_range
+        residual, index, steps, stats = ctx.saved_tensors
+        count = len(ctx.shapes)
         grads_v = [None] * count
         if any(ctx.needs_input_grad[4:4 + count]):
-            d, index, _, _ = _batched_residuals(values, alphas, quant_min, quant_max)
-            table = grad_stats.to(d.dtype)
-            per_bin = table[:, 1].reshape(-1).index_select(0, index)
-            flat = per_bin.addcmul_((2 * table[:, 2]).reshape(-1).index_select(0, index), d)
-            for i, (v, part) in enumerate(zip(values, flat.split([v.numel() for v in values]))):
+            table = grad_stats.to(residual.dtype)
+            # ∂/∂v = G[1, k] + 2·G[2, k]·d, with d = α·(c - k): α folded into the second table.
+            flat = table[:, 1].reshape(-1).index_select(0, index).addcmul_(
+                (2 * table[:, 2] * steps[:, None]).reshape(-1).index_select(0, index), residual)
+            parts = flat.split([math.prod(shape) for shape, _, _ in ctx.shapes])
+            for i, (part, (shape, dtype, channels_last)) in enumerate(zip(parts, ctx.shapes)):
                 if ctx.needs_input_grad[4 + i]:
-                    grads_v[i] = unflat_view(part, v).to(v.dtype)
+                    grads_v[i] = _shaped(part, shape, channels_last).to(dtype)
         grads_a = [None] * count
         if ctx.grad_to_alpha:
-            per_tensor = bin_alpha_gradient(grad_stats, stats, quant_min)
-            grads_a = [g.to(a.dtype) if ctx.needs_input_grad[4 + count + i] else None
-                       for i, (g, a) in enumerate(zip(per_tensor.unbind(), alphas))]
+            per_tensor = bin_alpha_gradient(grad_stats, stats, ctx.quant_range[0])
+            grads_a = [g if ctx.needs_input_grad[4 + count + i] else None for i, g in enumerate(per_tensor.unbind())]
         return None, None, None, None, *grads_v, *grads_a
 
 
-def _batched_residuals(values, alphas, quant_min: int, quant_max: int):
-    """``d = v - kα`` of all values concatenated, their global bin index (``K`` per tensor),
-    the tensor each value came from, and the step sizes (all in at least float32, no gradient)."""
-    num_bins = quant_max - quant_min + 1
-    dtype = torch.promote_types(torch.promote_types(values[0].dtype, torch.float32), alphas[0].dtype)
-    device = values[0].device
-    flat = torch.cat([flat_view(v.detach()).to(dtype) for v in values])
-    steps = torch.stack([a.detach().to(dtype) for a in alphas])
-    sizes = torch.tensor([v.numel() for v in values], device=device)
-    tensor_id = torch.arange(len(values), device=device).repeat_interleave(sizes, output_size=flat.numel())
-    per_value = steps.index_select(0, tensor_id)
-    levels = (flat / per_value).round_().clamp_(quant_min, quant_max)
-    index = (levels - quant_min).long().clamp_(0, num_bins - 1).add_(tensor_id * num_bins)
-    return flat.addcmul_(levels, per_value, value=-1), index, tensor_id, steps  # d takes the memory of flat
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """Whether ``flat_view(t)`` is in channels_last (NHWC) order rather than the logical one."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _shaped(flat: torch.Tensor, shape: torch.Size, channels_last: bool) -> torch.Tensor:
+    """A gradient in ``flat_view`` order back in the shape (and channels_last layout) of its tensor."""
+    if not channels_last:
+        return flat.view(shape)
+    n, c, h, w = shape
+    return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+_OFFSETS: dict = {}
+
+
+def _bin_offsets(values, num_bins: int) -> torch.Tensor:
+    """``i·K`` for every value of tensor ``i`` (cached per sizes: W-BR asks for the same ones every step)."""
+    key = (tuple(v.numel() for v in values), num_bins, values[0].device)
+    if key not in _OFFSETS:
+        sizes = torch.tensor(key[0], device=key[2])
+        _OFFSETS.clear()  # one entry: a model's weights; a new set replaces it
+        _OFFSETS[key] = torch.arange(len(values), device=key[2]).repeat_interleave(sizes) * num_bins
+    return _OFFSETS[key]
 
 
 def bin_statistics(values: list[torch.Tensor], alphas: list[torch.Tensor], quant_min: int, quant_max: int,

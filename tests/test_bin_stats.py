@@ -201,3 +201,22 @@ def test_non_finite_values_give_a_nan_loss_not_an_error(dtype):
         assert not torch.isfinite(br)
     loss, _ = bin_regularization(torch.tensor([0.1, 0.5]), torch.tensor(float("nan")), -2, 1, False)
     assert loss.isnan()
+
+
+def test_batched_statistics_keep_each_tensor_layout():
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    layouts = [base.to(memory_format=torch.channels_last), base.transpose(2, 3), base]  # NHWC, strided, plain
+    values = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_() for t in layouts]
+    alpha = torch.tensor(0.4, dtype=torch.float64)
+    stats, _ = bin_statistics(values, [alpha] * 3, -2, 1, False)
+    grads = torch.autograd.grad(stats[:, 2].sum(), values)
+    for v, g in zip(values, grads):
+        (ref,) = torch.autograd.grad(_sum_of_squares(v, alpha), v)
+        torch.testing.assert_close(g, ref)
+
+
+def _sum_of_squares(v, alpha):
+    """Σ (v - kα)² over all values (the sum of stats row 2 over bins), plain ops."""
+    k = torch.clamp(torch.round(v.detach() / alpha), -2, 1)
+    return ((v - k * alpha) ** 2).sum()
