@@ -42,14 +42,15 @@ def _build():
         logger.setLevel(level)
 
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", "-ffp-contract=off", *_ARCH_FLAGS.get(capability, [])]
+    # -fopenmp: at::parallel_for is an OpenMP pragma in the header; without it the loop runs on one thread.
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp", *_ARCH_FLAGS.get(capability, [])]
     name = f"qatbr_lsq_cpu_{capability.lower()}"
     build_dir = cpp_extension._get_build_directory(name, verbose=False)
     if not os.path.exists(os.path.join(build_dir, f"{name}.so")):
         print(f"quant.kernels: building the fused CPU kernels in {build_dir} (once per machine, about 30 s)",
               file=sys.stderr, flush=True)
-    return cpp_extension.load(name=name, sources=[SOURCE], extra_cflags=flags, build_directory=build_dir,
-                              verbose=False)
+    return cpp_extension.load(name=name, sources=[SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                              build_directory=build_dir, verbose=False)
 
 
 def _first_error_line(exc: Exception) -> str:

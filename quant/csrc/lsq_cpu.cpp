@@ -66,10 +66,14 @@ struct ForwardArgs {
 // Statistics of one chunk, vector bin loop (NB bins known at compile time).
 template <int NB>
 void forward_chunk(const ForwardArgs& p, int64_t begin, int64_t len, double* part) {
+  // Locals (not p's fields) and __restrict: stores to out cannot alias them, so nothing is
+  // reloaded or re-broadcast inside the loop.
   const vf av = splat(p.a), lov = splat(p.lo), hiv = splat(p.hi);
-  vf cnt[NB > 0 ? NB : 1] = {}, sum[NB > 0 ? NB : 1] = {}, sq[NB > 0 ? NB : 1] = {}, absd = {};
-  const float* x = p.x + begin;
-  float* out = p.out ? p.out + begin : nullptr;
+  constexpr int nb = NB > 0 ? NB : 1;
+  vf level[nb], cnt[nb] = {}, sum[nb] = {}, sq[nb] = {}, absd = {};
+  for (int k = 0; k < nb; ++k) level[k] = splat(p.lo + k);
+  const float* __restrict x = p.x + begin;
+  float* __restrict out = p.out ? p.out + begin : nullptr;
   int64_t i = 0;
   for (; i + W <= len; i += W) {
     vf xv = load(x + i);
@@ -80,7 +84,7 @@ void forward_chunk(const ForwardArgs& p, int64_t begin, int64_t len, double* par
       vf d = xv - y, d2 = d * d;
       absd += vabs(d);
       for (int k = 0; k < NB; ++k) {
-        vi m = q == splat(p.lo + k);
+        vi m = q == level[k];
         if (k == 0) m |= q != q;  // a NaN value counts in bin 0, making the loss NaN (as the PyTorch path)
         // "m ? acc + v : acc" is one masked add on AVX-512 (add and blend elsewhere).
         cnt[k] = m ? cnt[k] + 1.0f : cnt[k];
@@ -203,12 +207,19 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
   const bool vector_bins = nb <= kMaxVectorBins;
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     const vf av = splat(af), lov = splat(lo), hiv = splat(hi);
+    vf level[kMaxVectorBins], table_sum[kMaxVectorBins], table_sq2[kMaxVectorBins];  // hoisted out of the loop
+    for (int k = 0; k < nb && br && vector_bins; ++k) {
+      level[k] = splat(lo + k); table_sum[k] = splat(t_sum[k]); table_sq2[k] = splat(t_sq2[k]);
+    }
+    const float* __restrict x = px;
+    const float* __restrict g_in = pg;
+    float* __restrict g_x = pgx;
     for (int64_t c = first; c < last; ++c) {
       const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
       vf acc = {};
       int64_t i = begin;
       for (; i + W <= end && (!br || vector_bins); i += W) {
-        vf xv = load(px + i), g = load(pg + i);
+        vf xv = load(x + i), g = load(g_in + i);
         vf cv = xv / av;
         vi inside = (cv > lov) & (cv < hiv);
         vf q = clamp_round(cv, lov, hiv);
@@ -217,13 +228,13 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
         if (br) {
           vf d = xv - q * av, ts = {}, tq = {};
           for (int k = 0; k < nb; ++k) {
-            vi m = q == splat(lo + k);
-            ts = m ? splat(t_sum[k]) : ts;
-            tq = m ? splat(t_sq2[k]) : tq;
+            vi m = q == level[k];
+            ts = m ? table_sum[k] : ts;
+            tq = m ? table_sq2[k] : tq;
           }
           gx += ts + tq * d;
         }
-        store(pgx + i, gx);
+        store(g_x + i, gx);
       }
       double tail = 0;
       for (; i < end; ++i) {
