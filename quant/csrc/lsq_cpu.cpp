@@ -208,9 +208,12 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     const vf av = splat(af), lov = splat(lo), hiv = splat(hi);
     vf level[kMaxVectorBins], table_sum[kMaxVectorBins], table_sq2[kMaxVectorBins];  // hoisted out of the loop
+    vf lanes_sum = {}, lanes_sq2 = {};  // the tables in one register each, for a permute when nb <= W
     for (int k = 0; k < nb && br && vector_bins; ++k) {
       level[k] = splat(lo + k); table_sum[k] = splat(t_sum[k]); table_sq2[k] = splat(t_sq2[k]);
+      if (k < W) { lanes_sum[k] = t_sum[k]; lanes_sq2[k] = t_sq2[k]; }
     }
+    const bool by_permute = nb <= W;
     const float* __restrict x = px;
     const float* __restrict g_in = pg;
     float* __restrict g_x = pgx;
@@ -227,10 +230,16 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
         vf gx = inside ? g : vf{};
         if (br) {
           vf d = xv - q * av, ts = {}, tq = {};
-          for (int k = 0; k < nb; ++k) {
-            vi m = q == level[k];
-            ts = m ? table_sum[k] : ts;
-            tq = m ? table_sq2[k] : tq;
+          if (by_permute) {  // one vpermps per table (a NaN q gives some entry; its d is NaN anyway)
+            vi bin = __builtin_convertvector(q - lov, vi);
+            ts = __builtin_shuffle(lanes_sum, bin);
+            tq = __builtin_shuffle(lanes_sq2, bin);
+          } else {
+            for (int k = 0; k < nb; ++k) {
+              vi m = q == level[k];
+              ts = m ? table_sum[k] : ts;
+              tq = m ? table_sq2[k] : tq;
+            }
           }
           gx += ts + tq * d;
         }
