@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from checkpoint import append_jsonl, atomic_torch_save
 from config import act_bits, frozen_kinds, weight_bits
-from hooks import ActivationHookManager
+from hooks import ActivationHookManager, BinStatsCollector
 from quant import FULL_PRECISION_BITS, keep_step_sizes_positive, quantized_layers
 from regularizers import INFO_FIELDS, BinRegularizer, weight_bin_stats
 
@@ -101,9 +101,12 @@ class Trainer:
         # BR regularises the low-bit layers; the first conv and last linear stay at
         # --first-last-bits, where the grid is fine and BR has nothing to gain.
         self.br_layers = {n: m for n, m in self.layers.items() if not m.is_first_or_last}
-        self.w_reg = self.a_reg = self.hooks = None
+        self.w_reg = self.a_reg = self.hooks = self.weight_stats = None
         if cfg.lambda_br > 0 and weight_bits(cfg) < FULL_PRECISION_BITS and self.br_layers:
             self.w_reg = BinRegularizer(weight_bits(cfg), signed=True)
+            # W-BR's gradient always reaches the weight α (unless frozen: then α has no grad).
+            self.weight_stats = BinStatsCollector({n: m.weight_quant for n, m in self.br_layers.items()},
+                                                  grad_to_alpha=True)
         if cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS and self.br_layers:
             signs = {m.act_quant.signed for m in self.br_layers.values()}
             if signs != {False}:
@@ -173,6 +176,8 @@ class Trainer:
         zero = torch.zeros((), device=self.device)
         if self.hooks is not None:
             self.hooks.enabled = use_br
+        if self.weight_stats is not None:
+            self.weight_stats.enabled = use_br
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             logits = self.forward(x)
         ce = F.cross_entropy(logits.float(), y)
@@ -188,10 +193,11 @@ class Trainer:
         return loss, logits, ce, br_w, br_a, w_info, a_info
 
     def weight_br(self):
-        """W-BR over the low-bit layers' weights; its gradient always reaches the weight α."""
-        return self.w_reg.compute_total_loss({n: m.weight for n, m in self.br_layers.items()},
-                                             {n: m.weight_quant.alpha for n, m in self.br_layers.items()},
-                                             backprop_to_alpha=True)
+        """W-BR over the low-bit layers' weights, from the bin statistics their weight quantizers
+        computed in the latest training forward pass; its gradient always reaches the weight α."""
+        stats = self.weight_stats.get()
+        self.weight_stats.clear()
+        return self.w_reg.total_from_stats(stats)
 
     def activation_br(self, stats: dict):
         """A-BR from the bin statistics of the pre-quantization activations (layer name -> ``BinStats``).

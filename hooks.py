@@ -18,6 +18,59 @@ from torch import nn
 
 from quant.bins import BinStats
 from quant.layers import QuantizedLayer
+from quant.lsq import LSQQuantizer
+
+
+class BinStatsCollector:
+    """Collect the bin statistics that LSQ quantizers compute in their own forward pass (for BR).
+
+    While enabled, each quantizer computes ``quant.bins.BinStats`` of its input, in the same
+    pass as the quantization, whenever it runs in training mode with gradients on, and
+    hands them here (``LSQQuantizer.bin_stats_sink``); ``get()`` returns the latest ones by
+    name. While disabled or after ``remove()`` the quantizers compute none.
+
+    Args:
+        quantizers: name -> enabled ``LSQQuantizer`` (the weight or the activation quantizers
+            of the regularised layers).
+        grad_to_alpha: whether the statistics carry gradient to each quantizer's own α
+            (they always carry it to the quantizer's input).
+    """
+
+    def __init__(self, quantizers: dict[str, LSQQuantizer], grad_to_alpha: bool):
+        self._quantizers = dict(quantizers)
+        self._stats: dict[str, BinStats] = {}
+        for quantizer in self._quantizers.values():
+            quantizer.bin_stats_grad_to_alpha = grad_to_alpha
+        self.enabled = True
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the quantizers compute and hand over statistics."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        for name, quantizer in self._quantizers.items():
+            quantizer.bin_stats_sink = self._make_sink(name) if self._enabled else None
+
+    def _make_sink(self, name: str):
+        def sink(stats: BinStats) -> None:
+            self._stats[name] = stats
+        return sink
+
+    def get(self) -> dict[str, BinStats]:
+        """The statistics of each quantizer's latest forward pass: name -> ``BinStats``."""
+        return dict(self._stats)
+
+    def clear(self) -> None:
+        """Drop the statistics (and with them the references into the autograd graph)."""
+        self._stats.clear()
+
+    def remove(self) -> None:
+        """Stop the quantizers computing statistics and drop the collected ones."""
+        self.enabled = False
+        self.clear()
 
 
 class ActivationHookManager:
@@ -60,12 +113,10 @@ class ActivationHookManager:
         if unknown:
             raise KeyError(f"ActivationHookManager: not quantized layers with an activation quantizer: {unknown}")
         self._captured: dict[str, torch.Tensor] = {}
-        self._bin_stats: dict[str, BinStats] = {}
-        self._quantizers = {name: layers[name].act_quant for name in names}
-        for quantizer in self._quantizers.values():
-            quantizer.bin_stats_grad_to_alpha = bin_stats_grad_to_alpha
+        quantizers = {name: layers[name].act_quant for name in names}
+        self._bin_stats = BinStatsCollector(quantizers, bin_stats_grad_to_alpha)
         self._handles = [model.register_forward_pre_hook(lambda _m, _a: self.clear())]
-        for name, quantizer in self._quantizers.items():
+        for name, quantizer in quantizers.items():
             self._handles.append(quantizer.register_forward_pre_hook(self._make_hook(name)))
         self.enabled = True
 
@@ -77,13 +128,7 @@ class ActivationHookManager:
     @enabled.setter
     def enabled(self, value: bool) -> None:
         self._enabled = bool(value)
-        for name, quantizer in self._quantizers.items():
-            quantizer.bin_stats_sink = self._make_sink(name) if self._enabled and self._handles else None
-
-    def _make_sink(self, name: str):
-        def sink(stats: BinStats) -> None:
-            self._bin_stats[name] = stats
-        return sink
+        self._bin_stats.enabled = self._enabled and bool(self._handles)
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
@@ -97,7 +142,7 @@ class ActivationHookManager:
 
     def get_bin_stats(self) -> dict[str, BinStats]:
         """The bin statistics of the latest forward pass: layer name -> ``BinStats`` of its input."""
-        return dict(self._bin_stats)
+        return self._bin_stats.get()
 
     def clear(self) -> None:
         """Drop every capture (releases the references; autograd may still hold its own)."""

@@ -73,39 +73,11 @@ def unflat_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.view(like.shape)
 
 
-def index_dtype(device: torch.device, for_gather: bool) -> torch.dtype:
-    """uint8 for CPU ``bincount`` (at most 256 bins), int32 for CPU ``index_select``, int64 on CUDA."""
-    if device.type != "cpu":
-        return torch.int64
-    return torch.int32 if for_gather else torch.uint8
-
-
-def bin_residuals(x: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int,
-                  index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid level of every value and its distance to it, computed in at least float32.
-
-    Args:
-        x: any shape and float dtype. alpha: step size, shape ``()``.
-        quant_min, quant_max: the integer range. index_dtype: dtype of the bin index.
-
-    Returns:
-        ``(d, index)``, both 1-D over ``flat_view(x)``: ``d = x - k·α`` with
-        ``k = clamp(round(x/α), quant_min, quant_max)``, and ``index = k - quant_min``
-        (also in range for NaN values, whose ``d`` is NaN).
-    """
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    xf, af = flat_view(x.detach().to(dtype)), alpha.detach().to(dtype)
-    k = (xf / af).round_().clamp_(quant_min, quant_max)
-    index = (k - quant_min if quant_min else k).to(index_dtype).clamp_(0, quant_max - quant_min)
-    return torch.addcmul(xf, k, af, value=-1, out=k), index  # d takes the memory of k
-
-
 def bin_sum(index: torch.Tensor, num_bins: int, values: torch.Tensor | None = None,
             dtype: torch.dtype = torch.float32, method: str | None = None) -> torch.Tensor:
     """Per-bin count (``values=None``, as ``dtype``) or sum of ``values``; ``(num_bins,)``, no host sync.
 
-    ``method`` (default: by device): ``"bincount"`` on the CPU (fastest there, on uint8
-    indices); on CUDA ``bincount`` reads the index range back to the host, so small grids
+    ``method`` (default: by device): ``"bincount"`` on the CPU (fastest there); on CUDA ``bincount`` reads the index range back to the host, so small grids
     use ``"one_hot"`` (a one-hot matrix product) and larger ones ``"index_add"``.
     """
     if method is None:
@@ -122,28 +94,63 @@ def bin_sum(index: torch.Tensor, num_bins: int, values: torch.Tensor | None = No
         0, index.long(), ones if values is None else values)
 
 
+def _residuals(values, steps: torch.Tensor, quant_min: int, quant_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``c - k`` in steps (``c = v/α``, ``k = clamp(round(c), Qn, Qp)``) of all values of ``values``
+    concatenated in ``flat_view`` order, in the dtype of ``steps`` (shape ``(L,)``), and each
+    value's bin ``k - Qn`` plus ``K`` per tensor before it. No gradient."""
+    num_bins = quant_max - quant_min + 1
+    scaled = torch.cat([flat_view(v.detach()).to(steps.dtype) / a for v, a in zip(values, steps.unbind())])
+    levels = scaled.round().clamp_(quant_min, quant_max)
+    index = (levels - quant_min).long().clamp_(0, num_bins - 1)  # in range for NaN too (its residual is NaN)
+    if len(values) > 1:
+        index.add_(_bin_offsets(values, num_bins))
+    return scaled.sub_(levels), index  # the residual takes the memory of scaled
+
+
+def _stats(residual: torch.Tensor, index: torch.Tensor, steps: torch.Tensor,
+           num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(stats (L, 3, K), abs_sums (L,))`` from ``_residuals``: sums in steps, scaled back per tensor
+    (``Σd = α·Σ(c-k)``, ``Σd² = α²·Σ(c-k)²``)."""
+    count, total = steps.numel(), steps.numel() * num_bins
+    per_bin = torch.stack([bin_sum(index, total, dtype=residual.dtype), bin_sum(index, total, residual),
+                           bin_sum(index, total, residual.square()),
+                           bin_sum(index, total, residual.abs())]).view(4, count, num_bins)
+    scale = torch.stack([torch.ones_like(steps), steps, steps * steps]).unsqueeze(-1)  # (3, L, 1)
+    return (per_bin[:3] * scale).transpose(0, 1).contiguous(), per_bin[3].sum(-1) * steps
+
+
+def _gradient(grad_stats: torch.Tensor, residual: torch.Tensor, index: torch.Tensor,
+              steps: torch.Tensor) -> torch.Tensor:
+    """``G[1, k] + 2·G[2, k]·d`` per value (flat), with ``d = α·(c - k)`` (α folded into the table)."""
+    table = grad_stats.to(residual.dtype)
+    per_bin = table[:, 1].reshape(-1).index_select(0, index)
+    return per_bin.addcmul_((2 * table[:, 2] * steps[:, None]).reshape(-1).index_select(0, index), residual)
+
+
+def _steps(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """α as a ``(1,)`` tensor in the dtype the statistics of ``x`` are computed in (at least float32)."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, torch.float32), alpha.dtype)
+    return alpha.detach().to(dtype).reshape(1)
+
+
 def eager_bin_statistics(x: torch.Tensor, alpha: torch.Tensor, quant_min: int,
                          quant_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(stats, abs_sum)`` of ``x`` (see the module docstring) with PyTorch ops; no gradient."""
-    num_bins = quant_max - quant_min + 1
-    d, index = bin_residuals(x, alpha, quant_min, quant_max, index_dtype(x.device, for_gather=False))
-    counts = bin_sum(index, num_bins, dtype=d.dtype)
-    sums = bin_sum(index, num_bins, d)
-    abs_sum = d.abs_().sum()  # d is not needed with its sign after this
-    squares = bin_sum(index, num_bins, d.square_())
-    return torch.stack([counts, sums, squares]), abs_sum
+    """``(stats (3, K), abs_sum ())`` of one tensor with PyTorch ops (the quantizer's path off the CPU kernels)."""
+    steps = _steps(x, alpha)
+    residual, index = _residuals([x], steps, quant_min, quant_max)
+    stats, abs_sums = _stats(residual, index, steps, quant_max - quant_min + 1)
+    return stats[0], abs_sums[0]
 
 
 def eager_bin_gradient(grad_stats: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
                        quant_min: int, quant_max: int) -> torch.Tensor:
-    """``∂/∂x`` of ``Σ grad_stats * stats(x)``: ``G[1, j] + 2·G[2, j]·d`` per element, shaped as ``x``.
+    """``∂/∂x`` of ``Σ grad_stats * stats(x)`` (``grad_stats`` of shape ``(3, K)``), shaped as ``x``.
 
-    In at least float32 (the dtype of ``d``); the caller casts.
+    In at least float32; the caller casts. Recomputes the bins rather than keeping them.
     """
-    d, index = bin_residuals(x, alpha, quant_min, quant_max, index_dtype(x.device, for_gather=True))
-    per_bin = grad_stats[1].to(d.dtype).index_select(0, index)
-    twice_sq = (2 * grad_stats[2]).to(d.dtype).index_select(0, index)
-    return unflat_view(per_bin.addcmul_(twice_sq, d), x)
+    steps = _steps(x, alpha)
+    residual, index = _residuals([x], steps, quant_min, quant_max)
+    return unflat_view(_gradient(grad_stats[None], residual, index, steps), x)
 
 
 def bin_alpha_gradient(grad_stats: torch.Tensor, stats: torch.Tensor, quant_min: int) -> torch.Tensor:
@@ -171,22 +178,12 @@ class _BinStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, quant_min, quant_max, grad_to_alpha, count, *tensors):
         values, alphas = tensors[:count], tensors[count:]
-        num_bins = quant_max - quant_min + 1
         dtype = torch.promote_types(torch.promote_types(values[0].dtype, torch.float32), alphas[0].dtype)
         steps = torch.stack([a.detach().to(dtype) for a in alphas])
-        scaled = torch.cat([flat_view(v.detach()).to(dtype) / a for v, a in zip(values, steps.unbind())])
-        levels = scaled.round().clamp_(quant_min, quant_max)
-        index = (levels - quant_min).long().clamp_(0, num_bins - 1).add_(_bin_offsets(values, num_bins))
-        residual = scaled.sub_(levels)  # c - k, in steps; in the memory of scaled
-        total_bins = count * num_bins
-        per_bin = torch.stack([bin_sum(index, total_bins, dtype=dtype), bin_sum(index, total_bins, residual),
-                               bin_sum(index, total_bins, residual.square()),
-                               bin_sum(index, total_bins, residual.abs())]).view(4, count, num_bins)
-        scale = torch.stack([torch.ones_like(steps), steps, steps * steps]).unsqueeze(-1)  # (3, L, 1)
-        stats = (per_bin[:3] * scale).transpose(0, 1).contiguous()  # (L, 3, K)
-        abs_sums = per_bin[3].sum(-1) * steps
+        residual, index = _residuals(values, steps, quant_min, quant_max)
+        stats, abs_sums = _stats(residual, index, steps, quant_max - quant_min + 1)
         ctx.save_for_backward(residual, index, steps, stats)
-        ctx.quant_range, ctx.grad_to_alpha = (quant_min, quant_max), grad_to_alpha
+        ctx.quant_min, ctx.grad_to_alpha = quant_min, grad_to_alpha
         ctx.shapes = [(v.shape, v.dtype, _is_channels_last(v)) for v in values]
         ctx.mark_non_differentiable(abs_sums)
         return stats, abs_sums
@@ -197,17 +194,14 @@ class _BinStatistics(torch.autograd.Function):
         count = len(ctx.shapes)
         grads_v = [None] * count
         if any(ctx.needs_input_grad[4:4 + count]):
-            table = grad_stats.to(residual.dtype)
-            # ∂/∂v = G[1, k] + 2·G[2, k]·d, with d = α·(c - k): α folded into the second table.
-            flat = table[:, 1].reshape(-1).index_select(0, index).addcmul_(
-                (2 * table[:, 2] * steps[:, None]).reshape(-1).index_select(0, index), residual)
+            flat = _gradient(grad_stats, residual, index, steps)
             parts = flat.split([math.prod(shape) for shape, _, _ in ctx.shapes])
             for i, (part, (shape, dtype, channels_last)) in enumerate(zip(parts, ctx.shapes)):
                 if ctx.needs_input_grad[4 + i]:
                     grads_v[i] = _shaped(part, shape, channels_last).to(dtype)
         grads_a = [None] * count
         if ctx.grad_to_alpha:
-            per_tensor = bin_alpha_gradient(grad_stats, stats, ctx.quant_range[0])
+            per_tensor = bin_alpha_gradient(grad_stats, stats, ctx.quant_min)
             grads_a = [g if ctx.needs_input_grad[4 + count + i] else None for i, g in enumerate(per_tensor.unbind())]
         return None, None, None, None, *grads_v, *grads_a
 

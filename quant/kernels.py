@@ -4,15 +4,17 @@ The kernels do LSQ fake quantization and its backward pass in one pass each over
 tensor, with Bin Regularization's per-bin statistics and gradient in the same passes
 (see the C++ file). They are compiled on first use with ``torch.utils.cpp_extension``
 (about 30 s, once per machine: the build is cached under ``~/.cache/torch_extensions``)
-for the vector instructions torch detected on this CPU. Without a C++ compiler, or with
-``QATBR_KERNELS=eager`` in the environment, everything runs on the eager PyTorch path,
-which gives the same values (tests/test_kernels.py compares the two).
+for the vector instructions torch detected on this CPU (AVX-512, AVX2 or SSE2). They
+apply to float32 tensors on the CPU outside ``torch.compile``. Without a C++ compiler, or
+with ``QATBR_KERNELS=eager`` in the environment, everything runs on the eager PyTorch
+path, which gives the same values (tests/test_bin_stats.py compares the two).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import warnings
 
@@ -22,6 +24,10 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "lsq_c
 
 #: Environment variable: "eager" disables the kernels; "cpp" makes a failed build an error.
 ENV_VAR = "QATBR_KERNELS"
+
+#: Environment variable: build for AVX512, AVX2 or DEFAULT (SSE2) instead of what torch
+#: detected on this CPU (to test the narrower vector code on a wider machine).
+ARCH_ENV_VAR = "QATBR_KERNELS_ARCH"
 
 _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
@@ -41,7 +47,12 @@ def _build():
     finally:
         logger.setLevel(level)
 
-    capability = torch.backends.cpu.get_cpu_capability()
+    if shutil.which("ninja") is None:  # the ninja of requirements.txt, where its bin folder is not on PATH
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    capability = os.environ.get(ARCH_ENV_VAR) or torch.backends.cpu.get_cpu_capability()
+    if capability not in (*_ARCH_FLAGS, "DEFAULT"):
+        raise ValueError(f"{ARCH_ENV_VAR} must be one of {', '.join((*_ARCH_FLAGS, 'DEFAULT'))}, got {capability!r}")
     # -fopenmp: at::parallel_for is an OpenMP pragma in the header; without it the loop runs on one thread.
     flags = ["-O3", "-ffp-contract=off", "-fopenmp", *_ARCH_FLAGS.get(capability, [])]
     name = f"qatbr_lsq_cpu_{capability.lower()}"

@@ -12,6 +12,7 @@ from data import DeviceLoader, Split
 from engine import Trainer
 from models import build_model
 from quant import quantize_model
+from regularizers import BinRegularizer
 
 
 def _read_metrics(out):
@@ -140,6 +141,21 @@ def test_a_br_sends_no_gradient_to_activation_alpha_unless_asked():
 def test_w_br_reaches_weight_alpha():
     alpha_grad, value_grad = _br_term_gradients(_trainer(), "w")
     assert alpha_grad > 0.0 and value_grad > 0.0
+
+
+def test_w_br_from_the_weight_quantizers_equals_br_of_the_weights():
+    trainer = _trainer()
+    trainer.model(next(trainer.train_loader.batches(0))[0])
+    layers = trainer.br_layers
+    alphas = [m.weight_quant.alpha for m in layers.values()]
+    loss, _ = trainer.weight_br()
+    grads = torch.autograd.grad(loss, alphas)
+    # the independent path: BR of the weight tensors themselves (quant.bins.bin_statistics)
+    ref, _ = BinRegularizer(2, signed=True).compute_total_loss(
+        {n: m.weight for n, m in layers.items()}, {n: m.weight_quant.alpha for n, m in layers.items()}, True)
+    ref_grads = torch.autograd.grad(ref, alphas)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(torch.stack(grads), torch.stack(ref_grads), rtol=1e-4, atol=1e-7)
 
 
 def test_stage_one_computes_no_br():
