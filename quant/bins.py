@@ -99,11 +99,14 @@ def _residuals(values, steps: torch.Tensor, quant_min: int, quant_max: int) -> t
     concatenated in ``flat_view`` order, in the dtype of ``steps`` (shape ``(L,)``), and each
     value's bin ``k - Qn`` plus ``K`` per tensor before it. No gradient."""
     num_bins = quant_max - quant_min + 1
-    scaled = torch.cat([flat_view(v.detach()).to(steps.dtype) / a for v, a in zip(values, steps.unbind())])
+    parts = [flat_view(v.detach()).to(steps.dtype) / a for v, a in zip(values, steps.unbind())]
+    scaled = torch.cat(parts) if len(parts) > 1 else parts[0]
     levels = scaled.round().clamp_(quant_min, quant_max)
-    index = (levels - quant_min).long().clamp_(0, num_bins - 1)  # in range for NaN too (its residual is NaN)
+    # int32 on the CPU (bincount and index_select take it; half the memory traffic of int64)
+    index_dtype = torch.int32 if scaled.device.type == "cpu" else torch.int64
+    index = (levels - quant_min).to(index_dtype).clamp_(0, num_bins - 1)  # in range for NaN too
     if len(values) > 1:
-        index.add_(_bin_offsets(values, num_bins))
+        index.add_(_bin_offsets(values, num_bins, index_dtype))
     return scaled.sub_(levels), index  # the residual takes the memory of scaled
 
 
@@ -113,10 +116,13 @@ def _stats(residual: torch.Tensor, index: torch.Tensor, steps: torch.Tensor,
     (``Σd = α·Σ(c-k)``, ``Σd² = α²·Σ(c-k)²``)."""
     count, total = steps.numel(), steps.numel() * num_bins
     per_bin = torch.stack([bin_sum(index, total, dtype=residual.dtype), bin_sum(index, total, residual),
-                           bin_sum(index, total, residual.square()),
-                           bin_sum(index, total, residual.abs())]).view(4, count, num_bins)
+                           bin_sum(index, total, residual.square())]).view(3, count, num_bins)
     scale = torch.stack([torch.ones_like(steps), steps, steps * steps]).unsqueeze(-1)  # (3, L, 1)
-    return (per_bin[:3] * scale).transpose(0, 1).contiguous(), per_bin[3].sum(-1) * steps
+    if count == 1:
+        abs_sums = residual.abs().sum().reshape(1)
+    else:  # Σ|c - k| per tensor: the per-bin sums of each tensor's K bins
+        abs_sums = bin_sum(index, total, residual.abs()).view(count, num_bins).sum(-1)
+    return (per_bin * scale).transpose(0, 1).contiguous(), abs_sums * steps
 
 
 def _gradient(grad_stats: torch.Tensor, residual: torch.Tensor, index: torch.Tensor,
@@ -222,13 +228,13 @@ def _shaped(flat: torch.Tensor, shape: torch.Size, channels_last: bool) -> torch
 _OFFSETS: dict = {}
 
 
-def _bin_offsets(values, num_bins: int) -> torch.Tensor:
+def _bin_offsets(values, num_bins: int, dtype: torch.dtype) -> torch.Tensor:
     """``i·K`` for every value of tensor ``i`` (cached per sizes: W-BR asks for the same ones every step)."""
-    key = (tuple(v.numel() for v in values), num_bins, values[0].device)
+    key = (tuple(v.numel() for v in values), num_bins, values[0].device, dtype)
     if key not in _OFFSETS:
         sizes = torch.tensor(key[0], device=key[2])
         _OFFSETS.clear()  # one entry: a model's weights; a new set replaces it
-        _OFFSETS[key] = torch.arange(len(values), device=key[2]).repeat_interleave(sizes) * num_bins
+        _OFFSETS[key] = (torch.arange(len(values), device=key[2]).repeat_interleave(sizes) * num_bins).to(dtype)
     return _OFFSETS[key]
 
 
