@@ -180,7 +180,7 @@ class LSQQuantizer(nn.Module):
     activations). It is written in place and recorded in the ``initialized`` buffer,
     so a quantizer restored with ``load_state_dict`` is never re-initialised from data.
 
-    Bin statistics (for activation Bin Regularization, see ``hooks.ActivationHookManager``):
+    Bin statistics (for Bin Regularization, see ``hooks.BinStatsCollector``):
     when ``bin_stats_sink`` is a callable, every forward pass in training mode with
     gradients on also computes the ``quant.bins.BinStats`` of its input on its own grid,
     in the same pass as the quantization, and passes them to the sink. Their gradient
@@ -247,7 +247,7 @@ class LSQQuantizer(nn.Module):
 
     def grad_scale(self, x: torch.Tensor) -> float:
         """LSQ's gradient scale g = 1/sqrt(N · quant_max) for the input ``x``."""
-        n = x.numel() if self.grad_count == "numel" or x.dim() == 0 else x[0].numel()
+        n = x.numel() if self.grad_count == "numel" or x.dim() == 0 else x.numel() // max(x.shape[0], 1)
         return 1.0 / math.sqrt(max(n, 1) * self.quant_max)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

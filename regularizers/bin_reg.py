@@ -9,11 +9,12 @@ bin's values onto the bin's level and shrinks their spread.
 Implementation note. Per bin, ``(mean - t)² + var = mean((v - t)²)`` (the bias-variance
 decomposition), so the loss is ``Σ_bins S_k / n_k`` with ``S_k = Σ_{v in bin k} (v - kα)²``
 and ``n_k`` the bin's count: a function of the per-bin sums of ``quant.bins`` (count, Σd,
-Σd² with ``d = v - kα``). No loop over bins and no host sync. For weights the sums come
-from ``quant.bins.bin_statistics`` (PyTorch ops); for activations the LSQ quantizer computes
-them in its own forward pass over the activation, and their gradient in its own backward
-pass (one pass each way with the fused CPU kernels), so A-BR keeps nothing of the size of
-an activation alive and reads each activation no extra time (docs/performance.md).
+Σd² with ``d = v - kα``). No loop over bins and no host sync. In training both BR terms
+take those sums from the LSQ quantizers themselves, which compute them in the same pass
+as the quantization and add their gradient in their own backward pass (one pass each way
+with the fused CPU kernels; ``hooks.BinStatsCollector``): BR keeps nothing of the size of
+an activation alive and reads no tensor an extra time (docs/performance.md). For any
+other tensor ``bin_regularization`` computes the sums with ``quant.bins.bin_statistics``.
 """
 
 from __future__ import annotations
