@@ -101,7 +101,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
         if kernels_apply(x):
             if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
                 x = x.contiguous()
-            out, stats, abs_sum = cpu_kernels().lsq_forward(x, float(a), quant_min, quant_max, with_stats, True)
+            out, stats, abs_sum = cpu_kernels().lsq_forward(x, a, quant_min, quant_max, with_stats, True)
         else:
             out = torch.clamp(x / a, quant_min, quant_max).round_().mul_(a)
             stats, abs_sum = (eager_bin_statistics(x, a, quant_min, quant_max) if with_stats
@@ -123,7 +123,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
         if kernels_apply(x):
             if grad_out.stride() != x.stride():
                 grad_out = torch.empty_like(x).copy_(grad_out)
-            grad_x, step_sum = cpu_kernels().lsq_backward(grad_out, x, float(a), quant_min, quant_max, br_table)
+            grad_x, step_sum = cpu_kernels().lsq_backward(grad_out, x, a, quant_min, quant_max, br_table)
         else:
             c = x / a
             # hardtanh_backward(g, c, lo, hi) is g where lo < c < hi, else 0: the STE in one pass.

@@ -141,6 +141,13 @@ void run_forward(const ForwardArgs& p, int64_t n, int nb, double* totals) {
     for (int64_t r = 0; r < width; ++r) totals[r] += parts[c * width + r];
 }
 
+// The step size: a float32 scalar tensor on the CPU (read here, so Python never calls .item()).
+float step_size(const torch::Tensor& a) {
+  TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kFloat && a.numel() == 1,
+              "the step size must be a one-element float32 CPU tensor");
+  return a.item<float>();
+}
+
 void check_input(const torch::Tensor& x, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_non_overlapping_and_dense(),
               what, ": expected a dense float32 CPU tensor");
@@ -151,13 +158,13 @@ void check_input(const torch::Tensor& x, const char* what) {
 // out = round(clamp(x / a, qmin, qmax)) * a, in the memory layout of x. With with_stats,
 // also stats (3, K) float32: per bin k (level qmin + k) the count, sum of d and sum of d^2,
 // d = x - out; and abs_sum, a float32 scalar: the sum of |d| over all elements.
-std::vector<torch::Tensor> lsq_forward(const torch::Tensor& x, double a, int64_t qmin, int64_t qmax,
+std::vector<torch::Tensor> lsq_forward(const torch::Tensor& x, const torch::Tensor& a, int64_t qmin, int64_t qmax,
                                        bool with_stats, bool write_out) {
   check_input(x, "lsq_forward");
   const int nb = with_stats ? static_cast<int>(qmax - qmin + 1) : 0;
   torch::Tensor out = write_out ? at::empty_like(x) : torch::Tensor();
   ForwardArgs p{x.data_ptr<float>(), write_out ? out.data_ptr<float>() : nullptr,
-                static_cast<float>(a), static_cast<float>(qmin), static_cast<float>(qmax)};
+                step_size(a), static_cast<float>(qmin), static_cast<float>(qmax)};
   std::vector<double> totals(3 * nb + 1, 0.0);
   const int64_t n = x.numel();
   switch (nb) {
@@ -181,7 +188,7 @@ std::vector<torch::Tensor> lsq_forward(const torch::Tensor& x, double a, int64_t
 // for an element in bin k (the gradient of stats rows 1 and 2). step_sum (float64 scalar) is
 // sum grad_out * (round(x/a) - x/a) inside the range and * qmin / * qmax at or beyond the
 // clip points: LSQ eq. 3 before the gradient scale g.
-std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const torch::Tensor& x, double a,
+std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const torch::Tensor& x, const torch::Tensor& a,
                                         int64_t qmin, int64_t qmax, const c10::optional<torch::Tensor>& br_table) {
   check_input(x, "lsq_backward");
   check_input(grad_out, "lsq_backward");
@@ -201,7 +208,7 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
   const float* px = x.data_ptr<float>();
   const float* pg = grad_out.data_ptr<float>();
   float* pgx = grad_x.data_ptr<float>();
-  const float af = static_cast<float>(a), lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  const float af = step_size(a), lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   const int64_t n = x.numel(), chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> parts(chunks, 0.0);
   const bool vector_bins = nb <= kMaxVectorBins;
