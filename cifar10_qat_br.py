@@ -21,7 +21,7 @@ from checkpoint import CheckpointError, atomic_write_json
 from data import DataError, DeviceLoader, find_source, load_split
 from engine import Interrupted, NonFiniteError, Trainer, seed_everything
 from models import build_model
-from quant import quantize_model, quantized_layers
+from quant import kernels, quantize_model, quantized_layers
 
 
 def build_quantized_model(cfg) -> torch.nn.Module:
@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg, source, ckpt) -> int:
     device = cfgmod.resolve_device(cfg.device)
+    if device.type == "cpu" and not cfgmod.is_float_run(cfg):  # load the kernels now: a failure shows before data work
+        try:
+            print(f"Kernels: {kernels.describe()}", flush=True)
+        except RuntimeError as exc:  # QATBR_KERNELS=cpp and no build
+            raise cfgmod.ConfigError(str(exc)) from None
     train_split = load_split(source, train=True, download=not cfg.no_download, workers=cfg.workers)
     test_split = load_split(source, train=False, download=not cfg.no_download, workers=cfg.workers)
     if len(train_split.labels) < 2:

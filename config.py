@@ -13,6 +13,7 @@ import os
 import torch
 
 from models import ARCHITECTURES
+from quant import kernels
 from quant.lsq import FULL_PRECISION_BITS
 
 RULE = "=" * 80
@@ -170,7 +171,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def validate(cfg) -> None:
-    """Check every flag that needs no file access. Raises ``ConfigError`` with one line."""
+    """Check every flag (and the kernels' environment variables) that needs no file access.
+
+    Raises ``ConfigError`` with one line.
+    """
+    try:
+        kernels.check_environment()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     _check_bits(cfg.num_bits, "--num-bits")
     if cfg.num_bits_weight is not None:
         _check_bits(cfg.num_bits_weight, "--num-bits-weight")

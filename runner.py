@@ -16,6 +16,7 @@ import torch
 from checkpoint import (CheckpointError, append_jsonl, atomic_write_json, load_checkpoint, read_jsonl,
                         truncate_jsonl)
 from config import RUN_FLAGS, ConfigError, default_output_dir, explicit_flags, is_float_run, resolve_device
+from quant import kernels
 
 #: Files that make a folder "hold a run".
 RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json")
@@ -150,7 +151,9 @@ def run_config(cfg, data_source: str) -> dict:
     return {"flags": dict(vars(cfg)),
             "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg),
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
-                        "device": str(resolve_device(cfg.device)), "data": data_source},
+                        "device": str(resolve_device(cfg.device)), "data": data_source,
+                        "cpu_kernels": (kernels.describe() if resolve_device(cfg.device).type == "cpu"
+                                        and not is_float_run(cfg) else None)},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__},
             "git_commit": git_commit()}

@@ -120,3 +120,13 @@ def test_quantizer_uses_the_fused_path_and_alpha_only_or_x_only_gradients_work()
     frozen = x.detach()
     q(frozen).sum().backward()  # no gradient to x wanted (the image input of the first layer)
     assert q.alpha.grad is not None
+
+
+def test_signed_zeros_and_ties_are_those_of_torch_round():
+    # x/α in (-0.5, 0] rounds to -0.0 in torch; exact ties k + 0.5 round to even
+    alpha = torch.tensor(0.25)
+    x = torch.tensor([-0.1, -0.0, 0.0, 0.1, 0.125, -0.125, 0.375, -0.375, 0.625, -0.625] * 4)
+    out = lsq_fake_quantize(x, alpha, -2, 1, 0.5)
+    ref = torch.clamp(x / alpha, -2, 1).round() * alpha
+    assert torch.equal(out, ref)
+    assert torch.equal(torch.signbit(out), torch.signbit(ref))

@@ -359,3 +359,19 @@ def test_resume_restores_log_rows_lost_between_checkpoint_and_log(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "test_acc": 50.0}\n{"epoch": 3}\n')
     runner.restore_logs(str(tmp_path), ckpt)
     assert [r["epoch"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2]
+
+
+@pytest.mark.parametrize("var,value", [("QATBR_KERNELS", "bogus"), ("QATBR_KERNELS_ARCH", "neon")])
+def test_bad_kernel_environment_is_refused_before_any_work(var, value, shared_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(var, value)
+    out = tmp_path / "run"
+    rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", out, *THREE], capsys)
+    assert rc == 2 and err.startswith("error: environment variable " + var) and value in err
+    assert not (out / "config.json").exists()
+
+
+def test_config_records_which_kernels_ran(reference_run):
+    from quant import kernels
+    config = json.loads((reference_run / "config.json").read_text())
+    assert config["derived"]["cpu_kernels"] == kernels.describe()
+    assert config["derived"]["cpu_kernels"].startswith(("fused CPU kernels (", "PyTorch ops ("))

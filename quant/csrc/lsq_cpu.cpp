@@ -7,7 +7,8 @@
 // Eager PyTorch needs 4 + 3 passes for LSQ alone and about 10 more for BR.
 //
 // Exactness: the quotient is computed as x / a (a true division, as the eager ops do) and
-// rounded half-to-even, so the output equals round(clamp(x / a, lo, hi)) * a to the bit.
+// rounded half-to-even, so the output equals round(clamp(x / a, lo, hi)) * a to the bit
+// (signed zeros included). Sums are not bit-identical to PyTorch's (another order).
 // Sums are accumulated in float32 lanes within fixed chunks of kChunk elements and added
 // in float64 across chunks, in chunk order: the result does not depend on the thread count.
 // The vector code uses GCC vector extensions, so it builds for any x86-64 (or other) target;
@@ -44,15 +45,18 @@ inline vf splat(float s) { return vf{} + s; }
 inline float lane_sum(vf v) { float s = 0; for (int j = 0; j < W; ++j) s += v[j]; return s; }
 
 // Clamp to [lo, hi] (NaN stays NaN) and round half-to-even; lo and hi are integers in [-128, 255].
+// The magic-number rounding gives +0 for -0.5 < t <= -0; the sign of t is copied back, so
+// the result is std::nearbyint's (and torch.round's) to the bit, signed zeros included.
 inline vf clamp_round(vf c, vf lo, vf hi) {
   vf t = c < lo ? lo : c;
   t = t > hi ? hi : t;
-  return (t + kRound) - kRound;
+  vf r = (t + kRound) - kRound;
+  return (vf)(((vi)r & 0x7fffffff) | ((vi)t & (int)0x80000000));
 }
 inline float clamp_round(float c, float lo, float hi) {
   float t = c < lo ? lo : c;
   t = t > hi ? hi : t;
-  return (t + kRound) - kRound;
+  return std::copysign((t + kRound) - kRound, t);
 }
 inline vf vabs(vf v) { return (vf)((vi)v & 0x7fffffff); }  // clear the sign bit: one instruction
 
@@ -161,6 +165,7 @@ void check_input(const torch::Tensor& x, const char* what) {
 std::vector<torch::Tensor> lsq_forward(const torch::Tensor& x, const torch::Tensor& a, int64_t qmin, int64_t qmax,
                                        bool with_stats, bool write_out) {
   check_input(x, "lsq_forward");
+  TORCH_CHECK(qmin < qmax && qmax - qmin < 256, "lsq_forward: need qmin < qmax, at most 256 levels");
   const int nb = with_stats ? static_cast<int>(qmax - qmin + 1) : 0;
   torch::Tensor out = write_out ? at::empty_like(x) : torch::Tensor();
   ForwardArgs p{x.data_ptr<float>(), write_out ? out.data_ptr<float>() : nullptr,
@@ -192,6 +197,7 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
                                         int64_t qmin, int64_t qmax, const c10::optional<torch::Tensor>& br_table) {
   check_input(x, "lsq_backward");
   check_input(grad_out, "lsq_backward");
+  TORCH_CHECK(qmin < qmax && qmax - qmin < 256, "lsq_backward: need qmin < qmax, at most 256 levels");
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.strides() == x.strides(),
               "lsq_backward: grad_out must have the shape and strides of x");
   const int nb = static_cast<int>(qmax - qmin + 1);
@@ -238,7 +244,7 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
         if (br) {
           vf d = xv - q * av, ts = {}, tq = {};
           if (by_permute) {  // one vpermps per table (a NaN q gives some entry; its d is NaN anyway)
-            vi bin = __builtin_convertvector(q - lov, vi);
+            vi bin = __builtin_convertvector(q == q ? q - lov : vf{}, vi);  // NaN -> bin 0 (no UB)
             ts = __builtin_shuffle(lanes_sum, bin);
             tq = __builtin_shuffle(lanes_sq2, bin);
           } else {
