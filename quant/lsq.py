@@ -117,6 +117,8 @@ class _LSQFakeQuantize(torch.autograd.Function):
     def backward(ctx, grad_out, grad_stats, _grad_abs_sum):
         x, a, stats = ctx.saved_tensors
         quant_min, quant_max = ctx.quant_range
+        if ctx.bin_stats is None:  # no statistics: torch.compile may still pass an (empty) gradient for them
+            grad_stats = None
         if grad_out is None:
             grad_out = torch.zeros_like(x)
         br_table = grad_stats[1:].float().contiguous() if grad_stats is not None else None

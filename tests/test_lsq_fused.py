@@ -130,3 +130,18 @@ def test_signed_zeros_and_ties_are_those_of_torch_round():
     ref = torch.clamp(x / alpha, -2, 1).round() * alpha
     assert torch.equal(out, ref)
     assert torch.equal(torch.signbit(out), torch.signbit(ref))
+
+
+def test_a_gradient_for_absent_statistics_is_ignored():
+    # torch.compile can hand the backward pass a (3, 0) gradient for statistics never asked for
+    from quant.lsq import _LSQFakeQuantize
+    x = torch.rand(4, 5, requires_grad=True)
+    alpha = torch.tensor(0.3, requires_grad=True)
+    out, stats, _ = _LSQFakeQuantize.apply(x, alpha, 0, 3, 0.1, None)
+    assert stats.shape == (3, 0)
+    (out.sum() + stats.sum()).backward()
+    ref_x = x.detach().clone().requires_grad_()
+    ref_a = alpha.detach().clone().requires_grad_()
+    plain_lsq(ref_x, ref_a, 0, 3, 0.1).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(alpha.grad, ref_a.grad)
