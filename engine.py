@@ -186,9 +186,7 @@ class Trainer:
         if use_br and self.w_reg is not None:
             br_w, w_info = self.weight_br()
         if use_br and self.a_reg is not None:
-            stats = self.hooks.get_bin_stats()
-            self.hooks.clear()
-            br_a, a_info = self.activation_br(stats)
+            br_a, a_info = self.activation_br()
         loss = ce + self.cfg.lambda_br * br_w + self.cfg.lambda_br_act * br_a
         return loss, logits, ce, br_w, br_a, w_info, a_info
 
@@ -199,14 +197,17 @@ class Trainer:
         self.weight_stats.clear()
         return self.w_reg.total_from_stats(stats)
 
-    def activation_br(self, stats: dict):
-        """A-BR from the bin statistics of the pre-quantization activations (layer name -> ``BinStats``).
+    def activation_br(self):
+        """A-BR from the bin statistics of the pre-quantization activations that their quantizers
+        computed in the latest training forward pass (collected by the hook manager).
 
         The target ``k·α`` carries gradient to each layer's own activation α only with
         ``--br-backprop-to-alpha-act`` (set on the quantizers by the hook manager). Either
         way the gradient reaches the activations, and through them the layers that produced
         them (upstream weights and step sizes, exactly as cross-entropy's gradient does).
         """
+        stats = self.hooks.get_bin_stats()
+        self.hooks.clear()
         return self.a_reg.total_from_stats(stats)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, use_br: bool, check: tuple | None = None) -> dict:

@@ -39,8 +39,10 @@ class BinStatsCollector:
     def __init__(self, quantizers: dict[str, LSQQuantizer], grad_to_alpha: bool):
         self._quantizers = dict(quantizers)
         self._stats: dict[str, BinStats] = {}
+        self._sinks = {name: self._make_sink(name) for name in self._quantizers}
         for quantizer in self._quantizers.values():
             quantizer.bin_stats_grad_to_alpha = grad_to_alpha
+        self._enabled = None
         self.enabled = True
 
     @property
@@ -50,9 +52,11 @@ class BinStatsCollector:
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
+        if bool(value) == self._enabled:  # set every training step: nothing to do most of the time
+            return
         self._enabled = bool(value)
         for name, quantizer in self._quantizers.items():
-            quantizer.bin_stats_sink = self._make_sink(name) if self._enabled else None
+            quantizer.bin_stats_sink = self._sinks[name] if self._enabled else None
 
     def _make_sink(self, name: str):
         def sink(stats: BinStats) -> None:

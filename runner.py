@@ -148,12 +148,13 @@ def run_config(cfg, data_source: str) -> dict:
     """The content of config.json: every resolved flag, derived values and versions."""
     import torchvision
     from config import act_bits, first_last_bits, weight_bits
+    device = resolve_device(cfg.device)
     return {"flags": dict(vars(cfg)),
             "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg),
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
-                        "device": str(resolve_device(cfg.device)), "data": data_source,
-                        "cpu_kernels": (kernels.describe() if resolve_device(cfg.device).type == "cpu"
-                                        and not is_float_run(cfg) else None)},
+                        "device": str(device), "data": data_source,
+                        "cpu_kernels": (kernels.describe() if device.type == "cpu" and not is_float_run(cfg)
+                                        else None)},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__},
             "git_commit": git_commit()}

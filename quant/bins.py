@@ -21,7 +21,6 @@ for an upstream gradient ``G`` of ``stats``; counts and ``abs_sum`` carry no gra
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -67,7 +66,7 @@ def flat_view(t: torch.Tensor) -> torch.Tensor:
 
 def unflat_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Undo ``flat_view``: ``flat`` of ``like.numel()`` elements, shaped (and laid out) as ``like``."""
-    if _is_channels_last(like):
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
         n, c, h, w = like.shape
         return flat.view(n, h, w, c).permute(0, 3, 1, 2)
     return flat.view(like.shape)
@@ -94,69 +93,52 @@ def bin_sum(index: torch.Tensor, num_bins: int, values: torch.Tensor | None = No
         0, index.long(), ones if values is None else values)
 
 
-def _residuals(values, steps: torch.Tensor, quant_min: int, quant_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``c - k`` in steps (``c = v/α``, ``k = clamp(round(c), Qn, Qp)``) of all values of ``values``
-    concatenated in ``flat_view`` order, in the dtype of ``steps`` (shape ``(L,)``), and each
-    value's bin ``k - Qn`` plus ``K`` per tensor before it. No gradient."""
-    num_bins = quant_max - quant_min + 1
-    parts = [flat_view(v.detach()).to(steps.dtype) / a for v, a in zip(values, steps.unbind())]
-    scaled = torch.cat(parts) if len(parts) > 1 else parts[0]
+def _residuals(x: torch.Tensor, step: torch.Tensor, quant_min: int,
+               quant_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``c - k`` in steps (``c = x/α``, ``k = clamp(round(c), Qn, Qp)``) over ``flat_view(x)``, in the
+    dtype of ``step``, and each value's bin ``k - Qn``. No gradient."""
+    scaled = flat_view(x.detach()).to(step.dtype) / step
     levels = scaled.round().clamp_(quant_min, quant_max)
     # int32 on the CPU (bincount and index_select take it; half the memory traffic of int64)
     index_dtype = torch.int32 if scaled.device.type == "cpu" else torch.int64
-    index = (levels - quant_min).to(index_dtype).clamp_(0, num_bins - 1)  # in range for NaN too
-    if len(values) > 1:
-        index.add_(_bin_offsets(values, num_bins, index_dtype))
+    index = (levels - quant_min).to(index_dtype).clamp_(0, quant_max - quant_min)  # in range for NaN too
     return scaled.sub_(levels), index  # the residual takes the memory of scaled
 
 
-def _stats(residual: torch.Tensor, index: torch.Tensor, steps: torch.Tensor,
-           num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(stats (L, 3, K), abs_sums (L,))`` from ``_residuals``: sums in steps, scaled back per tensor
-    (``Σd = α·Σ(c-k)``, ``Σd² = α²·Σ(c-k)²``)."""
-    count, total = steps.numel(), steps.numel() * num_bins
-    per_bin = torch.stack([bin_sum(index, total, dtype=residual.dtype), bin_sum(index, total, residual),
-                           bin_sum(index, total, residual.square())]).view(3, count, num_bins)
-    scale = torch.stack([torch.ones_like(steps), steps, steps * steps]).unsqueeze(-1)  # (3, L, 1)
-    if count == 1:
-        abs_sums = residual.abs().sum().reshape(1)
-    else:  # Σ|c - k| per tensor: the per-bin sums of each tensor's K bins
-        abs_sums = bin_sum(index, total, residual.abs()).view(count, num_bins).sum(-1)
-    return (per_bin * scale).transpose(0, 1).contiguous(), abs_sums * steps
-
-
-def _gradient(grad_stats: torch.Tensor, residual: torch.Tensor, index: torch.Tensor,
-              steps: torch.Tensor) -> torch.Tensor:
-    """``G[1, k] + 2·G[2, k]·d`` per value (flat), with ``d = α·(c - k)`` (α folded into the table)."""
-    table = grad_stats.to(residual.dtype)
-    per_bin = table[:, 1].reshape(-1).index_select(0, index)
-    return per_bin.addcmul_((2 * table[:, 2] * steps[:, None]).reshape(-1).index_select(0, index), residual)
-
-
-def _steps(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """α as a ``(1,)`` tensor in the dtype the statistics of ``x`` are computed in (at least float32)."""
+def _step(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """α, detached, in the dtype the statistics of ``x`` are computed in (at least float32)."""
     dtype = torch.promote_types(torch.promote_types(x.dtype, torch.float32), alpha.dtype)
-    return alpha.detach().to(dtype).reshape(1)
+    return alpha.detach().to(dtype)
 
 
 def eager_bin_statistics(x: torch.Tensor, alpha: torch.Tensor, quant_min: int,
                          quant_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(stats (3, K), abs_sum ())`` of one tensor with PyTorch ops (the quantizer's path off the CPU kernels)."""
-    steps = _steps(x, alpha)
-    residual, index = _residuals([x], steps, quant_min, quant_max)
-    stats, abs_sums = _stats(residual, index, steps, quant_max - quant_min + 1)
-    return stats[0], abs_sums[0]
+    """``(stats (3, K), abs_sum ())`` of one tensor with PyTorch ops; no gradient.
+
+    Sums are taken in steps and scaled back: ``Σd = α·Σ(c-k)``, ``Σd² = α²·Σ(c-k)²``.
+    """
+    step = _step(x, alpha)
+    residual, index = _residuals(x, step, quant_min, quant_max)
+    num_bins = quant_max - quant_min + 1
+    per_bin = torch.stack([bin_sum(index, num_bins, dtype=residual.dtype), bin_sum(index, num_bins, residual),
+                           bin_sum(index, num_bins, residual.square())])
+    scale = torch.stack([torch.ones_like(step), step, step * step]).unsqueeze(-1)  # (3, 1)
+    return per_bin * scale, residual.abs_().sum() * step
 
 
 def eager_bin_gradient(grad_stats: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
                        quant_min: int, quant_max: int) -> torch.Tensor:
-    """``∂/∂x`` of ``Σ grad_stats * stats(x)`` (``grad_stats`` of shape ``(3, K)``), shaped as ``x``.
+    """``∂/∂x`` of ``Σ grad_stats * stats(x)`` (``grad_stats`` of shape ``(3, K)``): ``G[1, k] + 2·G[2, k]·d``
+    per value, shaped as ``x``.
 
     In at least float32; the caller casts. Recomputes the bins rather than keeping them.
     """
-    steps = _steps(x, alpha)
-    residual, index = _residuals([x], steps, quant_min, quant_max)
-    return unflat_view(_gradient(grad_stats[None], residual, index, steps), x)
+    step = _step(x, alpha)
+    residual, index = _residuals(x, step, quant_min, quant_max)
+    table = grad_stats.to(residual.dtype)
+    per_bin = table[1].index_select(0, index)
+    # d = α·(c - k): α folded into the second table
+    return unflat_view(per_bin.addcmul_((2 * step * table[2]).index_select(0, index), residual), x)
 
 
 def bin_alpha_gradient(grad_stats: torch.Tensor, stats: torch.Tensor, quant_min: int) -> torch.Tensor:
@@ -170,72 +152,25 @@ def bin_alpha_gradient(grad_stats: torch.Tensor, stats: torch.Tensor, quant_min:
 
 
 class _BinStatistics(torch.autograd.Function):
-    """Bin statistics of several tensors, each on its own step size, in one pass of ops.
-
-    The tensors are concatenated in units of their own step (``c = v/α``, in at least
-    float32), and every value's bin gets an offset of ``K`` per tensor, so one set of
-    per-bin sums covers all of them: a fixed number of ops per call instead of per tensor
-    (W-BR regularises 18 small weight tensors per step, where the cost is the number of
-    ops, not their size). Sums in step units are scaled back per tensor: ``Σd = α·Σ(c-k)``,
-    ``Σd² = α²·Σ(c-k)²``. Saved for backward: the residuals and bins (the size of the
-    weights), so the backward pass does not recompute them.
-    """
+    """Bin statistics of one tensor with their gradients to the tensor and (optionally) to α."""
 
     @staticmethod
-    def forward(ctx, quant_min, quant_max, grad_to_alpha, count, *tensors):
-        values, alphas = tensors[:count], tensors[count:]
-        dtype = torch.promote_types(torch.promote_types(values[0].dtype, torch.float32), alphas[0].dtype)
-        steps = torch.stack([a.detach().to(dtype) for a in alphas])
-        residual, index = _residuals(values, steps, quant_min, quant_max)
-        stats, abs_sums = _stats(residual, index, steps, quant_max - quant_min + 1)
-        ctx.save_for_backward(residual, index, steps, stats)
-        ctx.quant_min, ctx.grad_to_alpha = quant_min, grad_to_alpha
-        ctx.shapes = [(v.shape, v.dtype, _is_channels_last(v)) for v in values]
-        ctx.mark_non_differentiable(abs_sums)
-        return stats, abs_sums
+    def forward(ctx, v, alpha, quant_min, quant_max, grad_to_alpha):
+        stats, abs_sum = eager_bin_statistics(v, alpha, quant_min, quant_max)
+        ctx.save_for_backward(v, alpha, stats)
+        ctx.quant_range, ctx.grad_to_alpha = (quant_min, quant_max), grad_to_alpha
+        ctx.mark_non_differentiable(abs_sum)
+        return stats, abs_sum
 
     @staticmethod
-    def backward(ctx, grad_stats, _grad_abs_sums):
-        residual, index, steps, stats = ctx.saved_tensors
-        count = len(ctx.shapes)
-        grads_v = [None] * count
-        if any(ctx.needs_input_grad[4:4 + count]):
-            flat = _gradient(grad_stats, residual, index, steps)
-            parts = flat.split([math.prod(shape) for shape, _, _ in ctx.shapes])
-            for i, (part, (shape, dtype, channels_last)) in enumerate(zip(parts, ctx.shapes)):
-                if ctx.needs_input_grad[4 + i]:
-                    grads_v[i] = _shaped(part, shape, channels_last).to(dtype)
-        grads_a = [None] * count
-        if ctx.grad_to_alpha:
-            per_tensor = bin_alpha_gradient(grad_stats, stats, ctx.quant_min)
-            grads_a = [g if ctx.needs_input_grad[4 + count + i] else None for i, g in enumerate(per_tensor.unbind())]
-        return None, None, None, None, *grads_v, *grads_a
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    """Whether ``flat_view(t)`` is in channels_last (NHWC) order rather than the logical one."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _shaped(flat: torch.Tensor, shape: torch.Size, channels_last: bool) -> torch.Tensor:
-    """A gradient in ``flat_view`` order back in the shape (and channels_last layout) of its tensor."""
-    if not channels_last:
-        return flat.view(shape)
-    n, c, h, w = shape
-    return flat.view(n, h, w, c).permute(0, 3, 1, 2)
-
-
-_OFFSETS: dict = {}
-
-
-def _bin_offsets(values, num_bins: int, dtype: torch.dtype) -> torch.Tensor:
-    """``i·K`` for every value of tensor ``i`` (cached per sizes: W-BR asks for the same ones every step)."""
-    key = (tuple(v.numel() for v in values), num_bins, values[0].device, dtype)
-    if key not in _OFFSETS:
-        sizes = torch.tensor(key[0], device=key[2])
-        _OFFSETS.clear()  # one entry: a model's weights; a new set replaces it
-        _OFFSETS[key] = (torch.arange(len(values), device=key[2]).repeat_interleave(sizes) * num_bins).to(dtype)
-    return _OFFSETS[key]
+    def backward(ctx, grad_stats, _grad_abs_sum):
+        v, alpha, stats = ctx.saved_tensors
+        grad_v = grad_alpha = None
+        if ctx.needs_input_grad[0]:
+            grad_v = eager_bin_gradient(grad_stats, v, alpha, *ctx.quant_range).to(v.dtype)
+        if ctx.grad_to_alpha and ctx.needs_input_grad[1]:
+            grad_alpha = bin_alpha_gradient(grad_stats, stats, ctx.quant_range[0]).to(alpha.dtype)
+        return grad_v, grad_alpha, None, None, None
 
 
 def bin_statistics(values: list[torch.Tensor], alphas: list[torch.Tensor], quant_min: int, quant_max: int,
@@ -259,4 +194,6 @@ def bin_statistics(values: list[torch.Tensor], alphas: list[torch.Tensor], quant
     if not values or len(values) != len(alphas):
         raise ValueError(f"bin_statistics: need as many step sizes as tensors (at least one), "
                          f"got {len(values)} tensors and {len(alphas)} step sizes")
-    return _BinStatistics.apply(quant_min, quant_max, grad_to_alpha, len(values), *values, *alphas)
+    stats, abs_sums = zip(*(_BinStatistics.apply(v, a, quant_min, quant_max, grad_to_alpha)
+                            for v, a in zip(values, alphas)))
+    return torch.stack(stats), torch.stack(abs_sums)

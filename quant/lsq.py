@@ -101,7 +101,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
         if kernels_apply(x):
             if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
                 x = x.contiguous()
-            out, stats, abs_sum = cpu_kernels().lsq_forward(x, a, quant_min, quant_max, with_stats, True)
+            out, stats, abs_sum = cpu_kernels().lsq_forward(x, a, quant_min, quant_max, with_stats)
         else:
             out = torch.clamp(x / a, quant_min, quant_max).round_().mul_(a)
             stats, abs_sum = (eager_bin_statistics(x, a, quant_min, quant_max) if with_stats

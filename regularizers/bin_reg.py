@@ -120,36 +120,22 @@ class BinRegularizer:
             only_v = sorted(values.keys() - alphas.keys())
             only_a = sorted(alphas.keys() - values.keys())
             raise KeyError(f"BR keys do not match: values without alpha {only_v}, alphas without values {only_a}")
-        if not values:
-            return _total([], None, None)
-        names = list(values)
-        stats, abs_sums = bin_statistics([values[n] for n in names], [alphas[n] for n in names],
-                                         self.quant_min, self.quant_max, backprop_to_alpha)
-        steps = torch.stack([alphas[n].detach() for n in names])
-        return _total(names, *loss_from_bin_stats(stats, abs_sums, [values[n].numel() for n in names], steps))
-
-    def loss_from_stats(self, stats: BinStats):
-        """BR loss and info of one tensor from the ``BinStats`` its quantizer computed."""
-        return loss_from_bin_stats(stats.stats, stats.abs_sum, stats.numel, stats.alpha)
+        stats, abs_sums = (bin_statistics(list(values.values()), [alphas[n] for n in values], self.quant_min,
+                                          self.quant_max, backprop_to_alpha) if values else ((), ()))
+        return self.total_from_stats({n: BinStats(s, a, v.numel(), alphas[n].detach(), self.quant_min)
+                                      for (n, v), s, a in zip(values.items(), stats, abs_sums)})
 
     def total_from_stats(self, stats: dict[str, BinStats]) -> tuple[torch.Tensor, dict]:
-        """As ``compute_total_loss``, from name -> ``BinStats`` (A-BR: the quantizers' own statistics).
+        """As ``compute_total_loss``, from name -> ``BinStats`` (in training: the quantizers' own statistics).
 
         Whether the gradient reaches α was decided when the statistics were computed
         (``LSQQuantizer.bin_stats_grad_to_alpha``).
         """
         if not stats:
-            return _total([], None, None)
-        names, items = list(stats), list(stats.values())
+            return torch.zeros(()), {"per_tensor": {}, "total": torch.zeros(len(INFO_FIELDS))}
+        items = list(stats.values())
         losses, infos = loss_from_bin_stats(torch.stack([s.stats for s in items]),
                                             torch.stack([s.abs_sum for s in items]), [s.numel for s in items],
                                             torch.stack([s.alpha for s in items]))
-        return _total(names, losses, infos)
-
-
-def _total(names: list[str], losses: torch.Tensor | None, infos: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-    """The total of per-tensor losses ``(L,)`` and infos ``(L, 4)``; see ``BinRegularizer.compute_total_loss``."""
-    if not names:
-        return torch.zeros(()), {"per_tensor": {}, "total": torch.zeros(len(INFO_FIELDS))}
-    summary = torch.cat([infos[:, :3].sum(0), infos[:, 3:].mean(0)])
-    return losses.sum(), {"per_tensor": dict(zip(names, infos.unbind())), "total": summary}
+        summary = torch.cat([infos[:, :3].sum(0), infos[:, 3:].mean(0)])  # the distance: a mean over tensors
+        return losses.sum(), {"per_tensor": dict(zip(stats, infos.unbind())), "total": summary}

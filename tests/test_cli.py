@@ -122,9 +122,8 @@ def _br_term_gradients(trainer, term):
         loss, _ = trainer.weight_br()
         alphas, values = [m.weight_quant.alpha for m in layers], [m.weight for m in layers]
     else:
-        stats = trainer.hooks.get_bin_stats()
-        assert set(stats) == set(trainer.br_layers)
-        loss, _ = trainer.activation_br(stats)
+        assert set(trainer.hooks.get_bin_stats()) == set(trainer.br_layers)
+        loss, _ = trainer.activation_br()
         alphas, values = [layers[-1].act_quant.alpha], [trainer.model.conv1.weight]
     grads = torch.autograd.grad(loss, alphas + values, allow_unused=True)
     norm = lambda gs: sum(0.0 if g is None else g.abs().sum().item() for g in gs)  # noqa: E731

@@ -63,9 +63,22 @@ inline vf vabs(vf v) { return (vf)((vi)v & 0x7fffffff); }  // clear the sign bit
 // Per-chunk partial sums of the forward: K bins x (count, sum d, sum d^2), then sum |d|.
 struct ForwardArgs {
   const float* x;
-  float* out;  // may be null: statistics only
+  float* out;
   float a, lo, hi;
 };
+
+// Quantizes x[begin, begin + len) and adds its statistics to part (K bins x (count, sum d,
+// sum d^2), then sum |d|) one value at a time: the wide grids (5-8 bits) and every chunk's tail.
+void forward_scalar(const ForwardArgs& p, int64_t begin, int64_t len, int nb, double* part) {
+  for (int64_t i = begin; i < begin + len; ++i) {
+    float q = clamp_round(p.x[i] / p.a, p.lo, p.hi), y = q * p.a;
+    p.out[i] = y;
+    float d = p.x[i] - y;
+    part[3 * nb] += std::fabs(d);
+    int k = std::isnan(q) ? 0 : static_cast<int>(q - p.lo);  // a NaN value makes its bin's sums NaN
+    part[3 * k] += 1; part[3 * k + 1] += d; part[3 * k + 2] += static_cast<double>(d) * d;
+  }
+}
 
 // Statistics of one chunk, vector bin loop (NB bins known at compile time).
 template <int NB>
@@ -77,13 +90,13 @@ void forward_chunk(const ForwardArgs& p, int64_t begin, int64_t len, double* par
   vf level[nb], cnt[nb] = {}, sum[nb] = {}, sq[nb] = {}, absd = {};
   for (int k = 0; k < nb; ++k) level[k] = splat(p.lo + k);
   const float* __restrict x = p.x + begin;
-  float* __restrict out = p.out ? p.out + begin : nullptr;
+  float* __restrict out = p.out + begin;
   int64_t i = 0;
   for (; i + W <= len; i += W) {
     vf xv = load(x + i);
     vf q = clamp_round(xv / av, lov, hiv);
     vf y = q * av;
-    if (out) store(out + i, y);
+    store(out + i, y);
     if constexpr (NB > 0) {
       vf d = xv - y, d2 = d * d;
       absd += vabs(d);
@@ -97,36 +110,17 @@ void forward_chunk(const ForwardArgs& p, int64_t begin, int64_t len, double* par
       }
     }
   }
-  double tail[3 * (NB > 0 ? NB : 1) + 1] = {};
-  for (; i < len; ++i) {
-    float q = clamp_round(x[i] / p.a, p.lo, p.hi), y = q * p.a;
-    if (out) out[i] = y;
-    if constexpr (NB > 0) {
-      float d = x[i] - y;
-      tail[3 * NB] += std::fabs(d);
-      for (int k = 0; k < NB; ++k)
-        if (q == p.lo + k || (k == 0 && std::isnan(q))) { tail[3 * k] += 1; tail[3 * k + 1] += d; tail[3 * k + 2] += d * d; }
-    }
-  }
   if constexpr (NB > 0) {
+    double tail[3 * NB + 1] = {};
+    forward_scalar(p, begin + i, len - i, NB, tail);
     for (int k = 0; k < NB; ++k) {
       part[3 * k] = lane_sum(cnt[k]) + tail[3 * k];
       part[3 * k + 1] = lane_sum(sum[k]) + tail[3 * k + 1];
       part[3 * k + 2] = lane_sum(sq[k]) + tail[3 * k + 2];
     }
     part[3 * NB] = lane_sum(absd) + tail[3 * NB];
-  }
-}
-
-// Statistics of one chunk for wide grids (5-8 bits): scalar scatter into the bins.
-void forward_chunk_scalar(const ForwardArgs& p, int64_t begin, int64_t len, int nb, double* part) {
-  for (int64_t i = begin; i < begin + len; ++i) {
-    float q = clamp_round(p.x[i] / p.a, p.lo, p.hi), y = q * p.a;
-    if (p.out) p.out[i] = y;
-    float d = p.x[i] - y;
-    part[3 * nb] += std::fabs(d);
-    int k = std::isnan(q) ? 0 : static_cast<int>(q - p.lo);  // a NaN value makes its bin's sums NaN
-    part[3 * k] += 1; part[3 * k + 1] += d; part[3 * k + 2] += static_cast<double>(d) * d;
+  } else {
+    for (; i < len; ++i) out[i] = clamp_round(x[i] / p.a, p.lo, p.hi) * p.a;
   }
 }
 
@@ -138,7 +132,7 @@ void run_forward(const ForwardArgs& p, int64_t n, int nb, double* totals) {
     for (int64_t c = first; c < last; ++c) {
       const int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
       if (NB > 0 || nb == 0) forward_chunk<NB>(p, begin, len, nb > 0 ? parts.data() + c * width : nullptr);
-      else forward_chunk_scalar(p, begin, len, nb, parts.data() + c * width);
+      else forward_scalar(p, begin, len, nb, parts.data() + c * width);
     }
   });
   for (int64_t c = 0; c < (nb > 0 ? chunks : 0); ++c)
@@ -163,18 +157,17 @@ void check_input(const torch::Tensor& x, const char* what) {
 // also stats (3, K) float32: per bin k (level qmin + k) the count, sum of d and sum of d^2,
 // d = x - out; and abs_sum, a float32 scalar: the sum of |d| over all elements.
 std::vector<torch::Tensor> lsq_forward(const torch::Tensor& x, const torch::Tensor& a, int64_t qmin, int64_t qmax,
-                                       bool with_stats, bool write_out) {
+                                       bool with_stats) {
   check_input(x, "lsq_forward");
   TORCH_CHECK(qmin < qmax && qmax - qmin < 256, "lsq_forward: need qmin < qmax, at most 256 levels");
   const int nb = with_stats ? static_cast<int>(qmax - qmin + 1) : 0;
-  torch::Tensor out = write_out ? at::empty_like(x) : torch::Tensor();
-  ForwardArgs p{x.data_ptr<float>(), write_out ? out.data_ptr<float>() : nullptr,
+  torch::Tensor out = at::empty_like(x);
+  ForwardArgs p{x.data_ptr<float>(), out.data_ptr<float>(),
                 step_size(a), static_cast<float>(qmin), static_cast<float>(qmax)};
   std::vector<double> totals(3 * nb + 1, 0.0);
   const int64_t n = x.numel();
   switch (nb) {
     case 0: run_forward<0>(p, n, 0, nullptr); break;
-    case 2: run_forward<2>(p, n, nb, totals.data()); break;
     case 4: run_forward<4>(p, n, nb, totals.data()); break;
     case 8: run_forward<8>(p, n, nb, totals.data()); break;
     case 16: run_forward<16>(p, n, nb, totals.data()); break;
@@ -185,7 +178,7 @@ std::vector<torch::Tensor> lsq_forward(const torch::Tensor& x, const torch::Tens
   for (int k = 0; k < nb; ++k)
     for (int r = 0; r < 3; ++r) s[r][k] = static_cast<float>(totals[3 * k + r]);
   torch::Tensor abs_sum = torch::full({}, static_cast<float>(totals[3 * nb]), x.options());
-  return {out, stats, abs_sum};  // an undefined out reaches Python as None
+  return {out, stats, abs_sum};
 }
 
 // Gradients of lsq_forward. grad_x = grad_out where qmin < x/a < qmax, else 0 (straight-
