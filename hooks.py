@@ -83,7 +83,9 @@ class ActivationHookManager:
     Captures are keyed by the layer's module name (the same key as the layer's step
     sizes: ``<layer>.act_quant.alpha``). Each capture is the tensor the quantizer
     receives, shape ``(N, C, H, W)`` for convs and ``(N, F)`` for linears, not a copy:
-    the network keeps it for its own backward pass anyway.
+    the network keeps it for its own backward pass anyway. For a quantizer with a fused
+    ReLU (``LSQQuantizer.input_relu``) that is the ReLU's input; ``get_pre_quant_activations``
+    applies the ReLU when asked, so it always returns the values that are quantized.
 
     A capture happens only when the manager is enabled, the quantizer is in training
     mode and gradients are enabled: nothing is recorded under ``eval()``,
@@ -118,6 +120,7 @@ class ActivationHookManager:
             raise KeyError(f"ActivationHookManager: not quantized layers with an activation quantizer: {unknown}")
         self._captured: dict[str, torch.Tensor] = {}
         quantizers = {name: layers[name].act_quant for name in names}
+        self._quantizers = quantizers
         self._bin_stats = BinStatsCollector(quantizers, bin_stats_grad_to_alpha)
         self._handles = [model.register_forward_pre_hook(lambda _m, _a: self.clear())]
         for name, quantizer in quantizers.items():
@@ -141,8 +144,9 @@ class ActivationHookManager:
         return hook
 
     def get_pre_quant_activations(self) -> dict[str, torch.Tensor]:
-        """The captures of the latest forward pass: layer name -> pre-quantization activation."""
-        return dict(self._captured)
+        """The captures of the latest forward pass: layer name -> pre-quantization activation
+        (with autograd history; a new tensor where the quantizer has a fused ReLU)."""
+        return {name: self._quantizers[name].pre_quantization(x) for name, x in self._captured.items()}
 
     def get_bin_stats(self) -> dict[str, BinStats]:
         """The bin statistics of the latest forward pass: layer name -> ``BinStats`` of its input."""

@@ -175,8 +175,8 @@ def capture_activations(model: torch.nn.Module, layer_names: list[str], images: 
     parts: dict[str, list[np.ndarray]] = {n: [] for n in layer_names}
     handles = []
     for name in layer_names:
-        def hook(_module, inputs, name=name):
-            parts[name].append(inputs[0].detach().float().flatten().numpy().copy())
+        def hook(module, inputs, name=name):
+            parts[name].append(module.pre_quantization(inputs[0]).detach().float().flatten().numpy().copy())
         handles.append(layers[name].act_quant.register_forward_pre_hook(hook))
     try:
         model.eval()

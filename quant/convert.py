@@ -22,7 +22,33 @@ def _quantized_copy(layer: nn.Module, weight_bits: int, act_bits: int, act_signe
     return new
 
 
-def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last_bits: int = 8) -> nn.Module:
+def fuse_relus(model: nn.Module) -> list[str]:
+    """Fuse each ReLU that feeds only a quantized layer into that layer's input quantizer, in place.
+
+    A module declares such pairs in ``exclusive_activations`` (attribute names
+    ``(activation, layer)``, e.g. ``models.resnet.BasicBlock``). Where the activation is
+    exactly ``nn.ReLU`` and the layer's ``act_quant`` is enabled and unsigned, the ReLU is
+    replaced by ``nn.Identity`` and ``act_quant.input_relu`` set: the quantizer then applies
+    the ReLU itself, in the same pass as the quantization (``quant.lsq.LSQQuantizer``), with
+    the same values and gradients. Other activations (``nn.Hardtanh``) are left alone.
+
+    Returns:
+        the module names of the fused ReLUs.
+    """
+    fused = []
+    for name, module in model.named_modules():
+        for act_name, layer_name in getattr(module, "exclusive_activations", ()):
+            act, layer = getattr(module, act_name), getattr(module, layer_name)
+            if (type(act) is nn.ReLU and isinstance(layer, QuantizedLayer) and layer.act_quant.enabled
+                    and not layer.act_quant.signed):
+                setattr(module, act_name, nn.Identity())
+                layer.act_quant.input_relu = True
+                fused.append(f"{name}.{act_name}" if name else act_name)
+    return fused
+
+
+def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last_bits: int = 8,
+                   fuse_relu: bool = True) -> nn.Module:
     """Replace every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by ``QConv2d`` / ``QLinear``, in place.
 
     Trained weights and biases are kept. The first conv and the last linear (in module
@@ -37,9 +63,13 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last
     ``<layer>`` is the layer's module name, so weight α, activation α and captured
     activations all match by ``<layer>``.
 
+    With ``fuse_relu``, ReLUs that feed only a quantized layer are then fused into its
+    input quantizer (``fuse_relus``): the same function, one pass fewer each way.
+
     Args:
         model: a float network; modified in place and returned.
         weight_bits, act_bits, first_last_bits: 2..8, or 32 for full precision.
+        fuse_relu: fuse exclusive ReLUs into the following quantizer (default True).
 
     Returns:
         ``model``.
@@ -67,6 +97,8 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last
         new.is_first_or_last = is_edge
         parent_name, _, child_name = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child_name, new)
+    if fuse_relu:
+        fuse_relus(model)
     return model
 
 

@@ -8,6 +8,8 @@ for the vector instructions torch detected on this CPU (AVX-512, AVX2 or SSE2). 
 apply to float32 tensors on the CPU outside ``torch.compile``. Without a C++ compiler, or
 with ``QATBR_KERNELS=eager`` in the environment, everything runs on the eager PyTorch
 path, which gives the same values (tests/test_bin_stats.py compares the two).
+The kernels can apply a ReLU to their input in the same passes (``LSQQuantizer.input_relu``),
+and take their outputs from a cache of freed buffers (``idle_buffer_bytes``).
 """
 
 from __future__ import annotations
@@ -145,6 +147,17 @@ def describe() -> str:
     if kernel_mode() == "eager":
         return f"PyTorch ops ({ENV_VAR}=eager)"
     return f"PyTorch ops (kernels unavailable: {_state.get('reason', 'unknown')})"
+
+
+def idle_buffer_bytes() -> int:
+    """Bytes of freed output buffers the kernels keep for their next outputs (0 without kernels).
+
+    The kernels take their outputs from a cache of freed buffers (up to 1 GiB idle), so that
+    activation-sized outputs do not page-fault fresh memory every step (quant/csrc/lsq_cpu.cpp).
+    These bytes count as in use to malloc; memory measurements subtract them.
+    """
+    module = _state.get("module")
+    return module.idle_buffer_bytes() if module is not None else 0
 
 
 def kernels_apply(x: torch.Tensor) -> bool:

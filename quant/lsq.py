@@ -70,7 +70,8 @@ def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _LSQFakeQuantize(torch.autograd.Function):
     """LSQ fake quantization of one tensor in a single autograd node (LSQ eq. 1-3), with BR's
-    bin statistics of the same tensor as an optional second output.
+    bin statistics of the same tensor as an optional second output, and optionally a ReLU
+    fused in front (``input_relu``).
 
     Computes what the plain autograd formulation ``round_ste(clamp(x / a, Qmin, Qmax)) * a``
     with ``a = scale_grad(alpha, g)`` computes (``plain_lsq`` in tests/test_lsq_fused.py, the
@@ -87,28 +88,36 @@ class _LSQFakeQuantize(torch.autograd.Function):
       ``∂L/∂x`` in the same pass (``G[1, j] + 2·G[2, j]·d``), and to α (without ``g``: BR
       does not use LSQ's gradient scale) only when ``bin_stats == "to_alpha"``.
 
-    Saved for backward: ``x`` (which the ReLU before the quantizer saves anyway) and the
-    statistics. A NaN input gives a NaN output and a NaN α-gradient.
+    With ``input_relu`` the node computes all of this for ``torch.relu(x)`` and multiplies
+    ``∂L/∂x`` by the ReLU's gradient (0 where ``relu(x) <= 0``), exactly what ``torch.relu``
+    followed by this node computes; the kernels do it in the same passes, so the ReLU costs
+    no pass of its own (PyTorch path: ``torch.relu`` and its backward as separate ops).
+
+    Saved for backward: ``x`` (which the ReLU before the quantizer, or the fused one, saves
+    anyway) and the statistics. A NaN input gives a NaN output and a NaN α-gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, quant_min, quant_max, grad_scale, bin_stats=None):
+    def forward(ctx, x, alpha, quant_min, quant_max, grad_scale, bin_stats=None, input_relu=False):
         # The value of scale_grad(alpha, g) is (α - αg) + αg, which is not always α to the
         # last bit; computing it the same way keeps the output bit-identical to the plain form.
         scaled = alpha * grad_scale
         a = ((alpha - scaled) + scaled).to(x.dtype)
         with_stats = bin_stats is not None
-        if kernels_apply(x):
+        ctx.kernels = kernels_apply(x)  # backward takes the same path (it saved what that path needs)
+        if ctx.kernels:
             if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
                 x = x.contiguous()
-            out, stats, abs_sum = cpu_kernels().lsq_forward(x, a, quant_min, quant_max, with_stats)
+            out, stats, abs_sum = cpu_kernels().lsq_forward(x, a, quant_min, quant_max, with_stats, input_relu)
         else:
+            if input_relu:
+                x = torch.relu(x)  # saved instead of the input: threshold_backward needs relu(x)
             out = torch.clamp(x / a, quant_min, quant_max).round_().mul_(a)
             stats, abs_sum = (eager_bin_statistics(x, a, quant_min, quant_max) if with_stats
                               else (x.new_zeros(3, 0, dtype=torch.float32), x.new_zeros((), dtype=torch.float32)))
         ctx.save_for_backward(x, a, stats)
         ctx.quant_range, ctx.bin_stats = (quant_min, quant_max), bin_stats
-        ctx.grad_scale, ctx.alpha_dtype = grad_scale, alpha.dtype
+        ctx.grad_scale, ctx.alpha_dtype, ctx.input_relu = grad_scale, alpha.dtype, input_relu
         ctx.mark_non_differentiable(abs_sum)
         ctx.set_materialize_grads(False)  # an unused statistics output costs nothing in backward
         return out, stats, abs_sum
@@ -122,10 +131,11 @@ class _LSQFakeQuantize(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(x)
         br_table = grad_stats[1:].float().contiguous() if grad_stats is not None else None
-        if kernels_apply(x):
+        if ctx.kernels:
             if grad_out.stride() != x.stride():
                 grad_out = torch.empty_like(x).copy_(grad_out)
-            grad_x, step_sum = cpu_kernels().lsq_backward(grad_out, x, a, quant_min, quant_max, br_table)
+            grad_x, step_sum = cpu_kernels().lsq_backward(grad_out, x, a, quant_min, quant_max, br_table,
+                                                          ctx.input_relu)
         else:
             c = x / a
             # hardtanh_backward(g, c, lo, hi) is g where lo < c < hi, else 0: the STE in one pass.
@@ -134,13 +144,15 @@ class _LSQFakeQuantize(torch.autograd.Function):
                         - _sum_of_products(grad_x, c))
             if br_table is not None:
                 grad_x = grad_x + eager_bin_gradient(grad_stats, x, a, quant_min, quant_max).to(grad_x.dtype)
+            if ctx.input_relu:  # x is relu(input) here: torch.relu's own backward
+                grad_x = torch.ops.aten.threshold_backward(grad_x, x, 0)
         grad_alpha = None
         if ctx.needs_input_grad[1]:
             grad_alpha = step_sum * ctx.grad_scale
             if grad_stats is not None and ctx.bin_stats == "to_alpha":
                 grad_alpha = grad_alpha + bin_alpha_gradient(grad_stats, stats, quant_min)
             grad_alpha = grad_alpha.to(ctx.alpha_dtype)
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None, None
 
 
 def lsq_fake_quantize(x: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int,
@@ -182,6 +194,13 @@ class LSQQuantizer(nn.Module):
     activations). It is written in place and recorded in the ``initialized`` buffer,
     so a quantizer restored with ``load_state_dict`` is never re-initialised from data.
 
+    Fused ReLU: with ``input_relu`` (set by ``quant.convert.quantize_model`` where a ReLU's
+    output feeds only this quantizer, the ReLU module then being removed) the quantizer
+    quantizes ``relu(x)`` and its gradient includes the ReLU's: values, gradients, α's
+    initialisation and bin statistics are those of ``nn.ReLU`` followed by an unfused
+    quantizer. ``pre_quantization(x)`` gives the values it quantizes (what forward
+    pre-hooks that inspect "pre-quantization activations" must use).
+
     Bin statistics (for Bin Regularization, see ``hooks.BinStatsCollector``):
     when ``bin_stats_sink`` is a callable, every forward pass in training mode with
     gradients on also computes the ``quant.bins.BinStats`` of its input on its own grid,
@@ -194,6 +213,7 @@ class LSQQuantizer(nn.Module):
             ``num_bits >= 32``.
         grad_count: ``"numel"`` (weights) or ``"per_sample"`` (activations): which N
             the gradient scale uses.
+        input_relu: whether a ReLU is fused in front (default False).
         bin_stats_sink: ``None`` or a callable taking ``BinStats``.
         bin_stats_grad_to_alpha: whether the statistics carry gradient to α.
 
@@ -219,13 +239,20 @@ class LSQQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         # Python mirror of the buffer, so that forward never reads a device value.
         self._is_initialized = False
+        self.input_relu = False
         self.bin_stats_sink = None
         self.bin_stats_grad_to_alpha = False
 
     def extra_repr(self) -> str:
         if not self.enabled:
             return f"num_bits={self.num_bits} (identity)"
-        return f"num_bits={self.num_bits}, signed={self.signed}, range=[{self.quant_min}, {self.quant_max}]"
+        relu = ", input_relu=True (fused ReLU)" if self.input_relu else ""
+        return f"num_bits={self.num_bits}, signed={self.signed}, range=[{self.quant_min}, {self.quant_max}]{relu}"
+
+    def pre_quantization(self, x: torch.Tensor) -> torch.Tensor:
+        """The real values this quantizer quantizes given its input ``x``: ``relu(x)`` with a fused
+        ReLU (a new tensor), else ``x`` itself. Same shape as ``x``."""
+        return torch.relu(x) if self.input_relu and self.enabled else x
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -256,11 +283,11 @@ class LSQQuantizer(nn.Module):
         if not self.enabled:
             return x
         if not self._is_initialized:
-            self.initialize_from(x)
+            self.initialize_from(self.pre_quantization(x))
         sink = self.bin_stats_sink if self.training and torch.is_grad_enabled() else None
         mode = None if sink is None else ("to_alpha" if self.bin_stats_grad_to_alpha else "detached")
         out, stats, abs_sum = _LSQFakeQuantize.apply(x, self.alpha, self.quant_min, self.quant_max,
-                                                     self.grad_scale(x), mode)
+                                                     self.grad_scale(x), mode, self.input_relu)
         if sink is not None:
             sink(BinStats(stats, abs_sum, x.numel(), self.alpha.detach(), self.quant_min))
         return out

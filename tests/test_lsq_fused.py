@@ -145,3 +145,26 @@ def test_a_gradient_for_absent_statistics_is_ignored():
     plain_lsq(ref_x, ref_a, 0, 3, 0.1).sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad)
     torch.testing.assert_close(alpha.grad, ref_a.grad)
+
+
+def test_kernel_outputs_reuse_freed_buffers_and_behave_as_ordinary_tensors(tmp_path):
+    from quant import kernels
+    module = kernels.cpu_kernels()
+    if module is None:
+        pytest.skip("no fused CPU kernels on this machine")
+    module.release_idle_buffers()
+    assert kernels.idle_buffer_bytes() == 0
+    x = torch.randn(3, 5, 7, 11)  # 1,155 floats: 4,620 bytes, 4,672 after rounding up to 64
+    first = lsq_fake_quantize(x, torch.tensor(0.3), -2, 1, 0.1)
+    address = first.data_ptr()
+    del first
+    assert kernels.idle_buffer_bytes() == 4672
+    second = lsq_fake_quantize(x, torch.tensor(0.3), -2, 1, 0.1)
+    assert second.data_ptr() == address and kernels.idle_buffer_bytes() == 0
+    assert torch.equal(second, torch.clamp(x / 0.3, -2, 1).round() * 0.3)
+    second.mul_(2)  # in place, saved and loaded like any tensor
+    torch.save(second, tmp_path / "t.pt")
+    assert torch.equal(torch.load(tmp_path / "t.pt"), second)
+    del second
+    module.release_idle_buffers()
+    assert kernels.idle_buffer_bytes() == 0

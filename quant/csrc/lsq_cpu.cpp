@@ -6,6 +6,11 @@
 // backward (straight-through gradient, LSQ's step-size sum, and optionally BR's gradient).
 // Eager PyTorch needs 4 + 3 passes for LSQ alone and about 10 more for BR.
 //
+// Fused ReLU (input_relu): the kernels quantize relu(x) and pass the gradient through the
+// ReLU, exactly as torch.relu followed by the unfused kernels (relu(x) = x < 0 ? 0 : x,
+// which keeps -0 and NaN; its gradient is 0 where relu(x) <= 0, as threshold_backward),
+// so a ReLU whose only consumer is a quantizer costs no pass of its own either way.
+//
 // Exactness: the quotient is computed as x / a (a true division, as the eager ops do) and
 // rounded half-to-even, so the output equals round(clamp(x / a, lo, hi)) * a to the bit
 // (signed zeros included). Sums are not bit-identical to PyTorch's (another order).
@@ -18,7 +23,11 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -60,28 +69,34 @@ inline float clamp_round(float c, float lo, float hi) {
 }
 inline vf vabs(vf v) { return (vf)((vi)v & 0x7fffffff); }  // clear the sign bit: one instruction
 
+// torch.relu to the bit: x < 0 ? 0 : x keeps -0 and NaN as they are.
+inline vf relu(vf v) { return v < 0.0f ? vf{} : v; }
+inline float relu(float v) { return v < 0.0f ? 0.0f : v; }
+
 // Per-chunk partial sums of the forward: K bins x (count, sum d, sum d^2), then sum |d|.
 struct ForwardArgs {
   const float* x;
   float* out;
   float a, lo, hi;
+  bool input_relu;
 };
 
 // Quantizes x[begin, begin + len) and adds its statistics to part (K bins x (count, sum d,
 // sum d^2), then sum |d|) one value at a time: the wide grids (5-8 bits) and every chunk's tail.
 void forward_scalar(const ForwardArgs& p, int64_t begin, int64_t len, int nb, double* part) {
   for (int64_t i = begin; i < begin + len; ++i) {
-    float q = clamp_round(p.x[i] / p.a, p.lo, p.hi), y = q * p.a;
+    const float v = p.input_relu ? relu(p.x[i]) : p.x[i];
+    float q = clamp_round(v / p.a, p.lo, p.hi), y = q * p.a;
     p.out[i] = y;
-    float d = p.x[i] - y;
+    float d = v - y;
     part[3 * nb] += std::fabs(d);
     int k = std::isnan(q) ? 0 : static_cast<int>(q - p.lo);  // a NaN value makes its bin's sums NaN
     part[3 * k] += 1; part[3 * k + 1] += d; part[3 * k + 2] += static_cast<double>(d) * d;
   }
 }
 
-// Statistics of one chunk, vector bin loop (NB bins known at compile time).
-template <int NB>
+// Statistics of one chunk, vector bin loop (NB bins known at compile time; RELU: fused ReLU).
+template <int NB, bool RELU>
 void forward_chunk(const ForwardArgs& p, int64_t begin, int64_t len, double* part) {
   // Locals (not p's fields) and __restrict: stores to out cannot alias them, so nothing is
   // reloaded or re-broadcast inside the loop.
@@ -94,6 +109,7 @@ void forward_chunk(const ForwardArgs& p, int64_t begin, int64_t len, double* par
   int64_t i = 0;
   for (; i + W <= len; i += W) {
     vf xv = load(x + i);
+    if constexpr (RELU) xv = relu(xv);
     vf q = clamp_round(xv / av, lov, hiv);
     vf y = q * av;
     store(out + i, y);
@@ -120,18 +136,18 @@ void forward_chunk(const ForwardArgs& p, int64_t begin, int64_t len, double* par
     }
     part[3 * NB] = lane_sum(absd) + tail[3 * NB];
   } else {
-    for (; i < len; ++i) out[i] = clamp_round(x[i] / p.a, p.lo, p.hi) * p.a;
+    for (; i < len; ++i) out[i] = clamp_round((RELU ? relu(x[i]) : x[i]) / p.a, p.lo, p.hi) * p.a;
   }
 }
 
-template <int NB>
+template <int NB, bool RELU>
 void run_forward(const ForwardArgs& p, int64_t n, int nb, double* totals) {
   const int64_t chunks = (n + kChunk - 1) / kChunk, width = 3 * nb + 1;
   std::vector<double> parts(nb > 0 ? chunks * width : 0, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
-      if (NB > 0 || nb == 0) forward_chunk<NB>(p, begin, len, nb > 0 ? parts.data() + c * width : nullptr);
+      if (NB > 0 || nb == 0) forward_chunk<NB, RELU>(p, begin, len, nb > 0 ? parts.data() + c * width : nullptr);
       else forward_scalar(p, begin, len, nb, parts.data() + c * width);
     }
   });
@@ -151,28 +167,108 @@ void check_input(const torch::Tensor& x, const char* what) {
               what, ": expected a dense float32 CPU tensor");
 }
 
+// -- Output buffers ------------------------------------------------------------------------------
+// The kernels' outputs (activation-sized, every step, both passes) come from a cache of freed
+// buffers, a caching allocator like PyTorch's on CUDA: memory fresh from the system costs page
+// faults and zeroing on first touch, every step, for every quantizer (measured: 2-3 % of a
+// ResNet-20 training step on the CPU). A tensor's buffer returns to the cache when the tensor
+// is freed; at most kCacheLimitBytes stay idle there, the rest go back to malloc.
+constexpr size_t kCacheLimitBytes = size_t(1) << 30;
+
+class BufferCache {
+ public:
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = idle_.find(bytes);
+      if (it != idle_.end() && !it->second.empty()) {  // the most recently freed: warmest in cache
+        void* p = it->second.back();
+        it->second.pop_back();
+        idle_bytes_ -= bytes;
+        return p;
+      }
+    }
+    void* p = std::aligned_alloc(64, bytes);
+    TORCH_CHECK(p != nullptr, "lsq kernels: out of memory allocating ", bytes, " bytes");
+    return p;
+  }
+  void give_back(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (idle_bytes_ + bytes <= kCacheLimitBytes) {
+        idle_[bytes].push_back(p);
+        idle_bytes_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  size_t idle_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return idle_bytes_;
+  }
+  void release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& entry : idle_)
+      for (void* p : entry.second) std::free(p);
+    idle_.clear();
+    idle_bytes_ = 0;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> idle_;  // size in bytes -> idle buffers
+  size_t idle_bytes_ = 0;
+};
+
+// Never destroyed: tensors may free their buffers during interpreter shutdown.
+BufferCache& buffer_cache() {
+  static BufferCache* cache = new BufferCache();
+  return *cache;
+}
+
+// An uninitialised float32 tensor with the sizes and strides of x (dense), from the cache.
+torch::Tensor cached_empty_like(const torch::Tensor& x) {
+  if (x.numel() == 0) return at::empty_like(x);
+  const size_t bytes = (static_cast<size_t>(x.numel()) * sizeof(float) + 63) / 64 * 64;
+  void* data = buffer_cache().take(bytes);
+  return torch::from_blob(data, x.sizes(), x.strides(),
+                          [bytes](void* p) { buffer_cache().give_back(p, bytes); }, x.options());
+}
+
 }  // namespace
 
-// out = round(clamp(x / a, qmin, qmax)) * a, in the memory layout of x. With with_stats,
-// also stats (3, K) float32: per bin k (level qmin + k) the count, sum of d and sum of d^2,
-// d = x - out; and abs_sum, a float32 scalar: the sum of |d| over all elements.
+// Bytes of idle buffers the kernels' cache holds (allocated from malloc, free for the next output).
+int64_t idle_buffer_bytes() { return static_cast<int64_t>(buffer_cache().idle_bytes()); }
+
+// Returns every idle buffer to malloc.
+void release_idle_buffers() { buffer_cache().release(); }
+
+// out = round(clamp(v / a, qmin, qmax)) * a, in the memory layout of x, where v = relu(x)
+// with input_relu and v = x otherwise. With with_stats, also stats (3, K) float32: per bin
+// k (level qmin + k) the count, sum of d and sum of d^2, d = v - out; and abs_sum, a float32
+// scalar: the sum of |d| over all elements.
 std::vector<torch::Tensor> lsq_forward(const torch::Tensor& x, const torch::Tensor& a, int64_t qmin, int64_t qmax,
-                                       bool with_stats) {
+                                       bool with_stats, bool input_relu) {
   check_input(x, "lsq_forward");
   TORCH_CHECK(qmin < qmax && qmax - qmin < 256, "lsq_forward: need qmin < qmax, at most 256 levels");
   const int nb = with_stats ? static_cast<int>(qmax - qmin + 1) : 0;
-  torch::Tensor out = at::empty_like(x);
+  torch::Tensor out = cached_empty_like(x);
   ForwardArgs p{x.data_ptr<float>(), out.data_ptr<float>(),
-                step_size(a), static_cast<float>(qmin), static_cast<float>(qmax)};
+                step_size(a), static_cast<float>(qmin), static_cast<float>(qmax), input_relu};
   std::vector<double> totals(3 * nb + 1, 0.0);
   const int64_t n = x.numel();
-  switch (nb) {
-    case 0: run_forward<0>(p, n, 0, nullptr); break;
-    case 4: run_forward<4>(p, n, nb, totals.data()); break;
-    case 8: run_forward<8>(p, n, nb, totals.data()); break;
-    case 16: run_forward<16>(p, n, nb, totals.data()); break;
-    default: run_forward<-1>(p, n, nb, totals.data()); break;
-  }
+  auto run = [&](auto relu) {  // relu: std::true_type or std::false_type, a template argument
+    constexpr bool R = decltype(relu)::value;
+    switch (nb) {
+      case 0: run_forward<0, R>(p, n, 0, nullptr); break;
+      case 4: run_forward<4, R>(p, n, nb, totals.data()); break;
+      case 8: run_forward<8, R>(p, n, nb, totals.data()); break;
+      case 16: run_forward<16, R>(p, n, nb, totals.data()); break;
+      default: run_forward<-1, R>(p, n, nb, totals.data()); break;
+    }
+  };
+  if (input_relu) run(std::true_type{}); else run(std::false_type{});
   torch::Tensor stats = torch::empty({3, nb}, x.options());
   auto s = stats.accessor<float, 2>();
   for (int k = 0; k < nb; ++k)
@@ -181,13 +277,84 @@ std::vector<torch::Tensor> lsq_forward(const torch::Tensor& x, const torch::Tens
   return {out, stats, abs_sum};
 }
 
-// Gradients of lsq_forward. grad_x = grad_out where qmin < x/a < qmax, else 0 (straight-
-// through estimator), plus, with a BR table (2, K) float32 (t_sum, t_sq), t_sum[k] + 2 t_sq[k] d
-// for an element in bin k (the gradient of stats rows 1 and 2). step_sum (float64 scalar) is
-// sum grad_out * (round(x/a) - x/a) inside the range and * qmin / * qmax at or beyond the
-// clip points: LSQ eq. 3 before the gradient scale g.
+struct BackwardArgs {
+  const float* x;
+  const float* grad_out;
+  float* grad_x;
+  float a, lo, hi;
+  int nb;
+  const float* t_sum;  // BR table row 1 per bin, or nullptr without BR
+  const float* t_sq2;  // 2 x BR table row 2 per bin
+};
+
+// The backward of elements [begin, end) (RELU: fused ReLU); returns their LSQ eq. 3 sum.
+template <bool RELU>
+double backward_chunk(const BackwardArgs& p, int64_t begin, int64_t end) {
+  const bool br = p.t_sum != nullptr, vector_bins = p.nb <= kMaxVectorBins, by_permute = p.nb <= W;
+  const vf av = splat(p.a), lov = splat(p.lo), hiv = splat(p.hi);
+  vf level[kMaxVectorBins], table_sum[kMaxVectorBins], table_sq2[kMaxVectorBins];  // hoisted out of the loop
+  vf lanes_sum = {}, lanes_sq2 = {};  // the tables in one register each, for a permute when nb <= W
+  for (int k = 0; k < p.nb && br && vector_bins; ++k) {
+    level[k] = splat(p.lo + k); table_sum[k] = splat(p.t_sum[k]); table_sq2[k] = splat(p.t_sq2[k]);
+    if (k < W) { lanes_sum[k] = p.t_sum[k]; lanes_sq2[k] = p.t_sq2[k]; }
+  }
+  const float* __restrict x = p.x;
+  const float* __restrict g_in = p.grad_out;
+  float* __restrict g_x = p.grad_x;
+  vf acc = {};
+  int64_t i = begin;
+  for (; i + W <= end && (!br || vector_bins); i += W) {
+    vf xv = load(x + i), g = load(g_in + i);
+    if constexpr (RELU) xv = relu(xv);
+    vf cv = xv / av;
+    vi inside = (cv > lov) & (cv < hiv);
+    vf q = clamp_round(cv, lov, hiv);
+    acc += inside ? g * (q - cv) : g * q + cv * 0.0f;  // cv * 0 is NaN for an infinite x/a, as in the plain form
+    vf gx = inside ? g : vf{};
+    if (br) {
+      vf d = xv - q * av, ts = {}, tq = {};
+      if (by_permute) {  // one vpermps per table (a NaN q gives some entry; its d is NaN anyway)
+        vi bin = __builtin_convertvector(q == q ? q - lov : vf{}, vi);  // NaN -> bin 0 (no UB)
+        ts = __builtin_shuffle(lanes_sum, bin);
+        tq = __builtin_shuffle(lanes_sq2, bin);
+      } else {
+        for (int k = 0; k < p.nb; ++k) {
+          vi m = q == level[k];
+          ts = m ? table_sum[k] : ts;
+          tq = m ? table_sq2[k] : tq;
+        }
+      }
+      gx += ts + tq * d;
+    }
+    if constexpr (RELU) gx = xv <= 0.0f ? vf{} : gx;  // the ReLU's own gradient (threshold_backward)
+    store(g_x + i, gx);
+  }
+  double tail = 0;
+  for (; i < end; ++i) {
+    const float v = RELU ? relu(x[i]) : x[i], g = g_in[i];
+    float cv = v / p.a;
+    bool inside = cv > p.lo && cv < p.hi;
+    float q = clamp_round(cv, p.lo, p.hi);
+    tail += inside ? g * (q - cv) : g * q + cv * 0.0f;
+    float gx = inside ? g : 0.0f;
+    if (br) {
+      int k = std::isnan(q) ? 0 : static_cast<int>(q - p.lo);
+      gx += p.t_sum[k] + p.t_sq2[k] * (v - q * p.a);
+    }
+    g_x[i] = RELU && v <= 0.0f ? 0.0f : gx;
+  }
+  return lane_sum(acc) + tail;
+}
+
+// Gradients of lsq_forward, with v = relu(x) if input_relu else x. grad_x = grad_out where
+// qmin < v/a < qmax, else 0 (straight-through estimator), plus, with a BR table (2, K) float32
+// (t_sum, t_sq), t_sum[k] + 2 t_sq[k] d for an element in bin k (the gradient of stats rows 1
+// and 2); with input_relu, times the ReLU's gradient (0 where v <= 0). step_sum (float64
+// scalar) is sum grad_out * (round(v/a) - v/a) inside the range and * qmin / * qmax at or
+// beyond the clip points: LSQ eq. 3 before the gradient scale g.
 std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const torch::Tensor& x, const torch::Tensor& a,
-                                        int64_t qmin, int64_t qmax, const c10::optional<torch::Tensor>& br_table) {
+                                        int64_t qmin, int64_t qmax, const c10::optional<torch::Tensor>& br_table,
+                                        bool input_relu) {
   check_input(x, "lsq_backward");
   check_input(grad_out, "lsq_backward");
   TORCH_CHECK(qmin < qmax && qmax - qmin < 256, "lsq_backward: need qmin < qmax, at most 256 levels");
@@ -202,69 +369,16 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
     auto t = table.accessor<float, 2>();
     for (int k = 0; k < nb; ++k) { t_sum.push_back(t[0][k]); t_sq2.push_back(2 * t[1][k]); }
   }
-  const bool br = !t_sum.empty();
-  torch::Tensor grad_x = at::empty_like(x);
-  const float* px = x.data_ptr<float>();
-  const float* pg = grad_out.data_ptr<float>();
-  float* pgx = grad_x.data_ptr<float>();
-  const float af = step_size(a), lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  torch::Tensor grad_x = cached_empty_like(x);
+  const BackwardArgs p{x.data_ptr<float>(), grad_out.data_ptr<float>(), grad_x.data_ptr<float>(),
+                       step_size(a), static_cast<float>(qmin), static_cast<float>(qmax), nb,
+                       t_sum.empty() ? nullptr : t_sum.data(), t_sq2.data()};
   const int64_t n = x.numel(), chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> parts(chunks, 0.0);
-  const bool vector_bins = nb <= kMaxVectorBins;
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    const vf av = splat(af), lov = splat(lo), hiv = splat(hi);
-    vf level[kMaxVectorBins], table_sum[kMaxVectorBins], table_sq2[kMaxVectorBins];  // hoisted out of the loop
-    vf lanes_sum = {}, lanes_sq2 = {};  // the tables in one register each, for a permute when nb <= W
-    for (int k = 0; k < nb && br && vector_bins; ++k) {
-      level[k] = splat(lo + k); table_sum[k] = splat(t_sum[k]); table_sq2[k] = splat(t_sq2[k]);
-      if (k < W) { lanes_sum[k] = t_sum[k]; lanes_sq2[k] = t_sq2[k]; }
-    }
-    const bool by_permute = nb <= W;
-    const float* __restrict x = px;
-    const float* __restrict g_in = pg;
-    float* __restrict g_x = pgx;
     for (int64_t c = first; c < last; ++c) {
       const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
-      vf acc = {};
-      int64_t i = begin;
-      for (; i + W <= end && (!br || vector_bins); i += W) {
-        vf xv = load(x + i), g = load(g_in + i);
-        vf cv = xv / av;
-        vi inside = (cv > lov) & (cv < hiv);
-        vf q = clamp_round(cv, lov, hiv);
-        acc += inside ? g * (q - cv) : g * q + cv * 0.0f;  // cv * 0 is NaN for an infinite x/a, as in the plain form
-        vf gx = inside ? g : vf{};
-        if (br) {
-          vf d = xv - q * av, ts = {}, tq = {};
-          if (by_permute) {  // one vpermps per table (a NaN q gives some entry; its d is NaN anyway)
-            vi bin = __builtin_convertvector(q == q ? q - lov : vf{}, vi);  // NaN -> bin 0 (no UB)
-            ts = __builtin_shuffle(lanes_sum, bin);
-            tq = __builtin_shuffle(lanes_sq2, bin);
-          } else {
-            for (int k = 0; k < nb; ++k) {
-              vi m = q == level[k];
-              ts = m ? table_sum[k] : ts;
-              tq = m ? table_sq2[k] : tq;
-            }
-          }
-          gx += ts + tq * d;
-        }
-        store(g_x + i, gx);
-      }
-      double tail = 0;
-      for (; i < end; ++i) {
-        float cv = px[i] / af, g = pg[i];
-        bool inside = cv > lo && cv < hi;
-        float q = clamp_round(cv, lo, hi);
-        tail += inside ? g * (q - cv) : g * q + cv * 0.0f;
-        float gx = inside ? g : 0.0f;
-        if (br) {
-          int k = std::isnan(q) ? 0 : static_cast<int>(q - lo);
-          gx += t_sum[k] + t_sq2[k] * (px[i] - q * af);
-        }
-        pgx[i] = gx;
-      }
-      parts[c] = lane_sum(acc) + tail;
+      parts[c] = input_relu ? backward_chunk<true>(p, begin, end) : backward_chunk<false>(p, begin, end);
     }
   });
   double step_sum = 0;
@@ -273,6 +387,11 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lsq_forward", &lsq_forward, "LSQ fake quantization (and BR bin statistics), one pass");
-  m.def("lsq_backward", &lsq_backward, "Gradients of lsq_forward (STE, LSQ eq. 3 sum, BR), one pass");
+  m.def("idle_buffer_bytes", &idle_buffer_bytes, "Bytes of idle output buffers the kernels keep for reuse");
+  m.def("release_idle_buffers", &release_idle_buffers, "Return the idle output buffers to malloc");
+  m.def("lsq_forward", &lsq_forward, "LSQ fake quantization (and BR bin statistics) of x or relu(x), one pass",
+        py::arg("x"), py::arg("a"), py::arg("qmin"), py::arg("qmax"), py::arg("with_stats"), py::arg("input_relu") = false);
+  m.def("lsq_backward", &lsq_backward, "Gradients of lsq_forward (STE, LSQ eq. 3 sum, BR), one pass",
+        py::arg("grad_out"), py::arg("x"), py::arg("a"), py::arg("qmin"), py::arg("qmax"), py::arg("br_table"),
+        py::arg("input_relu") = false);
 }
