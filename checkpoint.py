@@ -14,10 +14,17 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or not one this tool wrote; the message names the file."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode open() would, like the logs
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

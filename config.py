@@ -278,7 +278,7 @@ def banner(cfg, source_line: str, n_layers: str = "") -> list[str]:
         lines.append(f"Activations clipped to [0, {cfg.clip_value:g}]")
     lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
     lines.append(f"Optimiser: SGD lr {cfg.lr:g} momentum {cfg.momentum:g} weight decay {cfg.weight_decay:g} "
-                 f"(none on alpha), cosine over {E} epochs, batch {cfg.batch_size}, seed {cfg.seed}")
+                 f"(none on alpha), cosine over {E} epoch{'s' if E != 1 else ''}, batch {cfg.batch_size}, seed {cfg.seed}")
     lines.append(f"Data: {source_line}")
     lines.append(f"Device: {resolve_device(cfg.device)}" + (" (bf16 autocast)" if cfg.amp else ""))
     lines.append(f"Output: {cfg.output_dir}")

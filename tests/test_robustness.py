@@ -375,3 +375,14 @@ def test_config_records_which_kernels_ran(reference_run):
     config = json.loads((reference_run / "config.json").read_text())
     assert config["derived"]["cpu_kernels"] == kernels.describe()
     assert config["derived"]["cpu_kernels"].startswith(("fused CPU kernels (", "PyTorch ops ("))
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    # mkstemp creates 0600 files; results should be readable like the logs written by open()
+    from checkpoint import atomic_write_json
+    mask = os.umask(0o022)
+    try:
+        atomic_write_json({"a": 1}, str(tmp_path / "x.json"))
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
