@@ -81,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last model and batches (default: on CUDA, as cifar10_qat_br.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model.compile())")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds [5]")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="interleaved rounds [10: the per-round ratios of this shared CPU spread by ±10 %%]")
     p.add_argument("--steps", type=int, default=2, help="step mode: training steps per variant per round [2]")
     p.add_argument("--warmup-steps", type=int, default=2, help="step mode: untimed steps per variant first [2]")
     p.add_argument("--no-memory", action="store_true", help="step mode: skip the memory measurement")
