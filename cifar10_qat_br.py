@@ -35,6 +35,7 @@ def build_quantized_model(cfg) -> torch.nn.Module:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = cfgmod.build_parser().parse_args(argv)
+    created_output_dir = False
     try:
         if cfg.resume is not None and cfg.overwrite:
             raise cfgmod.ConfigError("--resume and --overwrite contradict each other: pass one")
@@ -50,11 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in sorted(vars(cfg).items()):
                 print(f"  {key}: {value}")
             return 0
-        runner.prepare_output_dir(cfg, resuming=ckpt is not None)
+        created_output_dir = runner.prepare_output_dir(cfg, resuming=ckpt is not None)
         print("\n".join(cfgmod.banner(cfg, source.describe())), flush=True)
         return train(cfg, source, ckpt)
     except (cfgmod.ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if created_output_dir:  # refused before anything was written: leave no empty folder behind
+            runner.remove_if_empty(cfg.output_dir)
         return 2
 
 

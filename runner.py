@@ -64,8 +64,11 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     return ckpt
 
 
-def prepare_output_dir(cfg, resuming: bool) -> None:
+def prepare_output_dir(cfg, resuming: bool) -> bool:
     """Create ``--output-dir`` (default: a descriptive folder under results/) and check it.
+
+    Returns:
+        whether this call created the folder.
 
     Raises:
         ConfigError: it is a file, not writable, or holds a run and neither
@@ -75,6 +78,7 @@ def prepare_output_dir(cfg, resuming: bool) -> None:
     out = cfg.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--output-dir {out} is a file, not a folder")
+    created = not os.path.exists(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
@@ -89,6 +93,15 @@ def prepare_output_dir(cfg, resuming: bool) -> None:
         for f in existing:
             os.remove(os.path.join(out, f))
         shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
+    return created
+
+
+def remove_if_empty(folder: str) -> None:
+    """Remove ``folder`` if it exists and is empty (a run refused before writing anything)."""
+    try:
+        os.rmdir(folder)
+    except OSError:  # not empty, or already gone
+        pass
 
 
 def restore_logs(output_dir: str, ckpt: dict) -> None:

@@ -227,6 +227,7 @@ def test_cuda_without_gpu(tmp_path, capsys):
 def _bad_data(tmp_path, capsys, folder):
     rc, _, err = run_cli(["--data-dir", folder, "--no-download", "--output-dir", tmp_path / "o", *TINY], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o")  # a refused run leaves no empty output folder
     return err
 
 
