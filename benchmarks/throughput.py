@@ -18,8 +18,8 @@ Memory: on CUDA ``torch.cuda.max_memory_allocated`` over one step. On the CPU tw
 measures: ``saved_mb``, the bytes of the distinct storages that autograd saves for
 backward (collected with ``torch.autograd.graph.saved_tensors_hooks`` during the
 forward pass), and ``peak_mb``, the largest heap in use during one full step above the
-heap in use before it (glibc ``mallinfo2``, read after every aten op through a
-``TorchDispatchMode``). See docs/performance.md.
+heap in use before it (glibc ``mallinfo2`` plus the fused kernels' own buffers, read
+after every aten op through a ``TorchDispatchMode``). See docs/performance.md.
 
     python benchmarks/throughput.py                       # ResNet-20, batch 128, W2A2, CPU
     python benchmarks/throughput.py --json results.json   # also write the numbers as JSON
@@ -178,7 +178,8 @@ class _HeapPeak(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _heap_reader():
-    """A function returning the bytes glibc malloc has in use for tensors, or None where mallinfo2 is missing."""
+    """A function returning the bytes in use for tensors (glibc malloc's, plus the fused kernels'
+    buffers), or None where mallinfo2 is missing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         fn = libc.mallinfo2
@@ -190,8 +191,8 @@ def _heap_reader():
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
     fn.restype = MallInfo2
-    # Idle buffers of the fused kernels' cache are malloc'd but hold no tensor: not in use.
-    return lambda: fn().uordblks + fn().hblkhd - kernels.idle_buffer_bytes()
+    # The fused kernels' outputs live in buffers mapped by their own allocator, unseen by malloc.
+    return lambda: fn().uordblks + fn().hblkhd + kernels.buffer_bytes_in_use()
 
 
 def saved_tensor_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, use_br: bool) -> int:

@@ -152,12 +152,29 @@ def describe() -> str:
 def idle_buffer_bytes() -> int:
     """Bytes of freed output buffers the kernels keep for their next outputs (0 without kernels).
 
-    The kernels take their outputs from a cache of freed buffers (up to 1 GiB idle), so that
-    activation-sized outputs do not page-fault fresh memory every step (quant/csrc/lsq_cpu.cpp).
-    These bytes count as in use to malloc; memory measurements subtract them.
+    The kernels allocate their outputs through a caching allocator (at most 512 MiB idle, the
+    least recently freed returned to the system first), so that activation-sized outputs do
+    not page-fault fresh memory every step (quant/csrc/lsq_cpu.cpp).
     """
     module = _state.get("module")
     return module.idle_buffer_bytes() if module is not None else 0
+
+
+def buffer_bytes_in_use() -> int:
+    """Bytes of the kernels' output buffers that live tensors hold (0 without kernels).
+
+    They are mapped by the kernels' allocator, not malloc'd: memory measurements based on
+    malloc statistics add them.
+    """
+    module = _state.get("module")
+    return module.buffer_bytes_in_use() if module is not None else 0
+
+
+def release_idle_buffers() -> None:
+    """Return the kernels' idle output buffers to the system (nothing to do without kernels)."""
+    module = _state.get("module")
+    if module is not None:
+        module.release_idle_buffers()
 
 
 def kernels_apply(x: torch.Tensor) -> bool:

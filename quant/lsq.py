@@ -94,7 +94,10 @@ class _LSQFakeQuantize(torch.autograd.Function):
     no pass of its own (PyTorch path: ``torch.relu`` and its backward as separate ops).
 
     Saved for backward: ``x`` (which the ReLU before the quantizer, or the fused one, saves
-    anyway) and the statistics. A NaN input gives a NaN output and a NaN α-gradient.
+    anyway) and the statistics. With the kernels and a fused ReLU that is the ReLU's input,
+    so changing it in place after the forward pass is refused by autograd (an unfused
+    ``nn.ReLU`` saves its output instead). A NaN input gives a NaN output and a NaN
+    α-gradient. A double backward (``create_graph=True``) runs the PyTorch ops.
     """
 
     @staticmethod
@@ -131,12 +134,16 @@ class _LSQFakeQuantize(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(x)
         br_table = grad_stats[1:].float().contiguous() if grad_stats is not None else None
-        if ctx.kernels:
+        # The kernels' gradient has no autograd history: a double backward (create_graph) takes
+        # the PyTorch ops, which are differentiable.
+        if ctx.kernels and not torch.is_grad_enabled():
             if grad_out.stride() != x.stride():
                 grad_out = torch.empty_like(x).copy_(grad_out)
             grad_x, step_sum = cpu_kernels().lsq_backward(grad_out, x, a, quant_min, quant_max, br_table,
                                                           ctx.input_relu)
         else:
+            if ctx.kernels and ctx.input_relu:
+                x = torch.relu(x)  # the kernels saved the ReLU's input
             c = x / a
             # hardtanh_backward(g, c, lo, hi) is g where lo < c < hi, else 0: the STE in one pass.
             grad_x = torch.ops.aten.hardtanh_backward(grad_out, c, quant_min, quant_max)

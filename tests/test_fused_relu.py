@@ -184,3 +184,25 @@ def test_fused_network_trains_as_the_unfused_one():
     assert grads_f.keys() == grads_u.keys()
     assert all(torch.equal(grads_f[n], grads_u[n]) for n in grads_u), "gradients differ"
     assert (hist_f["layers.0.1.conv2"] == hist_u["layers.0.1.conv2"]).all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_double_backward_matches_the_pytorch_path(fused, monkeypatch):
+    # A gradient penalty: the kernels' gradient has no history, so create_graph takes the PyTorch ops.
+    def penalty_gradient():
+        torch.manual_seed(0)
+        x0, w = torch.randn(2, 8), torch.randn(2, 8, requires_grad=True)
+        q = LSQQuantizer(3, signed=False, grad_count="per_sample").train()
+        q.input_relu = fused
+        q.initialize_from(torch.ones(1))
+        x = x0.clone().requires_grad_()
+        out = q(x if fused else torch.relu(x))
+        g_x, = torch.autograd.grad((out * w).sum(), x, create_graph=True)
+        g_w, = torch.autograd.grad((g_x ** 2).sum(), w)
+        c = torch.relu(x0) / q.alpha.detach()
+        return g_w, 2 * w.detach() * ((c > 0) & (c < 7))  # d/dw of Σ (w·STE mask)²
+    kernel_path, expected = penalty_gradient()
+    monkeypatch.setattr(quant.lsq, "kernels_apply", lambda _x: False)
+    eager_path, _ = penalty_gradient()
+    assert torch.equal(kernel_path, eager_path)
+    torch.testing.assert_close(kernel_path, expected)

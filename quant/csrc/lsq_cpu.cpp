@@ -20,14 +20,17 @@
 // quant/kernels.py passes the -m flags of the CPU torch itself detected.
 
 #include <torch/extension.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <sys/mman.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <list>
 #include <mutex>
 #include <type_traits>
-#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -168,81 +171,119 @@ void check_input(const torch::Tensor& x, const char* what) {
 }
 
 // -- Output buffers ------------------------------------------------------------------------------
-// The kernels' outputs (activation-sized, every step, both passes) come from a cache of freed
-// buffers, a caching allocator like PyTorch's on CUDA: memory fresh from the system costs page
-// faults and zeroing on first touch, every step, for every quantizer (measured: 2-3 % of a
-// ResNet-20 training step on the CPU). A tensor's buffer returns to the cache when the tensor
-// is freed; at most kCacheLimitBytes stay idle there, the rest go back to malloc.
-constexpr size_t kCacheLimitBytes = size_t(1) << 30;
+// The kernels' outputs (activation-sized, every step, both passes) are allocated by a caching
+// allocator, like PyTorch's on CUDA: memory fresh from the system costs page faults and zeroing
+// on first touch, every step, for every quantizer (measured: 1-3 % of a ResNet-20 training step
+// on the CPU). A freed buffer stays idle in the cache for the next output of its size; at most
+// cache_limit_bytes (512 MiB) stay idle, and the least recently freed are unmapped first (buffers
+// are mmap'ed, so they never fragment malloc's heap and an evicted one returns to the system).
+// The tensors are ordinary (resizable) CPU tensors; only where their memory comes from differs.
+std::atomic<size_t> cache_limit_bytes{size_t(512) << 20};  // changed only by tests (set_idle_buffer_limit)
+constexpr size_t kHeaderBytes = 64;  // in front of each buffer: its size (and 64-byte alignment of the data)
 
-class BufferCache {
+class CachingAllocator final : public c10::Allocator {
  public:
-  void* take(size_t bytes) {
-    {
+  c10::DataPtr allocate(size_t bytes) override {
+    const size_t size = (bytes + 63) / 64 * 64;
+    void* base = take(size);
+    if (base == nullptr) {  // mapped, not malloc'd: an evicted buffer goes back to the system at once
+      base = mmap(nullptr, kHeaderBytes + size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      TORCH_CHECK(base != MAP_FAILED, "lsq kernels: out of memory allocating ", bytes, " bytes");
+      *static_cast<size_t*>(base) = size;
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = idle_.find(bytes);
-      if (it != idle_.end() && !it->second.empty()) {  // the most recently freed: warmest in cache
-        void* p = it->second.back();
-        it->second.pop_back();
-        idle_bytes_ -= bytes;
-        return p;
-      }
+      mapped_bytes_ += size;
     }
-    void* p = std::aligned_alloc(64, bytes);
-    TORCH_CHECK(p != nullptr, "lsq kernels: out of memory allocating ", bytes, " bytes");
-    return p;
+    return {static_cast<char*>(base) + kHeaderBytes, base, &CachingAllocator::free_buffer, c10::Device(c10::kCPU)};
   }
-  void give_back(void* p, size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (idle_bytes_ + bytes <= kCacheLimitBytes) {
-        idle_[bytes].push_back(p);
-        idle_bytes_ += bytes;
-        return;
-      }
-    }
-    std::free(p);
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
   }
   size_t idle_bytes() {
     std::lock_guard<std::mutex> lock(mutex_);
     return idle_bytes_;
   }
+  size_t bytes_in_use() {  // held by live tensors
+    std::lock_guard<std::mutex> lock(mutex_);
+    return mapped_bytes_ - idle_bytes_;
+  }
   void release() {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& entry : idle_)
-      for (void* p : entry.second) std::free(p);
+    for (void* base : idle_) unmap(base);
     idle_.clear();
+    mapped_bytes_ -= idle_bytes_;
     idle_bytes_ = 0;
   }
 
  private:
+  static size_t size_of(void* base) { return *static_cast<size_t*>(base); }
+  static void unmap(void* base) { munmap(base, kHeaderBytes + size_of(base)); }
+  static void free_buffer(void* base);  // the DataPtr's deleter: back to the cache
+
+  void* take(size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = idle_.rbegin(); it != idle_.rend(); ++it) {  // the most recently freed: warmest
+      if (size_of(*it) == size) {
+        void* base = *it;
+        idle_.erase(std::next(it).base());
+        idle_bytes_ -= size;
+        return base;
+      }
+    }
+    return nullptr;
+  }
+  void give_back(void* base) {
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      idle_.push_back(base);
+      idle_bytes_ += size_of(base);
+      while (idle_bytes_ > cache_limit_bytes) {  // least recently freed first
+        idle_bytes_ -= size_of(idle_.front());
+        mapped_bytes_ -= size_of(idle_.front());
+        evicted.push_back(idle_.front());
+        idle_.pop_front();
+      }
+    }
+    for (void* p : evicted) unmap(p);
+  }
+
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> idle_;  // size in bytes -> idle buffers
+  std::list<void*> idle_;  // idle buffers (their bases), least recently freed first
   size_t idle_bytes_ = 0;
+  size_t mapped_bytes_ = 0;  // in use or idle
 };
 
 // Never destroyed: tensors may free their buffers during interpreter shutdown.
-BufferCache& buffer_cache() {
-  static BufferCache* cache = new BufferCache();
-  return *cache;
+CachingAllocator& caching_allocator() {
+  static CachingAllocator* allocator = new CachingAllocator();
+  return *allocator;
 }
 
-// An uninitialised float32 tensor with the sizes and strides of x (dense), from the cache.
+void CachingAllocator::free_buffer(void* base) { caching_allocator().give_back(base); }
+
+// An uninitialised float32 CPU tensor with the sizes and strides of x (dense), from the cache.
 torch::Tensor cached_empty_like(const torch::Tensor& x) {
-  if (x.numel() == 0) return at::empty_like(x);
-  const size_t bytes = (static_cast<size_t>(x.numel()) * sizeof(float) + 63) / 64 * 64;
-  void* data = buffer_cache().take(bytes);
-  return torch::from_blob(data, x.sizes(), x.strides(),
-                          [bytes](void* p) { buffer_cache().give_back(p, bytes); }, x.options());
+  return at::detail::empty_strided_generic(x.sizes(), x.strides(), &caching_allocator(),
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU), at::kFloat);
 }
 
 }  // namespace
 
-// Bytes of idle buffers the kernels' cache holds (allocated from malloc, free for the next output).
-int64_t idle_buffer_bytes() { return static_cast<int64_t>(buffer_cache().idle_bytes()); }
+// Bytes of idle buffers the kernels' allocator holds (mapped, free for the next output).
+int64_t idle_buffer_bytes() { return static_cast<int64_t>(caching_allocator().idle_bytes()); }
 
-// Returns every idle buffer to malloc.
-void release_idle_buffers() { buffer_cache().release(); }
+// Bytes of the kernels' buffers that live tensors hold (memory malloc statistics do not see).
+int64_t buffer_bytes_in_use() { return static_cast<int64_t>(caching_allocator().bytes_in_use()); }
+
+// Returns every idle buffer to the system.
+void release_idle_buffers() { caching_allocator().release(); }
+
+// Sets the most bytes the cache keeps idle (for tests); returns the previous limit.
+int64_t set_idle_buffer_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_idle_buffer_limit: bytes must be >= 0");
+  const size_t previous = cache_limit_bytes.exchange(static_cast<size_t>(bytes));
+  return static_cast<int64_t>(previous);
+}
 
 // out = round(clamp(v / a, qmin, qmax)) * a, in the memory layout of x, where v = relu(x)
 // with input_relu and v = x otherwise. With with_stats, also stats (3, K) float32: per bin
@@ -388,7 +429,9 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("idle_buffer_bytes", &idle_buffer_bytes, "Bytes of idle output buffers the kernels keep for reuse");
-  m.def("release_idle_buffers", &release_idle_buffers, "Return the idle output buffers to malloc");
+  m.def("buffer_bytes_in_use", &buffer_bytes_in_use, "Bytes of the kernels' output buffers held by tensors");
+  m.def("release_idle_buffers", &release_idle_buffers, "Return the idle output buffers to the system");
+  m.def("set_idle_buffer_limit", &set_idle_buffer_limit, "Most bytes kept idle (tests); returns the previous");
   m.def("lsq_forward", &lsq_forward, "LSQ fake quantization (and BR bin statistics) of x or relu(x), one pass",
         py::arg("x"), py::arg("a"), py::arg("qmin"), py::arg("qmax"), py::arg("with_stats"), py::arg("input_relu") = false);
   m.def("lsq_backward", &lsq_backward, "Gradients of lsq_forward (STE, LSQ eq. 3 sum, BR), one pass",
