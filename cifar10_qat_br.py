@@ -63,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg, source, ckpt) -> int:
     device = cfgmod.resolve_device(cfg.device)
+    cpu_kernels = None
     if device.type == "cpu" and not cfgmod.is_float_run(cfg):  # load the kernels now: a failure shows before data work
         try:
-            print(f"Kernels: {kernels.describe()}", flush=True)
+            cpu_kernels = kernels.describe()
         except RuntimeError as exc:  # QATBR_KERNELS=cpp and no build
             raise cfgmod.ConfigError(str(exc)) from None
+        print(f"Kernels: {cpu_kernels}", flush=True)
     train_split = load_split(source, train=True, download=not cfg.no_download, workers=cfg.workers)
     test_split = load_split(source, train=False, download=not cfg.no_download, workers=cfg.workers)
     if len(train_split.labels) < 2:
@@ -88,7 +90,7 @@ def train(cfg, source, ckpt) -> int:
         tb = TensorBoardLogger(os.path.join(cfg.output_dir, "tensorboard"))
         tb.attach(model)
     trainer = Trainer(cfg, model, train_loader, test_loader, device, cfg.output_dir, tb=tb)
-    run_config = runner.run_config(cfg, source.describe())
+    run_config = runner.run_config(cfg, source.describe(), cpu_kernels)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
         runner.restore_logs(cfg.output_dir, ckpt)

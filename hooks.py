@@ -125,17 +125,15 @@ class ActivationHookManager:
         self._handles = [model.register_forward_pre_hook(lambda _m, _a: self.clear())]
         for name, quantizer in quantizers.items():
             self._handles.append(quantizer.register_forward_pre_hook(self._make_hook(name)))
-        self.enabled = True
 
     @property
     def enabled(self) -> bool:
-        """Whether forward passes are recorded (captures and bin statistics)."""
-        return self._enabled
+        """Whether forward passes are recorded (captures and bin statistics); False once removed."""
+        return self._bin_stats.enabled
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
-        self._enabled = bool(value)
-        self._bin_stats.enabled = self._enabled and bool(self._handles)
+        self._bin_stats.enabled = bool(value) and bool(self._handles)
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:

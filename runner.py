@@ -16,7 +16,6 @@ import torch
 from checkpoint import (CheckpointError, append_jsonl, atomic_write_json, load_checkpoint, read_jsonl,
                         truncate_jsonl)
 from config import RUN_FLAGS, ConfigError, default_output_dir, explicit_flags, is_float_run, resolve_device
-from quant import kernels
 
 #: Files that make a folder "hold a run".
 RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json")
@@ -157,17 +156,18 @@ def git_commit() -> str | None:
         return None
 
 
-def run_config(cfg, data_source: str) -> dict:
-    """The content of config.json: every resolved flag, derived values and versions."""
+def run_config(cfg, data_source: str, cpu_kernels: str | None) -> dict:
+    """The content of config.json: every resolved flag, derived values and versions.
+
+    ``cpu_kernels``: ``quant.kernels.describe()`` where the run uses them, else None.
+    """
     import torchvision
     from config import act_bits, first_last_bits, weight_bits
-    device = resolve_device(cfg.device)
     return {"flags": dict(vars(cfg)),
             "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg),
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
-                        "device": str(device), "data": data_source,
-                        "cpu_kernels": (kernels.describe() if device.type == "cpu" and not is_float_run(cfg)
-                                        else None)},
+                        "device": str(resolve_device(cfg.device)), "data": data_source,
+                        "cpu_kernels": cpu_kernels},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__},
             "git_commit": git_commit()}

@@ -133,12 +133,12 @@ class _LSQFakeQuantize(torch.autograd.Function):
             grad_stats = None
         if grad_out is None:
             grad_out = torch.zeros_like(x)
-        br_table = grad_stats[1:].float().contiguous() if grad_stats is not None else None
         # The kernels' gradient has no autograd history: a double backward (create_graph) takes
         # the PyTorch ops, which are differentiable.
         if ctx.kernels and not torch.is_grad_enabled():
             if grad_out.stride() != x.stride():
                 grad_out = torch.empty_like(x).copy_(grad_out)
+            br_table = grad_stats[1:].float().contiguous() if grad_stats is not None else None
             grad_x, step_sum = cpu_kernels().lsq_backward(grad_out, x, a, quant_min, quant_max, br_table,
                                                           ctx.input_relu)
         else:
@@ -149,7 +149,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
             grad_x = torch.ops.aten.hardtanh_backward(grad_out, c, quant_min, quant_max)
             step_sum = (_sum_of_products(grad_out, torch.clamp(c, quant_min, quant_max).round_())
                         - _sum_of_products(grad_x, c))
-            if br_table is not None:
+            if grad_stats is not None:
                 grad_x = grad_x + eager_bin_gradient(grad_stats, x, a, quant_min, quant_max).to(grad_x.dtype)
             if ctx.input_relu:  # x is relu(input) here: torch.relu's own backward
                 grad_x = torch.ops.aten.threshold_backward(grad_x, x, 0)
