@@ -77,7 +77,7 @@ def train(cfg, source, ckpt) -> int:
     print(f"Data: {len(train_split.labels)} train / {len(test_split.labels)} test images", flush=True)
     channels_last = device.type == "cuda"
     train_loader = DeviceLoader(train_split, cfg.batch_size, device, train=True, seed=cfg.seed,
-                                channels_last=channels_last)
+                                channels_last=channels_last, drop_last=cfgmod.compile_mode(cfg) != "off")
     test_loader = DeviceLoader(test_split, cfg.eval_batch_size, device, train=False, channels_last=channels_last)
     seed_everything(cfg.seed)  # after data loading, which may draw from the global generators
     model = build_quantized_model(cfg).to(device)

@@ -32,6 +32,10 @@ SCENARIOS = (
 )
 
 
+#: The ``mode`` values of ``torch.compile`` that ``--compile`` accepts.
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class ConfigError(ValueError):
     """A flag combination that cannot run; the message names the flag and what was expected."""
 
@@ -84,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     r.add_argument("--workers", type=int, default=2, help="processes for decoding images once [2]")
     r.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (BR and step sizes stay float32)")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--compile", nargs="?", const="on", default="auto", metavar="MODE",
+                   help="torch.compile the training step (forward, LSQ, BR) and evaluation: auto (CUDA: "
+                        "reduce-overhead, i.e. CUDA graphs; CPU: off, the fused C++ kernels are faster), "
+                        "on (the flag alone: reduce-overhead on CUDA, default on the CPU), off, or a "
+                        f"torch.compile mode ({', '.join(TORCH_COMPILE_MODES)}) [auto]")
     r.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to <output-dir>/tensorboard")
     r.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue the run in --output-dir from last.pt (or from PATH)")
@@ -170,6 +178,30 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def compile_mode(cfg) -> str:
+    """The ``torch.compile`` mode of the run (``--compile``), or ``"off"``.
+
+    ``auto`` compiles on CUDA only, with CUDA graphs (``reduce-overhead``): a ResNet-20 step is
+    hundreds of small kernels, so launching them costs more than running them
+    (docs/performance.md). On the CPU the fused C++ kernels run the quantizers, and compiling
+    takes minutes. ``on`` (the flag alone) compiles on any device. ``True``/``False`` are the
+    values that config.json of runs before the modes existed holds.
+
+    Raises:
+        ConfigError: a value that is none of auto, on, off and ``TORCH_COMPILE_MODES``.
+    """
+    value = {True: "on", False: "off"}.get(cfg.compile, cfg.compile)
+    if value not in ("auto", "on", "off") + TORCH_COMPILE_MODES:
+        raise ConfigError(f"--compile must be auto, on, off or one of {', '.join(TORCH_COMPILE_MODES)}, "
+                          f"got {cfg.compile!r}")
+    cuda = resolve_device(cfg.device).type == "cuda"
+    if value == "auto":
+        return "reduce-overhead" if cuda else "off"
+    if value == "on":
+        return "reduce-overhead" if cuda else "default"
+    return value
+
+
 def validate(cfg) -> None:
     """Check every flag (and the kernels' environment variables) that needs no file access.
 
@@ -205,6 +237,7 @@ def validate(cfg) -> None:
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {cfg.arch!r}")
     resolve_device(cfg.device)
+    compile_mode(cfg)
 
 
 def warnings_for(cfg) -> list[str]:
@@ -280,7 +313,9 @@ def banner(cfg, source_line: str, n_layers: str = "") -> list[str]:
     lines.append(f"Optimiser: SGD lr {cfg.lr:g} momentum {cfg.momentum:g} weight decay {cfg.weight_decay:g} "
                  f"(none on alpha), cosine over {E} epoch{'s' if E != 1 else ''}, batch {cfg.batch_size}, seed {cfg.seed}")
     lines.append(f"Data: {source_line}")
-    lines.append(f"Device: {resolve_device(cfg.device)}" + (" (bf16 autocast)" if cfg.amp else ""))
+    mode = compile_mode(cfg)
+    lines.append(f"Device: {resolve_device(cfg.device)}" + (" (bf16 autocast)" if cfg.amp else "")
+                 + (f"; torch.compile mode {mode}" if mode != "off" else "; eager (not compiled)"))
     lines.append(f"Output: {cfg.output_dir}")
     for w in warnings_for(cfg):
         lines.append(f"WARNING: {w}")

@@ -219,23 +219,29 @@ class DeviceLoader:
 
     Training batches are shuffled and augmented (``random_crop_flip``) with
     ``epoch_generator(seed, epoch)``; a final batch of one sample is dropped (BatchNorm
-    cannot train on it). Evaluation batches are in order and not augmented.
+    cannot train on it), and with ``drop_last`` any final batch smaller than ``batch_size``
+    (every step then has one static shape, as a compiled step with CUDA graphs needs; the
+    images it leaves out differ from epoch to epoch). Evaluation batches are in order and not
+    augmented.
 
     Yields ``(x, y)``: float32 ``(B, 3, 32, 32)`` normalised images (``channels_last``
     if asked) and int64 ``(B,)`` labels.
     """
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, train: bool, seed: int = 0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, drop_last: bool = False):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size, self.device, self.train, self.seed = batch_size, device, train, seed
+        self.drop_last = drop_last and train
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
 
     def __len__(self) -> int:
         n = len(self.labels)
+        if self.drop_last and n >= self.batch_size:
+            return n // self.batch_size
         if self.train and n % self.batch_size == 1:
             n -= 1
         return -(-n // self.batch_size)

@@ -20,9 +20,9 @@ from torch import nn
 from tqdm import tqdm
 
 from checkpoint import append_jsonl, atomic_torch_save
-from config import act_bits, frozen_kinds, weight_bits
+from config import act_bits, compile_mode, frozen_kinds, weight_bits
 from hooks import ActivationHookManager, BinStatsCollector
-from quant import FULL_PRECISION_BITS, keep_step_sizes_positive, quantized_layers
+from quant import FULL_PRECISION_BITS, keep_step_sizes_positive, quantized_layers, step_size_quantizers
 from regularizers import INFO_FIELDS, BinRegularizer, weight_bin_stats
 
 #: How often (in steps) a CUDA run reads its non-finite flag; on the CPU reading is free, so every step.
@@ -79,6 +79,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _clone_tensors(tree):
+    """A copy of every tensor in a nest of dicts (None stays None)."""
+    if isinstance(tree, dict):
+        return {k: _clone_tensors(v) for k, v in tree.items()}
+    return tree.clone() if isinstance(tree, torch.Tensor) else tree
+
+
 class Trainer:
     """Runs the two-stage schedule on one device.
 
@@ -95,8 +102,6 @@ class Trainer:
     def __init__(self, cfg, model, train_loader, test_loader, device, output_dir=None, log=print, tb=None):
         self.cfg, self.model, self.device, self.output_dir, self.log, self.tb = cfg, model, device, output_dir, log, tb
         self.train_loader, self.test_loader = train_loader, test_loader
-        # The forward pass may run compiled; state (checkpoints, α, hooks) lives on ``model``.
-        self.forward = torch.compile(model) if cfg.compile else model
         self.layers = quantized_layers(model)
         # BR regularises the low-bit layers; the first conv and last linear stay at
         # --first-last-bits, where the grid is fine and BR has nothing to gain.
@@ -117,6 +122,17 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs)
         self.use_amp = cfg.amp and device.type == "cuda"
+        # --compile: the whole training forward pass (network, LSQ, BR's statistics and losses) in
+        # one graph, and evaluation; state (checkpoints, α, hooks) lives on ``model`` either way.
+        # dynamic=False: every batch shape gets its own static graph (the loader drops the ragged
+        # last training batch when compiled), which CUDA graphs need.
+        self.compile_mode = compile_mode(cfg)
+        compiled = self.compile_mode != "off"
+        compile_ = lambda fn: torch.compile(fn, mode=self.compile_mode, dynamic=False)  # noqa: E731
+        self._compiled_losses = compile_(self._losses) if compiled else None
+        self._evaluate_forward = compile_(model) if compiled else model
+        self._cuda_graphs = compiled and device.type == "cuda" and self.compile_mode == "reduce-overhead"
+        self._quantizers = list(step_size_quantizers(model).values())
         self.start_epoch, self.best_acc, self.best_epoch, self.elapsed = 1, -1.0, 0, 0.0
         self.last_acc = None
         self.previous_bins: dict[str, torch.Tensor] = {}
@@ -172,14 +188,28 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------
     def loss_terms(self, x: torch.Tensor, y: torch.Tensor, use_br: bool):
-        """Forward pass and loss terms. Returns ``(loss, logits, ce, br_w, br_a, w_info, a_info)``."""
-        zero = torch.zeros((), device=self.device)
+        """Forward pass and loss terms. Returns ``(loss, logits, ce, br_w, br_a, w_info, a_info)``.
+
+        Compiled with ``--compile`` once every step size is initialised: the steps before that
+        (the first, without ``--pretrained`` or ``--resume``) run eagerly, so that α's
+        initialisation from the first batch never enters a compiled graph.
+        """
         if self.hooks is not None:
             self.hooks.enabled = use_br
         if self.weight_stats is not None:
             self.weight_stats.enabled = use_br
+        losses = self._losses
+        if self._compiled_losses is not None and all(q._is_initialized for q in self._quantizers):
+            losses = self._compiled_losses
+            if self._cuda_graphs:  # a new training step: the previous step's graph outputs may be reused
+                torch.compiler.cudagraph_mark_step_begin()
+        return losses(x, y, use_br)
+
+    def _losses(self, x: torch.Tensor, y: torch.Tensor, use_br: bool):
+        """``loss_terms`` after the BR switches are set: the function that ``--compile`` compiles."""
+        zero = torch.zeros((), device=self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            logits = self.forward(x)
+            logits = self.model(x)
         ce = F.cross_entropy(logits.float(), y)
         br_w = br_a = zero
         w_info = a_info = None
@@ -262,12 +292,14 @@ class Trainer:
             seen += y.shape[0]
             if self._stop_signal is not None:
                 raise Interrupted(self._stop_signal)
+        # The last step's BR infos outlive the step: copy them out of the CUDA graph's buffers.
+        w_info, a_info = (_clone_tensors(out.get(k)) for k in ("w_info", "a_info"))
         if not bool(torch.isfinite(sums).all()):  # a NaN between two checks (CUDA)
             self._check_finite({"loss": sums[0], "ce": sums[1], "br_w": sums[2], "br_a": sums[3]}, epoch, steps)
         means = (sums / max(steps, 1)).tolist()
         return {"loss": means[0], "ce": means[1], "br_w": means[2], "br_a": means[3],
                 "train_acc": 100.0 * int(correct) / max(seen, 1), "images": seen,
-                "w_info": out.get("w_info"), "a_info": out.get("a_info")}
+                "w_info": w_info, "a_info": a_info}
 
     @torch.inference_mode()
     def evaluate(self) -> float:
@@ -276,7 +308,7 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for x, y in self.test_loader.batches():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                correct += (self.forward(x).argmax(1) == y).sum()
+                correct += (self._evaluate_forward(x).argmax(1) == y).sum()
         return 100.0 * int(correct) / max(len(self.test_loader.labels), 1)
 
     def layer_summaries(self) -> tuple[dict, dict]:

@@ -162,12 +162,12 @@ def run_config(cfg, data_source: str, cpu_kernels: str | None) -> dict:
     ``cpu_kernels``: ``quant.kernels.describe()`` where the run uses them, else None.
     """
     import torchvision
-    from config import act_bits, first_last_bits, weight_bits
+    from config import act_bits, compile_mode, first_last_bits, weight_bits
     return {"flags": dict(vars(cfg)),
             "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg),
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
                         "device": str(resolve_device(cfg.device)), "data": data_source,
-                        "cpu_kernels": cpu_kernels},
+                        "cpu_kernels": cpu_kernels, "compile": compile_mode(cfg)},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__},
             "git_commit": git_commit()}

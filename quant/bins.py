@@ -46,8 +46,8 @@ class BinStats(NamedTuple):
 #: The rows of a ``(3, K)`` statistics tensor.
 STAT_ROWS = ("count", "sum_d", "sum_d_squared")
 
-#: Largest number of bins for which CUDA sums bins with a one-hot matrix product (else index_add_).
-ONE_HOT_MAX_BINS = 16
+#: Largest number of bins summed by a masked reduction on CUDA and in compiled code (else index_add_).
+MASKED_MAX_BINS = 16
 
 
 def flat_view(t: torch.Tensor) -> torch.Tensor:
@@ -76,18 +76,29 @@ def bin_sum(index: torch.Tensor, num_bins: int, values: torch.Tensor | None = No
             dtype: torch.dtype = torch.float32, method: str | None = None) -> torch.Tensor:
     """Per-bin count (``values=None``, as ``dtype``) or sum of ``values``; ``(num_bins,)``, no host sync.
 
-    ``method`` (default: by device): ``"bincount"`` on the CPU (fastest there); on CUDA ``bincount`` reads the index range back to the host, so small grids
-    use ``"one_hot"`` (a one-hot matrix product) and larger ones ``"index_add"``.
+    Args:
+        index: 1-D integer tensor of bins in ``[0, num_bins)``. values: 1-D, as long as ``index``.
+        method: ``"bincount"`` (eager CPU: fastest there), ``"masked"`` (``Σ_i [index_i == j]·v_i``
+            for every bin j at once: a reduction of a ``(N, num_bins)`` mask that a compiler fuses
+            into one pass without materialising it; eager it is a ``(N, num_bins)`` temporary),
+            or ``"index_add"`` (atomic adds: for many bins). Default: ``"bincount"`` on the CPU in
+            eager mode; else ``"masked"`` up to ``MASKED_MAX_BINS`` bins, ``"index_add"`` above.
+            ``bincount``'s output shape depends on the data (a graph break under ``torch.compile``)
+            and reads the index range back to the host on CUDA, so only eager CPU code uses it.
     """
     if method is None:
-        method = "bincount" if index.device.type == "cpu" else (
-            "one_hot" if num_bins <= ONE_HOT_MAX_BINS else "index_add")
+        if index.device.type == "cpu" and not torch.compiler.is_compiling():
+            method = "bincount"
+        else:
+            method = "masked" if num_bins <= MASKED_MAX_BINS else "index_add"
     dtype = dtype if values is None else values.dtype
     if method == "bincount":
         return torch.bincount(index, weights=values, minlength=num_bins).to(dtype)
-    if method == "one_hot":
-        one_hot = (index[:, None] == torch.arange(num_bins, device=index.device)).to(dtype)
-        return one_hot.sum(0) if values is None else values @ one_hot
+    if method == "masked":
+        hit = index[:, None] == torch.arange(num_bins, device=index.device, dtype=index.dtype)
+        if values is None:
+            return hit.sum(0, dtype=dtype)
+        return torch.where(hit, values[:, None], torch.zeros((), dtype=dtype, device=index.device)).sum(0)
     ones = torch.ones((), dtype=dtype, device=index.device).expand(index.shape)
     return torch.zeros(num_bins, dtype=dtype, device=index.device).index_add_(
         0, index.long(), ones if values is None else values)
