@@ -358,6 +358,8 @@ class Trainer:
         """Train, evaluate, log and checkpoint one epoch; returns its metrics row."""
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         train = self.train_epoch(epoch)
         train_seconds = time.perf_counter() - start
         bad = self._first_non_finite_parameter()
@@ -383,13 +385,16 @@ class Trainer:
         if self.tb is not None:
             self.tb.log_epoch(row, self.model)
         if self.output_dir is not None:
-            self._save_epoch(row, seconds, epoch, config, improved=self.best_epoch == epoch)
+            timing = {"epoch": epoch, "seconds": seconds, "train_seconds": train_seconds, "train_images": train["images"]}
+            if self.device.type == "cuda":
+                timing["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self._save_epoch(row, timing, epoch, config, improved=self.best_epoch == epoch)
         return row
 
-    def _save_epoch(self, row: dict, seconds: float, epoch: int, config: dict, improved: bool) -> None:
+    def _save_epoch(self, row: dict, timing: dict, epoch: int, config: dict, improved: bool) -> None:
         # Checkpoints first, holding this epoch's log rows: a kill before the logs are
         # appended loses nothing (runner.restore_logs writes missing rows back on --resume).
-        logs = {"metrics.jsonl": row, "timing.jsonl": {"epoch": epoch, "seconds": seconds}}
+        logs = {"metrics.jsonl": row, "timing.jsonl": timing}
         state = dict(self.state_dict(epoch, config), log_rows=logs)
         atomic_torch_save(state, os.path.join(self.output_dir, "last.pt"))
         if improved:

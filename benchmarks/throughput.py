@@ -80,7 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only, as cifar10_qat_br.py --amp)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last model and batches (default: on CUDA, as cifar10_qat_br.py)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (model.compile())")
+    p.add_argument("--compile", nargs="?", const="on", default="auto", metavar="MODE",
+                   help="as cifar10_qat_br.py --compile: the whole training forward pass compiled [auto: "
+                        "reduce-overhead on CUDA, off on the CPU]")
     p.add_argument("--rounds", type=int, default=10,
                    help="interleaved rounds [10: the per-round ratios of this shared CPU spread by ±10 %%]")
     p.add_argument("--steps", type=int, default=2, help="step mode: training steps per variant per round [2]")
@@ -140,14 +142,13 @@ def make_trainer(variant: str, args, device: torch.device, train_loader=None, te
               "--warmup-epochs", str(warmup_epochs), "--eval-batch-size", str(args.eval_batch_size),
               "--device", str(device), "--seed", str(args.seed)]
     flags += ["--amp"] if args.amp else []
+    flags += ["--compile", args.compile]
     cfg = cfgmod.build_parser().parse_args(flags)
     cfgmod.validate(cfg)
     torch.manual_seed(args.seed)
     model = build_quantized_model(cfg).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if args.compile:
-        model.compile()
     trainer = Trainer(cfg, model, train_loader, test_loader, device, output_dir=None, log=lambda *a, **k: None)
     return trainer
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -60,30 +59,3 @@ def test_epoch_mode_times_the_real_pipeline(tmp_path, capsys, one_thread):
 def test_unknown_variant_is_refused():
     with pytest.raises(SystemExit):
         throughput.parse_args(["--variants", "lsq,fast"])
-
-
-def _run(args, tmp_path):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), *args],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would run for real")
-def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
-    proc = _run(["--out", str(tmp_path / "gpu.json")], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "no CUDA GPU" in proc.stdout
-    assert json.loads((tmp_path / "gpu.json").read_text())["status"] == "skipped"
-
-
-def test_gpu_check_runs_in_a_reduced_size_on_the_cpu(tmp_path):
-    proc = _run(["--device", "cpu", "--tiny", "--out", str(tmp_path / "gpu.json"), "--workdir", str(tmp_path)],
-                tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((tmp_path / "gpu.json").read_text())
-    assert report["status"] == "ok" and set(report["parts"]) == {"steps", "epochs", "run"}
-    assert set(report["parts"]["steps"]["variants"]) == VARIANTS
-    assert "estimated_run" in report["parts"]["epochs"]
-    run = report["parts"]["run"]
-    assert run["finished"] and run["returncode"] == 0 and run["epochs_done"] == run["epochs"] == 2
-    assert set(report["verdict"]) == {"full_run_s", "abr_peak_memory_vs_lsq"}
-    assert all(isinstance(v["met"], bool) for v in report["verdict"].values())

@@ -11,19 +11,15 @@ and the bin statistics themselves.
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import config as cfgmod
 import engine
 from models.resnet import CifarResNet
 from quant import quantize_model
 from quant.lsq import LSQQuantizer
-from quant.bins import bin_statistics
-from tests.conftest import TINY, run_cli
 
 
 def _tiny_trainer(extra_flags):
