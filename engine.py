@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import append_jsonl, atomic_torch_save
+from checkpoint import append_jsonl, atomic_torch_save, numpy_rng_from_plain, numpy_rng_to_plain
 from config import act_bits, frozen_kinds, weight_bits
 from hooks import ActivationHookManager, BinStatsCollector
 from quant import FULL_PRECISION_BITS, keep_step_sizes_positive, quantized_layers
@@ -66,14 +66,16 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """Every random generator state (python, numpy, torch CPU and CUDA)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every random generator state (python, numpy, torch CPU and CUDA), as tensors, plain
+    containers and numbers: a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
+    return {"python": random.getstate(), "numpy": numpy_rng_to_plain(np.random.get_state()),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(numpy_rng_from_plain(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

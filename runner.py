@@ -168,8 +168,8 @@ def run_config(cfg, data_source: str, cpu_kernels: str | None) -> dict:
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
                         "device": str(resolve_device(cfg.device)), "data": data_source,
                         "cpu_kernels": cpu_kernels},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__},
+            "versions": {"python": platform.python_version(), "torch": str(torch.__version__),  # not TorchVersion:
+                         "torchvision": str(torchvision.__version__)},  # a checkpoint holds only plain types
             "git_commit": git_commit()}
 
 

@@ -195,7 +195,7 @@ def test_float_baseline_then_pretrained_qat(shared_folder, tmp_path, capsys):
                           "--lambda-br", "0", "--lambda-br-act", "0", *TINY], capsys)
     assert rc == 0
     assert "Bits: full precision" in out and "[float]" in out
-    state = torch.load(fp / "best.pt", weights_only=False)["model"]
+    state = torch.load(fp / "best.pt", weights_only=True)["model"]
     assert not any("_quant" in k for k in state)
     qat = tmp_path / "qat"
     rc, out, _ = run_cli(["--data-dir", shared_folder, "--output-dir", qat, "--pretrained", fp / "best.pt",
