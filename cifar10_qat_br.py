@@ -94,9 +94,11 @@ def train(cfg, source, ckpt) -> int:
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
         runner.restore_logs(cfg.output_dir, ckpt)
+        note = runner.backfill_tensorboard(tb, cfg.output_dir, ckpt) if tb is not None else None
+        if note:
+            print(note, flush=True)
         print(f"Resumed from epoch {ckpt['epoch']} of {cfg.epochs}", flush=True)
     runner.write_config(cfg, run_config)
-    resume_hint = f"python cifar10_qat_br.py --resume --output-dir {cfg.output_dir}"
     try:
         summary = trainer.fit(run_config)
     except NonFiniteError as exc:
@@ -105,7 +107,7 @@ def train(cfg, source, ckpt) -> int:
         return 3
     except Interrupted as exc:
         print(f"\nInterrupted by {exc}; finished epochs are saved in {cfg.output_dir}/last.pt. "
-              f"Resume with: {resume_hint}", file=sys.stderr)
+              f"Resume with: {runner.resume_command(cfg)}", file=sys.stderr)
         return 128 + exc.signum
     finally:
         if tb is not None:

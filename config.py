@@ -22,6 +22,10 @@ RULE = "=" * 80
 RUN_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
                        "no_download", "tensorboard", "compile", "eval_batch_size"})
 
+#: Flags that say what this one command does: never taken from the run on --resume (every
+#: other flag not given is, so that the printed resume command works as printed).
+INVOCATION_FLAGS = frozenset({"output_dir", "resume", "overwrite", "dry_run"})
+
 #: The five ablation scenarios of the README, as (name, λ_w, λ_a, backprop A-BR to α).
 SCENARIOS = (
     ("W-only", 1.0, 0.0, False),
@@ -78,16 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data-dir", default="./data",
                    help="torchvision CIFAR-10 (cifar-10-batches-py/) or an image folder with train/ and test/ [./data]")
     m.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
+    m.add_argument("--download", dest="no_download", action="store_false", default=False,
+                   help="allow downloading (undoes a run's --no-download on --resume)")
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", default=None, help="run folder [results/<arch>_<bits>_<lambdas>_s<seed>]")
     r.add_argument("--seed", type=int, default=42, help="random seed [42]")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     r.add_argument("--workers", type=int, default=2, help="processes for decoding images once [2]")
     r.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (BR and step sizes stay float32)")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to <output-dir>/tensorboard")
+    r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model [off]")
+    r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                   help="write TensorBoard logs to <output-dir>/tensorboard [off]")
     r.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue the run in --output-dir from last.pt (or from PATH)")
+                   help="continue the run in --output-dir from last.pt (or from PATH); flags not given "
+                        "are the run's")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     r.add_argument("--dry-run", action="store_true", help="print the banner and the resolved config, then exit")
     return p
