@@ -119,6 +119,7 @@ def train(cfg, source, ckpt) -> int:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line when it is printed, not per 8 KiB
     try:
         sys.exit(main())
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly

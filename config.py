@@ -20,7 +20,7 @@ RULE = "=" * 80
 
 #: Flags that say how to run, not what the experiment is: they may change on --resume.
 RUN_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
-                       "no_download", "tensorboard", "compile", "eval_batch_size"})
+                       "no_download", "tensorboard", "compile", "eval_batch_size", "progress_interval"})
 
 #: Flags that say what this one command does: never taken from the run on --resume (every
 #: other flag not given is, so that the printed resume command works as printed).
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=42, help="random seed [42]")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     r.add_argument("--workers", type=int, default=2, help="processes for decoding images once [2]")
+    r.add_argument("--progress-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="when the output is not a terminal (a log file), print a progress line with the "
+                        "ETA every SECONDS during an epoch; 0: none [60]")
     r.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (BR and step sizes stay float32)")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model [off]")
@@ -211,6 +214,7 @@ def validate(cfg) -> None:
         raise ConfigError(f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
     if cfg.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
+    _check_number(cfg.progress_interval, "--progress-interval")
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {cfg.arch!r}")
     resolve_device(cfg.device)

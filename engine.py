@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import time
 
 import numpy as np
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from checkpoint import append_jsonl, atomic_torch_save, numpy_rng_from_plain, numpy_rng_to_plain
 from config import act_bits, frozen_kinds, weight_bits
 from hooks import ActivationHookManager, BinStatsCollector
+from progress import EpochProgress
 from quant import FULL_PRECISION_BITS, keep_step_sizes_positive, quantized_layers
 from regularizers import INFO_FIELDS, BinRegularizer, weight_bin_stats
 
@@ -256,12 +258,17 @@ class Trainer:
         out = {}
         bar = tqdm(self.train_loader.batches(epoch), total=len(self.train_loader), leave=False,
                    desc=f"epoch {epoch}", disable=None)
+        # Plain progress lines when the console is a file (a SLURM log): tqdm is silent there.
+        progress = EpochProgress(epoch, self.cfg.epochs, len(self.train_loader),
+                                 self.elapsed / (epoch - 1) if epoch > 1 else None,
+                                 0 if sys.stdout.isatty() else self.cfg.progress_interval, self.log, bar)
         for x, y in bar:
             steps += 1
             out = self.train_step(x, y, use_br, check=(epoch, steps) if steps % check_every == 0 else None)
             sums += torch.stack([out["loss"], out["ce"], out["br_w"], out["br_a"]])
             correct += out["correct"]
             seen += y.shape[0]
+            progress.step(y.shape[0])
             if self._stop_signal is not None:
                 raise Interrupted(self._stop_signal)
         if not bool(torch.isfinite(sums).all()):  # a NaN between two checks (CUDA)
