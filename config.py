@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--freeze-act-alpha", action="store_true", help="freeze the activation step sizes after warmup")
     s = p.add_argument_group("schedule and optimiser")
     s.add_argument("--epochs", type=int, default=100, help="total epochs [100]")
-    s.add_argument("--warmup-epochs", type=int, default=30, help="stage 1 (LSQ only) epochs [30]")
+    s.add_argument("--warmup-epochs", type=int, default=None,
+                   help="stage 1 (LSQ only) epochs [30 %% of --epochs, rounded: 30 of 100]")
     s.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine decay over all epochs [0.01]")
     s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum [0.9]")
     s.add_argument("--weight-decay", type=float, default=5e-4,
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--arch", default="resnet20", help=f"one of {', '.join(ARCHITECTURES)} [resnet20]")
     m.add_argument("--pretrained", default=None, metavar="PATH",
                    help="float checkpoint made by this tool (--num-bits 32) to start from")
+    m.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on N images, class-balanced, drawn with --seed (for quick trials) [all]")
     m.add_argument("--data-dir", default="./data",
                    help="torchvision CIFAR-10 (cifar-10-batches-py/) or an image folder with train/ and test/ [./data]")
     m.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
@@ -113,6 +116,25 @@ def explicit_flags(argv: list[str]) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+def default_warmup_epochs(epochs: int) -> int:
+    """The warmup of a run of ``epochs`` epochs without ``--warmup-epochs``: 30 % of them,
+    rounded half up, as in the default recipe (30 of 100)."""
+    return (3 * epochs + 5) // 10
+
+
+def resolve_defaults(cfg) -> set[str]:
+    """Fill the flags whose default depends on others (``--warmup-epochs``), in place.
+
+    Call after ``--resume`` took the run's flags and before ``validate``. Returns the
+    destinations that were filled, for the banner.
+    """
+    filled = set()
+    if cfg.warmup_epochs is None:
+        cfg.warmup_epochs = default_warmup_epochs(cfg.epochs)
+        filled.add("warmup_epochs")
+    return filled
+
+
 def weight_bits(cfg) -> int:
     return cfg.num_bits_weight if cfg.num_bits_weight is not None else cfg.num_bits
 
@@ -136,16 +158,21 @@ def _fmt(x: float) -> str:
 
 
 def default_output_dir(cfg) -> str:
-    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...]_s<seed>``; ``results/<arch>_fp32_s<seed>`` for float."""
+    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_sub<N>]_s<seed>``;
+    ``results/<arch>_fp32[_sub<N>]_s<seed>`` for float."""
     if is_float_run(cfg):
-        return os.path.join("results", f"{cfg.arch}_fp32_s{cfg.seed}")
+        return os.path.join("results", f"{cfg.arch}_fp32{_subset_suffix(cfg)}_s{cfg.seed}")
     name = (f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{first_last_bits(cfg)}"
             f"_lbr{_fmt(cfg.lambda_br)}_lbra{_fmt(cfg.lambda_br_act)}")
     name += "_abp" if cfg.br_backprop_to_alpha_act else ""
     name += "_frz" if cfg.freeze_alpha else ("_frzw" if cfg.freeze_weight_alpha else "") + (
         "_frza" if cfg.freeze_act_alpha else "")
     name += f"_clip{_fmt(cfg.clip_value)}" if cfg.clip_value is not None else ""
-    return os.path.join("results", name + f"_s{cfg.seed}")
+    return os.path.join("results", name + _subset_suffix(cfg) + f"_s{cfg.seed}")
+
+
+def _subset_suffix(cfg) -> str:
+    return f"_sub{cfg.train_subset}" if cfg.train_subset is not None else ""
 
 
 def _check_bits(value: int, flag: str) -> None:
@@ -206,6 +233,8 @@ def validate(cfg) -> None:
         _check_number(cfg.clip_value, "--clip-value", strict=True)
     if cfg.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.train_subset is not None and cfg.train_subset < 2:
+        raise ConfigError(f"--train-subset must be >= 2 images, got {cfg.train_subset}")
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise ConfigError(f"--warmup-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
     if cfg.batch_size < 1:
@@ -249,14 +278,22 @@ def frozen_kinds(cfg) -> tuple[bool, bool]:
     return cfg.freeze_alpha or cfg.freeze_weight_alpha, cfg.freeze_alpha or cfg.freeze_act_alpha
 
 
-def banner(cfg, source_line: str, n_layers: str = "") -> list[str]:
-    """The run banner (lines), in the wording researchers grep for."""
+def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = frozenset()) -> list[str]:
+    """The run banner (lines), in the wording researchers grep for.
+
+    ``defaulted``: the flags ``resolve_defaults`` filled in, which the banner says.
+    """
     w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
     E, W = cfg.epochs, cfg.warmup_epochs
     freeze_w, freeze_a = frozen_kinds(cfg)
     both_off = cfg.lambda_br == 0 and cfg.lambda_br_act == 0
     lines = [RULE, "Starting 2-Stage QAT+BR Training", RULE]
-    lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only)" if W > 0 else "Stage 1 (Warmup): none (--warmup-epochs 0)")
+    rule = (f"30 % of {E} epoch{'s' if E != 1 else ''}, as --warmup-epochs was not given"
+            if "warmup_epochs" in defaulted else "")
+    if W > 0:
+        lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only" + (f"; {rule})" if rule else ")"))
+    else:
+        lines.append(f"Stage 1 (Warmup): none ({rule or '--warmup-epochs 0'})")
     if E > W:
         lines.append(f"Stage 2 (BR): Epochs {W + 1}-{E}" + (" (both λ = 0: LSQ only, no BR)" if both_off else ""))
     else:
@@ -292,7 +329,8 @@ def banner(cfg, source_line: str, n_layers: str = "") -> list[str]:
     lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
     lines.append(f"Optimiser: SGD lr {cfg.lr:g} momentum {cfg.momentum:g} weight decay {cfg.weight_decay:g} "
                  f"(none on alpha), cosine over {E} epoch{'s' if E != 1 else ''}, batch {cfg.batch_size}, seed {cfg.seed}")
-    lines.append(f"Data: {source_line}")
+    lines.append(f"Data: {source_line}" + (f"; training on a class-balanced subset of {cfg.train_subset} images "
+                                           f"(--train-subset, seed {cfg.seed})" if cfg.train_subset else ""))
     lines.append(f"Device: {resolve_device(cfg.device)}" + (" (bf16 autocast)" if cfg.amp else ""))
     lines.append(f"Output: {cfg.output_dir}")
     for w in warnings_for(cfg):

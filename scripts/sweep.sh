@@ -15,7 +15,7 @@
 #   LAMBDAS     λ of the BR terms a scenario enables                [1]
 #   SEEDS       --seed values                                       [42 43 44]
 #   EPOCHS      --epochs          (empty: the tool's default, 100)  []
-#   WARMUP      --warmup-epochs   (empty: the tool's default, 30)   []
+#   WARMUP      --warmup-epochs   (empty: the tool's default, 30 % of EPOCHS)  []
 #   PRETRAINED  --pretrained float checkpoint (empty: none)         []
 #   PYTHON      the interpreter                                     [python]
 #

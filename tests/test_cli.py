@@ -55,7 +55,7 @@ def test_dry_run_banners_for_the_five_scenarios(capsys, name, lam_w, lam_a, back
     flags = ["--lambda-br", lam_w, "--lambda-br-act", lam_a] + (["--br-backprop-to-alpha-act"] if backprop else [])
     out = _banner(capsys, *map(str, flags))
     assert "Starting 2-Stage QAT+BR Training" in out
-    assert "Stage 1 (Warmup): Epochs 1-30 (LSQ only)" in out
+    assert "Stage 1 (Warmup): Epochs 1-30 (LSQ only; 30 % of 100 epochs, as --warmup-epochs was not given)" in out
     w_line = f"  - W-BR (weights): λ={lam_w} [{'ENABLED' if lam_w else 'DISABLED'}]"
     a_line = f"  - A-BR (activations): λ={lam_a} [{'ENABLED' if lam_a else 'DISABLED'}]"
     assert w_line in out.splitlines() and a_line in out.splitlines()
@@ -73,7 +73,7 @@ def test_banner_example_wording_and_freeze_truth_line(capsys):
     expected = """================================================================================
 Starting 2-Stage QAT+BR Training
 ================================================================================
-Stage 1 (Warmup): Epochs 1-30 (LSQ only)
+Stage 1 (Warmup): Epochs 1-30 (LSQ only; 30 % of 100 epochs, as --warmup-epochs was not given)
 Stage 2 (BR): Epochs 31-100
 
 BR Configuration:
