@@ -286,28 +286,44 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
     E, W = cfg.epochs, cfg.warmup_epochs
     freeze_w, freeze_a = frozen_kinds(cfg)
-    both_off = cfg.lambda_br == 0 and cfg.lambda_br_act == 0
+    # A BR term acts only with λ > 0 on quantized tensors; the banner never calls one on that does not.
+    w_br, a_br = cfg.lambda_br > 0 and w_bits < FULL_PRECISION_BITS, cfg.lambda_br_act > 0 and a_bits < FULL_PRECISION_BITS
     lines = [RULE, "Starting 2-Stage QAT+BR Training", RULE]
     rule = (f"30 % of {E} epoch{'s' if E != 1 else ''}, as --warmup-epochs was not given"
             if "warmup_epochs" in defaulted else "")
+    stage1 = "float, nothing quantized" if is_float_run(cfg) else "LSQ only"
     if W > 0:
-        lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only" + (f"; {rule})" if rule else ")"))
+        lines.append(f"Stage 1 (Warmup): Epochs 1-{W} ({stage1}" + (f"; {rule})" if rule else ")"))
     else:
         lines.append(f"Stage 1 (Warmup): none ({rule or '--warmup-epochs 0'})")
     if E > W:
-        lines.append(f"Stage 2 (BR): Epochs {W + 1}-{E}" + (" (both λ = 0: LSQ only, no BR)" if both_off else ""))
+        if is_float_run(cfg):
+            what = " (float, nothing quantized: no BR)"
+        elif cfg.lambda_br == 0 and cfg.lambda_br_act == 0:
+            what = " (both λ = 0: LSQ only, no BR)"
+        else:
+            what = "" if w_br or a_br else " (no BR term has an effect: LSQ only)"
+        lines.append(f"Stage 2 (BR): Epochs {W + 1}-{E}{what}")
     else:
         lines.append("Stage 2 (BR): none (--warmup-epochs equals --epochs)")
     lines += ["", "BR Configuration:"]
-    on = lambda lam: "[ENABLED]" if lam > 0 else "[DISABLED]"  # noqa: E731
-    lines.append(f"  - W-BR (weights): λ={float(cfg.lambda_br)} {on(cfg.lambda_br)}")
-    if cfg.lambda_br > 0:
+
+    def state(lam: float, effective: bool, tensors: str) -> str:
+        if effective:
+            return "[ENABLED]"
+        return f"[NO EFFECT: {tensors} are not quantized (32 bits)]" if lam > 0 else "[DISABLED]"
+
+    lines.append(f"  - W-BR (weights): λ={float(cfg.lambda_br)} {state(cfg.lambda_br, w_br, 'weights')}")
+    if w_br:
         lines.append("    └─> Gradients to alpha: Always enabled (paper-faithful, weights are stable)")
         if freeze_w and E > W:
             lines.append("    └─> Note: weight alpha is frozen after warmup, so in stage 2 this gradient cannot change it")
-    lines.append(f"  - A-BR (activations): λ={float(cfg.lambda_br_act)} {on(cfg.lambda_br_act)}")
-    if cfg.lambda_br_act > 0:
-        lines.append(f"    └─> Gradients to alpha: {cfg.br_backprop_to_alpha_act} (default: False, recommended)")
+    lines.append(f"  - A-BR (activations): λ={float(cfg.lambda_br_act)} "
+                 f"{state(cfg.lambda_br_act, a_br, 'activations')}")
+    if a_br:
+        lines.append("    └─> Gradients to alpha: " + (
+            "True (--br-backprop-to-alpha-act; the default, and the recommended setting, is False)"
+            if cfg.br_backprop_to_alpha_act else "False (a detached target k·α: the default, and recommended)"))
         if cfg.br_backprop_to_alpha_act and freeze_a and E > W:
             lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot change it")
     lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {cfg.freeze_alpha}"]
