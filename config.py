@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--train-subset", type=int, default=None, metavar="N",
                    help="train on N images, class-balanced, drawn with --seed (for quick trials) [all]")
     m.add_argument("--data-dir", default="./data",
-                   help="torchvision CIFAR-10 (cifar-10-batches-py/) or an image folder with train/ and test/ [./data]")
+                   help="torchvision CIFAR-10 (cifar-10-batches-py/, downloaded there when missing) or an image "
+                        "folder with train/<class>/ and test/<class>/ [./data]")
     m.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
     m.add_argument("--download", dest="no_download", action="store_false", default=False,
                    help="allow downloading (undoes a run's --no-download on --resume)")
@@ -287,7 +288,8 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     E, W = cfg.epochs, cfg.warmup_epochs
     freeze_w, freeze_a = frozen_kinds(cfg)
     # A BR term acts only with λ > 0 on quantized tensors; the banner never calls one on that does not.
-    w_br, a_br = cfg.lambda_br > 0 and w_bits < FULL_PRECISION_BITS, cfg.lambda_br_act > 0 and a_bits < FULL_PRECISION_BITS
+    w_br = cfg.lambda_br > 0 and w_bits < FULL_PRECISION_BITS
+    a_br = cfg.lambda_br_act > 0 and a_bits < FULL_PRECISION_BITS
     lines = [RULE, "Starting 2-Stage QAT+BR Training", RULE]
     rule = (f"30 % of {E} epoch{'s' if E != 1 else ''}, as --warmup-epochs was not given"
             if "warmup_epochs" in defaulted else "")

@@ -17,7 +17,8 @@ import torch
 
 from checkpoint import (CheckpointError, append_jsonl, atomic_write_json, load_checkpoint, read_jsonl,
                         truncate_jsonl)
-from config import INVOCATION_FLAGS, RUN_FLAGS, ConfigError, default_output_dir, explicit_flags, is_float_run, resolve_device
+from config import (INVOCATION_FLAGS, RUN_FLAGS, ConfigError, default_output_dir, explicit_flags, is_float_run,
+                    resolve_device)
 
 #: Files that make a folder "hold a run".
 RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json")
@@ -28,7 +29,7 @@ def _flag(key: str) -> str:
 
 
 def resolve_resume(cfg, argv: list[str]) -> dict | None:
-    """Apply ``--resume``: load the checkpoint, take the run's experiment flags, refuse changes.
+    """Apply ``--resume``: load the checkpoint, take the run's flags, refuse experiment changes.
 
     Flags not given on the command line take the run's values (also where the data and
     logs live: ``--data-dir``, ``--no-download``, ``--tensorboard``, ...), except those of

@@ -57,7 +57,8 @@ def test_cli_quick_trial_with_epochs_alone_and_a_subset(shared_folder, tmp_path,
                                "--train-subset", "20", "--batch-size", "16", "--workers", "0", "--num-bits", "32",
                                "--lambda-br", "0", "--lambda-br-act", "0"], capsys)
     assert rc == 0, err
-    assert "Stage 1 (Warmup): Epochs 1-1 (LSQ only; 30 % of 2 epochs, as --warmup-epochs was not given)" in stdout
+    assert "Stage 1 (Warmup): Epochs 1-1 (float, nothing quantized; 30 % of 2 epochs, as --warmup-epochs was not " \
+           "given)" in stdout
     assert "training on a class-balanced subset of 20 images (--train-subset, seed 42)" in stdout
     assert "Data: 20 train (class-balanced subset of 40, --train-subset) / 20 test images" in stdout
     assert json.loads((out / "summary.json").read_text())["train_subset"] == 20
