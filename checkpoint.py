@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 
+import numpy as np
 import torch
 
 
@@ -74,21 +77,107 @@ def truncate_jsonl(path: str, keep) -> None:
     _atomic_write(path, lambda f: f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()))
 
 
+#: What a checkpoint of an older version of this tool holds besides tensors and containers: the
+#: numpy RNG state as a uint32 ``ndarray`` and torch's version string as a ``TorchVersion`` (a
+#: ``str``). Allowed (nothing else) when reading such a file, which is then converted to the
+#: current form (``_convert_legacy``).
+_LEGACY_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType,
+                   torch.torch_version.TorchVersion)
+_LEGACY_NAMES = {"numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType",
+                 "torch.torch_version.TorchVersion"}
+
+
+def numpy_rng_to_plain(state: tuple) -> dict:
+    """``np.random.get_state()`` as tensors and numbers (loadable with ``weights_only=True``)."""
+    name, key, pos, has_gauss, gauss = state
+    return {"bit_generator": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def numpy_rng_from_plain(state: dict) -> tuple:
+    """The inverse of ``numpy_rng_to_plain``: a state for ``np.random.set_state``."""
+    return (state["bit_generator"], state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+            state["gauss"])
+
+
+def _convert_legacy(ckpt):
+    """A checkpoint of an older version of this tool in the current form (numpy RNG state, versions)."""
+    if not isinstance(ckpt, dict):
+        return ckpt
+    if isinstance(ckpt.get("rng"), dict) and isinstance(ckpt["rng"].get("numpy"), tuple):
+        ckpt["rng"]["numpy"] = numpy_rng_to_plain(ckpt["rng"]["numpy"])
+    versions = ckpt.get("config", {}).get("versions") if isinstance(ckpt.get("config"), dict) else None
+    if isinstance(versions, dict):
+        ckpt["config"]["versions"] = {k: str(v) for k, v in versions.items()}
+    return ckpt
+
+
+def _unsafe_globals(path: str, message: str) -> set[str]:
+    """The classes and functions a failed ``weights_only`` load of ``path`` would have needed.
+
+    Read from the file's pickle opcodes (zip checkpoints) and from torch's error message
+    (any format); empty for a file that is merely corrupt.
+    """
+    try:
+        found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a readable zip checkpoint: the message is all there is
+        found = set()
+    found.update(re.findall(r"Unsupported global: GLOBAL (\S+)", message))
+    found.update(re.findall(r"but got <class '([^']+)'>", message))
+    return found
+
+
+def _load_data_only(path: str, what: str):
+    """``torch.load(path, weights_only=True)``: tensors, plain containers and numbers, never code.
+
+    A file written by an older version of this tool is read with only its extra types
+    allowed besides (numpy's uint32 arrays, torch's version string), and converted.
+
+    Raises:
+        CheckpointError: a file whose unpickling would call anything else (named in the message).
+        Exception: whatever ``torch.load`` raises for an unreadable file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = _unsafe_globals(path, str(exc))
+        if not unsafe:  # corrupt, not code
+            raise
+        if not unsafe <= _LEGACY_NAMES:
+            raise CheckpointError(
+                f"{what}: refusing {path}: loading it would call {', '.join(sorted(unsafe))}, i.e. run code, "
+                f"not read data. Checkpoints are loaded with torch.load(weights_only=True): tensors, plain "
+                f"containers and numbers only") from None
+    with torch.serialization.safe_globals(list(_LEGACY_GLOBALS)):
+        return _convert_legacy(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _reason(exc: Exception) -> str:
+    """One line saying why ``torch.load`` failed (torch's weights-only message spans a page)."""
+    text = str(exc)
+    match = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(Check the documentation|$)", text, re.S)
+    detail = " ".join((match.group(1) if match else text).split())
+    return f"{type(exc).__name__}: {detail}"
+
+
 def load_checkpoint(path: str, what: str) -> dict:
-    """Load a checkpoint written by this tool onto the CPU.
+    """Load a checkpoint written by this tool onto the CPU, as data only (``weights_only=True``).
 
     Args:
         path: the file. what: the flag it came from, for messages (``--resume``).
 
     Raises:
-        CheckpointError: missing file, unreadable or corrupt file, or no ``model`` / ``config``.
+        CheckpointError: missing file, unreadable or corrupt file, a file that would run code
+            when unpickled, or no ``model`` / ``config``.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"{what}: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = _load_data_only(path, what)
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise CheckpointError(f"{what}: {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{what}: {path} is not a readable checkpoint ({_reason(exc)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{what}: {path} is not a checkpoint written by cifar10_qat_br.py")
     return ckpt

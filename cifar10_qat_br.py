@@ -18,7 +18,7 @@ import torch
 import config as cfgmod
 import runner
 from checkpoint import CheckpointError, atomic_write_json
-from data import DataError, DeviceLoader, find_source, load_split
+from data import DataError, DeviceLoader, balanced_subset, find_source, load_split
 from engine import Interrupted, NonFiniteError, Trainer, seed_everything
 from models import build_model
 from quant import kernels, quantize_model, quantized_layers
@@ -40,19 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.resume is not None and cfg.overwrite:
             raise cfgmod.ConfigError("--resume and --overwrite contradict each other: pass one")
         ckpt = runner.resolve_resume(cfg, argv)  # first: flags not given come from the run
+        defaulted = cfgmod.resolve_defaults(cfg)
         cfgmod.validate(cfg)
         if cfg.pretrained and ckpt is None:
             runner.check_pretrained(runner.load_checkpoint(cfg.pretrained, "--pretrained"), cfg)
         source = find_source(cfg.data_dir, download=not cfg.no_download)
         if cfg.dry_run:
             cfg.output_dir = cfg.output_dir or cfgmod.default_output_dir(cfg)
-            print("\n".join(cfgmod.banner(cfg, source.describe())))
+            print("\n".join(cfgmod.banner(cfg, source.describe(), defaulted=defaulted)))
             print("Resolved config:")
             for key, value in sorted(vars(cfg).items()):
                 print(f"  {key}: {value}")
             return 0
         created_output_dir = runner.prepare_output_dir(cfg, resuming=ckpt is not None)
-        print("\n".join(cfgmod.banner(cfg, source.describe())), flush=True)
+        print("\n".join(cfgmod.banner(cfg, source.describe(), defaulted=defaulted)), flush=True)
         return train(cfg, source, ckpt)
     except (cfgmod.ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -74,7 +75,11 @@ def train(cfg, source, ckpt) -> int:
     test_split = load_split(source, train=False, download=not cfg.no_download, workers=cfg.workers)
     if len(train_split.labels) < 2:
         raise DataError(f"--data-dir: the training split has {len(train_split.labels)} image(s); at least 2 needed")
-    print(f"Data: {len(train_split.labels)} train / {len(test_split.labels)} test images", flush=True)
+    subset = ""
+    if cfg.train_subset is not None:
+        subset = f" (class-balanced subset of {len(train_split.labels)}, --train-subset)"
+        train_split = balanced_subset(train_split, cfg.train_subset, cfg.seed)
+    print(f"Data: {len(train_split.labels)} train{subset} / {len(test_split.labels)} test images", flush=True)
     channels_last = device.type == "cuda"
     train_loader = DeviceLoader(train_split, cfg.batch_size, device, train=True, seed=cfg.seed,
                                 channels_last=channels_last, drop_last=cfgmod.compile_mode(cfg) != "off")
@@ -94,9 +99,11 @@ def train(cfg, source, ckpt) -> int:
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
         runner.restore_logs(cfg.output_dir, ckpt)
+        note = runner.backfill_tensorboard(tb, cfg.output_dir, ckpt) if tb is not None else None
+        if note:
+            print(note, flush=True)
         print(f"Resumed from epoch {ckpt['epoch']} of {cfg.epochs}", flush=True)
     runner.write_config(cfg, run_config)
-    resume_hint = f"python cifar10_qat_br.py --resume --output-dir {cfg.output_dir}"
     try:
         summary = trainer.fit(run_config)
     except NonFiniteError as exc:
@@ -105,11 +112,12 @@ def train(cfg, source, ckpt) -> int:
         return 3
     except Interrupted as exc:
         print(f"\nInterrupted by {exc}; finished epochs are saved in {cfg.output_dir}/last.pt. "
-              f"Resume with: {resume_hint}", file=sys.stderr)
+              f"Resume with: {runner.resume_command(cfg)}", file=sys.stderr)
         return 128 + exc.signum
     finally:
         if tb is not None:
             tb.close()
+    summary["train_subset"] = cfg.train_subset  # None: the whole training split
     atomic_write_json(summary, os.path.join(cfg.output_dir, "summary.json"))
     print(f"Done: final test top-1 {summary['final_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}% "
           f"(epoch {summary['best_epoch']}), {summary['wall_time_s']:.0f}s. Results in {cfg.output_dir}")
@@ -117,6 +125,7 @@ def train(cfg, source, ckpt) -> int:
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line when it is printed, not per 8 KiB
     try:
         sys.exit(main())
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly

@@ -20,7 +20,11 @@ RULE = "=" * 80
 
 #: Flags that say how to run, not what the experiment is: they may change on --resume.
 RUN_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
-                       "no_download", "tensorboard", "compile", "eval_batch_size"})
+                       "no_download", "tensorboard", "compile", "eval_batch_size", "progress_interval"})
+
+#: Flags that say what this one command does: never taken from the run on --resume (every
+#: other flag not given is, so that the printed resume command works as printed).
+INVOCATION_FLAGS = frozenset({"output_dir", "resume", "overwrite", "dry_run"})
 
 #: The five ablation scenarios of the README, as (name, λ_w, λ_a, backprop A-BR to α).
 SCENARIOS = (
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--freeze-act-alpha", action="store_true", help="freeze the activation step sizes after warmup")
     s = p.add_argument_group("schedule and optimiser")
     s.add_argument("--epochs", type=int, default=100, help="total epochs [100]")
-    s.add_argument("--warmup-epochs", type=int, default=30, help="stage 1 (LSQ only) epochs [30]")
+    s.add_argument("--warmup-epochs", type=int, default=None,
+                   help="stage 1 (LSQ only) epochs [30 %% of --epochs, rounded: 30 of 100]")
     s.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine decay over all epochs [0.01]")
     s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum [0.9]")
     s.add_argument("--weight-decay", type=float, default=5e-4,
@@ -79,23 +84,33 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--arch", default="resnet20", help=f"one of {', '.join(ARCHITECTURES)} [resnet20]")
     m.add_argument("--pretrained", default=None, metavar="PATH",
                    help="float checkpoint made by this tool (--num-bits 32) to start from")
+    m.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on N images, class-balanced, drawn with --seed (for quick trials) [all]")
     m.add_argument("--data-dir", default="./data",
-                   help="torchvision CIFAR-10 (cifar-10-batches-py/) or an image folder with train/ and test/ [./data]")
+                   help="torchvision CIFAR-10 (cifar-10-batches-py/, downloaded there when missing) or an image "
+                        "folder with train/<class>/ and test/<class>/ [./data]")
     m.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
+    m.add_argument("--download", dest="no_download", action="store_false", default=False,
+                   help="allow downloading (undoes a run's --no-download on --resume)")
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", default=None, help="run folder [results/<arch>_<bits>_<lambdas>_s<seed>]")
     r.add_argument("--seed", type=int, default=42, help="random seed [42]")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     r.add_argument("--workers", type=int, default=2, help="processes for decoding images once [2]")
+    r.add_argument("--progress-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="when the output is not a terminal (a log file), print a progress line with the "
+                        "ETA every SECONDS during an epoch; 0: none [60]")
     r.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (BR and step sizes stay float32)")
     r.add_argument("--compile", nargs="?", const="on", default="auto", metavar="MODE",
                    help="torch.compile the training step (forward, LSQ, BR) and evaluation: auto (CUDA: "
                         "reduce-overhead, i.e. CUDA graphs; CPU: off, the fused C++ kernels are faster), "
                         "on (the flag alone: reduce-overhead on CUDA, default on the CPU), off, or a "
                         f"torch.compile mode ({', '.join(TORCH_COMPILE_MODES)}) [auto]")
-    r.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs to <output-dir>/tensorboard")
+    r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                   help="write TensorBoard logs to <output-dir>/tensorboard [off]")
     r.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue the run in --output-dir from last.pt (or from PATH)")
+                   help="continue the run in --output-dir from last.pt (or from PATH); flags not given "
+                        "are the run's")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     r.add_argument("--dry-run", action="store_true", help="print the banner and the resolved config, then exit")
     return p
@@ -107,6 +122,25 @@ def explicit_flags(argv: list[str]) -> set[str]:
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
+
+
+def default_warmup_epochs(epochs: int) -> int:
+    """The warmup of a run of ``epochs`` epochs without ``--warmup-epochs``: 30 % of them,
+    rounded half up, as in the default recipe (30 of 100)."""
+    return (3 * epochs + 5) // 10
+
+
+def resolve_defaults(cfg) -> set[str]:
+    """Fill the flags whose default depends on others (``--warmup-epochs``), in place.
+
+    Call after ``--resume`` took the run's flags and before ``validate``. Returns the
+    destinations that were filled, for the banner.
+    """
+    filled = set()
+    if cfg.warmup_epochs is None:
+        cfg.warmup_epochs = default_warmup_epochs(cfg.epochs)
+        filled.add("warmup_epochs")
+    return filled
 
 
 def weight_bits(cfg) -> int:
@@ -132,16 +166,21 @@ def _fmt(x: float) -> str:
 
 
 def default_output_dir(cfg) -> str:
-    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...]_s<seed>``; ``results/<arch>_fp32_s<seed>`` for float."""
+    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_sub<N>]_s<seed>``;
+    ``results/<arch>_fp32[_sub<N>]_s<seed>`` for float."""
     if is_float_run(cfg):
-        return os.path.join("results", f"{cfg.arch}_fp32_s{cfg.seed}")
+        return os.path.join("results", f"{cfg.arch}_fp32{_subset_suffix(cfg)}_s{cfg.seed}")
     name = (f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{first_last_bits(cfg)}"
             f"_lbr{_fmt(cfg.lambda_br)}_lbra{_fmt(cfg.lambda_br_act)}")
     name += "_abp" if cfg.br_backprop_to_alpha_act else ""
     name += "_frz" if cfg.freeze_alpha else ("_frzw" if cfg.freeze_weight_alpha else "") + (
         "_frza" if cfg.freeze_act_alpha else "")
     name += f"_clip{_fmt(cfg.clip_value)}" if cfg.clip_value is not None else ""
-    return os.path.join("results", name + f"_s{cfg.seed}")
+    return os.path.join("results", name + _subset_suffix(cfg) + f"_s{cfg.seed}")
+
+
+def _subset_suffix(cfg) -> str:
+    return f"_sub{cfg.train_subset}" if cfg.train_subset is not None else ""
 
 
 def _check_bits(value: int, flag: str) -> None:
@@ -226,6 +265,8 @@ def validate(cfg) -> None:
         _check_number(cfg.clip_value, "--clip-value", strict=True)
     if cfg.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.train_subset is not None and cfg.train_subset < 2:
+        raise ConfigError(f"--train-subset must be >= 2 images, got {cfg.train_subset}")
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
         raise ConfigError(f"--warmup-epochs must be between 0 and --epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
     if cfg.batch_size < 1:
@@ -234,6 +275,7 @@ def validate(cfg) -> None:
         raise ConfigError(f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
     if cfg.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
+    _check_number(cfg.progress_interval, "--progress-interval")
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {cfg.arch!r}")
     resolve_device(cfg.device)
@@ -269,28 +311,53 @@ def frozen_kinds(cfg) -> tuple[bool, bool]:
     return cfg.freeze_alpha or cfg.freeze_weight_alpha, cfg.freeze_alpha or cfg.freeze_act_alpha
 
 
-def banner(cfg, source_line: str, n_layers: str = "") -> list[str]:
-    """The run banner (lines), in the wording researchers grep for."""
+def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = frozenset()) -> list[str]:
+    """The run banner (lines), in the wording researchers grep for.
+
+    ``defaulted``: the flags ``resolve_defaults`` filled in, which the banner says.
+    """
     w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
     E, W = cfg.epochs, cfg.warmup_epochs
     freeze_w, freeze_a = frozen_kinds(cfg)
-    both_off = cfg.lambda_br == 0 and cfg.lambda_br_act == 0
+    # A BR term acts only with λ > 0 on quantized tensors; the banner never calls one on that does not.
+    w_br = cfg.lambda_br > 0 and w_bits < FULL_PRECISION_BITS
+    a_br = cfg.lambda_br_act > 0 and a_bits < FULL_PRECISION_BITS
     lines = [RULE, "Starting 2-Stage QAT+BR Training", RULE]
-    lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only)" if W > 0 else "Stage 1 (Warmup): none (--warmup-epochs 0)")
+    rule = (f"30 % of {E} epoch{'s' if E != 1 else ''}, as --warmup-epochs was not given"
+            if "warmup_epochs" in defaulted else "")
+    stage1 = "float, nothing quantized" if is_float_run(cfg) else "LSQ only"
+    if W > 0:
+        lines.append(f"Stage 1 (Warmup): Epochs 1-{W} ({stage1}" + (f"; {rule})" if rule else ")"))
+    else:
+        lines.append(f"Stage 1 (Warmup): none ({rule or '--warmup-epochs 0'})")
     if E > W:
-        lines.append(f"Stage 2 (BR): Epochs {W + 1}-{E}" + (" (both λ = 0: LSQ only, no BR)" if both_off else ""))
+        if is_float_run(cfg):
+            what = " (float, nothing quantized: no BR)"
+        elif cfg.lambda_br == 0 and cfg.lambda_br_act == 0:
+            what = " (both λ = 0: LSQ only, no BR)"
+        else:
+            what = "" if w_br or a_br else " (no BR term has an effect: LSQ only)"
+        lines.append(f"Stage 2 (BR): Epochs {W + 1}-{E}{what}")
     else:
         lines.append("Stage 2 (BR): none (--warmup-epochs equals --epochs)")
     lines += ["", "BR Configuration:"]
-    on = lambda lam: "[ENABLED]" if lam > 0 else "[DISABLED]"  # noqa: E731
-    lines.append(f"  - W-BR (weights): λ={float(cfg.lambda_br)} {on(cfg.lambda_br)}")
-    if cfg.lambda_br > 0:
+
+    def state(lam: float, effective: bool, tensors: str) -> str:
+        if effective:
+            return "[ENABLED]"
+        return f"[NO EFFECT: {tensors} are not quantized (32 bits)]" if lam > 0 else "[DISABLED]"
+
+    lines.append(f"  - W-BR (weights): λ={float(cfg.lambda_br)} {state(cfg.lambda_br, w_br, 'weights')}")
+    if w_br:
         lines.append("    └─> Gradients to alpha: Always enabled (paper-faithful, weights are stable)")
         if freeze_w and E > W:
             lines.append("    └─> Note: weight alpha is frozen after warmup, so in stage 2 this gradient cannot change it")
-    lines.append(f"  - A-BR (activations): λ={float(cfg.lambda_br_act)} {on(cfg.lambda_br_act)}")
-    if cfg.lambda_br_act > 0:
-        lines.append(f"    └─> Gradients to alpha: {cfg.br_backprop_to_alpha_act} (default: False, recommended)")
+    lines.append(f"  - A-BR (activations): λ={float(cfg.lambda_br_act)} "
+                 f"{state(cfg.lambda_br_act, a_br, 'activations')}")
+    if a_br:
+        lines.append("    └─> Gradients to alpha: " + (
+            "True (--br-backprop-to-alpha-act; the default, and the recommended setting, is False)"
+            if cfg.br_backprop_to_alpha_act else "False (a detached target k·α: the default, and recommended)"))
         if cfg.br_backprop_to_alpha_act and freeze_a and E > W:
             lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot change it")
     lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {cfg.freeze_alpha}"]
@@ -312,7 +379,8 @@ def banner(cfg, source_line: str, n_layers: str = "") -> list[str]:
     lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
     lines.append(f"Optimiser: SGD lr {cfg.lr:g} momentum {cfg.momentum:g} weight decay {cfg.weight_decay:g} "
                  f"(none on alpha), cosine over {E} epoch{'s' if E != 1 else ''}, batch {cfg.batch_size}, seed {cfg.seed}")
-    lines.append(f"Data: {source_line}")
+    lines.append(f"Data: {source_line}" + (f"; training on a class-balanced subset of {cfg.train_subset} images "
+                                           f"(--train-subset, seed {cfg.seed})" if cfg.train_subset else ""))
     mode = compile_mode(cfg)
     lines.append(f"Device: {resolve_device(cfg.device)}" + (" (bf16 autocast)" if cfg.amp else "")
                  + (f"; torch.compile mode {mode}" if mode != "off" else "; eager (not compiled)"))

@@ -181,6 +181,31 @@ def load_split(source: DataSource, train: bool, download: bool = False, workers:
     return _load_image_folder(source.root, train, workers, log)
 
 
+def balanced_subset(split: Split, n: int, seed: int) -> Split:
+    """``n`` images of ``split``, as evenly spread over its classes as ``n`` allows, drawn with ``seed``.
+
+    Each of the C classes present gets ``n // C`` images, the first ``n % C`` classes (in
+    label order) one more; within a class the images are a seeded random draw, kept in
+    their order in the split. For quick trials (``--train-subset``).
+
+    Raises:
+        DataError: a class has fewer images than its share.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    classes = torch.unique(split.labels).tolist()
+    chosen = []
+    for i, c in enumerate(classes):
+        members = (split.labels == c).nonzero().flatten()
+        share = n // len(classes) + (1 if i < n % len(classes) else 0)
+        if share > len(members):
+            name = CLASSES[c] if 0 <= c < len(CLASSES) else c
+            raise DataError(f"--train-subset {n}: class {name} has {len(members)} training images, "
+                            f"a balanced subset of {n} needs {share}")
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:share]])
+    index = torch.cat(chosen).sort().values
+    return Split(split.images[index], split.labels[index])
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The CPU generator for one epoch's order and augmentation, derived from (seed, epoch).
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import time
 
 import numpy as np
@@ -19,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import append_jsonl, atomic_torch_save
+from checkpoint import append_jsonl, atomic_torch_save, numpy_rng_from_plain, numpy_rng_to_plain
 from config import act_bits, compile_mode, frozen_kinds, weight_bits
 from hooks import ActivationHookManager, BinStatsCollector
+from progress import EpochProgress
 from quant import FULL_PRECISION_BITS, keep_step_sizes_positive, quantized_layers, step_size_quantizers
 from regularizers import INFO_FIELDS, BinRegularizer, weight_bin_stats
 
@@ -66,14 +68,16 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """Every random generator state (python, numpy, torch CPU and CUDA)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every random generator state (python, numpy, torch CPU and CUDA), as tensors, plain
+    containers and numbers: a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
+    return {"python": random.getstate(), "numpy": numpy_rng_to_plain(np.random.get_state()),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(numpy_rng_from_plain(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -284,12 +288,17 @@ class Trainer:
         out = {}
         bar = tqdm(self.train_loader.batches(epoch), total=len(self.train_loader), leave=False,
                    desc=f"epoch {epoch}", disable=None)
+        # Plain progress lines when the console is a file (a SLURM log): tqdm is silent there.
+        progress = EpochProgress(epoch, self.cfg.epochs, len(self.train_loader),
+                                 self.elapsed / (epoch - 1) if epoch > 1 else None,
+                                 0 if sys.stdout.isatty() else self.cfg.progress_interval, self.log, bar)
         for x, y in bar:
             steps += 1
             out = self.train_step(x, y, use_br, check=(epoch, steps) if steps % check_every == 0 else None)
             sums += torch.stack([out["loss"], out["ce"], out["br_w"], out["br_a"]])
             correct += out["correct"]
             seen += y.shape[0]
+            progress.step(y.shape[0])
             if self._stop_signal is not None:
                 raise Interrupted(self._stop_signal)
         # The last step's BR infos outlive the step: copy them out of the CUDA graph's buffers.

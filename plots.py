@@ -18,6 +18,7 @@ Writes PNG files (matplotlib, Agg backend: no display needed) to ``RUN_DIR/plots
 * ``bins.png``: per layer, the mean distance of the weights to their level (α units)
   and (low-bit layers only) the fraction of weights that changed bin since the previous
   epoch, and the mean bin occupancy of the low-bit layers (from ``metrics.jsonl``).
+  A float run has no bins (nor histograms): only ``curves.png``, with a warning.
 
 Activations are not stored in checkpoints: they are recomputed with the network in
 evaluation mode (BatchNorm running statistics, as at test time) on ``--images`` test
@@ -520,12 +521,12 @@ def make_plots(run_dir: str, out_dir: str | None = None, layers: list[str] | Non
     path = os.path.join(out_dir, "curves.png")
     plot_curves(rows, names, first_last, path, title)
     written.append(path)
+    if not names:
+        warn("a float run has no quantized layers: no bin metrics (bins.png) and no histograms")
+        return written
     path = os.path.join(out_dir, "bins.png")
     plot_bin_metrics(rows, names, first_last, path, title)
     written.append(path)
-    if not names:
-        warn("a float run has no quantized layers: no histograms")
-        return written
     br_on = config["flags"].get("lambda_br", 0) > 0 or config["flags"].get("lambda_br_act", 0) > 0
 
     def label(path: str, epoch: int) -> str:

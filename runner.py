@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 
 import torch
 
 from checkpoint import (CheckpointError, append_jsonl, atomic_write_json, load_checkpoint, read_jsonl,
                         truncate_jsonl)
-from config import RUN_FLAGS, ConfigError, default_output_dir, explicit_flags, is_float_run, resolve_device
+from config import (INVOCATION_FLAGS, RUN_FLAGS, ConfigError, default_output_dir, explicit_flags, is_float_run,
+                    resolve_device)
 
 #: Files that make a folder "hold a run".
 RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json")
@@ -26,11 +29,13 @@ def _flag(key: str) -> str:
 
 
 def resolve_resume(cfg, argv: list[str]) -> dict | None:
-    """Apply ``--resume``: load the checkpoint, take the run's experiment flags, refuse changes.
+    """Apply ``--resume``: load the checkpoint, take the run's flags, refuse experiment changes.
 
-    Flags not given on the command line take the run's values; experiment flags given
-    with another value are refused with one line listing the differences. ``cfg`` is
-    updated in place.
+    Flags not given on the command line take the run's values (also where the data and
+    logs live: ``--data-dir``, ``--no-download``, ``--tensorboard``, ...), except those of
+    ``INVOCATION_FLAGS``; run flags given override the run's, experiment flags given with
+    another value are refused with one line listing the differences. ``cfg`` is updated
+    in place.
 
     Returns:
         the checkpoint, or None without ``--resume``.
@@ -53,14 +58,31 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     given = explicit_flags(argv)
     differences = []
     for key, value in saved.items():
-        if key in RUN_FLAGS or not hasattr(cfg, key):
+        if key in INVOCATION_FLAGS or not hasattr(cfg, key):
             continue
+        if key in given and key in RUN_FLAGS:
+            continue  # given now: how to run may change
         if key in given and getattr(cfg, key) != value:
             differences.append(f"{_flag(key)} {getattr(cfg, key)} (run: {value})")
         setattr(cfg, key, value)
     if differences:
         raise ConfigError(f"--resume: refusing to change the experiment of {path}: {'; '.join(differences)}")
     return ckpt
+
+
+def resume_command(cfg) -> str:
+    """The shell command that continues this run, as printed when it is interrupted.
+
+    It works as printed from any shell: it changes into this run's working directory
+    (relative ``--data-dir`` / ``--output-dir`` paths are relative to it), names this
+    interpreter, and quotes every path; every other flag comes from the run.
+    """
+    cwd = os.getcwd()
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_qat_br.py")
+    relative = os.path.relpath(script, cwd)
+    script = script if relative.startswith(os.pardir) else relative
+    return " ".join(shlex.quote(part) for part in ("cd", cwd)) + " && " + " ".join(
+        shlex.quote(part) for part in (sys.executable, script, "--resume", "--output-dir", cfg.output_dir))
 
 
 def prepare_output_dir(cfg, resuming: bool) -> bool:
@@ -120,6 +142,23 @@ def restore_logs(output_dir: str, ckpt: dict) -> None:
             append_jsonl(row, path)
 
 
+def backfill_tensorboard(tb, output_dir: str, ckpt: dict) -> str | None:
+    """Write the scalars of the finished epochs to TensorBoard when the run did not log them.
+
+    A run first started without ``--tensorboard`` and resumed with it would otherwise show
+    only its later epochs. Returns a line for the console, or None when nothing was written.
+    """
+    if ckpt["config"]["flags"].get("tensorboard"):
+        return None
+    rows = [r for r in read_jsonl(os.path.join(output_dir, "metrics.jsonl")) if r.get("epoch", 0) <= ckpt["epoch"]]
+    for row in rows:
+        tb.log_scalars(row)
+    if not rows:
+        return None
+    return (f"TensorBoard: the run was not logged before; epochs {rows[0]['epoch']}-{rows[-1]['epoch']} written "
+            f"from metrics.jsonl (scalars only: their histograms were never recorded)")
+
+
 def load_pretrained(model: torch.nn.Module, cfg) -> None:
     """Load a float checkpoint made by this tool (``--pretrained``) into the float ``model``.
 
@@ -168,8 +207,8 @@ def run_config(cfg, data_source: str, cpu_kernels: str | None) -> dict:
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
                         "device": str(resolve_device(cfg.device)), "data": data_source,
                         "cpu_kernels": cpu_kernels, "compile": compile_mode(cfg)},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "torchvision": torchvision.__version__},
+            "versions": {"python": platform.python_version(), "torch": str(torch.__version__),  # not TorchVersion:
+                         "torchvision": str(torchvision.__version__)},  # a checkpoint holds only plain types
             "git_commit": git_commit()}
 
 

@@ -39,7 +39,7 @@ RUN_MARKERS = ("config.json", "summary.json", "metrics.jsonl", "last.pt", "sweep
 
 #: Flags that describe how a run was executed, not the experiment (never table columns).
 IGNORED_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
-                           "no_download", "tensorboard", "compile", "eval_batch_size", "seed",
+                           "no_download", "tensorboard", "compile", "eval_batch_size", "progress_interval", "seed",
                            "num_bits", "num_bits_weight", "num_bits_act", "first_last_bits"})
 
 #: Column order and headers of the experiment settings (others follow, as ``--flag``).

@@ -27,6 +27,9 @@ that epoch. The hooks are registered by ``attach(model)``, or at the first
 ``log_epoch`` call if ``attach`` was never called, in which case the first epoch has
 weight histograms but no activation histograms.
 
+A run resumed with ``--tensorboard`` that was not logged before gets the scalars of its
+earlier epochs from ``metrics.jsonl`` (``log_scalars``); their histograms are lost.
+
 The logger never changes training: it uses no random numbers, runs no forward pass,
 does not touch BatchNorm statistics, and its hooks return nothing (the input is
 passed on unchanged); reading values to the host happens only in ``log_epoch``.
@@ -102,6 +105,19 @@ class TensorBoardLogger:
                 missing keys are skipped.
             model: the network being trained (its quantized layers give the histograms).
         """
+        self.log_scalars(row)
+        step, w = int(row["epoch"]), self.writer
+        for name, layer in quantized_layers(model).items():
+            w.add_histogram(f"weights/{name}", layer.weight.detach().float().cpu(), step)
+            sample = self._samples.get(name)
+            if sample is not None:
+                w.add_histogram(f"activations/{name}", sample.float().cpu(), step)
+        self._samples.clear()
+        self.attach(model)
+        w.flush()
+
+    def log_scalars(self, row: dict) -> None:
+        """Write the scalars of one ``metrics.jsonl`` row (see ``log_epoch``); no histograms."""
         step = int(row["epoch"])
         w = self.writer
         for tag, key in (("loss/total", "loss"), ("loss/ce", "ce"), ("loss/br_w", "br_w"), ("loss/br_a", "br_a"),
@@ -116,14 +132,6 @@ class TensorBoardLogger:
             for key in ("dist_alpha", "flips"):
                 if stats.get(key) is not None:
                     w.add_scalar(f"bins_{key}/{layer}", float(stats[key]), step)
-        for name, layer in quantized_layers(model).items():
-            w.add_histogram(f"weights/{name}", layer.weight.detach().float().cpu(), step)
-            sample = self._samples.get(name)
-            if sample is not None:
-                w.add_histogram(f"activations/{name}", sample.float().cpu(), step)
-        self._samples.clear()
-        self.attach(model)
-        w.flush()
 
     def close(self) -> None:
         """Remove the hooks, flush and close the event file."""

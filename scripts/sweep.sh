@@ -2,8 +2,9 @@
 # Run a grid of QAT+BR configurations and seeds, one run after the other, each in its
 # own folder under RUNS_DIR; then summarise them (summarize.py).
 #
-#   scripts/sweep.sh [-n] [-- EXTRA FLAGS FOR cifar10_qat_br.py]
+#   usage: scripts/sweep.sh [-h] [-n] [-- EXTRA FLAGS FOR cifar10_qat_br.py]
 #
+#   -h   print this help and exit.
 #   -n   dry run: print what would run (new / resume / restart / skip), run nothing.
 #
 # The grid is SEEDS x BITS x LAMBDAS x SCENARIOS, set with environment variables:
@@ -15,7 +16,7 @@
 #   LAMBDAS     λ of the BR terms a scenario enables                [1]
 #   SEEDS       --seed values                                       [42 43 44]
 #   EPOCHS      --epochs          (empty: the tool's default, 100)  []
-#   WARMUP      --warmup-epochs   (empty: the tool's default, 30)   []
+#   WARMUP      --warmup-epochs   (empty: the tool's default, 30 % of EPOCHS)  []
 #   PRETRAINED  --pretrained float checkpoint (empty: none)         []
 #   PYTHON      the interpreter                                     [python]
 #
@@ -65,11 +66,15 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TRAIN="$REPO/cifar10_qat_br.py"
 RUN_FILES=(config.json metrics.jsonl timing.jsonl last.pt best.pt warmup_end.pt summary.json)
 
+if [[ ${1:-} == "-h" || ${1:-} == "--help" ]]; then
+    sed -n '2,/^$/{/^$/q;s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"  # the comment above
+    exit 0
+fi
 DRY_RUN=0
 if [[ ${1:-} == "-n" ]]; then DRY_RUN=1; shift; fi
 if [[ ${1:-} == "--" ]]; then shift; fi
 if [[ $# -gt 0 && ${1:0:2} != "--" ]]; then
-    echo "usage: scripts/sweep.sh [-n] [-- EXTRA FLAGS FOR cifar10_qat_br.py]" >&2
+    echo "usage: scripts/sweep.sh [-h] [-n] [-- EXTRA FLAGS FOR cifar10_qat_br.py]" >&2
     exit 2
 fi
 EXTRA=("$@")

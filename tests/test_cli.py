@@ -55,15 +55,15 @@ def test_dry_run_banners_for_the_five_scenarios(capsys, name, lam_w, lam_a, back
     flags = ["--lambda-br", lam_w, "--lambda-br-act", lam_a] + (["--br-backprop-to-alpha-act"] if backprop else [])
     out = _banner(capsys, *map(str, flags))
     assert "Starting 2-Stage QAT+BR Training" in out
-    assert "Stage 1 (Warmup): Epochs 1-30 (LSQ only)" in out
+    assert "Stage 1 (Warmup): Epochs 1-30 (LSQ only; 30 % of 100 epochs, as --warmup-epochs was not given)" in out
     w_line = f"  - W-BR (weights): λ={lam_w} [{'ENABLED' if lam_w else 'DISABLED'}]"
     a_line = f"  - A-BR (activations): λ={lam_a} [{'ENABLED' if lam_a else 'DISABLED'}]"
     assert w_line in out.splitlines() and a_line in out.splitlines()
     assert ("Gradients to alpha: Always enabled" in out) == bool(lam_w)
-    if lam_a:
-        assert f"    └─> Gradients to alpha: {backprop} (default: False, recommended)" in out.splitlines()
-    else:
-        assert "(default: False, recommended)" not in out
+    a_alpha_line = {False: "    └─> Gradients to alpha: False (a detached target k·α: the default, and recommended)",
+                    True: "    └─> Gradients to alpha: True (--br-backprop-to-alpha-act; the default, and the "
+                          "recommended setting, is False)"}[backprop]
+    assert (a_alpha_line in out.splitlines()) == bool(lam_a)
     assert ("Stage 2 (BR): Epochs 31-100 (both λ = 0" in out) == (not lam_w and not lam_a)
     assert "WARNING" not in out
 
@@ -73,7 +73,7 @@ def test_banner_example_wording_and_freeze_truth_line(capsys):
     expected = """================================================================================
 Starting 2-Stage QAT+BR Training
 ================================================================================
-Stage 1 (Warmup): Epochs 1-30 (LSQ only)
+Stage 1 (Warmup): Epochs 1-30 (LSQ only; 30 % of 100 epochs, as --warmup-epochs was not given)
 Stage 2 (BR): Epochs 31-100
 
 BR Configuration:
@@ -84,6 +84,32 @@ BR Configuration:
     assert "weight alpha is frozen after warmup, so in stage 2 this gradient cannot change it" in out
     assert "Data: " in out and "Output: results/resnet20_w2a2" in out
     assert "random initialisation" in out
+
+
+@pytest.mark.parametrize("bits,w_state,a_state", [
+    (["--num-bits", "32"], "[NO EFFECT: weights are not quantized (32 bits)]",
+     "[NO EFFECT: activations are not quantized (32 bits)]"),
+    (["--num-bits-weight", "2", "--num-bits-act", "32"], "[ENABLED]",
+     "[NO EFFECT: activations are not quantized (32 bits)]"),
+    (["--num-bits-weight", "32", "--num-bits-act", "2"], "[NO EFFECT: weights are not quantized (32 bits)]",
+     "[ENABLED]"),
+])
+def test_banner_never_enables_a_br_term_without_quantized_tensors(capsys, bits, w_state, a_state):
+    lines = _banner(capsys, *bits).splitlines()  # default λ = 1 for both terms
+    assert f"  - W-BR (weights): λ=1.0 {w_state}" in lines
+    assert f"  - A-BR (activations): λ=1.0 {a_state}" in lines
+    # the sub-lines of a term appear only when it acts; each term without effect has its warning
+    assert any("Gradients to alpha: Always enabled" in x for x in lines) == (w_state == "[ENABLED]")
+    assert any("Gradients to alpha: False" in x for x in lines) == (a_state == "[ENABLED]")
+    assert sum(x.startswith("WARNING: --lambda-br") for x in lines) == 2 - [w_state, a_state].count("[ENABLED]")
+
+
+def test_float_run_banner_speaks_of_no_quantization(capsys):
+    lines = _banner(capsys, "--num-bits", "32", "--lambda-br", "0", "--lambda-br-act", "0", "--epochs", "10").splitlines()
+    assert "Stage 1 (Warmup): Epochs 1-3 (float, nothing quantized; 30 % of 10 epochs, as --warmup-epochs was " \
+           "not given)" in lines
+    assert "Stage 2 (BR): Epochs 4-10 (float, nothing quantized: no BR)" in lines
+    assert not any("[ENABLED]" in x for x in lines)
 
 
 def test_useless_flag_gets_a_banner_warning(capsys):
@@ -195,7 +221,7 @@ def test_float_baseline_then_pretrained_qat(shared_folder, tmp_path, capsys):
                           "--lambda-br", "0", "--lambda-br-act", "0", *TINY], capsys)
     assert rc == 0
     assert "Bits: full precision" in out and "[float]" in out
-    state = torch.load(fp / "best.pt", weights_only=False)["model"]
+    state = torch.load(fp / "best.pt", weights_only=True)["model"]
     assert not any("_quant" in k for k in state)
     qat = tmp_path / "qat"
     rc, out, _ = run_cli(["--data-dir", shared_folder, "--output-dir", qat, "--pretrained", fp / "best.pt",

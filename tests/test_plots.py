@@ -96,6 +96,21 @@ def test_chosen_layers_weights_only_and_no_warmup_checkpoint(run_dir, tmp_path):
     assert len(warnings) == 1 and "warmup_end.pt" in warnings[0]
 
 
+def test_float_run_gets_curves_only_with_a_note(tmp_path):
+    run = tmp_path / "fp"
+    os.makedirs(run)
+    flags = vars(cfgmod.build_parser().parse_args(["--num-bits", "32", "--epochs", "2", "--warmup-epochs", "0"]))
+    config = {"flags": flags, "derived": {"weight_bits": 32, "act_bits": 32, "first_last_bits": 32, "float_run": True}}
+    (run / "config.json").write_text(json.dumps(config))
+    rows = [dict(_metrics_row(e, [], stage=2), br_w=0.0, br_a=0.0) for e in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    warnings = []
+    paths = plots.make_plots(str(run), warn=warnings.append)
+    assert [os.path.basename(p) for p in paths] == ["curves.png"]
+    assert not (run / "plots" / "bins.png").exists()
+    assert warnings == ["a float run has no quantized layers: no bin metrics (bins.png) and no histograms"]
+
+
 def test_layer_choice():
     layers = quantized_layers(quantize_model(build_model("resnet20"), 2, 2, 8))
     assert len(plots.choose_layers(layers, ["all"])) == 20  # ResNet-20: 19 convs + 1 linear

@@ -183,6 +183,18 @@ def test_sweep_dry_run_skips_finished_resumes_and_restarts(tmp_path):
     assert not os.path.exists(runs / "wa-moving_w2a4_lam0.5_s1")  # a dry run creates nothing
 
 
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_sweep_help_exits_0_with_the_usage(flag, tmp_path):
+    env = dict(os.environ, RUNS_DIR=str(tmp_path / "s"))
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), flag], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == ""
+    lines = out.stdout.splitlines()
+    assert "  usage: scripts/sweep.sh [-h] [-n] [-- EXTRA FLAGS FOR cifar10_qat_br.py]" in lines
+    assert lines[-1] == "Exit status: 0 every run finished; 1 some run failed; 130/143 interrupted."
+    assert not any(line.startswith("#") for line in lines) and not os.path.exists(tmp_path / "s")
+
+
 def test_sweep_rejects_bad_settings(tmp_path):
     env = dict(os.environ, RUNS_DIR=str(tmp_path / "s"), SCENARIOS="w-only nonsense")
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), "-n"], env=env,
