@@ -385,6 +385,9 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # With --compile every variant's Trainer compiles its own graphs of the same code (two stages
+    # each): more than torch's default of 8 recompilations, after which it would run eagerly.
+    torch._dynamo.config.cache_size_limit = 64
     device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is available", file=sys.stderr)
