@@ -70,8 +70,9 @@ def train(cfg, source, ckpt) -> int:
         except RuntimeError as exc:  # QATBR_KERNELS=cpp and no build
             raise cfgmod.ConfigError(str(exc)) from None
         print(f"Kernels: {cpu_kernels}", flush=True)
-    train_split = load_split(source, train=True, download=not cfg.no_download, workers=cfg.workers)
-    test_split = load_split(source, train=False, download=not cfg.no_download, workers=cfg.workers)
+    workers = cfgmod.decode_workers(cfg)
+    train_split = load_split(source, train=True, download=not cfg.no_download, workers=workers)
+    test_split = load_split(source, train=False, download=not cfg.no_download, workers=workers)
     if len(train_split.labels) < 2:
         raise DataError(f"--data-dir: the training split has {len(train_split.labels)} image(s); at least 2 needed")
     print(f"Data: {len(train_split.labels)} train / {len(test_split.labels)} test images", flush=True)

@@ -198,6 +198,11 @@ BAD_FLAGS = [
     (["--clip-value", "-2"], "--clip-value must be a finite number > 0"),
     (["--arch", "resnet99"], "--arch must be one of resnet20, resnet32, resnet56, resnet18"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--momentum", "1"], "--momentum must be a number in [0, 1), got 1.0"),
+    (["--momentum", "-0.1"], "--momentum must be a number in [0, 1), got -0.1"),
+    (["--momentum", "nan"], "--momentum must be a number in [0, 1)"),
+    (["--seed", "-1"], "--seed must be an integer in 0..4294967295 (numpy's seed range), got -1"),
+    (["--seed", "4294967296"], "--seed must be an integer in 0..4294967295 (numpy's seed range), got 4294967296"),
 ]
 
 
@@ -208,6 +213,31 @@ def test_bad_flags_give_one_line(flags, message, tmp_path, capsys):
     assert rc == 2
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing was created
+
+
+@pytest.mark.parametrize("flags,message", [(["--seed", "-1"], "--seed must be"),
+                                           (["--momentum", "1.5"], "--momentum must be")])
+def test_dry_run_checks_the_same_flags(flags, message, capsys):
+    rc, out, err = run_cli(["--dry-run", "--data-dir", "/nonexistent", *flags], capsys)
+    assert rc == 2 and message in err and out == ""
+
+
+def test_extreme_valid_seed_and_momentum_are_accepted(capsys):
+    rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--seed", str(2**32 - 1), "--momentum", "0"],
+                         capsys)
+    assert rc == 0 and "seed 4294967295" in out
+
+
+def test_more_workers_than_cpus_are_capped_with_a_warning(capsys):
+    import config
+    cpus = len(os.sched_getaffinity(0))
+    rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--workers", str(cpus + 61)], capsys)
+    assert rc == 0
+    assert f"WARNING: --workers {cpus + 61} is more than the {cpus} CPUs this process may use: {cpus} are used" in out
+    cfg = config.build_parser().parse_args(["--workers", str(cpus + 61)])
+    assert config.decode_workers(cfg) == cpus
+    cfg.workers = cpus
+    assert config.decode_workers(cfg) == cpus and not any("--workers" in w for w in config.warnings_for(cfg))
 
 
 @pytest.mark.parametrize("flag", ["--num-bits", "--epochs", "--lambda-br"])
