@@ -285,6 +285,25 @@ def test_image_folder_problems(tmp_path, capsys):
     assert "cannot read image" in err and os.path.join("dog", "0000.png") in err
 
 
+def test_hidden_files_are_skipped_and_unusable_entries_give_one_line(tmp_path, capsys):
+    from data import CLASSES, DataSource, load_split
+    root = make_image_folder(tmp_path / "c", train_per_class=1, test_per_class=1)
+    cat = os.path.join(root, "train", "cat")
+    with open(os.path.join(cat, "._0000.png"), "wb") as f:  # macOS metadata next to an image: not an image
+        f.write(b"\x00\x05\x16\x07")
+    open(os.path.join(cat, ".DS_Store"), "wb").close()
+    os.makedirs(os.path.join(root, "train", ".ipynb_checkpoints"))  # a hidden folder is not a class
+    split = load_split(DataSource("imagefolder", root), train=True, workers=0, log=lambda *_: None)
+    assert split.labels.tolist() == list(range(len(CLASSES)))  # one image per class, in class order
+    os.remove(os.path.join(cat, "0000.png"))  # only hidden files left
+    err = _bad_data(tmp_path, capsys, root)
+    assert f"class folder {cat} holds no images" in err and ".DS_Store" in err
+    make_image_folder(root, train_per_class=1, test_per_class=1)
+    os.symlink(os.path.join(root, "gone.png"), os.path.join(root, "test", "dog", "0001.png"))
+    err = _bad_data(tmp_path, capsys, root)
+    assert f"cannot read image {os.path.join(root, 'test', 'dog', '0001.png')}: a dangling symlink" in err
+
+
 def test_bad_pretrained(shared_folder, reference_run, tmp_path, capsys):
     base = ["--data-dir", shared_folder, "--output-dir", tmp_path / "o", *TINY]
     rc, _, err = run_cli(base + ["--pretrained", tmp_path / "nope.pt"], capsys)
