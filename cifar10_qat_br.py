@@ -35,9 +35,9 @@ def build_quantized_model(cfg) -> torch.nn.Module:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = cfgmod.build_parser().parse_args(argv)
-    created_output_dir = False
+    created_output_dir, lock = False, None
     try:
-        if cfg.resume is not None and cfg.overwrite:
+        if cfg.resume == "" and cfg.overwrite:  # --resume PATH may replace another run (runner.prepare_output_dir)
             raise cfgmod.ConfigError("--resume and --overwrite contradict each other: pass one")
         ckpt = runner.resolve_resume(cfg, argv)  # first: flags not given come from the run
         cfgmod.validate(cfg)
@@ -51,14 +51,19 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in sorted(vars(cfg).items()):
                 print(f"  {key}: {value}")
             return 0
-        created_output_dir = runner.prepare_output_dir(cfg, resuming=ckpt is not None)
+        created_output_dir, lock = runner.prepare_output_dir(cfg, resuming=ckpt is not None)
         print("\n".join(cfgmod.banner(cfg, source.describe())), flush=True)
         return train(cfg, source, ckpt)
     except (cfgmod.ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if lock is not None:
+            lock.release()
         if created_output_dir:  # refused before anything was written: leave no empty folder behind
             runner.remove_if_empty(cfg.output_dir)
         return 2
+    finally:  # the run folder is held until the process is done with it
+        if lock is not None:
+            lock.release()
 
 
 def train(cfg, source, ckpt) -> int:

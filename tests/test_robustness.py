@@ -160,6 +160,70 @@ def test_existing_run_is_refused_without_resume_or_overwrite(shared_folder, refe
     assert len(_metrics_text(out).splitlines()) == 2
 
 
+# -- a run folder belongs to one run -------------------------------------------------------------
+
+def test_a_folder_held_by_another_process_is_refused_naming_it(shared_folder, tmp_path, capsys):
+    import runner
+    out = tmp_path / "held"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runner; runner.RunFolderLock(sys.argv[1])"
+                               ".acquire(); print('held', flush=True); time.sleep(600)", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--overwrite"]):
+            rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY, *extra], capsys)
+            assert rc == 2 and len(err.strip().splitlines()) == 1
+            assert f"--output-dir {out} is in use by another run (pid {holder.pid} on " in err
+        assert os.listdir(out) == [".lock"]  # nothing written, the holder's lock file untouched
+    finally:
+        holder.kill()  # kill -9: the OS drops the lock with the process
+        holder.wait()
+    lock = runner.RunFolderLock(str(out))
+    lock.acquire()  # free now, although the dead holder's file is still there
+    second = runner.RunFolderLock(str(out))
+    with pytest.raises(runner.ConfigError, match=f"in use by another run \\(pid {os.getpid()} on "):
+        second.acquire()  # a second lock in the same process is refused too
+    lock.release()
+    assert os.listdir(out) == []  # released: the lock file is gone
+    second.acquire()
+    second.release()
+
+
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, capsys):
+    import errno
+    import runner
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runner.fcntl, "flock", no_locks)
+    runner.RunFolderLock(str(tmp_path)).acquire()
+    assert "WARNING: cannot lock --output-dir" in capsys.readouterr().err
+
+
+def test_resume_writes_only_into_its_own_new_or_empty_folder(shared_folder, reference_run, tmp_path, capsys):
+    checkpoint_path = reference_run / "last.pt"
+    other = tmp_path / "other"
+    shutil.copytree(reference_run, other)  # a folder that holds another run
+    before = _metrics_text(other)
+    resume = ["--resume", checkpoint_path, "--data-dir", shared_folder, "--workers", "0"]
+    rc, _, err = run_cli([*resume, "--output-dir", other], capsys)
+    assert rc == 2 and f"--output-dir {other} already holds another run" in err and "--overwrite" in err
+    assert _metrics_text(other) == before
+    for folder, extra in ((tmp_path / "new", []), (other, ["--overwrite"])):
+        rc, stdout, _ = run_cli([*resume, "--output-dir", folder, *extra], capsys)
+        assert rc == 0 and "Resumed from epoch 3 of 3" in stdout
+        # the new folder's log starts with the checkpoint's epoch (earlier ones stay in the run it came from)
+        assert _metrics_text(folder) == _metrics_text(reference_run).splitlines(keepends=True)[-1]
+        assert not (folder / "best.pt").exists() and not (folder / ".lock").exists()
+    own = tmp_path / "own"
+    shutil.copytree(reference_run, own)
+    rc, _, err = run_cli(["--resume", own / "last.pt", "--overwrite", "--data-dir", shared_folder], capsys)
+    assert rc == 2 and "--resume and --overwrite contradict each other" in err
+    assert _metrics_text(own) == _metrics_text(reference_run)
+
+
 def test_atomic_write_keeps_the_previous_file_on_a_crash(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     checkpoint.atomic_torch_save({"epoch": 1}, path)
