@@ -35,9 +35,9 @@ def build_quantized_model(cfg) -> torch.nn.Module:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = cfgmod.build_parser().parse_args(argv)
-    created_output_dir = False
+    created_output_dir, lock = False, None
     try:
-        if cfg.resume is not None and cfg.overwrite:
+        if cfg.resume == "" and cfg.overwrite:  # --resume PATH may replace another run (runner.prepare_output_dir)
             raise cfgmod.ConfigError("--resume and --overwrite contradict each other: pass one")
         ckpt = runner.resolve_resume(cfg, argv)  # first: flags not given come from the run
         defaulted = cfgmod.resolve_defaults(cfg)
@@ -52,14 +52,19 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in sorted(vars(cfg).items()):
                 print(f"  {key}: {value}")
             return 0
-        created_output_dir = runner.prepare_output_dir(cfg, resuming=ckpt is not None)
+        created_output_dir, lock = runner.prepare_output_dir(cfg, resuming=ckpt is not None)
         print("\n".join(cfgmod.banner(cfg, source.describe(), defaulted=defaulted)), flush=True)
         return train(cfg, source, ckpt)
     except (cfgmod.ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if lock is not None:
+            lock.release()
         if created_output_dir:  # refused before anything was written: leave no empty folder behind
             runner.remove_if_empty(cfg.output_dir)
         return 2
+    finally:  # the run folder is held until the process is done with it
+        if lock is not None:
+            lock.release()
 
 
 def train(cfg, source, ckpt) -> int:
@@ -71,8 +76,9 @@ def train(cfg, source, ckpt) -> int:
         except RuntimeError as exc:  # QATBR_KERNELS=cpp and no build
             raise cfgmod.ConfigError(str(exc)) from None
         print(f"Kernels: {cpu_kernels}", flush=True)
-    train_split = load_split(source, train=True, download=not cfg.no_download, workers=cfg.workers)
-    test_split = load_split(source, train=False, download=not cfg.no_download, workers=cfg.workers)
+    workers = cfgmod.decode_workers(cfg)
+    train_split = load_split(source, train=True, download=not cfg.no_download, workers=workers)
+    test_split = load_split(source, train=False, download=not cfg.no_download, workers=workers)
     if len(train_split.labels) < 2:
         raise DataError(f"--data-dir: the training split has {len(train_split.labels)} image(s); at least 2 needed")
     subset = ""

@@ -18,6 +18,9 @@ from quant.lsq import FULL_PRECISION_BITS
 
 RULE = "=" * 80
 
+#: Largest --seed: numpy's generators take seeds in 0..2**32 - 1.
+MAX_SEED = 2**32 - 1
+
 #: Flags that say how to run, not what the experiment is: they may change on --resume.
 RUN_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
                        "no_download", "tensorboard", "compile", "eval_batch_size", "progress_interval"})
@@ -259,7 +262,8 @@ def validate(cfg) -> None:
     _check_number(cfg.lambda_br, "--lambda-br")
     _check_number(cfg.lambda_br_act, "--lambda-br-act")
     _check_number(cfg.lr, "--lr", strict=True)
-    _check_number(cfg.momentum, "--momentum")
+    if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
+        raise ConfigError(f"--momentum must be a number in [0, 1), got {cfg.momentum}")
     _check_number(cfg.weight_decay, "--weight-decay")
     if cfg.clip_value is not None:
         _check_number(cfg.clip_value, "--clip-value", strict=True)
@@ -276,15 +280,31 @@ def validate(cfg) -> None:
     if cfg.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
     _check_number(cfg.progress_interval, "--progress-interval")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be an integer in 0..{MAX_SEED} (numpy's seed range), got {cfg.seed}")
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {cfg.arch!r}")
     resolve_device(cfg.device)
     compile_mode(cfg)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what SLURM or taskset granted)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def decode_workers(cfg) -> int:
+    """``--workers``, capped at ``usable_cpus()``: more processes than CPUs only add memory (each
+    holds a decoder and its batches), not speed. The cap is a banner warning."""
+    return min(cfg.workers, usable_cpus())
+
+
 def warnings_for(cfg) -> list[str]:
-    """Flags that have no effect in this combination (reported in the banner, not errors)."""
+    """Flags that have no effect in this combination, and values capped (reported in the banner, not errors)."""
     out = []
+    if cfg.workers > usable_cpus():
+        out.append(f"--workers {cfg.workers} is more than the {usable_cpus()} CPUs this process may use: "
+                   f"{decode_workers(cfg)} are used")
     w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
     stage2 = cfg.epochs > cfg.warmup_epochs
     if cfg.br_backprop_to_alpha_act and cfg.lambda_br_act == 0:

@@ -3,8 +3,9 @@ augmented there in batches (random crop 32 with padding 4, horizontal flip), nor
 
 Two on-disk layouts are read: torchvision's ``cifar-10-batches-py/`` (downloaded when
 missing unless ``download=False``) and an image folder with ``train/<class>/`` and
-``test/<class>/`` (``torchvision.datasets.ImageFolder``). An image folder is decoded
-once and cached next to the data as ``.cifar10_<split>_uint8.pt``.
+``test/<class>/`` (``torchvision.datasets.ImageFolder``'s layout; hidden files and folders
+are skipped). An image folder is decoded once and cached next to the data as
+``.cifar10_<split>_uint8.pt``.
 """
 
 from __future__ import annotations
@@ -78,25 +79,68 @@ def find_source(data_dir: str, download: bool) -> DataSource:
         f"test/<class>/ image folders); pass --data-dir pointing at one, or drop --no-download to download it")
 
 
-def _check_image_folder(split_dir: str) -> None:
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError as exc:
+        raise DataError(f"--data-dir: cannot read the folder {path} ({exc.strerror})") from None
+
+
+def _is_image_file(path: str) -> bool:
+    """Whether the image folder reads ``path``: a visible file name (hidden files such as
+    ``.DS_Store`` or macOS's ``._*`` copies are skipped) with one of torchvision's image extensions."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _image_samples(split_dir: str) -> list[tuple[str, int]]:
+    """``(path, label)`` of every image of one split of an image folder, checked before any is decoded.
+
+    Hidden entries (class folders or files whose name starts with a dot) are skipped.
+
+    Raises:
+        DataError: missing split, wrong class folders, an unreadable folder, a class folder
+            without images (empty, or only hidden files and files of other kinds).
+    """
     if not os.path.isdir(split_dir):
         raise DataError(f"--data-dir: missing split folder {split_dir} (expected train/ and test/ with one "
                         f"folder per class: {', '.join(CLASSES)})")
-    found = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    found = sorted(d for d in _listdir(split_dir)
+                   if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
     if tuple(found) != CLASSES:
         missing, extra = sorted(set(CLASSES) - set(found)), sorted(set(found) - set(CLASSES))
         raise DataError(f"--data-dir: {split_dir} has the wrong class folders (missing: {missing or 'none'}; "
                         f"unexpected: {extra or 'none'}); CIFAR-10 needs exactly {', '.join(CLASSES)}")
-    for name in CLASSES:
-        if not os.listdir(os.path.join(split_dir, name)):
-            raise DataError(f"--data-dir: class folder {os.path.join(split_dir, name)} is empty")
+    from torchvision.datasets.folder import make_dataset
+    samples = make_dataset(split_dir, {name: i for i, name in enumerate(CLASSES)}, is_valid_file=_is_image_file,
+                           allow_empty=True)
+    with_images = {label for _, label in samples}
+    for label, name in enumerate(CLASSES):
+        if label not in with_images:
+            folder = os.path.join(split_dir, name)
+            entries = sorted(_listdir(folder))
+            if not entries:
+                raise DataError(f"--data-dir: class folder {folder} is empty")
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise DataError(f"--data-dir: class folder {folder} holds no images, only hidden files or files "
+                            f"without an image extension ({shown})")
+    return samples
 
 
 def _fingerprint(samples: list[tuple[str, int]]) -> list:
-    """Cheap identity of an image folder: each file's relative path, size and mtime."""
+    """Cheap identity of an image folder: each file's relative path, size and mtime.
+
+    Raises:
+        DataError: an entry that cannot be read (a dangling symlink, a file removed meanwhile).
+    """
     out = []
     for path, label in samples:
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            kind = "a dangling symlink" if os.path.islink(path) else exc.strerror
+            raise DataError(f"--data-dir: cannot read image {path}: {kind}") from None
         out.append((os.path.basename(path), label, st.st_size, int(st.st_mtime)))
     return out
 
@@ -104,17 +148,18 @@ def _fingerprint(samples: list[tuple[str, int]]) -> list:
 class _DecodeOrFlag(torch.utils.data.Dataset):
     """Decode one image to uint8 ``(3, 32, 32)``; an unreadable one becomes a flag, not a crash in a worker."""
 
-    def __init__(self, folder):
-        self.folder = folder
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
 
     def __len__(self):
-        return len(self.folder.samples)
+        return len(self.samples)
 
     def __getitem__(self, i):
+        from torchvision.datasets.folder import default_loader
         from torchvision.transforms.functional import pil_to_tensor
-        path, _ = self.folder.samples[i]
+        path, _ = self.samples[i]
         try:
-            image = pil_to_tensor(self.folder.loader(path))
+            image = pil_to_tensor(default_loader(path))
         except Exception as exc:  # noqa: BLE001 - any decoder failure is reported by file name
             return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), i, str(exc)
         if tuple(image.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
@@ -122,25 +167,22 @@ class _DecodeOrFlag(torch.utils.data.Dataset):
         return image, i, ""
 
 
-def _decode_image_folder(split_dir: str, workers: int) -> Split:
-    from torchvision.datasets import ImageFolder
-    folder = ImageFolder(split_dir)
-    loader = torch.utils.data.DataLoader(_DecodeOrFlag(folder), batch_size=500, num_workers=workers)
-    images = torch.empty(len(folder), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+def _decode_image_folder(samples: list[tuple[str, int]], workers: int) -> Split:
+    loader = torch.utils.data.DataLoader(_DecodeOrFlag(samples), batch_size=500, num_workers=workers)
+    images = torch.empty(len(samples), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
     for batch, index, errors in loader:
         for i, err in zip(index.tolist(), errors):
             if err:
-                raise DataError(f"--data-dir: cannot read image {folder.samples[i][0]}: {err}")
+                raise DataError(f"--data-dir: cannot read image {samples[i][0]}: {err}")
         images[index] = batch
-    return Split(images, torch.tensor(folder.targets, dtype=torch.int64))
+    return Split(images, torch.tensor([label for _, label in samples], dtype=torch.int64))
 
 
 def _load_image_folder(root: str, train: bool, workers: int, log) -> Split:
     split = "train" if train else "test"
     split_dir = os.path.join(root, split)
-    _check_image_folder(split_dir)
-    from torchvision.datasets import ImageFolder
-    fingerprint = _fingerprint(ImageFolder(split_dir).samples)
+    samples = _image_samples(split_dir)
+    fingerprint = _fingerprint(samples)
     cache = os.path.join(root, f".cifar10_{split}_uint8.pt")
     if os.path.exists(cache):
         try:
@@ -150,7 +192,7 @@ def _load_image_folder(root: str, train: bool, workers: int, log) -> Split:
         except Exception:  # noqa: BLE001 - a bad cache is rebuilt, never trusted
             pass
     log(f"Decoding {len(fingerprint)} images of {split_dir} once (cached next to the data)...")
-    data = _decode_image_folder(split_dir, workers)
+    data = _decode_image_folder(samples, workers)
     try:
         atomic_torch_save({"images": data.images, "labels": data.labels, "fingerprint": fingerprint}, cache)
     except OSError as exc:
@@ -173,8 +215,9 @@ def load_split(source: DataSource, train: bool, download: bool = False, workers:
     """Load one split of CIFAR-10 as uint8 tensors on the CPU.
 
     Raises:
-        DataError: missing split, wrong or empty class folders, an unreadable image
-            (named), or a torchvision copy that cannot be read or downloaded.
+        DataError: missing split, wrong class folders, a class folder without images (empty,
+            or only hidden files: those are skipped), an unreadable folder or image (named; a
+            dangling symlink too), or a torchvision copy that cannot be read or downloaded.
     """
     if source.kind == "torchvision":
         return _load_torchvision(source.root, train, download)

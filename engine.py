@@ -30,6 +30,9 @@ from regularizers import INFO_FIELDS, BinRegularizer, weight_bin_stats
 #: How often (in steps) a CUDA run reads its non-finite flag; on the CPU reading is free, so every step.
 CUDA_CHECK_EVERY = 50
 
+#: A λ-weighted BR term this many times the cross-entropy in the first BR epoch gets a console warning.
+BR_DOMINANCE_RATIO = 100.0
+
 
 class NonFiniteError(RuntimeError):
     """The loss, a gradient or a parameter became NaN/inf; the message names the step and the layer."""
@@ -339,6 +342,20 @@ class Trainer:
         rows = {"total": info["total"], **info["per_tensor"]}
         return {k: dict(zip(INFO_FIELDS, v.tolist())) for k, v in rows.items()}
 
+    def _warn_if_br_dominates(self, epoch: int, train: dict) -> None:
+        """Warn when a λ-weighted BR term exceeds ``BR_DOMINANCE_RATIO`` times the cross-entropy
+        (epoch means): BR then outweighs the task, and a λ that large can drive the step sizes to
+        their floor. Called after the first BR epoch, so that a mistyped λ shows early."""
+        ce = train["ce"]
+        for flag, lam, term in (("--lambda-br", self.cfg.lambda_br, train["br_w"]),
+                                ("--lambda-br-act", self.cfg.lambda_br_act, train["br_a"])):
+            weighted = lam * term
+            if weighted > BR_DOMINANCE_RATIO * ce:
+                times = f"{weighted / ce:.3g} times" if ce > 0 else "far above"
+                self.log(f"WARNING: epoch {epoch} (the first with BR): {flag} {lam:g} x BR = {weighted:.4g} is "
+                         f"{times} the cross-entropy ({ce:.4g}); BR outweighs the task and can drive the step "
+                         f"sizes to their floor. Is {flag} {lam:g} meant?")
+
     def _handle_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
 
@@ -371,6 +388,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         train = self.train_epoch(epoch)
         train_seconds = time.perf_counter() - start
+        if epoch == self.cfg.warmup_epochs + 1:
+            self._warn_if_br_dominates(epoch, train)
         bad = self._first_non_finite_parameter()
         if bad is not None:  # e.g. an inf gradient in the last step: never checkpoint it
             raise NonFiniteError(f"non-finite parameter {bad} at the end of epoch {epoch}")

@@ -11,6 +11,7 @@ the captured tensors.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -29,14 +30,29 @@ class BinStatsCollector:
     hands them here (``LSQQuantizer.bin_stats_sink``); ``get()`` returns the latest ones by
     name. While disabled or after ``remove()`` the quantizers compute none.
 
+    A quantizer has one statistics slot (``bin_stats_sink``), so it belongs to one collector
+    at a time: a second collector (or ``ActivationHookManager``) for a quantizer that a live
+    one holds is refused, instead of silently taking the statistics away from the first.
+    ``remove()`` (or dropping a disabled collector) frees the quantizers.
+
     Args:
         quantizers: name -> enabled ``LSQQuantizer`` (the weight or the activation quantizers
             of the regularised layers).
         grad_to_alpha: whether the statistics carry gradient to each quantizer's own α
             (they always carry it to the quantizer's input).
+
+    Raises:
+        RuntimeError: naming the quantizers that another live collector holds.
     """
 
     def __init__(self, quantizers: dict[str, LSQQuantizer], grad_to_alpha: bool):
+        taken = [name for name, q in quantizers.items() if _owner(q) is not None]
+        if taken:
+            raise RuntimeError(f"bin statistics of {', '.join(taken)} are already collected by another "
+                               f"BinStatsCollector or ActivationHookManager (a quantizer has one statistics "
+                               f"slot); call remove() on that one first")
+        for quantizer in quantizers.values():
+            _OWNERS[quantizer] = weakref.ref(self)
         self._quantizers = dict(quantizers)
         self._stats: dict[str, BinStats] = {}
         self._sinks = {name: self._make_sink(name) for name in self._quantizers}
@@ -72,9 +88,22 @@ class BinStatsCollector:
         self._stats.clear()
 
     def remove(self) -> None:
-        """Stop the quantizers computing statistics and drop the collected ones."""
+        """Stop the quantizers computing statistics, drop the collected ones and free the quantizers."""
         self.enabled = False
         self.clear()
+        for quantizer in self._quantizers.values():
+            if _owner(quantizer) is self:
+                del _OWNERS[quantizer]
+
+
+#: quantizer -> weak reference to the collector that holds its statistics slot.
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _owner(quantizer: LSQQuantizer) -> BinStatsCollector | None:
+    """The live collector that holds ``quantizer``'s statistics slot, or None."""
+    ref = _OWNERS.get(quantizer)
+    return ref() if ref is not None else None
 
 
 class ActivationHookManager:
@@ -106,6 +135,8 @@ class ActivationHookManager:
 
     Raises:
         KeyError: a name in ``layer_names`` that is not a quantized layer of ``model``.
+        RuntimeError: another live manager (or ``BinStatsCollector``) watches one of these
+            quantizers; ``remove()`` it first.
 
     Use as a context manager, or call ``remove()`` to detach the hooks.
     """
@@ -160,7 +191,7 @@ class ActivationHookManager:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.enabled = False
+        self._bin_stats.remove()
         self.clear()
 
     def __enter__(self) -> "ActivationHookManager":

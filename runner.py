@@ -6,12 +6,16 @@ one line naming the flag or file.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import platform
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -22,6 +26,9 @@ from config import (INVOCATION_FLAGS, RUN_FLAGS, ConfigError, default_output_dir
 
 #: Files that make a folder "hold a run".
 RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json")
+
+#: The file a running process locks in its run folder (it says which process holds it).
+LOCK_FILE = ".lock"
 
 
 def _flag(key: str) -> str:
@@ -85,15 +92,82 @@ def resume_command(cfg) -> str:
         shlex.quote(part) for part in (sys.executable, script, "--resume", "--output-dir", cfg.output_dir))
 
 
-def prepare_output_dir(cfg, resuming: bool) -> bool:
-    """Create ``--output-dir`` (default: a descriptive folder under results/) and check it.
+class RunFolderLock:
+    """An exclusive OS lock (``fcntl.flock``) on ``<folder>/.lock``, held for a run's lifetime.
+
+    While one process holds it, ``acquire`` in any other process (or through another
+    ``RunFolderLock`` in the same one) is refused with a ``ConfigError`` naming the holder
+    (pid, host, start time). The operating system drops the lock when the holder ends,
+    however it ends (``kill -9`` included), so a ``.lock`` file left behind holds nothing.
+    ``release`` removes the file while still holding it (so that no process can be holding
+    a removed file) and then unlocks. On a file system without locks ``acquire`` prints a
+    warning and the run goes on unprotected.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_FILE)
+        self._fd = None
+
+    def acquire(self) -> None:
+        """Take the lock. Raises ``ConfigError`` naming the holder when another run has it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not said which"
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise ConfigError(f"--output-dir {self.folder} is in use by another run ({holder}); wait "
+                                      f"for it to end or choose another --output-dir") from None
+                print(f"WARNING: cannot lock --output-dir {self.folder} ({exc.strerror}): this file system has "
+                      f"no locks, so a second run started in this folder would not be refused", file=sys.stderr)
+                return
+            try:  # the holder before us may have removed the file between our open and our lock: retry
+                if os.path.samestat(os.stat(self.path), os.fstat(fd)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and unlock (nothing to do when not held)."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def _run_files(folder: str) -> list[str]:
+    """The files of a run in ``folder`` (``RUN_FILES`` and ``tensorboard/``)."""
+    return ([f for f in RUN_FILES if os.path.exists(os.path.join(folder, f))]
+            + (["tensorboard/"] if os.path.isdir(os.path.join(folder, "tensorboard")) else []))
+
+
+def prepare_output_dir(cfg, resuming: bool) -> tuple[bool, RunFolderLock]:
+    """Create ``--output-dir`` (default: a descriptive folder under results/), lock it, check it.
+
+    The folder is locked for the run (``RunFolderLock``) before anything in it is looked at.
+    It may hold a run only when that run is the one resumed (``--resume``, or ``--resume
+    PATH`` with PATH in the folder); any other run there is refused unless ``--overwrite``,
+    which deletes it. A checkpoint resumed into a new or empty folder continues there.
 
     Returns:
-        whether this call created the folder.
+        whether this call created the folder, and the held lock (the caller releases it).
 
     Raises:
-        ConfigError: it is a file, not writable, or holds a run and neither
-            ``--resume`` nor ``--overwrite`` was given.
+        ConfigError: it is a file, not writable, in use by another process, or holds a run
+            other than the resumed one and ``--overwrite`` was not given; ``--overwrite``
+            with the folder's own run resumed.
     """
     cfg.output_dir = cfg.output_dir or default_output_dir(cfg)
     out = cfg.output_dir
@@ -106,15 +180,29 @@ def prepare_output_dir(cfg, resuming: bool) -> bool:
         raise ConfigError(f"--output-dir {out}: cannot create it ({exc.strerror})") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError(f"--output-dir {out} is not writable")
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if existing and not resuming:
-        if not cfg.overwrite:
-            raise ConfigError(f"--output-dir {out} already holds a run ({', '.join(existing)}); "
-                              f"pass --resume to continue it or --overwrite to replace it")
-        for f in existing:
-            os.remove(os.path.join(out, f))
-        shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
-    return created
+    lock = RunFolderLock(out)
+    lock.acquire()
+    try:
+        own_run = resuming and (not cfg.resume or os.path.samefile(os.path.dirname(os.path.abspath(cfg.resume)), out))
+        existing = _run_files(out)
+        if own_run and cfg.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other: pass one")
+        if existing and not own_run:
+            if not cfg.overwrite:
+                hint = (f"--resume {cfg.resume} continues that checkpoint in a new or empty folder; pass --overwrite "
+                        f"to replace the run there" if resuming else
+                        "pass --resume to continue it or --overwrite to replace it")
+                raise ConfigError(f"--output-dir {out} already holds a{'nother' if resuming else ''} run "
+                                  f"({', '.join(existing)}); {hint}")
+            for f in existing:
+                if f == "tensorboard/":
+                    shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
+                else:
+                    os.remove(os.path.join(out, f))
+    except BaseException:
+        lock.release()
+        raise
+    return created, lock
 
 
 def remove_if_empty(folder: str) -> None:

@@ -21,6 +21,7 @@ for an upstream gradient ``G`` of ``stats``; counts and ``abs_sum`` carry no gra
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -200,11 +201,18 @@ def bin_statistics(values: list[torch.Tensor], alphas: list[torch.Tensor], quant
         of shape ``(L,)``, ``Σ|d|`` per tensor, not differentiable.
 
     Raises:
-        ValueError: ``values`` empty or of another length than ``alphas``.
+        ValueError: ``values`` empty or of another length than ``alphas``; a step size that is
+            not a finite number > 0 (the grid ``k·α`` would be meaningless: NaN or a finite
+            nonsense loss). Checking reads each α back to the host.
     """
     if not values or len(values) != len(alphas):
         raise ValueError(f"bin_statistics: need as many step sizes as tensors (at least one), "
                          f"got {len(values)} tensors and {len(alphas)} step sizes")
+    for i, alpha in enumerate(alphas):
+        step = float(alpha.detach())
+        if not (math.isfinite(step) and step > 0):
+            which = f" (tensor {i} of {len(alphas)})" if len(alphas) > 1 else ""
+            raise ValueError(f"bin statistics: step size α must be a finite number > 0, got {step:g}{which}")
     stats, abs_sums = zip(*(_BinStatistics.apply(v, a, quant_min, quant_max, grad_to_alpha)
                             for v, a in zip(values, alphas)))
     return torch.stack(stats), torch.stack(abs_sums)

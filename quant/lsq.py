@@ -9,6 +9,7 @@ straight-through estimator (STE) for ``round`` and eq. 3, scaled by
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -17,7 +18,8 @@ from quant.bins import (BinStats, bin_alpha_gradient, eager_bin_gradient, eager_
                         flat_view)
 from quant.kernels import cpu_kernels, kernels_apply
 
-#: Smallest step size the optimiser may leave behind (see ``keep_step_sizes_positive``).
+#: Smallest step size the optimiser may leave behind (see ``keep_step_sizes_positive``); in
+#: float16 the floor is higher (``min_step_size``).
 MIN_STEP_SIZE = 1e-8
 
 #: ``num_bits`` at or above this value means "not quantized" (identity).
@@ -59,6 +61,25 @@ def integer_range(num_bits: int, signed: bool) -> tuple[int, int]:
     if signed:
         return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
     return 0, 2**num_bits - 1
+
+
+def min_step_size(dtype: torch.dtype) -> float:
+    """The smallest usable step size α for tensors of ``dtype``.
+
+    ``MIN_STEP_SIZE``, or the dtype's smallest normal number where that is larger (float16:
+    6.1e-5; float32, float64 and bfloat16 have 1e-8 as a normal number). With α at or above it,
+    α is not 0 in ``dtype`` (``x / α`` never divides by zero, ``0 / α`` is never NaN) and
+    every level ``k·α`` with ``k != 0`` is a normal number (the output does not underflow).
+    """
+    return max(MIN_STEP_SIZE, torch.finfo(dtype).tiny)
+
+
+def describe_grid(num_bits: int, signed: bool) -> str:
+    """``"2-bit signed [-2, 1]"``: a quantizer's integer grid in words (for messages)."""
+    if num_bits >= FULL_PRECISION_BITS:
+        return f"{num_bits}-bit (full precision, no grid)"
+    quant_min, quant_max = integer_range(num_bits, signed)
+    return f"{num_bits}-bit {'signed' if signed else 'unsigned'} [{quant_min}, {quant_max}]"
 
 
 def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -105,7 +126,9 @@ class _LSQFakeQuantize(torch.autograd.Function):
         # The value of scale_grad(alpha, g) is (α - αg) + αg, which is not always α to the
         # last bit; computing it the same way keeps the output bit-identical to the plain form.
         scaled = alpha * grad_scale
-        a = ((alpha - scaled) + scaled).to(x.dtype)
+        # clamp: an α that would be 0 (0/0 = NaN) or subnormal in the dtype of x (float16) is raised
+        # to min_step_size; a no-op for every α the optimiser leaves in float32 (>= MIN_STEP_SIZE).
+        a = ((alpha - scaled) + scaled).to(x.dtype).clamp_min(min_step_size(x.dtype))
         with_stats = bin_stats is not None
         ctx.kernels = kernels_apply(x)  # backward takes the same path (it saved what that path needs)
         if ctx.kernels:
@@ -197,9 +220,18 @@ class LSQQuantizer(nn.Module):
     change with the batch size, so the effective learning rate of α does not either.
 
     Initialisation (LSQ section 2.1): ``α = 2 · mean(|x|) / sqrt(quant_max)`` from the
-    first tensor the quantizer sees (the weights, or the first training batch of
-    activations). It is written in place and recorded in the ``initialized`` buffer,
-    so a quantizer restored with ``load_state_dict`` is never re-initialised from data.
+    first usable tensor the quantizer sees (the weights, or the first batch of
+    activations), in training or eval mode alike, also under ``torch.no_grad()`` and
+    ``torch.inference_mode()`` (an eval-mode pass calibrates a fresh quantizer). A usable
+    tensor is non-empty, finite and has a non-zero mean magnitude; until one arrives the
+    quantizer stays uninitialised, quantizes with the α it has (1.0 when new) and says
+    so once (a ``RuntimeWarning``). α is at least ``min_step_size`` of the tensor's dtype.
+    It is written in place and recorded in the ``initialized`` buffer, so a quantizer
+    restored with ``load_state_dict`` is never re-initialised from data.
+
+    State: ``alpha``, ``initialized`` and ``grid`` (int64 ``(2,)``: ``num_bits`` and
+    ``signed``). ``load_state_dict`` refuses a state of another grid (an error naming both;
+    states saved before ``grid`` existed load without the check).
 
     Fused ReLU: with ``input_relu`` (set by ``quant.convert.quantize_model`` where a ReLU's
     output feeds only this quantizer, the ReLU module then being removed) the quantizer
@@ -244,8 +276,10 @@ class LSQQuantizer(nn.Module):
             self.quant_min = self.quant_max = None
             self.register_parameter("alpha", None)
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("grid", torch.tensor([num_bits, int(signed)]))
         # Python mirror of the buffer, so that forward never reads a device value.
         self._is_initialized = False
+        self._warned_uninitialized = False
         self.input_relu = False
         self.bin_stats_sink = None
         self.bin_stats_grad_to_alpha = False
@@ -261,25 +295,60 @@ class LSQQuantizer(nn.Module):
         ReLU (a new tensor), else ``x`` itself. Same shape as ``x``."""
         return torch.relu(x) if self.input_relu and self.enabled else x
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        grid = state_dict.get(prefix + "grid")
+        if grid is not None:
+            bits, signed = (int(v) for v in grid.tolist())
+            if (bits, bool(signed)) != (self.num_bits, self.signed):
+                # Checked before anything is copied: a refused state leaves the quantizer as it was.
+                error_msgs.append(f"{prefix.rstrip('.') or 'LSQQuantizer'}: the state is of a "
+                                  f"{describe_grid(bits, bool(signed))} quantizer, this one is "
+                                  f"{describe_grid(self.num_bits, self.signed)}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if grid is None and prefix + "grid" in missing_keys:  # a state saved before the grid was recorded
+            missing_keys.remove(prefix + "grid")
         flag = state_dict.get(prefix + "initialized")
         if flag is not None:
             self._is_initialized = bool(flag)
 
     @torch.no_grad()
-    def initialize_from(self, x: torch.Tensor) -> None:
-        """Set α = 2·mean(|x|)/sqrt(quant_max) in place and mark the quantizer initialised.
+    def initialize_from(self, x: torch.Tensor) -> bool:
+        """Set α = 2·mean(|x|)/sqrt(quant_max) in place and mark the quantizer initialised,
+        if ``x`` is usable (LSQ section 2.1).
+
+        ``x`` is not used when it is empty, holds a NaN or an inf, or is all zeros (α would be
+        NaN, inf or 0, and stay so): the quantizer then stays uninitialised and warns once.
+        α is raised to ``min_step_size`` of the dtypes of ``x`` and α where it would be smaller.
+        Reads one value back to the host (a sync on GPUs), once per quantizer.
 
         Args:
             x: a tensor of any shape in the units of the values to quantize.
+
+        Returns:
+            whether the quantizer is initialised now (True for a full-precision one).
         """
         if not self.enabled:
-            return
-        value = 2 * x.detach().abs().float().mean() / math.sqrt(self.quant_max)
-        self.alpha.copy_(value.clamp(min=MIN_STEP_SIZE))
+            return True
+        value = 2 * x.detach().abs().float().mean() / math.sqrt(self.quant_max)  # NaN when x is empty
+        magnitude = float(value)
+        if not (math.isfinite(magnitude) and magnitude > 0):
+            if not self._warned_uninitialized:
+                self._warned_uninitialized = True
+                reason = ("is empty" if x.numel() == 0 else "is all zeros" if magnitude == 0
+                          else "holds NaN or inf values")
+                warnings.warn(f"LSQQuantizer ({self.extra_repr()}): its first input {reason}, so its step size "
+                              f"is not initialised from it; it quantizes with alpha = {float(self.alpha.detach()):g} "
+                              f"until an input with finite values and a non-zero mean magnitude arrives",
+                              RuntimeWarning, stacklevel=3)
+            return False
+        floor = max(min_step_size(x.dtype), min_step_size(self.alpha.dtype))
+        self.alpha.copy_(value.clamp(min=floor))
         self.initialized.fill_(True)
         self._is_initialized = True
+        return True
 
     def grad_scale(self, x: torch.Tensor) -> float:
         """LSQ's gradient scale g = 1/sqrt(N · quant_max) for the input ``x``."""
@@ -306,7 +375,8 @@ def step_size_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
 
 
 def keep_step_sizes_positive(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """Project every α of ``model`` onto ``[MIN_STEP_SIZE, inf)`` after each ``optimizer.step()``.
+    """Project every α of ``model`` onto ``[min_step_size(α.dtype), inf)`` (``MIN_STEP_SIZE`` for
+    float32 α) after each ``optimizer.step()``.
 
     LSQ's α is an ordinary parameter, so a large gradient can push it to zero or below,
     after which ``x / α`` flips or explodes (a known failure of public LSQ code). The
@@ -317,7 +387,8 @@ def keep_step_sizes_positive(optimizer: torch.optim.Optimizer, model: nn.Module)
 
     def project(_optimizer, _args, _kwargs):
         if alphas:
+            floor = max(min_step_size(a.dtype) for a in alphas)  # the dtype at this step (after any .to())
             with torch.no_grad():
-                torch._foreach_clamp_min_(alphas, MIN_STEP_SIZE)  # one launch for all step sizes
+                torch._foreach_clamp_min_(alphas, floor)  # one launch for all step sizes
 
     optimizer.register_step_post_hook(project)

@@ -69,6 +69,9 @@ def bin_regularization(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, qua
     Returns:
         ``(loss, info)``: a scalar loss (in squared units of ``v``) with gradients to
         ``v`` (and α), and a detached vector of ``INFO_FIELDS`` (see ``loss_from_bin_stats``).
+
+    Raises:
+        ValueError: α is not a finite number > 0.
     """
     stats, abs_sums = bin_statistics([v], [alpha], quant_min, quant_max, backprop_to_alpha)
     return loss_from_bin_stats(stats[0], abs_sums[0], v.numel(), alpha)
@@ -115,6 +118,7 @@ class BinRegularizer:
 
         Raises:
             KeyError: when the keys of ``values`` and ``alphas`` differ (names both sides).
+            ValueError: a step size that is not a finite number > 0.
         """
         if values.keys() != alphas.keys():
             only_v = sorted(values.keys() - alphas.keys())

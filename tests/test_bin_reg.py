@@ -118,3 +118,13 @@ def test_total_sums_tensors_and_mismatched_keys_are_an_error():
     assert _info(info["total"])["nonempty_bins"] == 4
     with pytest.raises(KeyError, match="'z'"):
         reg.compute_total_loss({"x": a}, {"z": torch.tensor(1.0)}, False)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -0.5, float("nan"), float("inf"), float("-inf")])
+def test_a_step_size_that_is_not_finite_and_positive_is_refused(alpha):
+    v = torch.tensor([0.1, 0.6])
+    with pytest.raises(ValueError, match="step size α must be a finite number > 0"):
+        bin_regularization(v, torch.tensor(alpha), -2, 1, False)
+    reg = BinRegularizer(2, signed=True)
+    with pytest.raises(ValueError, match=r"finite number > 0, got .* \(tensor 1 of 2\)"):
+        reg.compute_total_loss({"x": v, "y": v}, {"x": torch.tensor(0.5), "y": torch.tensor(alpha)}, False)

@@ -199,8 +199,8 @@ def test_non_finite_values_give_a_nan_loss_not_an_error(dtype):
         q(x.clone().requires_grad_())
         br, _ = loss_from_bin_stats(got[0].stats, got[0].abs_sum, got[0].numel, got[0].alpha)
         assert not torch.isfinite(br)
-    loss, _ = bin_regularization(torch.tensor([0.1, 0.5]), torch.tensor(float("nan")), -2, 1, False)
-    assert loss.isnan()
+    with pytest.raises(ValueError, match="step size α must be a finite number > 0, got nan"):
+        bin_regularization(torch.tensor([0.1, 0.5]), torch.tensor(float("nan")), -2, 1, False)
 
 
 def test_batched_statistics_keep_each_tensor_layout():

@@ -234,3 +234,27 @@ def test_float_baseline_then_pretrained_qat(shared_folder, tmp_path, capsys):
     cfg = build_parser().parse_args(["--pretrained", str(fp / "best.pt")])
     model = cifar10_qat_br.build_quantized_model(cfg)
     assert torch.equal(model.layers[0][0].conv1.weight, state["layers.0.0.conv1.weight"])
+
+
+@pytest.mark.parametrize("lambda_act,warned", [("1e8", True), ("1", False)])
+def test_a_br_term_orders_of_magnitude_above_ce_is_warned_about_in_the_first_br_epoch(lambda_act, warned):
+    from models.resnet import CifarResNet
+    torch.manual_seed(0)
+    cfg = build_parser().parse_args(["--epochs", "2", "--warmup-epochs", "0", "--lr", "1e-12",
+                                     "--lambda-br-act", lambda_act])
+    model = quantize_model(CifarResNet((1, 1), (4, 8), "A"), 2, 2)
+    split = Split(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.arange(4))
+    cpu = torch.device("cpu")
+    lines = []
+    trainer = Trainer(cfg, model, DeviceLoader(split, 4, cpu, train=True), DeviceLoader(split, 4, cpu, train=False),
+                      cpu, log=lines.append)
+    row = trainer.run_epoch(1, {})
+    weighted = float(lambda_act) * row["br_a"]
+    assert (weighted > 100 * row["ce"]) == warned  # A-BR of a random net is ~0.01-1, CE ~2.3
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) == int(warned)
+    if warned:
+        assert f"--lambda-br-act {float(lambda_act):g} x BR = {weighted:.4g} is" in warnings[0]
+        assert "the cross-entropy" in warnings[0]
+    trainer.run_epoch(2, {})  # not the first BR epoch: no second warning
+    assert len([line for line in lines if line.startswith("WARNING")]) == int(warned)

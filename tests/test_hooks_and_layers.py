@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hooks import ActivationHookManager
+from hooks import ActivationHookManager, BinStatsCollector
 from models import build_model
 from quant import QConv2d, QLinear, quantize_model, quantized_layers
 
@@ -137,3 +137,24 @@ def test_clear_releases_and_a_new_forward_drops_old_captures():
     with pytest.raises(KeyError, match="nope"):
         ActivationHookManager(model, ["nope"])
     hooks.remove()
+
+
+def test_a_second_manager_on_the_same_quantizers_is_refused_until_the_first_is_removed():
+    model = quantize_model(_tiny_net(), 2, 2).train()
+    x = torch.randn(2, 3, 8, 8)
+    first = ActivationHookManager(model, ["2"])
+    with pytest.raises(RuntimeError, match="bin statistics of 2 are already collected"):
+        ActivationHookManager(model)
+    with pytest.raises(RuntimeError, match="already collected"):
+        BinStatsCollector({"2": quantized_layers(model)["2"].act_quant}, grad_to_alpha=False)
+    model(x)
+    assert set(first.get_bin_stats()) == {"2"}  # the first still gets its statistics (A-BR not 0)
+    assert first.get_bin_stats()["2"].stats[0].sum().item() == x.shape[0] * 4 * 8 * 8  # every value counted
+    other = ActivationHookManager(model, ["6"])  # other quantizers: fine
+    first.remove()
+    second = ActivationHookManager(model, ["0", "2"])
+    model(x)
+    assert set(second.get_bin_stats()) == {"0", "2"} and set(other.get_bin_stats()) == {"6"}
+    assert first.get_bin_stats() == {}
+    second.remove()
+    other.remove()

@@ -1,6 +1,7 @@
 """LSQ quantizer: values and gradients worked out by hand (Esser et al. 2020, eq. 1-3)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -110,3 +111,78 @@ def test_alpha_stays_positive_after_huge_negative_step():
         opt.step()
         assert q.alpha.item() > 0 and q.alpha.item() == pytest.approx(MIN_STEP_SIZE, rel=1e-6)
     assert torch.isfinite(q(torch.tensor([0.3]))).all()
+
+
+# -- initialisation only from a usable tensor (issue 15) ----------------------------------------
+
+@pytest.mark.parametrize("bad,reason", [(torch.zeros(2, 3), "is all zeros"), (torch.zeros(0), "is empty"),
+                                        (torch.tensor([1.0, float("nan")]), "NaN or inf"),
+                                        (torch.tensor([float("inf"), 1.0]), "NaN or inf")])
+def test_unusable_first_tensor_leaves_the_quantizer_waiting_and_says_so_once(bad, reason):
+    q = LSQQuantizer(2, signed=False)
+    with pytest.warns(RuntimeWarning, match=reason):
+        q(bad)
+    assert not bool(q.initialized) and q.alpha.item() == 1.0  # the constructor's α, not 1e-8 or NaN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second unusable tensor: no second warning
+        q(bad)
+        out = q(torch.tensor([1.0, 3.0]))  # the first usable one: mean |x| = 2, Qp = 3 -> α = 4/sqrt(3)
+    assert bool(q.initialized) and q.alpha.item() == pytest.approx(4 / math.sqrt(3), rel=1e-6)
+    # quantized with that α: 1/2.309 = 0.43 -> 0, 3/2.309 = 1.30 -> 1
+    torch.testing.assert_close(out, torch.tensor([0.0, 4 / math.sqrt(3)]))
+
+
+def test_initialisation_in_eval_mode_and_without_gradients_calibrates():
+    q = LSQQuantizer(2, signed=True).eval()
+    with torch.no_grad():
+        q(torch.tensor([1.0, -3.0]))  # mean |x| = 2, Qp = 1 -> α = 4
+    assert bool(q.initialized) and q.alpha.item() == pytest.approx(4.0)
+
+
+def test_float16_step_size_never_underflows():
+    half_tiny = 2.0 ** -14  # the smallest normal float16 number
+    # a float32 α of 1e-8 is 0 in float16: 0 / 0 would be NaN
+    q = _quantizer(2, True, MIN_STEP_SIZE)
+    out = q(torch.tensor([0.0, 1e-3, -1.0], dtype=torch.float16))
+    # α is raised to 2^-14: 0 -> 0; 1e-3 / 2^-14 = 16.4 -> Qp = 1; -1 -> Qn = -2
+    assert out.dtype == torch.float16 and out.tolist() == [0.0, half_tiny, -2 * half_tiny]
+    # initialised from float16 values whose α (2·1.2e-7 / 1) is below 2^-14
+    q = LSQQuantizer(2, signed=True)
+    q(torch.full((4,), 1.2e-7, dtype=torch.float16))
+    assert q.alpha.item() == half_tiny
+    # a float16 α is projected onto 2^-14, not onto 1e-8 (which is 0 in float16)
+    q = LSQQuantizer(2, signed=True).half()
+    q(torch.tensor([0.5, -0.5], dtype=torch.float16))
+    opt = torch.optim.SGD(q.parameters(), lr=1.0)
+    keep_step_sizes_positive(opt, torch.nn.Sequential(q))
+    q.alpha.grad = torch.tensor(1e4, dtype=torch.float16)
+    opt.step()
+    assert q.alpha.item() == half_tiny
+    assert torch.isfinite(q(torch.zeros(3, dtype=torch.float16))).all()
+
+
+# -- the grid is part of the state (issue 15) ----------------------------------------------------
+
+@pytest.mark.parametrize("saved,loading,words", [
+    ((2, False), (4, False), ("2-bit unsigned [0, 3]", "4-bit unsigned [0, 15]")),
+    ((2, True), (2, False), ("2-bit signed [-2, 1]", "2-bit unsigned [0, 3]")),
+])
+def test_state_of_another_grid_is_refused_naming_both(saved, loading, words):
+    source = LSQQuantizer(*saved)
+    source(torch.tensor([1.0, 3.0]))
+    layer = torch.nn.Sequential()
+    layer.add_module("act_quant", LSQQuantizer(*loading))
+    with pytest.raises(RuntimeError) as exc:
+        layer.load_state_dict({"act_quant." + k: v for k, v in source.state_dict().items()})
+    assert "act_quant: the state is of a " + words[0] + " quantizer, this one is " + words[1] in str(exc.value)
+    assert layer.act_quant.alpha.item() == 1.0 and not layer.act_quant._is_initialized  # nothing was loaded
+
+
+def test_state_saved_before_the_grid_was_recorded_still_loads():
+    old = LSQQuantizer(2, signed=True)
+    old(torch.tensor([1.0, -3.0]))
+    state = old.state_dict()
+    del state["grid"]
+    fresh = LSQQuantizer(4, signed=True)  # no record of the grid: no check (as before)
+    fresh.load_state_dict(state)
+    assert fresh.alpha.item() == 4.0 and fresh._is_initialized

@@ -160,6 +160,70 @@ def test_existing_run_is_refused_without_resume_or_overwrite(shared_folder, refe
     assert len(_metrics_text(out).splitlines()) == 2
 
 
+# -- a run folder belongs to one run -------------------------------------------------------------
+
+def test_a_folder_held_by_another_process_is_refused_naming_it(shared_folder, tmp_path, capsys):
+    import runner
+    out = tmp_path / "held"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runner; runner.RunFolderLock(sys.argv[1])"
+                               ".acquire(); print('held', flush=True); time.sleep(600)", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--overwrite"]):
+            rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY, *extra], capsys)
+            assert rc == 2 and len(err.strip().splitlines()) == 1
+            assert f"--output-dir {out} is in use by another run (pid {holder.pid} on " in err
+        assert os.listdir(out) == [".lock"]  # nothing written, the holder's lock file untouched
+    finally:
+        holder.kill()  # kill -9: the OS drops the lock with the process
+        holder.wait()
+    lock = runner.RunFolderLock(str(out))
+    lock.acquire()  # free now, although the dead holder's file is still there
+    second = runner.RunFolderLock(str(out))
+    with pytest.raises(runner.ConfigError, match=f"in use by another run \\(pid {os.getpid()} on "):
+        second.acquire()  # a second lock in the same process is refused too
+    lock.release()
+    assert os.listdir(out) == []  # released: the lock file is gone
+    second.acquire()
+    second.release()
+
+
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, capsys):
+    import errno
+    import runner
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runner.fcntl, "flock", no_locks)
+    runner.RunFolderLock(str(tmp_path)).acquire()
+    assert "WARNING: cannot lock --output-dir" in capsys.readouterr().err
+
+
+def test_resume_writes_only_into_its_own_new_or_empty_folder(shared_folder, reference_run, tmp_path, capsys):
+    checkpoint_path = reference_run / "last.pt"
+    other = tmp_path / "other"
+    shutil.copytree(reference_run, other)  # a folder that holds another run
+    before = _metrics_text(other)
+    resume = ["--resume", checkpoint_path, "--data-dir", shared_folder, "--workers", "0"]
+    rc, _, err = run_cli([*resume, "--output-dir", other], capsys)
+    assert rc == 2 and f"--output-dir {other} already holds another run" in err and "--overwrite" in err
+    assert _metrics_text(other) == before
+    for folder, extra in ((tmp_path / "new", []), (other, ["--overwrite"])):
+        rc, stdout, _ = run_cli([*resume, "--output-dir", folder, *extra], capsys)
+        assert rc == 0 and "Resumed from epoch 3 of 3" in stdout
+        # the new folder's log starts with the checkpoint's epoch (earlier ones stay in the run it came from)
+        assert _metrics_text(folder) == _metrics_text(reference_run).splitlines(keepends=True)[-1]
+        assert not (folder / "best.pt").exists() and not (folder / ".lock").exists()
+    own = tmp_path / "own"
+    shutil.copytree(reference_run, own)
+    rc, _, err = run_cli(["--resume", own / "last.pt", "--overwrite", "--data-dir", shared_folder], capsys)
+    assert rc == 2 and "--resume and --overwrite contradict each other" in err
+    assert _metrics_text(own) == _metrics_text(reference_run)
+
+
 def test_atomic_write_keeps_the_previous_file_on_a_crash(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     checkpoint.atomic_torch_save({"epoch": 1}, path)
@@ -198,6 +262,11 @@ BAD_FLAGS = [
     (["--clip-value", "-2"], "--clip-value must be a finite number > 0"),
     (["--arch", "resnet99"], "--arch must be one of resnet20, resnet32, resnet56, resnet18"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--momentum", "1"], "--momentum must be a number in [0, 1), got 1.0"),
+    (["--momentum", "-0.1"], "--momentum must be a number in [0, 1), got -0.1"),
+    (["--momentum", "nan"], "--momentum must be a number in [0, 1)"),
+    (["--seed", "-1"], "--seed must be an integer in 0..4294967295 (numpy's seed range), got -1"),
+    (["--seed", "4294967296"], "--seed must be an integer in 0..4294967295 (numpy's seed range), got 4294967296"),
 ]
 
 
@@ -208,6 +277,31 @@ def test_bad_flags_give_one_line(flags, message, tmp_path, capsys):
     assert rc == 2
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing was created
+
+
+@pytest.mark.parametrize("flags,message", [(["--seed", "-1"], "--seed must be"),
+                                           (["--momentum", "1.5"], "--momentum must be")])
+def test_dry_run_checks_the_same_flags(flags, message, capsys):
+    rc, out, err = run_cli(["--dry-run", "--data-dir", "/nonexistent", *flags], capsys)
+    assert rc == 2 and message in err and out == ""
+
+
+def test_extreme_valid_seed_and_momentum_are_accepted(capsys):
+    rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--seed", str(2**32 - 1), "--momentum", "0"],
+                         capsys)
+    assert rc == 0 and "seed 4294967295" in out
+
+
+def test_more_workers_than_cpus_are_capped_with_a_warning(capsys):
+    import config
+    cpus = len(os.sched_getaffinity(0))
+    rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--workers", str(cpus + 61)], capsys)
+    assert rc == 0
+    assert f"WARNING: --workers {cpus + 61} is more than the {cpus} CPUs this process may use: {cpus} are used" in out
+    cfg = config.build_parser().parse_args(["--workers", str(cpus + 61)])
+    assert config.decode_workers(cfg) == cpus
+    cfg.workers = cpus
+    assert config.decode_workers(cfg) == cpus and not any("--workers" in w for w in config.warnings_for(cfg))
 
 
 @pytest.mark.parametrize("flag", ["--num-bits", "--epochs", "--lambda-br"])
@@ -253,6 +347,25 @@ def test_image_folder_problems(tmp_path, capsys):
         f.write(b"not an image")
     err = _bad_data(tmp_path, capsys, root)
     assert "cannot read image" in err and os.path.join("dog", "0000.png") in err
+
+
+def test_hidden_files_are_skipped_and_unusable_entries_give_one_line(tmp_path, capsys):
+    from data import CLASSES, DataSource, load_split
+    root = make_image_folder(tmp_path / "c", train_per_class=1, test_per_class=1)
+    cat = os.path.join(root, "train", "cat")
+    with open(os.path.join(cat, "._0000.png"), "wb") as f:  # macOS metadata next to an image: not an image
+        f.write(b"\x00\x05\x16\x07")
+    open(os.path.join(cat, ".DS_Store"), "wb").close()
+    os.makedirs(os.path.join(root, "train", ".ipynb_checkpoints"))  # a hidden folder is not a class
+    split = load_split(DataSource("imagefolder", root), train=True, workers=0, log=lambda *_: None)
+    assert split.labels.tolist() == list(range(len(CLASSES)))  # one image per class, in class order
+    os.remove(os.path.join(cat, "0000.png"))  # only hidden files left
+    err = _bad_data(tmp_path, capsys, root)
+    assert f"class folder {cat} holds no images" in err and ".DS_Store" in err
+    make_image_folder(root, train_per_class=1, test_per_class=1)
+    os.symlink(os.path.join(root, "gone.png"), os.path.join(root, "test", "dog", "0001.png"))
+    err = _bad_data(tmp_path, capsys, root)
+    assert f"cannot read image {os.path.join(root, 'test', 'dog', '0001.png')}: a dangling symlink" in err
 
 
 def test_bad_pretrained(shared_folder, reference_run, tmp_path, capsys):
