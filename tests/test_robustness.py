@@ -301,6 +301,7 @@ def test_more_workers_than_cpus_are_capped_with_a_warning(capsys):
     cfg = config.build_parser().parse_args(["--workers", str(cpus + 61)])
     assert config.decode_workers(cfg) == cpus
     cfg.workers = cpus
+    config.resolve_defaults(cfg)
     assert config.decode_workers(cfg) == cpus and not any("--workers" in w for w in config.warnings_for(cfg))
 
 
