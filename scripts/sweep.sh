@@ -44,7 +44,8 @@
 # no λ, once per width and seed: lsq_w<W>a<A>_s<seed>). Every run is started with
 # `cifar10_qat_br.py --resume auto`, locally and on SLURM alike: a folder with a finished
 # run (summary.json) is skipped, one with a checkpoint (last.pt) is resumed, and one that
-# never finished an epoch is started again. So a local sweep and a SLURM array of the
+# never finished an epoch is started again; a run that another sweep process or SLURM
+# task is running now (see sweep_running below) is skipped. So a local sweep and a SLURM array of the
 # same grid are interchangeable, and either finishes the other's runs. A run's folder
 # name is all the sweep knows of it: after changing EPOCHS, WARMUP, PRETRAINED or the
 # extra flags, use a new RUNS_DIR (resuming a run with other experiment flags is refused
@@ -173,9 +174,31 @@ done
 is_finished() { [[ -f $1/summary.json ]] && grep -q '"status": *"finished"' "$1/summary.json"; }
 has_run_files() { for f in "${RUN_FILES[@]}"; do [[ -e $1/$f ]] && return 0; done; return 1; }
 
+THIS_JOB=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-}}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}
+
+# The marker of another sweep process that runs this folder's run now ("" if none): a live
+# process on this host, or a SLURM job still in the queue (a marker left by this very job,
+# before it was requeued, does not count).
+other_runner() {
+    local marker=$1/sweep_running host pid job
+    [[ -f $marker ]] || return 0
+    host=$(grep -o 'host=[^ ]*' "$marker" | cut -d= -f2)
+    pid=$(grep -o 'pid=[0-9]*' "$marker" | cut -d= -f2)
+    job=$(grep -o 'slurm_job=[^ ]*' "$marker" | cut -d= -f2)
+    if [[ -n $job ]]; then
+        [[ $job != "$THIS_JOB" && -n $(squeue -h -j "$job" -o %i 2>/dev/null) ]] && cat "$marker"
+    elif [[ $host == "$(hostname)" && -n $pid && $pid != $$ ]] && kill -0 "$pid" 2>/dev/null; then
+        cat "$marker"
+    fi
+    return 0
+}
+
 # What --resume auto will do with a run folder (cifar10_qat_br.py decides; this is for the log).
 action_of() {
-    if is_finished "$1"; then echo "finished, skipped"
+    local other
+    other=$(other_runner "$1")
+    if [[ -n $other ]]; then echo "running elsewhere ($other), skipped"
+    elif is_finished "$1"; then echo "finished, skipped"
     elif [[ -f $1/last.pt ]]; then echo "resume"
     elif [[ -d $1 ]] && has_run_files "$1"; then echo "restart (no finished epoch)"
     else echo "new"; fi
@@ -200,9 +223,7 @@ start_point() {
     rm -f "$dir/sweep_exit_code"
     printf '%q ' "${cmd[@]}" >"$dir/sweep_command"
     echo >>"$dir/sweep_command"
-    local job=""
-    [[ -n ${SLURM_JOB_ID:-} ]] && job=" slurm_job=${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}"
-    echo "host=$(hostname) pid=$$$job since=$(date '+%FT%T')" >"$dir/sweep_running"
+    echo "host=$(hostname) pid=$$${THIS_JOB:+ slurm_job=$THIS_JOB} since=$(date '+%FT%T')" >"$dir/sweep_running"
     echo "===== $(date '+%F %T') $1: ${cmd[*]}" >>"$dir/train.log"
 }
 
@@ -228,7 +249,7 @@ if [[ $MODE == task ]]; then
     point "$TASK"
     action=$(action_of "$dir")
     echo "[$TASK/$total] $name: $action"
-    [[ $action == finished* ]] && exit 0
+    [[ $action == *skipped ]] && exit 0
     start_point "$action"
     stop=""
     trap 'stop=USR1; kill -TERM "$child" 2>/dev/null' USR1
@@ -238,11 +259,10 @@ if [[ $MODE == task ]]; then
     while kill -0 "$child" 2>/dev/null; do wait "$child"; done  # a trapped signal ends a wait early
     wait "$child"; rc=$?
     end_point "$rc"
-    if [[ $stop == USR1 && -n ${SLURM_JOB_ID:-} ]]; then
-        task_job="${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}"
-        echo "[$TASK/$total] $name: stopped before the time limit (exit $rc); requeueing $task_job" |
+    if [[ $stop == USR1 && -n $THIS_JOB ]]; then
+        echo "[$TASK/$total] $name: stopped before the time limit (exit $rc); requeueing $THIS_JOB" |
             tee -a "$dir/train.log"
-        scontrol requeue "$task_job"
+        scontrol requeue "$THIS_JOB"
     fi
     exit "$rc"
 fi
@@ -252,7 +272,7 @@ if [[ $MODE == slurm ]]; then
     todo=()
     for ((i = 0; i < total; i++)); do
         point "$i"
-        is_finished "$dir" || todo+=("$i")
+        is_finished "$dir" || todo+=("$i")  # a run going on elsewhere gets a task that skips it
     done
     echo "Sweep: $total run(s) into $RUNS_DIR, ${#todo[@]} not finished (seeds: $SEEDS; bits: $BITS; λ: $LAMBDAS; scenarios: $SCENARIOS)"
     if [[ ${#todo[@]} == 0 ]]; then
@@ -312,7 +332,7 @@ for ((i = 0; i < total; i++)); do
     point "$i"
     action=$(action_of "$dir")
     echo "[$((i + 1))/$total] $name: $action"
-    [[ $action == finished* ]] && continue
+    [[ $action == *skipped ]] && continue
     echo "    ${cmd[*]}"
     [[ $DRY_RUN == 1 ]] && continue
     start_point "$action"

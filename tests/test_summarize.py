@@ -266,3 +266,16 @@ def test_slurm_script_runs_each_grid_point_as_a_task(tmp_path):
     assert not (runs / "lsq_w2a2_s8" / "sweep_running").exists()  # removed when the run ended
     bad = _sweep(["--task", "4"], env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --task: '4' is not a grid point (0-3)")
+
+
+def test_sweep_skips_a_run_that_another_sweep_is_running(tmp_path):
+    runs = tmp_path / "sweep"
+    for name, pid in (("w-only_w2a2_lam1_s1", os.getpid()), ("lsq_w2a2_s1", 999999999)):
+        os.makedirs(runs / name)
+        (runs / name / "sweep_running").write_text(f"host={socket.gethostname()} pid={pid} since=2026-01-01T10:00:00\n")
+    out = _sweep(["-n"], {"RUNS_DIR": str(runs), "SEEDS": "1", "SCENARIOS": "w-only lsq"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert f"[1/2] w-only_w2a2_lam1_s1: running elsewhere (host={socket.gethostname()} pid={os.getpid()} " \
+           f"since=2026-01-01T10:00:00), skipped" in lines
+    assert "[2/2] lsq_w2a2_s1: new" in lines  # a marker whose process is gone does not hold the run
