@@ -248,19 +248,21 @@ if [[ $MODE == task ]]; then
     [[ $TASK =~ ^[0-9]+$ && $TASK -lt $total ]] || die "--task: '$TASK' is not a grid point (0-$((total - 1)))"
     point "$TASK"
     action=$(action_of "$dir")
-    echo "[$TASK/$total] $name: $action"
+    echo "[$((TASK + 1))/$total] $name: $action"
     [[ $action == *skipped ]] && exit 0
     start_point "$action"
     stop=""
     trap 'stop=USR1; kill -TERM "$child" 2>/dev/null' USR1
     trap 'stop=${stop:-TERM}; kill -TERM "$child" 2>/dev/null' TERM
-    "${cmd[@]}" > >(tee -a "$dir/train.log") 2>&1 &
+    # tee ignores the signals SLURM may send to every process of the job (preemption,
+    # scancel --full): the run's last lines still reach the log.
+    "${cmd[@]}" > >(trap '' INT TERM USR1; exec tee -a "$dir/train.log") 2>&1 &
     child=$!
     while kill -0 "$child" 2>/dev/null; do wait "$child"; done  # a trapped signal ends a wait early
     wait "$child"; rc=$?
     end_point "$rc"
     if [[ $stop == USR1 && -n $THIS_JOB ]]; then
-        echo "[$TASK/$total] $name: stopped before the time limit (exit $rc); requeueing $THIS_JOB" |
+        echo "[$((TASK + 1))/$total] $name: stopped before the time limit (exit $rc); requeueing $THIS_JOB" |
             tee -a "$dir/train.log"
         scontrol requeue "$THIS_JOB"
     fi

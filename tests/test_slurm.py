@@ -1,5 +1,7 @@
 """scripts/sweep.sh --slurm on a real one-node SLURM (scripts/local_slurm.sh): a job array of
-tiny runs, one task stopped with SIGTERM mid-run, requeued, and resumed from last.pt.
+tiny runs; one task stopped with SIGTERM mid-run (preemption, scancel), requeued by hand and
+resumed from last.pt; the other sent SIGUSR1 (what --signal=B:USR1@120 sends before the time
+limit), which stops its run and requeues itself.
 
 Skipped, saying why, when that SLURM is not up (.ci/run starts it; by hand:
 scripts/local_slurm.sh start, as root, with slurm-wlm and munge installed).
@@ -80,11 +82,13 @@ def test_job_array_and_a_requeued_task(slurm_env, tmp_path):
         return _slurm(slurm_env, "squeue", "-h", "-o", "%i", "-j", f"{job}{task}").strip() != ""
 
     try:
-        # task 1: stop it with SIGTERM after its first epoch, as a preemption would
-        _wait("task 1's first epoch", lambda: (lsq / "metrics.jsonl").exists() and _epochs(lsq), logs=logs)
+        # after the first epoch: SIGTERM to task 1, as a preemption would; SIGUSR1 to task 0
+        for run in (lsq, w_only):
+            _wait(f"{run.name}'s first epoch", lambda: (run / "metrics.jsonl").exists() and _epochs(run), logs=logs)
         statuses = {r.path: r.status for r in summarize.find_runs(str(runs))}
         assert statuses["lsq_w2a2_s1"] == "running"
         _slurm(slurm_env, "scancel", "--signal=TERM", "--batch", f"{job}_1")
+        _slurm(slurm_env, "scancel", "--signal=USR1", "--batch", f"{job}_0")
         _wait("task 1 to stop", lambda: not queued("_1"), logs=logs)
         assert (lsq / "sweep_exit_code").read_text().strip() == "143", logs()
         done = _epochs(lsq)
@@ -105,9 +109,12 @@ def test_job_array_and_a_requeued_task(slurm_env, tmp_path):
         assert not (run / "sweep_exit_code").exists() and not (run / "sweep_running").exists()
     log = (lsq / "train.log").read_text()
     assert f"Resumed from epoch {len(done)} of 3" in log and log.count("===== ") == 2  # started, then resumed
-    assert "Resumed from" not in (w_only / "train.log").read_text()
-    assert "Restarts=1" in _slurm(slurm_env, "scontrol", "show", "job", f"{job}_1")
-    assert "JobState=COMPLETED" in _slurm(slurm_env, "scontrol", "show", "job", f"{job}_0")
+    log = (w_only / "train.log").read_text()
+    assert f"stopped before the time limit (exit 143); requeueing {job}_0" in log, logs()
+    assert re.search(r"Resumed from epoch [12] of 3", log) and log.count("===== ") == 2
+    for task in ("_0", "_1"):
+        state = _slurm(slurm_env, "scontrol", "show", "job", f"{job}{task}")
+        assert "Restarts=1" in state and "JobState=COMPLETED" in state
     markdown, rows, _ = summarize.build_tables(summarize.find_runs(str(runs)))
     assert markdown.startswith("2 run(s), 2 finished, 2 configuration(s).")
     assert [r["scenario"] for r in rows] == ["W-only", "LSQ baseline"]
