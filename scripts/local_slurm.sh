@@ -42,7 +42,7 @@ node_ready() {  # the controller answers and the node takes jobs
     [[ $state == idle* || $state == mix* || $state == alloc* ]]
 }
 
-pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }  # the daemon may remove its file as it ends
 
 stop_pidfile() {
     local file=$1 name=$2 i
