@@ -4,7 +4,7 @@
     python cifar10_qat_br.py --num-bits 32 --epochs 200 --warmup-epochs 0 --lambda-br 0 --lambda-br-act 0
     python cifar10_qat_br.py --pretrained results/resnet20_fp32_s42/best.pt --num-bits 2
 
-Exit status: 0 finished; 2 bad flag, data or checkpoint; 3 non-finite values;
+Exit status: 0 finished (also: ``--resume auto`` found the run finished); 2 bad flag, data or checkpoint; 3 non-finite values;
 128+signal when interrupted (finished epochs are kept; the message says how to resume).
 """
 
@@ -24,6 +24,12 @@ from models import build_model
 from quant import kernels, quantize_model, quantized_layers
 
 
+#: What ``--resume auto`` does, by ``runner.resolve_auto_resume``'s answer.
+AUTO_ACTIONS = {"resume": "continuing the run from last.pt",
+                "restart": "starting the run again (it never finished an epoch)",
+                "new": "starting a new run"}
+
+
 def build_quantized_model(cfg) -> torch.nn.Module:
     """The float model (with --pretrained weights), converted to LSQ fake quantization."""
     model = build_model(cfg.arch, clip_value=cfg.clip_value)
@@ -39,9 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cfg.resume == "" and cfg.overwrite:  # --resume PATH may replace another run (runner.prepare_output_dir)
             raise cfgmod.ConfigError("--resume and --overwrite contradict each other: pass one")
+        auto = runner.resolve_auto_resume(cfg) if cfg.resume == "auto" else None
         ckpt = runner.resolve_resume(cfg, argv)  # first: flags not given come from the run
         defaulted = cfgmod.resolve_defaults(cfg)
         cfgmod.validate(cfg)
+        if auto == "finished":
+            print(f"{cfg.output_dir}: this run is finished (summary.json); nothing to do")
+            return 0
+        if auto is not None:
+            print(f"--resume auto: {AUTO_ACTIONS[auto]} in {cfg.output_dir}", flush=True)
         if cfg.pretrained and ckpt is None:
             runner.check_pretrained(runner.load_checkpoint(cfg.pretrained, "--pretrained"), cfg)
         source = find_source(cfg.data_dir, download=not cfg.no_download)

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write TensorBoard logs to <output-dir>/tensorboard [off]")
     r.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                    help="continue the run in --output-dir from last.pt (or from PATH); flags not given "
-                        "are the run's")
+                        "are the run's. 'auto': continue it if there is one, exit 0 if it is finished, "
+                        "else start it (again, if it never finished an epoch): a command to repeat")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     r.add_argument("--dry-run", action="store_true", help="print the banner and the resolved config, then exit")
     return p

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import platform
 import shlex
@@ -33,6 +34,39 @@ LOCK_FILE = ".lock"
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
+
+
+def resolve_auto_resume(cfg) -> str:
+    """Turn ``--resume auto`` into what ``--output-dir`` needs, so that one command starts,
+    continues or skips a run (a job started twice, a requeued SLURM task, a rerun sweep).
+
+    The rules of scripts/sweep.sh: a finished run (``summary.json``) is left alone; a run
+    with ``last.pt`` is resumed (``--resume``); a folder with run files but no finished
+    epoch is started again (``--overwrite``: nothing finished is lost); otherwise a new run.
+    ``cfg.resume`` and ``cfg.overwrite`` are set accordingly; ``--output-dir`` defaults as
+    for a new run.
+
+    Returns:
+        ``finished``, ``resume``, ``restart`` or ``new``.
+    """
+    cfg.output_dir = cfg.output_dir or default_output_dir(cfg)
+    has = {f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))}
+    cfg.resume = "" if "last.pt" in has else None  # finished: still load it, to refuse another experiment
+    if run_finished(cfg.output_dir):
+        return "finished"
+    if "last.pt" in has:
+        return "resume"
+    cfg.overwrite = bool(has)
+    return "restart" if has else "new"
+
+
+def run_finished(output_dir: str) -> bool:
+    """Whether ``output_dir`` holds a finished run (its summary.json says so)."""
+    try:
+        with open(os.path.join(output_dir, "summary.json")) as f:
+            return json.load(f).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def resolve_resume(cfg, argv: list[str]) -> dict | None:

@@ -5,7 +5,15 @@
 
 A run is any folder under ``RUNS_DIR`` (searched recursively; ``RUNS_DIR`` itself may be
 one run) holding one of ``config.json``, ``summary.json``, ``metrics.jsonl``,
-``last.pt`` or the ``sweep_exit_code`` marker written by ``scripts/sweep.sh``.
+``last.pt`` or the ``sweep_exit_code`` / ``sweep_running`` markers written by
+``scripts/sweep.sh``. The grid of the last sweep into ``RUNS_DIR``
+(``RUNS_DIR/sweep_plan.tsv``) adds its runs not started yet, as pending.
+
+A run is ``finished`` (its summary.json says so), ``failed`` or ``interrupted`` (the
+sweep recorded its exit status), ``running`` (the sweep's ``sweep_running`` marker is
+there, and names a live process when it is on this host; a marker from another host,
+such as a SLURM node, is taken at its word), ``unfinished`` (none of these: stopped
+without an exit status, e.g. killed with its sweep) or ``pending``.
 
 Runs whose experiment flags (every flag but the seed and how-to-run flags such as
 ``--workers``; ``--pretrained`` included) agree form one configuration. The
@@ -30,12 +38,16 @@ import csv
 import json
 import math
 import os
+import socket
 import statistics
 import sys
 from dataclasses import dataclass, field
 
 #: Files that make a folder a run folder.
-RUN_MARKERS = ("config.json", "summary.json", "metrics.jsonl", "last.pt", "sweep_exit_code")
+RUN_MARKERS = ("config.json", "summary.json", "metrics.jsonl", "last.pt", "sweep_exit_code", "sweep_running")
+
+#: The grid of the last sweep into a runs folder (scripts/sweep.sh): "folder<TAB>flags" lines.
+SWEEP_PLAN = "sweep_plan.tsv"
 
 #: Flags that describe how a run was executed, not the experiment (never table columns).
 IGNORED_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
@@ -69,7 +81,7 @@ class Run:
 
     Attributes:
         path: the folder, relative to the runs folder.
-        status: ``finished``, ``failed``, ``interrupted`` or ``unfinished``.
+        status: ``finished``, ``failed``, ``interrupted``, ``running``, ``unfinished`` or ``pending``.
         reason: why it is not finished ("" when finished).
         settings: experiment setting -> value (empty without a readable config.json).
         seed: ``--seed`` (None when unknown).
@@ -202,14 +214,62 @@ def read_run(root: str, folder: str) -> Run:
         if run.status == "interrupted":
             run.reason += "; rerun the sweep (or --resume) to continue it"
     else:
-        run.status = "unfinished"
-        run.reason = f"{progress} (still running, or stopped without an exit status)"
+        running = _running_marker(os.path.join(full, "sweep_running"))
+        if running is None:
+            run.status = "unfinished"
+            run.reason = f"{progress} (stopped without an exit status, or started outside the sweep)"
+        else:
+            run.status = "running" if running else "unfinished"
+            marker = _read_marker(os.path.join(full, "sweep_running"))
+            where = f"on {marker.get('host', '?')}" + (f", SLURM job {marker['slurm_job']}" if "slurm_job" in marker
+                                                       else f", pid {marker.get('pid', '?')}")
+            run.reason = (f"{progress}; running {where} since {marker.get('since', '?')}" if running else
+                          f"{progress}; its sweep process ({where}) is gone without an exit status")
     run.reason = "; ".join([run.reason] + notes)
     return run
 
 
+def _read_marker(path: str) -> dict:
+    """The ``key=value`` words of a sweep marker file ({} when unreadable)."""
+    try:
+        with open(path) as f:
+            return dict(word.split("=", 1) for word in f.read().split() if "=" in word)
+    except OSError:
+        return {}
+
+
+def _running_marker(path: str) -> bool | None:
+    """Whether the ``sweep_running`` marker at ``path`` says the run is running.
+
+    None without a marker; False when it names a process on this host that is gone (the
+    sweep was killed); True otherwise (another host's process cannot be checked from here).
+    """
+    if not os.path.exists(path):
+        return None
+    marker = _read_marker(path)
+    if marker.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(marker.get("pid", "")), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):  # no pid, or another user's live process
+        pass
+    return True
+
+
+def planned_runs(runs_dir: str) -> list[str]:
+    """The run folders (relative to ``runs_dir``) of the sweep plan kept there; [] without one."""
+    path = os.path.join(runs_dir, SWEEP_PLAN)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.split("\t", 1)[0] for line in f if line.strip()]
+
+
 def find_runs(runs_dir: str) -> list[Run]:
-    """Every run folder under ``runs_dir`` (sorted by path), read with ``read_run``.
+    """Every run folder under ``runs_dir``, read with ``read_run``, and the pending runs of
+    its sweep plan (``SWEEP_PLAN``), sorted by path.
 
     Raises:
         SummaryError: ``runs_dir`` is not a folder, or holds no run.
@@ -223,9 +283,11 @@ def find_runs(runs_dir: str) -> list[Run]:
             dirs[:] = []  # a run's sub-folders (tensorboard/, plots/) are part of it
         else:
             dirs.sort()
-    if not folders:
+    pending = [Run(path=name, status="pending", reason=f"not started yet (planned in {SWEEP_PLAN})")
+               for name in planned_runs(runs_dir) if os.path.normpath(name) not in folders]
+    if not folders and not pending:
         raise SummaryError(f"{runs_dir}: no run found (no folder with config.json, metrics.jsonl or summary.json)")
-    return [read_run(runs_dir, f) for f in sorted(folders)]
+    return sorted([read_run(runs_dir, f) for f in folders] + pending, key=lambda r: r.path)
 
 
 def varying_settings(runs: list[Run]) -> list[str]:

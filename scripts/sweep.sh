@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Run a grid of QAT+BR configurations and seeds, one run after the other, each in its
-# own folder under RUNS_DIR; then summarise them (summarize.py).
+# Run a grid of QAT+BR configurations and seeds, each in its own folder under RUNS_DIR:
+# one run after the other on this machine (then summarize.py), or as a SLURM job array.
 #
-#   usage: scripts/sweep.sh [-h] [-n] [-- EXTRA FLAGS FOR cifar10_qat_br.py]
+#   usage: scripts/sweep.sh [-h] [-n] [--slurm [--submit]] [-- EXTRA FLAGS FOR cifar10_qat_br.py]
 #
-#   -h   print this help and exit.
-#   -n   dry run: print what would run (new / resume / restart / skip), run nothing.
+#   -h         print this help and exit.
+#   -n         dry run: print what would run (new / resume / restart / skip), run nothing
+#              (with --slurm: print the sbatch script instead of writing it).
+#   --slurm    write RUNS_DIR/sweep.sbatch, a SLURM job array with one task per grid point
+#              not finished yet, and print the sbatch command that submits it.
+#   --submit   with --slurm: also submit it (sbatch), and print the job id.
+#   --task I   run grid point I (0-based) only, as the job array's task I does.
 #
 # The grid is SEEDS x BITS x LAMBDAS x SCENARIOS, set with environment variables:
 #
@@ -20,23 +25,45 @@
 #   PRETRAINED  --pretrained float checkpoint (empty: none)         []
 #   PYTHON      the interpreter                                     [python]
 #
+# and, with --slurm, the resources of each array task (SBATCH_* variables, such as
+# SBATCH_PARTITION or SBATCH_ACCOUNT, are read by sbatch itself and override these):
+#
+#   GPUS        --gres=gpu:GPUS (0: no GPU request)                 [1]
+#   CPUS        --cpus-per-task                                     [4]
+#   MEM         --mem (empty: the cluster's default)                []
+#   TIME        --time, the time limit of one task                  [1-00:00:00]
+#   PARTITION   --partition (empty: the cluster's default)          []
+#   MAX_RUNNING at most this many tasks at once (--array=...%N; empty: no limit)  []
+#
 # Example (W2A2, the five scenarios, three seeds, from a float checkpoint):
 #
 #   RUNS_DIR=runs/w2a2 DATA_DIR=/data/cifar10 PRETRAINED=results/resnet20_fp32_s42/best.pt \
 #       scripts/sweep.sh -- --no-download --tensorboard
 #
 # Run folders are named <scenario>_w<W>a<A>_lam<λ>_s<seed> (the LSQ baseline, which has
-# no λ, once per width and seed: lsq_w<W>a<A>_s<seed>). On a rerun, a folder with a
-# finished run (summary.json) is skipped, one with a checkpoint (last.pt) is resumed
-# with --resume, and one that never finished an epoch is started again (--overwrite).
-# A run's folder name is all the sweep knows of it: after changing EPOCHS, WARMUP,
-# PRETRAINED or the extra flags, use a new RUNS_DIR (resuming a run with other
-# experiment flags is refused by cifar10_qat_br.py, and counts as a failure).
+# no λ, once per width and seed: lsq_w<W>a<A>_s<seed>). Every run is started with
+# `cifar10_qat_br.py --resume auto`, locally and on SLURM alike: a folder with a finished
+# run (summary.json) is skipped, one with a checkpoint (last.pt) is resumed, and one that
+# never finished an epoch is started again; a run that another sweep process or SLURM
+# task is running now (see sweep_running below) is skipped. So a local sweep and a SLURM array of the
+# same grid are interchangeable, and either finishes the other's runs. A run's folder
+# name is all the sweep knows of it: after changing EPOCHS, WARMUP, PRETRAINED or the
+# extra flags, use a new RUNS_DIR (resuming a run with other experiment flags is refused
+# by cifar10_qat_br.py, and counts as a failure).
 #
 # Each run's console output is appended to <run folder>/train.log, its command line is
-# in <run folder>/sweep_command, and a failed run leaves its exit status in
-# <run folder>/sweep_exit_code (summarize.py lists such runs as failed). A failed run
-# does not stop the sweep; Ctrl-C does (the interrupted run resumes on the next call).
+# in <run folder>/sweep_command, <run folder>/sweep_running names the host and process
+# (and SLURM job) while it runs, and a failed run leaves its exit status in
+# <run folder>/sweep_exit_code (summarize.py lists such runs as failed). The grid is
+# kept in RUNS_DIR/sweep_plan.tsv (summarize.py lists runs not started yet as pending).
+# A failed run does not stop the sweep; Ctrl-C does (the interrupted run resumes on
+# the next call).
+#
+# On SLURM each array task requeues itself (--requeue) when its time limit is near:
+# the script's --signal=B:USR1@120 makes the task stop its run at the next step (the
+# finished epochs are in last.pt) and requeue; the requeued task resumes the run. On
+# SIGTERM (preemption; scancel --signal=TERM --batch) the task stops the run the same
+# way and exits 143; SLURM requeues preempted jobs, `scontrol requeue JOB_TASK` others.
 #
 # Exit status: 0 every run finished; 1 some run failed; 130/143 interrupted.
 
@@ -66,20 +93,32 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TRAIN="$REPO/cifar10_qat_br.py"
 RUN_FILES=(config.json metrics.jsonl timing.jsonl last.pt best.pt warmup_end.pt summary.json)
 
-if [[ ${1:-} == "-h" || ${1:-} == "--help" ]]; then
-    sed -n '2,/^$/{/^$/q;s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"  # the comment above
-    exit 0
-fi
-DRY_RUN=0
-if [[ ${1:-} == "-n" ]]; then DRY_RUN=1; shift; fi
-if [[ ${1:-} == "--" ]]; then shift; fi
-if [[ $# -gt 0 && ${1:0:2} != "--" ]]; then
-    echo "usage: scripts/sweep.sh [-h] [-n] [-- EXTRA FLAGS FOR cifar10_qat_br.py]" >&2
-    exit 2
-fi
-EXTRA=("$@")
+GPUS=${GPUS:-1}
+CPUS=${CPUS:-4}
+MEM=${MEM:-}
+TIME=${TIME:-1-00:00:00}
+PARTITION=${PARTITION:-}
+MAX_RUNNING=${MAX_RUNNING:-}
 
+USAGE="usage: scripts/sweep.sh [-h] [-n] [--slurm [--submit]] [-- EXTRA FLAGS FOR cifar10_qat_br.py]"
 die() { echo "error: $*" >&2; exit 2; }
+
+DRY_RUN=0; MODE=local; SUBMIT=0; TASK=
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        -h | --help) sed -n '2,/^$/{/^$/q;s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"; exit 0 ;;  # the comment above
+        -n) DRY_RUN=1 ;;
+        --slurm) MODE=slurm ;;
+        --submit) SUBMIT=1 ;;
+        --task) MODE=task; TASK=${2:-}; shift ;;
+        --) shift; break ;;
+        --*) break ;;  # the extra flags, without "--" before them
+        *) echo "$USAGE" >&2; exit 2 ;;
+    esac
+    shift
+done
+EXTRA=("$@")
+[[ $SUBMIT == 1 && $MODE != slurm ]] && die "--submit goes with --slurm"
 
 # Check the settings before running anything.
 for key in $SCENARIOS; do
@@ -95,6 +134,11 @@ done
 for seed in $SEEDS; do
     [[ $seed =~ ^[0-9]+$ ]] || die "SEEDS: '$seed' is not an integer"
 done
+if [[ $MODE == slurm ]]; then
+    [[ $GPUS =~ ^[0-9]+$ ]] || die "GPUS: '$GPUS' is not a number of GPUs"
+    [[ $CPUS =~ ^[1-9][0-9]*$ ]] || die "CPUS: '$CPUS' is not a number of CPUs"
+    [[ -z $MAX_RUNNING || $MAX_RUNNING =~ ^[1-9][0-9]*$ ]] || die "MAX_RUNNING: '$MAX_RUNNING' is not a number"
+fi
 
 # Build the list of runs: one line per run, "folder<TAB>flags".
 PLAN=()
@@ -130,50 +174,181 @@ done
 is_finished() { [[ -f $1/summary.json ]] && grep -q '"status": *"finished"' "$1/summary.json"; }
 has_run_files() { for f in "${RUN_FILES[@]}"; do [[ -e $1/$f ]] && return 0; done; return 1; }
 
-total=${#PLAN[@]}
-echo "Sweep: $total run(s) into $RUNS_DIR (seeds: $SEEDS; bits: $BITS; λ: $LAMBDAS; scenarios: $SCENARIOS)"
-mkdir -p "$RUNS_DIR" || die "cannot create RUNS_DIR $RUNS_DIR"
-failed=()
-i=0
-for entry in "${PLAN[@]}"; do
-    i=$((i + 1))
+THIS_JOB=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-}}${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}
+
+# The marker of another sweep process that runs this folder's run now ("" if none): a live
+# process on this host, or a SLURM job still in the queue (a marker left by this very job,
+# before it was requeued, does not count).
+other_runner() {
+    local marker=$1/sweep_running host pid job
+    [[ -f $marker ]] || return 0
+    host=$(grep -o 'host=[^ ]*' "$marker" | cut -d= -f2)
+    pid=$(grep -o 'pid=[0-9]*' "$marker" | cut -d= -f2)
+    job=$(grep -o 'slurm_job=[^ ]*' "$marker" | cut -d= -f2)
+    if [[ -n $job ]]; then
+        [[ $job != "$THIS_JOB" && -n $(squeue -h -j "$job" -o %i 2>/dev/null) ]] && cat "$marker"
+    elif [[ $host == "$(hostname)" && -n $pid && $pid != $$ ]] && kill -0 "$pid" 2>/dev/null; then
+        cat "$marker"
+    fi
+    return 0
+}
+
+# What --resume auto will do with a run folder (cifar10_qat_br.py decides; this is for the log).
+action_of() {
+    local other
+    other=$(other_runner "$1")
+    if [[ -n $other ]]; then echo "running elsewhere ($other), skipped"
+    elif is_finished "$1"; then echo "finished, skipped"
+    elif [[ -f $1/last.pt ]]; then echo "resume"
+    elif [[ -d $1 ]] && has_run_files "$1"; then echo "restart (no finished epoch)"
+    else echo "new"; fi
+}
+
+# Set name, dir and cmd (the run's command line) for grid point $1 (0-based).
+point() {
+    local entry=${PLAN[$1]} flags
     name=${entry%%$'\t'*}
     read -r -a flags <<<"${entry#*$'\t'}"
     dir="$RUNS_DIR/$name"
-    if is_finished "$dir"; then
-        echo "[$i/$total] $name: finished, skipped"
-        continue
-    elif [[ -f $dir/last.pt ]]; then
-        action="resume"; mode=(--resume)
-    elif [[ -d $dir ]] && has_run_files "$dir"; then
-        action="restart (no finished epoch)"; mode=(--overwrite)
-    else
-        action="new"; mode=()
-    fi
     cmd=("$PYTHON" "$TRAIN" --data-dir "$DATA_DIR" --output-dir "$dir" "${flags[@]}")
     [[ -n $EPOCHS ]] && cmd+=(--epochs "$EPOCHS")
     [[ -n $WARMUP ]] && cmd+=(--warmup-epochs "$WARMUP")
     [[ -n $PRETRAINED ]] && cmd+=(--pretrained "$PRETRAINED")
-    cmd+=("${EXTRA[@]}" "${mode[@]}")
-    echo "[$i/$total] $name: $action"
-    echo "    ${cmd[*]}"
-    [[ $DRY_RUN == 1 ]] && continue
+    cmd+=("${EXTRA[@]}" --resume auto)
+}
+
+# Before a run: its folder, command line, log header and the marker naming who runs it.
+start_point() {
     mkdir -p "$dir"
     rm -f "$dir/sweep_exit_code"
     printf '%q ' "${cmd[@]}" >"$dir/sweep_command"
     echo >>"$dir/sweep_command"
-    echo "===== $(date '+%F %T') $action: ${cmd[*]}" >>"$dir/train.log"
+    echo "host=$(hostname) pid=$$${THIS_JOB:+ slurm_job=$THIS_JOB} since=$(date '+%FT%T')" >"$dir/sweep_running"
+    echo "===== $(date '+%F %T') $1: ${cmd[*]}" >>"$dir/train.log"
+}
+
+# After a run: its exit status (none when it finished) and no running marker.
+end_point() {
+    rm -f "$dir/sweep_running"
+    [[ $1 != 0 ]] && echo "$1" >"$dir/sweep_exit_code"
+    return 0
+}
+
+write_plan() {
+    mkdir -p "$RUNS_DIR" || die "cannot create RUNS_DIR $RUNS_DIR"
+    printf '%s\n' "${PLAN[@]}" >"$RUNS_DIR/sweep_plan.tsv"
+}
+
+total=${#PLAN[@]}
+
+# --task I: one grid point, as a SLURM array task. The run goes to the background so that
+# this shell (the job's batch step) can pass SLURM's signals on to it: USR1 (the time
+# limit is near) stops it and requeues the task, TERM (preemption, scancel) stops it.
+if [[ $MODE == task ]]; then
+    [[ $TASK =~ ^[0-9]+$ && $TASK -lt $total ]] || die "--task: '$TASK' is not a grid point (0-$((total - 1)))"
+    point "$TASK"
+    action=$(action_of "$dir")
+    echo "[$((TASK + 1))/$total] $name: $action"
+    [[ $action == *skipped ]] && exit 0
+    start_point "$action"
+    stop=""
+    trap 'stop=USR1; kill -TERM "$child" 2>/dev/null' USR1
+    trap 'stop=${stop:-TERM}; kill -TERM "$child" 2>/dev/null' TERM
+    # tee ignores the signals SLURM may send to every process of the job (preemption,
+    # scancel --full): the run's last lines still reach the log.
+    "${cmd[@]}" > >(trap '' INT TERM USR1; exec tee -a "$dir/train.log") 2>&1 &
+    child=$!
+    while kill -0 "$child" 2>/dev/null; do wait "$child"; done  # a trapped signal ends a wait early
+    wait "$child"; rc=$?
+    end_point "$rc"
+    if [[ $stop == USR1 && -n $THIS_JOB ]]; then
+        echo "[$((TASK + 1))/$total] $name: stopped before the time limit (exit $rc); requeueing $THIS_JOB" |
+            tee -a "$dir/train.log"
+        scontrol requeue "$THIS_JOB"
+    fi
+    exit "$rc"
+fi
+
+# --slurm: one sbatch script, one array task per grid point not finished yet.
+if [[ $MODE == slurm ]]; then
+    todo=()
+    for ((i = 0; i < total; i++)); do
+        point "$i"
+        is_finished "$dir" || todo+=("$i")  # a run going on elsewhere gets a task that skips it
+    done
+    echo "Sweep: $total run(s) into $RUNS_DIR, ${#todo[@]} not finished (seeds: $SEEDS; bits: $BITS; λ: $LAMBDAS; scenarios: $SCENARIOS)"
+    if [[ ${#todo[@]} == 0 ]]; then
+        echo "Every run is finished; nothing to submit."
+        exit 0
+    fi
+    array=$(IFS=,; echo "${todo[*]}")
+    [[ $array == "0,"* && ${#todo[@]} == "$total" ]] && array="0-$((total - 1))"
+    [[ -n $MAX_RUNNING ]] && array+="%$MAX_RUNNING"
+    runs_abs=$(realpath -m "$RUNS_DIR")
+    script=$(
+        echo "#!/usr/bin/env bash"
+        echo "#SBATCH --job-name=sweep-$(basename "$runs_abs")"
+        echo "#SBATCH --array=$array"
+        [[ $GPUS != 0 ]] && echo "#SBATCH --gres=gpu:$GPUS"
+        echo "#SBATCH --cpus-per-task=$CPUS"
+        [[ -n $MEM ]] && echo "#SBATCH --mem=$MEM"
+        echo "#SBATCH --time=$TIME"
+        [[ -n $PARTITION ]] && echo "#SBATCH --partition=$PARTITION"
+        echo "#SBATCH --requeue"
+        echo "#SBATCH --signal=B:USR1@120"
+        echo "#SBATCH --open-mode=append"
+        echo "#SBATCH --output=$runs_abs/slurm_logs/%A_%a.out"
+        echo "# Written by scripts/sweep.sh --slurm on $(date '+%F %T'): task I runs grid point I"
+        echo "# (RUNS_DIR/sweep_plan.tsv, line I+1) with cifar10_qat_br.py --resume auto, exactly"
+        echo "# as the local sweep does; submitting it again finishes what is not finished."
+        printf 'cd %q || exit 2\n' "$(pwd)"
+        for var in RUNS_DIR DATA_DIR SCENARIOS BITS LAMBDAS SEEDS EPOCHS WARMUP PRETRAINED PYTHON; do
+            value=${!var}
+            [[ $var == PYTHON ]] && value=$(command -v "$PYTHON" || echo "$PYTHON")  # the interpreter of this shell
+            printf 'export %s=%q\n' "$var" "$value"
+        done
+        printf 'exec %q --task "$SLURM_ARRAY_TASK_ID" --' "$REPO/scripts/sweep.sh"
+        [[ ${#EXTRA[@]} -gt 0 ]] && printf ' %q' "${EXTRA[@]}"
+        echo
+    )
+    if [[ $DRY_RUN == 1 ]]; then
+        echo "$script"
+        exit 0
+    fi
+    write_plan
+    mkdir -p "$RUNS_DIR/slurm_logs"
+    echo "$script" >"$RUNS_DIR/sweep.sbatch"
+    echo "Wrote $RUNS_DIR/sweep.sbatch (array $array). Submit it with:"
+    echo "    sbatch $RUNS_DIR/sweep.sbatch"
+    if [[ $SUBMIT == 1 ]]; then
+        job=$(sbatch --parsable "$RUNS_DIR/sweep.sbatch") || die "sbatch failed"
+        echo "Submitted job array $job; follow it with: squeue -j $job; python summarize.py $RUNS_DIR"
+    fi
+    exit 0
+fi
+
+echo "Sweep: $total run(s) into $RUNS_DIR (seeds: $SEEDS; bits: $BITS; λ: $LAMBDAS; scenarios: $SCENARIOS)"
+[[ $DRY_RUN == 1 ]] || write_plan
+failed=()
+for ((i = 0; i < total; i++)); do
+    point "$i"
+    action=$(action_of "$dir")
+    echo "[$((i + 1))/$total] $name: $action"
+    [[ $action == *skipped ]] && continue
+    echo "    ${cmd[*]}"
+    [[ $DRY_RUN == 1 ]] && continue
+    start_point "$action"
     # tee -i ignores Ctrl-C, so the run can still print how to resume.
     "${cmd[@]}" 2>&1 | tee -i -a "$dir/train.log"
     rc=${PIPESTATUS[0]}
+    end_point "$rc"
     if [[ $rc != 0 ]]; then
-        echo "$rc" >"$dir/sweep_exit_code"
         failed+=("$name (exit $rc)")
         if [[ $rc == 130 || $rc == 143 ]]; then
             echo "Sweep interrupted during $name; run the same command again to resume it." >&2
             exit "$rc"
         fi
-        echo "[$i/$total] $name FAILED (exit $rc); see $dir/train.log. Continuing." >&2
+        echo "[$((i + 1))/$total] $name FAILED (exit $rc); see $dir/train.log. Continuing." >&2
     fi
 done
 

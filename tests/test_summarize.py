@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import socket
 import subprocess
 
 import pytest
@@ -179,7 +180,7 @@ def test_sweep_dry_run_skips_finished_resumes_and_restarts(tmp_path):
                   "--br-backprop-to-alpha-act", "--seed 1", "--data-dir /data", "--no-download"):
         assert piece in cmd
     resume = next(l for l in out.stdout.splitlines() if "wa-stable_w2a2_lam1_s1 " in l + " " and "--resume" in l)
-    assert resume.rstrip().endswith("--resume")
+    assert resume.rstrip().endswith("--resume auto")  # the same command for every run: cifar10_qat_br.py decides
     assert not os.path.exists(runs / "wa-moving_w2a4_lam0.5_s1")  # a dry run creates nothing
 
 
@@ -190,7 +191,7 @@ def test_sweep_help_exits_0_with_the_usage(flag, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stderr == ""
     lines = out.stdout.splitlines()
-    assert "  usage: scripts/sweep.sh [-h] [-n] [-- EXTRA FLAGS FOR cifar10_qat_br.py]" in lines
+    assert "  usage: scripts/sweep.sh [-h] [-n] [--slurm [--submit]] [-- EXTRA FLAGS FOR cifar10_qat_br.py]" in lines
     assert lines[-1] == "Exit status: 0 every run finished; 1 some run failed; 130/143 interrupted."
     assert not any(line.startswith("#") for line in lines) and not os.path.exists(tmp_path / "s")
 
@@ -206,3 +207,75 @@ def test_sweep_rejects_bad_settings(tmp_path):
 def test_how_to_run_flags_never_split_configurations():
     # Flags that may change on --resume (config.RUN_FLAGS) say how a run ran, not what it is.
     assert cfgmod.RUN_FLAGS <= summarize.IGNORED_FLAGS
+
+
+def test_running_pending_and_stale_runs(tmp_path):
+    root = tmp_path / "runs"
+    host = socket.gethostname()
+    # started by a sweep that still runs (this test's own pid), 1 of 10 epochs done
+    _write_run(root / "live_s1", seed=1, lambda_br=1, lambda_br_act=0, metrics=[(1, 11.0)])
+    (root / "live_s1" / "sweep_running").write_text(f"host={host} pid={os.getpid()} since=2026-01-01T10:00:00\n")
+    # a SLURM task on another node: taken at its word
+    os.makedirs(root / "node_s1")
+    (root / "node_s1" / "sweep_running").write_text("host=node17 pid=4242 slurm_job=77_3 since=2026-01-01T10:00:00\n")
+    # a marker left by a sweep killed with kill -9 (no such process on this host)
+    _write_run(root / "dead_s1", seed=1, lambda_br=0, lambda_br_act=0, metrics=[(1, 11.0)])
+    (root / "dead_s1" / "sweep_running").write_text(f"host={host} pid=999999999 since=2026-01-01T10:00:00\n")
+    # the sweep's plan: two of its runs have no folder yet
+    (root / "sweep_plan.tsv").write_text("live_s1\t--seed 1\nnode_s1\t--seed 1\nnew_s1\t--seed 1\nnew_s2\t--seed 2\n")
+    runs = {r.path: r for r in summarize.find_runs(str(root))}
+    assert {p: r.status for p, r in runs.items()} == {
+        "live_s1": "running", "node_s1": "running", "dead_s1": "unfinished", "new_s1": "pending", "new_s2": "pending"}
+    assert "1/10 epochs done" in runs["live_s1"].reason and f"pid {os.getpid()}" in runs["live_s1"].reason
+    assert "SLURM job 77_3" in runs["node_s1"].reason and "on node17" in runs["node_s1"].reason
+    assert "gone without an exit status" in runs["dead_s1"].reason
+    markdown, _, _ = summarize.build_tables(list(runs.values()))
+    assert "- `new_s2`: pending: not started yet (planned in sweep_plan.tsv)" in markdown.splitlines()
+
+
+def _sweep(args, env, cwd=None):
+    return subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), *args], env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_slurm_script_runs_each_grid_point_as_a_task(tmp_path):
+    runs = tmp_path / "grid"
+    _write_run(runs / "w-only_w2a2_lam1_s7", seed=7, lambda_br=1, lambda_br_act=0, summary=(90.0, 91.0, 1.0))
+    env = {"RUNS_DIR": str(runs), "SEEDS": "7 8", "SCENARIOS": "w-only lsq", "EPOCHS": "5",
+           "CPUS": "2", "TIME": "30", "PARTITION": "gpu-short"}
+    out = _sweep(["--slurm", "--", "--no-download", "--device", "cpu"], env)
+    assert out.returncode == 0, out.stderr
+    script = (runs / "sweep.sbatch").read_text().splitlines()
+    # points 0-3: w-only s7 (finished: no task), lsq s7, w-only s8, lsq s8
+    assert "#SBATCH --array=1,2,3" in script and "#SBATCH --gres=gpu:1" in script
+    for line in ("#SBATCH --cpus-per-task=2", "#SBATCH --time=30", "#SBATCH --partition=gpu-short",
+                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", f"export RUNS_DIR={runs}", "export EPOCHS=5"):
+        assert line in script
+    assert script[-1].endswith('--task "$SLURM_ARRAY_TASK_ID" -- --no-download --device cpu')
+    assert f"sbatch {runs}/sweep.sbatch" in out.stdout
+    assert (runs / "sweep_plan.tsv").read_text().splitlines()[3].startswith("lsq_w2a2_s8\t")
+    no_gpu = _sweep(["-n", "--slurm"], dict(env, GPUS="0", MAX_RUNNING="2"))
+    assert "#SBATCH --array=1,2,3%2" in no_gpu.stdout and "--gres" not in no_gpu.stdout
+
+    # task 3 runs what the local sweep runs for that point (PYTHON=echo prints it instead)
+    local = _sweep(["-n", "--", "--no-download", "--device", "cpu"], env).stdout.splitlines()
+    wanted = local[local.index("[4/4] lsq_w2a2_s8: new") + 1].split()[1:]
+    task = _sweep(["--task", "3", "--", "--no-download", "--device", "cpu"], dict(env, PYTHON="echo"))
+    assert task.returncode == 0, task.stderr
+    assert task.stdout.splitlines()[-1].split() == wanted and wanted[-2:] == ["--resume", "auto"]
+    assert not (runs / "lsq_w2a2_s8" / "sweep_running").exists()  # removed when the run ended
+    bad = _sweep(["--task", "4"], env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --task: '4' is not a grid point (0-3)")
+
+
+def test_sweep_skips_a_run_that_another_sweep_is_running(tmp_path):
+    runs = tmp_path / "sweep"
+    for name, pid in (("w-only_w2a2_lam1_s1", os.getpid()), ("lsq_w2a2_s1", 999999999)):
+        os.makedirs(runs / name)
+        (runs / name / "sweep_running").write_text(f"host={socket.gethostname()} pid={pid} since=2026-01-01T10:00:00\n")
+    out = _sweep(["-n"], {"RUNS_DIR": str(runs), "SEEDS": "1", "SCENARIOS": "w-only lsq"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert f"[1/2] w-only_w2a2_lam1_s1: running elsewhere (host={socket.gethostname()} pid={os.getpid()} " \
+           f"since=2026-01-01T10:00:00), skipped" in lines
+    assert "[2/2] lsq_w2a2_s1: new" in lines  # a marker whose process is gone does not hold the run

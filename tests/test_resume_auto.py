@@ -1,0 +1,53 @@
+"""--resume auto: one command that starts, restarts, continues or skips a run (a job started twice)."""
+
+import json
+import signal
+
+import engine
+from conftest import TINY, run_cli
+
+
+def _epochs(out):
+    return [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_restarts_a_run_without_an_epoch_then_skips_it_once_finished(shared_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # a run killed before its first epoch ended
+    argv = ["--resume", "auto", "--output-dir", out, "--data-dir", shared_folder, *TINY]
+    rc, stdout, _ = run_cli(argv, capsys)
+    assert rc == 0
+    assert "--resume auto: starting the run again (it never finished an epoch)" in stdout
+    assert _epochs(out) == [1, 2] and json.loads((out / "summary.json").read_text())["status"] == "finished"
+    metrics = (out / "metrics.jsonl").read_bytes()
+
+    rc, stdout, _ = run_cli(argv, capsys)  # the same command again: nothing to do
+    assert rc == 0 and stdout.strip() == f"{out}: this run is finished (summary.json); nothing to do"
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+
+    rc, _, err = run_cli(argv + ["--lambda-br", "0.5"], capsys)  # another experiment in the same folder
+    assert rc == 2 and "refusing to change the experiment" in err and "--lambda-br 0.5 (run: 1.0)" in err
+
+
+def test_continues_an_interrupted_run(shared_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["--resume", "auto", "--output-dir", out, "--data-dir", shared_folder, *TINY]
+    real = engine.Trainer.train_step
+
+    def interrupted_in_epoch_2(self, x, y, use_br, check=None):
+        result = real(self, x, y, use_br, check)
+        if check is not None and check[0] == 2:
+            self._stop_signal = signal.SIGTERM
+        return result
+
+    monkeypatch.setattr(engine.Trainer, "train_step", interrupted_in_epoch_2)
+    rc, stdout, _ = run_cli(argv, capsys)
+    assert rc == 128 + signal.SIGTERM and "--resume auto: starting a new run" in stdout
+    assert _epochs(out) == [1] and not (out / "summary.json").exists()
+    monkeypatch.setattr(engine.Trainer, "train_step", real)
+
+    rc, stdout, _ = run_cli(argv, capsys)  # the same command: a requeued job
+    assert rc == 0
+    assert "--resume auto: continuing the run from last.pt" in stdout and "Resumed from epoch 1 of 2" in stdout
+    assert _epochs(out) == [1, 2] and json.loads((out / "summary.json").read_text())["status"] == "finished"
