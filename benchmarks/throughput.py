@@ -18,7 +18,7 @@ Memory: on CUDA ``torch.cuda.max_memory_allocated`` over one step. On the CPU tw
 measures: ``saved_mb``, the bytes of the distinct storages that autograd saves for
 backward (collected with ``torch.autograd.graph.saved_tensors_hooks`` during the
 forward pass), and ``peak_mb``, the largest heap in use during one full step above the
-heap in use before it (glibc ``mallinfo2`` plus the fused kernels' own buffers, read
+heap in use before it (glibc ``mallinfo2``, read
 after every aten op through a ``TorchDispatchMode``). See docs/performance.md.
 
     python benchmarks/throughput.py                       # ResNet-20, batch 128, W2A2, CPU
@@ -47,7 +47,6 @@ import config as cfgmod  # noqa: E402
 from cifar10_qat_br import build_quantized_model  # noqa: E402
 from data import DeviceLoader, Split  # noqa: E402
 from engine import Trainer  # noqa: E402
-from quant import kernels  # noqa: E402
 
 #: The variants, as extra flags of cifar10_qat_br.py ({bits} is --bits).
 VARIANTS = {
@@ -179,8 +178,8 @@ class _HeapPeak(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _heap_reader():
-    """A function returning the bytes in use for tensors (glibc malloc's, plus the fused kernels'
-    buffers), or None where mallinfo2 is missing."""
+    """A function returning the bytes glibc malloc has in use (where torch's CPU tensors live),
+    or None where mallinfo2 is missing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         fn = libc.mallinfo2
@@ -193,7 +192,7 @@ def _heap_reader():
 
     fn.restype = MallInfo2
     # The fused kernels' outputs live in buffers mapped by their own allocator, unseen by malloc.
-    return lambda: fn().uordblks + fn().hblkhd + kernels.buffer_bytes_in_use()
+    return lambda: fn().uordblks + fn().hblkhd
 
 
 def saved_tensor_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, use_br: bool) -> int:

@@ -8,8 +8,7 @@ for the vector instructions torch detected on this CPU (AVX-512, AVX2 or SSE2). 
 apply to float32 tensors on the CPU outside ``torch.compile``. Without a C++ compiler, or
 with ``QATBR_KERNELS=eager`` in the environment, everything runs on the eager PyTorch
 path, which gives the same values (tests/test_bin_stats.py compares the two).
-The kernels can apply a ReLU to their input in the same passes (``LSQQuantizer.input_relu``),
-and take their outputs from a cache of freed buffers (``idle_buffer_bytes``).
+The kernels can apply a ReLU to their input in the same passes (``LSQQuantizer.input_relu``).
 """
 
 from __future__ import annotations
@@ -147,34 +146,6 @@ def describe() -> str:
     if kernel_mode() == "eager":
         return f"PyTorch ops ({ENV_VAR}=eager)"
     return f"PyTorch ops (kernels unavailable: {_state.get('reason', 'unknown')})"
-
-
-def idle_buffer_bytes() -> int:
-    """Bytes of freed output buffers the kernels keep for their next outputs (0 without kernels).
-
-    The kernels allocate their outputs through a caching allocator (at most 512 MiB idle, the
-    least recently freed returned to the system first), so that activation-sized outputs do
-    not page-fault fresh memory every step (quant/csrc/lsq_cpu.cpp).
-    """
-    module = _state.get("module")
-    return module.idle_buffer_bytes() if module is not None else 0
-
-
-def buffer_bytes_in_use() -> int:
-    """Bytes of the kernels' output buffers that live tensors hold (0 without kernels).
-
-    They are mapped by the kernels' allocator, not malloc'd: memory measurements based on
-    malloc statistics add them.
-    """
-    module = _state.get("module")
-    return module.buffer_bytes_in_use() if module is not None else 0
-
-
-def release_idle_buffers() -> None:
-    """Return the kernels' idle output buffers to the system (nothing to do without kernels)."""
-    module = _state.get("module")
-    if module is not None:
-        module.release_idle_buffers()
 
 
 def kernels_apply(x: torch.Tensor) -> bool:

@@ -8,7 +8,6 @@ the way, so it may differ by an ulp); the gradient to ``alpha`` is the same sum 
 order, equal up to rounding.
 """
 
-import gc
 import math
 
 import pytest
@@ -146,58 +145,3 @@ def test_a_gradient_for_absent_statistics_is_ignored():
     plain_lsq(ref_x, ref_a, 0, 3, 0.1).sum().backward()
     torch.testing.assert_close(x.grad, ref_x.grad)
     torch.testing.assert_close(alpha.grad, ref_a.grad)
-
-
-def test_kernel_outputs_reuse_freed_buffers_and_behave_as_ordinary_tensors(tmp_path):
-    from quant import kernels
-    module = kernels.cpu_kernels()
-    if module is None:
-        pytest.skip("no fused CPU kernels on this machine")
-    gc.collect()  # outputs other tests left in garbage cycles are freed now, not during this test
-    module.release_idle_buffers()
-    assert kernels.idle_buffer_bytes() == 0
-    in_use = kernels.buffer_bytes_in_use()  # outputs other tests still hold
-    x = torch.randn(3, 5, 7, 11)  # 1,155 floats: 4,620 bytes, 4,672 after rounding up to 64
-    first = lsq_fake_quantize(x, torch.tensor(0.3), -2, 1, 0.1)
-    address = first.data_ptr()
-    del first
-    assert kernels.idle_buffer_bytes() == 4672
-    second = lsq_fake_quantize(x, torch.tensor(0.3), -2, 1, 0.1)
-    assert second.data_ptr() == address and kernels.idle_buffer_bytes() == 0
-    assert kernels.buffer_bytes_in_use() == in_use + 4672
-    assert torch.equal(second, torch.clamp(x / 0.3, -2, 1).round() * 0.3)
-    second.mul_(2)  # in place, saved and loaded like any tensor
-    torch.save(second, tmp_path / "t.pt")
-    assert torch.equal(torch.load(tmp_path / "t.pt"), second)
-    kept = second.clone()
-    second.resize_(2000)  # resizable like any tensor: the data moves to a larger buffer
-    assert torch.equal(second[:x.numel()], kept.view(-1))
-    del second
-    assert kernels.idle_buffer_bytes() == 4672 + 8000  # the old buffer and the resized one
-    kernels.release_idle_buffers()
-    assert kernels.idle_buffer_bytes() == 0
-
-
-def test_idle_buffers_are_bounded_and_the_least_recently_freed_go_first():
-    from quant import kernels
-    module = kernels.cpu_kernels()
-    if module is None:
-        pytest.skip("no fused CPU kernels on this machine")
-    gc.collect()
-    kernels.release_idle_buffers()
-    previous = module.set_idle_buffer_limit(3 * 4096)
-    try:
-        alpha = torch.tensor(0.3)
-        outs = [lsq_fake_quantize(torch.randn(1024), alpha, -2, 1, 0.1) for _ in range(3)]  # 4,096 bytes each
-        addresses = [o.data_ptr() for o in outs]
-        while outs:
-            outs.pop(0)  # freed in list order: the first is the least recently freed
-        assert kernels.idle_buffer_bytes() == 3 * 4096
-        big = lsq_fake_quantize(torch.randn(2048), alpha, -2, 1, 0.1)  # 8,192 bytes: a new buffer
-        del big  # idle would be 20,480 > 12,288: the two least recently freed go back to malloc
-        assert kernels.idle_buffer_bytes() == 4096 + 8192
-        again = lsq_fake_quantize(torch.randn(1024), alpha, -2, 1, 0.1)
-        assert again.data_ptr() == addresses[2]  # the one 4,096-byte buffer still cached
-    finally:
-        module.set_idle_buffer_limit(previous)
-        kernels.release_idle_buffers()

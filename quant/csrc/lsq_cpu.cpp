@@ -20,16 +20,11 @@
 // quant/kernels.py passes the -m flags of the CPU torch itself detected.
 
 #include <torch/extension.h>
-#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
-#include <sys/mman.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <list>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -170,120 +165,7 @@ void check_input(const torch::Tensor& x, const char* what) {
               what, ": expected a dense float32 CPU tensor");
 }
 
-// -- Output buffers ------------------------------------------------------------------------------
-// The kernels' outputs (activation-sized, every step, both passes) are allocated by a caching
-// allocator, like PyTorch's on CUDA: memory fresh from the system costs page faults and zeroing
-// on first touch, every step, for every quantizer (measured: 1-3 % of a ResNet-20 training step
-// on the CPU). A freed buffer stays idle in the cache for the next output of its size; at most
-// cache_limit_bytes (512 MiB) stay idle, and the least recently freed are unmapped first (buffers
-// are mmap'ed, so they never fragment malloc's heap and an evicted one returns to the system).
-// The tensors are ordinary (resizable) CPU tensors; only where their memory comes from differs.
-std::atomic<size_t> cache_limit_bytes{size_t(512) << 20};  // changed only by tests (set_idle_buffer_limit)
-constexpr size_t kHeaderBytes = 64;  // in front of each buffer: its size (and 64-byte alignment of the data)
-
-class CachingAllocator final : public c10::Allocator {
- public:
-  c10::DataPtr allocate(size_t bytes) override {
-    const size_t size = (bytes + 63) / 64 * 64;
-    void* base = take(size);
-    if (base == nullptr) {  // mapped, not malloc'd: an evicted buffer goes back to the system at once
-      base = mmap(nullptr, kHeaderBytes + size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      TORCH_CHECK(base != MAP_FAILED, "lsq kernels: out of memory allocating ", bytes, " bytes");
-      *static_cast<size_t*>(base) = size;
-      std::lock_guard<std::mutex> lock(mutex_);
-      mapped_bytes_ += size;
-    }
-    return {static_cast<char*>(base) + kHeaderBytes, base, &CachingAllocator::free_buffer, c10::Device(c10::kCPU)};
-  }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-  size_t idle_bytes() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return idle_bytes_;
-  }
-  size_t bytes_in_use() {  // held by live tensors
-    std::lock_guard<std::mutex> lock(mutex_);
-    return mapped_bytes_ - idle_bytes_;
-  }
-  void release() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (void* base : idle_) unmap(base);
-    idle_.clear();
-    mapped_bytes_ -= idle_bytes_;
-    idle_bytes_ = 0;
-  }
-
- private:
-  static size_t size_of(void* base) { return *static_cast<size_t*>(base); }
-  static void unmap(void* base) { munmap(base, kHeaderBytes + size_of(base)); }
-  static void free_buffer(void* base);  // the DataPtr's deleter: back to the cache
-
-  void* take(size_t size) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto it = idle_.rbegin(); it != idle_.rend(); ++it) {  // the most recently freed: warmest
-      if (size_of(*it) == size) {
-        void* base = *it;
-        idle_.erase(std::next(it).base());
-        idle_bytes_ -= size;
-        return base;
-      }
-    }
-    return nullptr;
-  }
-  void give_back(void* base) {
-    std::vector<void*> evicted;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      idle_.push_back(base);
-      idle_bytes_ += size_of(base);
-      while (idle_bytes_ > cache_limit_bytes) {  // least recently freed first
-        idle_bytes_ -= size_of(idle_.front());
-        mapped_bytes_ -= size_of(idle_.front());
-        evicted.push_back(idle_.front());
-        idle_.pop_front();
-      }
-    }
-    for (void* p : evicted) unmap(p);
-  }
-
-  std::mutex mutex_;
-  std::list<void*> idle_;  // idle buffers (their bases), least recently freed first
-  size_t idle_bytes_ = 0;
-  size_t mapped_bytes_ = 0;  // in use or idle
-};
-
-// Never destroyed: tensors may free their buffers during interpreter shutdown.
-CachingAllocator& caching_allocator() {
-  static CachingAllocator* allocator = new CachingAllocator();
-  return *allocator;
-}
-
-void CachingAllocator::free_buffer(void* base) { caching_allocator().give_back(base); }
-
-// An uninitialised float32 CPU tensor with the sizes and strides of x (dense), from the cache.
-torch::Tensor cached_empty_like(const torch::Tensor& x) {
-  return at::detail::empty_strided_generic(x.sizes(), x.strides(), &caching_allocator(),
-                                           c10::DispatchKeySet(c10::DispatchKey::CPU), at::kFloat);
-}
-
 }  // namespace
-
-// Bytes of idle buffers the kernels' allocator holds (mapped, free for the next output).
-int64_t idle_buffer_bytes() { return static_cast<int64_t>(caching_allocator().idle_bytes()); }
-
-// Bytes of the kernels' buffers that live tensors hold (memory malloc statistics do not see).
-int64_t buffer_bytes_in_use() { return static_cast<int64_t>(caching_allocator().bytes_in_use()); }
-
-// Returns every idle buffer to the system.
-void release_idle_buffers() { caching_allocator().release(); }
-
-// Sets the most bytes the cache keeps idle (for tests); returns the previous limit.
-int64_t set_idle_buffer_limit(int64_t bytes) {
-  TORCH_CHECK(bytes >= 0, "set_idle_buffer_limit: bytes must be >= 0");
-  const size_t previous = cache_limit_bytes.exchange(static_cast<size_t>(bytes));
-  return static_cast<int64_t>(previous);
-}
 
 // out = round(clamp(v / a, qmin, qmax)) * a, in the memory layout of x, where v = relu(x)
 // with input_relu and v = x otherwise. With with_stats, also stats (3, K) float32: per bin
@@ -294,7 +176,7 @@ std::vector<torch::Tensor> lsq_forward(const torch::Tensor& x, const torch::Tens
   check_input(x, "lsq_forward");
   TORCH_CHECK(qmin < qmax && qmax - qmin < 256, "lsq_forward: need qmin < qmax, at most 256 levels");
   const int nb = with_stats ? static_cast<int>(qmax - qmin + 1) : 0;
-  torch::Tensor out = cached_empty_like(x);
+  torch::Tensor out = torch::empty_like(x);  // the layout of x (the memory format is preserved)
   ForwardArgs p{x.data_ptr<float>(), out.data_ptr<float>(),
                 step_size(a), static_cast<float>(qmin), static_cast<float>(qmax), input_relu};
   std::vector<double> totals(3 * nb + 1, 0.0);
@@ -410,7 +292,7 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
     auto t = table.accessor<float, 2>();
     for (int k = 0; k < nb; ++k) { t_sum.push_back(t[0][k]); t_sq2.push_back(2 * t[1][k]); }
   }
-  torch::Tensor grad_x = cached_empty_like(x);
+  torch::Tensor grad_x = torch::empty_like(x);  // the layout of x (the memory format is preserved)
   const BackwardArgs p{x.data_ptr<float>(), grad_out.data_ptr<float>(), grad_x.data_ptr<float>(),
                        step_size(a), static_cast<float>(qmin), static_cast<float>(qmax), nb,
                        t_sum.empty() ? nullptr : t_sum.data(), t_sq2.data()};
@@ -428,10 +310,6 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("idle_buffer_bytes", &idle_buffer_bytes, "Bytes of idle output buffers the kernels keep for reuse");
-  m.def("buffer_bytes_in_use", &buffer_bytes_in_use, "Bytes of the kernels' output buffers held by tensors");
-  m.def("release_idle_buffers", &release_idle_buffers, "Return the idle output buffers to the system");
-  m.def("set_idle_buffer_limit", &set_idle_buffer_limit, "Most bytes kept idle (tests); returns the previous");
   m.def("lsq_forward", &lsq_forward, "LSQ fake quantization (and BR bin statistics) of x or relu(x), one pass",
         py::arg("x"), py::arg("a"), py::arg("qmin"), py::arg("qmax"), py::arg("with_stats"), py::arg("input_relu") = false);
   m.def("lsq_backward", &lsq_backward, "Gradients of lsq_forward (STE, LSQ eq. 3 sum, BR), one pass",
