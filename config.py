@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --output-dir from last.pt (or from PATH)")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     r.add_argument("--dry-run", action="store_true", help="print the banner and the resolved config, then exit")
+    d = p.add_argument_group("evaluation and post-training quantization (no training)")
+    d.add_argument("--evaluate", default=None, metavar="CKPT",
+                   help="print the test top-1 of a checkpoint (or a float state_dict of --arch) and exit; "
+                        "the model is rebuilt from the checkpoint's own configuration")
+    d.add_argument("--ptq", action="store_true",
+                   help="post-training quantization of the float --pretrained network at the bit flags: "
+                        "MSE-optimal step sizes, BatchNorm re-estimated, evaluated; writes a run folder")
+    d.add_argument("--calib-batches", type=int, default=8,
+                   help="--ptq: training batches (of --batch-size, drawn with --seed) to calibrate on [8]")
+    d.add_argument("--bn-recalib", action=argparse.BooleanOptionalAction, default=True,
+                   help="--ptq: re-estimate BatchNorm statistics of the quantized network on the "
+                        "calibration batches [on]")
     return p
 
 

@@ -18,7 +18,8 @@ from checkpoint import (CheckpointError, append_jsonl, atomic_write_json, load_c
 from config import RUN_FLAGS, ConfigError, default_output_dir, explicit_flags, is_float_run, resolve_device
 
 #: Files that make a folder "hold a run".
-RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json",
+             "ptq.pt")
 
 
 def _flag(key: str) -> str:
