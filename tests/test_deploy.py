@@ -187,3 +187,42 @@ def test_ptq_refuses_what_it_cannot_do(runs, shared_folder, tmp_path, capsys):
         rc, _, err = run_cli(base + flags, capsys)
         assert rc == 2 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+# -- export.py -------------------------------------------------------------------------------------
+
+def test_export_writes_checked_onnx_and_integer_files(runs, tmp_path, capsys):
+    import export
+    out = tmp_path / "exp"
+    rc = export.main([str(runs / "w2a2" / "last.pt"), "--out", str(out), "--workers", "0"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    report = json.loads((out / "export.json").read_text())
+    logged = _metrics(runs / "w2a2")[2]["test_acc"]
+    assert report["pytorch_top1"] == logged  # the fake-quant model is the run's, exactly
+    assert abs(report["onnx_top1"] - logged) <= 0.05 and report["integer_prediction_agreement"] >= 0.999
+    assert report["checks_passed"] and report["onnx_opset"] == 25
+    assert report["bytes"]["model_int.npz"] == os.path.getsize(out / "model_int.npz")
+    assert report["bytes"]["model_int.npz"] < report["bytes"]["float32_state_dict"] / 5
+    assert "onnxruntime" in stdout and "integer reference" in stdout
+    import onnx
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
+
+
+def test_export_refuses_bad_input_and_writes_nothing(runs, tmp_path, capsys):
+    import export
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes((runs / "w2a2" / "last.pt").read_bytes()[:1000])
+    for ckpt, message in ((runs / "fp" / "last.pt", "expects a quantized checkpoint"),
+                          (truncated, "is not a readable checkpoint"),
+                          (tmp_path / "missing.pt", "no checkpoint at")):
+        rc = export.main([str(ckpt), "--out", str(tmp_path / "out"), "--workers", "0"])
+        _, err = capsys.readouterr()
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "out").exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model.onnx").write_bytes(b"x")
+    rc = export.main([str(runs / "w2a2" / "last.pt"), "--out", str(taken), "--workers", "0"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "already holds an export" in err and (taken / "model.onnx").read_bytes() == b"x"
