@@ -107,11 +107,13 @@ class IntegerLayer(nn.Module):
     ``clamp(round(relu?(x)/α_a), Qn, Qp)`` (as the fake quantizer), ``acc = conv(a_codes, w_codes)``
     in int32, then ``acc·(α_w·α_a) + bias`` in float32. Otherwise (a 32-bit side) the float layer.
 
-    The accumulator is computed as a float64 convolution of the integer-valued codes: every
-    product and partial sum is an integer below ``2**53`` in magnitude, where float64 is exact,
-    so the result is the integer sum in any summation order (what int32 accumulation gives);
-    it is then converted to int32. The constructor checks ``K·max|w|·max|a| < 2**31`` (``K``
-    products per output), so no int32 overflow is possible.
+    The accumulator is computed as a convolution (or matrix product) of the integer-valued codes
+    in float32 where ``K·max|w|·max|a| < 2**24`` (``K`` products per output; every 2-4 bit layer
+    of the CIFAR ResNets), else in float64 (below ``2**53``): every
+    product and partial sum is then an integer the type represents exactly, so the result is
+    the integer sum in any summation order, what int32 accumulation gives; it is then
+    converted to int32. The constructor checks ``K·max|w|·max|a| < 2**31``, so no int32
+    overflow is possible.
 
     Raises:
         ExportError: an accumulator that could overflow int32.
@@ -127,13 +129,15 @@ class IntegerLayer(nn.Module):
             products = codes[0].numel() * int(codes.abs().max()) * max(abs(act_range[0]), abs(act_range[1]))
             if products >= 2**31:
                 raise ExportError(f"an int32 accumulator could overflow ({products} >= 2**31)")
+            self.exact_dtype = torch.float32 if products < 2**24 else torch.float64
             self.scale = weight_step * act_step  # float32: the one rescale
 
     def accumulate(self, act_codes: torch.Tensor) -> torch.Tensor:
         """``Σ w_code·a_code`` per output, int32, for integer-valued float ``act_codes``."""
-        a, w = act_codes.double(), self.codes.double()
-        if isinstance(self.layer, nn.Conv2d):
-            acc = F.conv2d(a, w, None, self.layer.stride, self.layer.padding, self.layer.dilation, self.layer.groups)
+        a, w = act_codes.to(self.exact_dtype), self.codes.to(self.exact_dtype)
+        conv = self.layer
+        if isinstance(conv, nn.Conv2d):  # a direct convolution: products and sums, no transform
+            acc = F.conv2d(a, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
         else:
             acc = a @ w.t()
         return acc.to(torch.int32)

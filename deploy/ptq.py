@@ -192,12 +192,13 @@ def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, 
     Returns:
         ``model`` with ``QConv2d`` / ``QLinear`` layers whose step sizes are set, in eval mode.
     """
+    # The float network's layer inputs are what the quantizers quantize (a ReLU the conversion
+    # fuses into a quantizer has already been applied to them).
     inputs = layer_inputs(model, batches, seed)
     quantize_model(model, weight_bits_, act_bits_, first_last_bits_)
     for name, layer in quantized_layers(model).items():
         for quantizer, values in ((layer.weight_quant, layer.weight), (layer.act_quant, inputs[name])):
             if quantizer.enabled:
-                values = quantizer.pre_quantization(values) if quantizer is layer.act_quant else values
                 set_step_size(quantizer, mse_step_size(values.detach().float().cpu(), quantizer.quant_min,
                                                        quantizer.quant_max))
     if bn_recalib:
