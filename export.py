@@ -50,6 +50,7 @@ EXPORT_FILES = ("model.onnx", "model_int.npz", "export.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``export.py``."""
     p = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a quantized checkpoint of cifar10_qat_br.py (last.pt, best.pt, ptq.pt, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for model.onnx, model_int.npz, export.json")
@@ -96,6 +97,7 @@ def compare(model, sess, reference, loader) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Export and check (see the module docstring); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         if args.eval_batch_size < 1:

@@ -232,6 +232,7 @@ def check_flags(cfg, argv: list[str]) -> list[str]:
 
 
 def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
+    """The ``--ptq`` banner (lines): what is quantized from what, calibration, data, output."""
     from config import RULE
     bits = lambda b: "float" if b >= 32 else f"{b}-bit"  # noqa: E731
     lines = [RULE, "Post-Training Quantization (PTQ, no training)", RULE,
