@@ -171,6 +171,7 @@ def test_ptq_run_folder_evaluate_and_summary(runs, shared_folder, tmp_path, caps
     assert config["derived"]["method"] == "ptq" and config["derived"]["weight_bits"] == 4
     assert "lr" not in config["flags"] and config["flags"]["calib_batches"] == 2
     assert summary["float_test_acc"] == torch.load(runs / "fp" / "last.pt", weights_only=False)["last_acc"]
+    assert 0 <= summary["float_bn_recalib_test_acc"] <= 100
     rc, stdout, _ = _evaluate(capsys, out / "ptq.pt")
     assert rc == 0 and _printed_acc(stdout) == f"{summary['final_test_acc']:.2f}%" and "W4A4" in stdout
     import summarize
