@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="post-training quantization of the float --pretrained network at the bit flags: "
                         "MSE-optimal step sizes, BatchNorm re-estimated, evaluated; writes a run folder")
     d.add_argument("--calib-batches", type=int, default=8,
-                   help="--ptq: training batches (of --batch-size, drawn with --seed) to calibrate on [8]")
+                   help="--ptq: training batches (of --batch-size, shuffled and augmented as in training, with --seed) "
+                        "to calibrate on [8]")
     d.add_argument("--bn-recalib", action=argparse.BooleanOptionalAction, default=True,
                    help="--ptq: re-estimate BatchNorm statistics of the quantized network on the "
                         "calibration batches [on]")

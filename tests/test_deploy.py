@@ -227,3 +227,14 @@ def test_export_refuses_bad_input_and_writes_nothing(runs, tmp_path, capsys):
     rc = export.main([str(runs / "w2a2" / "last.pt"), "--out", str(taken), "--workers", "0"])
     _, err = capsys.readouterr()
     assert rc == 2 and "already holds an export" in err and (taken / "model.onnx").read_bytes() == b"x"
+
+
+def test_calibration_batches_are_seeded_training_batches():
+    from data import Split
+    from deploy.ptq import calibration_batches
+    split = Split(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.zeros(40, dtype=torch.long))
+    cpu = torch.device("cpu")
+    a, b = calibration_batches(split, 2, 16, 7, cpu), calibration_batches(split, 2, 16, 7, cpu)
+    assert [x.shape for x in a] == [(16, 3, 32, 32)] * 2 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(calibration_batches(split, 1, 16, 8, cpu)[0], a[0])
+    assert [len(x) for x in calibration_batches(split, 5, 16, 7, cpu)] == [16, 16, 8]  # all there is
