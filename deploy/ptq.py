@@ -254,8 +254,8 @@ def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
     lines = [RULE, "Post-Training Quantization (PTQ, no training)", RULE,
              f"Model: {cfg.arch}, float weights from {cfg.pretrained}",
              f"Bits: W{weight_bits(cfg)}A{act_bits(cfg)}; first/last layers {bits(first_last_bits(cfg))}",
-             f"Step sizes: MSE-optimal per tensor; activations from {cfg.calib_batches} batch(es) of "
-             f"{cfg.batch_size} training images (seed {cfg.seed})",
+             f"Step sizes: MSE-optimal per tensor; activations from {cfg.calib_batches} training batch(es) of "
+             f"{cfg.batch_size} images, augmented as in training (seed {cfg.seed})",
              f"BatchNorm re-estimated on them: {'yes' if cfg.bn_recalib else 'no (--no-bn-recalib)'}",
              f"Data: {source_line}", f"Device: {resolve_device(cfg.device)}", f"Output: {cfg.output_dir}"]
     lines += [f"WARNING: {w}" for w in warnings]
