@@ -203,6 +203,7 @@ def test_export_writes_checked_onnx_and_integer_files(runs, tmp_path, capsys):
     assert report["pytorch_top1"] == logged  # the fake-quant model is the run's, exactly
     assert abs(report["onnx_top1"] - logged) <= 0.05 and report["integer_prediction_agreement"] >= 0.999
     assert report["checks_passed"] and report["onnx_opset"] == 25
+    assert report["onnx_logits_within_tolerance"] >= 0.75 and report["integer_logits_within_tolerance"] >= 0.75
     assert report["bytes"]["model_int.npz"] == os.path.getsize(out / "model_int.npz")
     assert report["bytes"]["model_int.npz"] < report["bytes"]["float32_state_dict"] / 5
     assert "onnxruntime" in stdout and "integer reference" in stdout
