@@ -62,6 +62,7 @@ def evaluate_checkpoint(cfg, argv: list[str]) -> int:
             f"{step_size_count(model)} step sizes (α) | data: {source.describe()} | {cfg.evaluate}")
     recorded = recorded_accuracy(ckpt)
     if recorded is not None:
-        line += f" | the run logged {recorded[0]:.2f}% for epoch {recorded[1]}"
+        line += (f" | the PTQ run logged {recorded[0]:.2f}%" if ckpt.get("method") == "ptq"
+                 else f" | the run logged {recorded[0]:.2f}% for epoch {recorded[1]}")
     print(line, flush=True)
     return 0
