@@ -121,7 +121,10 @@ class _GraphBuilder:
         name = self.name(hint)
         if onnx_type is None:
             self.inits.append(onnx.numpy_helper.from_array(np.asarray(value), name))
-        else:
+        elif onnx_type in (TensorProto.INT8, TensorProto.UINT8):  # raw bytes, one per value
+            dtype = np.int8 if onnx_type == TensorProto.INT8 else np.uint8
+            self.inits.append(onnx.numpy_helper.from_array(np.asarray(value).astype(dtype), name))
+        else:  # 2- and 4-bit types: onnx packs them (two or four values to a byte)
             array = np.asarray(value)
             self.inits.append(helper.make_tensor(name, onnx_type, list(array.shape), array.reshape(-1).tolist()))
         return name
