@@ -239,3 +239,19 @@ def test_calibration_batches_are_seeded_training_batches():
     assert [x.shape for x in a] == [(16, 3, 32, 32)] * 2 and all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(calibration_batches(split, 1, 16, 8, cpu)[0], a[0])
     assert [len(x) for x in calibration_batches(split, 5, 16, 7, cpu)] == [16, 16, 8]  # all there is
+
+
+def test_sweep_plans_ptq_once_per_width_without_training_flags(tmp_path):
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, RUNS_DIR=str(tmp_path / "s"), SCENARIOS="lsq ptq", BITS="2 4", LAMBDAS="1 0.5",
+               SEEDS="1", EPOCHS="3", WARMUP="1", PRETRAINED="/f.pt")
+    out = subprocess.run(["bash", os.path.join(repo, "scripts", "sweep.sh"), "-n"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    commands = [line.strip() for line in out.stdout.splitlines() if line.startswith("    ")]
+    ptq = [c for c in commands if "--ptq" in c]
+    assert len(commands) == 4 and len(ptq) == 2  # lsq and ptq, once per width (no λ)
+    for width, cmd in zip((2, 4), ptq):
+        assert f"ptq_w{width}a{width}_s1 " in cmd + " " and "--pretrained /f.pt" in cmd
+        assert "--epochs" not in cmd and "--lambda-br" not in cmd and "--warmup-epochs" not in cmd
