@@ -241,6 +241,9 @@ def warnings_for(cfg) -> list[str]:
         out.append("the freeze flags have no effect: a float run has no step sizes")
     if cfg.amp and resolve_device(cfg.device).type != "cuda":
         out.append("--amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
+    defaults = build_parser()
+    if not cfg.ptq and (cfg.calib_batches != defaults.get_default("calib_batches") or not cfg.bn_recalib):
+        out.append("--calib-batches / --no-bn-recalib have no effect without --ptq")
     return out
 
 

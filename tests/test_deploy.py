@@ -255,3 +255,10 @@ def test_sweep_plans_ptq_once_per_width_without_training_flags(tmp_path):
     for width, cmd in zip((2, 4), ptq):
         assert f"ptq_w{width}a{width}_s1 " in cmd + " " and "--pretrained /f.pt" in cmd
         assert "--epochs" not in cmd and "--lambda-br" not in cmd and "--warmup-epochs" not in cmd
+
+
+def test_ptq_flags_without_ptq_get_a_banner_warning(capsys):
+    rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--calib-batches", "4"], capsys)
+    assert rc == 0 and "WARNING: --calib-batches / --no-bn-recalib have no effect without --ptq" in out
+    rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent"], capsys)
+    assert rc == 0 and "--calib-batches" not in out.split("Resolved config:")[0]
