@@ -160,24 +160,34 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {detail}"
 
 
-def load_checkpoint(path: str, what: str) -> dict:
-    """Load a checkpoint written by this tool onto the CPU, as data only (``weights_only=True``).
+def load_data(path: str, what: str):
+    """Any file of tensors, plain containers and numbers (a checkpoint, a plain ``state_dict``),
+    onto the CPU, as data only (``weights_only=True``; see ``_load_data_only``).
 
     Args:
         path: the file. what: the flag it came from, for messages (``--resume``).
 
     Raises:
         CheckpointError: missing file, unreadable or corrupt file, a file that would run code
-            when unpickled, or no ``model`` / ``config``.
+            when unpickled.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"{what}: no checkpoint at {path}")
     try:
-        ckpt = _load_data_only(path, what)
+        return _load_data_only(path, what)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         raise CheckpointError(f"{what}: {path} is not a readable checkpoint ({_reason(exc)})") from None
+
+
+def load_checkpoint(path: str, what: str) -> dict:
+    """Load a checkpoint written by this tool onto the CPU, as data only (``load_data``).
+
+    Raises:
+        CheckpointError: as ``load_data``, and a file without ``model`` / ``config``.
+    """
+    ckpt = load_data(path, what)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{what}: {path} is not a checkpoint written by cifar10_qat_br.py")
     return ckpt

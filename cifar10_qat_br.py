@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cfgmod.build_parser().parse_args(argv)
     created_output_dir, lock = False, None
     try:
+        if cfg.evaluate is not None:  # no training, no output folder
+            from deploy.evaluate import evaluate_checkpoint
+            return evaluate_checkpoint(cfg, argv)
         if cfg.resume == "" and cfg.overwrite:  # --resume PATH may replace another run (runner.prepare_output_dir)
             raise cfgmod.ConfigError("--resume and --overwrite contradict each other: pass one")
         auto = runner.resolve_auto_resume(cfg) if cfg.resume == "auto" else None
@@ -54,17 +57,25 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if auto is not None:
             print(f"--resume auto: {AUTO_ACTIONS[auto]} in {cfg.output_dir}", flush=True)
+        if cfg.ptq:  # post-training quantization instead of training (deploy/ptq.py)
+            from deploy import ptq
+            ptq_warnings = ptq.check_flags(cfg, argv)
+            cfg.output_dir = cfg.output_dir or ptq.default_output_dir(cfg)
         if cfg.pretrained and ckpt is None:
             runner.check_pretrained(runner.load_checkpoint(cfg.pretrained, "--pretrained"), cfg)
         source = find_source(cfg.data_dir, download=not cfg.no_download)
         if cfg.dry_run:
             cfg.output_dir = cfg.output_dir or cfgmod.default_output_dir(cfg)
-            print("\n".join(cfgmod.banner(cfg, source.describe(), defaulted=defaulted)))
+            print("\n".join(ptq.banner(cfg, source.describe(), ptq_warnings) if cfg.ptq
+                            else cfgmod.banner(cfg, source.describe(), defaulted=defaulted)))
             print("Resolved config:")
             for key, value in sorted(vars(cfg).items()):
                 print(f"  {key}: {value}")
             return 0
         created_output_dir, lock = runner.prepare_output_dir(cfg, resuming=ckpt is not None)
+        if cfg.ptq:
+            print("\n".join(ptq.banner(cfg, source.describe(), ptq_warnings)), flush=True)
+            return ptq.run(cfg, source)
         print("\n".join(cfgmod.banner(cfg, source.describe(), defaulted=defaulted)), flush=True)
         return train(cfg, source, ckpt)
     except (cfgmod.ConfigError, DataError, CheckpointError) as exc:

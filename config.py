@@ -117,6 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "else start it (again, if it never finished an epoch): a command to repeat")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     r.add_argument("--dry-run", action="store_true", help="print the banner and the resolved config, then exit")
+    d = p.add_argument_group("evaluation and post-training quantization (no training)")
+    d.add_argument("--evaluate", default=None, metavar="CKPT",
+                   help="print the test top-1 of a checkpoint (or a float state_dict of --arch) and exit; "
+                        "the model is rebuilt from the checkpoint's own configuration")
+    d.add_argument("--ptq", action="store_true",
+                   help="post-training quantization of the float --pretrained network at the bit flags: "
+                        "MSE-optimal step sizes, BatchNorm re-estimated, evaluated; writes a run folder")
+    d.add_argument("--calib-batches", type=int, default=8,
+                   help="--ptq: training batches (of --batch-size, shuffled and augmented as in training, with --seed) "
+                        "to calibrate on [8]")
+    d.add_argument("--bn-recalib", action=argparse.BooleanOptionalAction, default=True,
+                   help="--ptq: re-estimate BatchNorm statistics of the quantized network on the "
+                        "calibration batches [on]")
     return p
 
 
@@ -324,6 +337,9 @@ def warnings_for(cfg) -> list[str]:
         out.append("the freeze flags have no effect: a float run has no step sizes")
     if cfg.amp and resolve_device(cfg.device).type != "cuda":
         out.append("--amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
+    defaults = build_parser()
+    if not cfg.ptq and (cfg.calib_batches != defaults.get_default("calib_batches") or not cfg.bn_recalib):
+        out.append("--calib-batches / --no-bn-recalib have no effect without --ptq")
     return out
 
 

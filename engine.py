@@ -93,6 +93,18 @@ def _clone_tensors(tree):
     return tree.clone() if isinstance(tree, torch.Tensor) else tree
 
 
+@torch.inference_mode()
+def top1_accuracy(forward, loader, device: torch.device, use_amp: bool = False) -> float:
+    """Top-1 accuracy (%) of ``forward`` (a model in eval mode) over every batch of ``loader``
+    (``data.DeviceLoader``); bf16 autocast with ``use_amp``. The one evaluation of every path
+    (training, ``--evaluate``, PTQ, export), so they report the same number for the same model."""
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for x, y in loader.batches():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            correct += (forward(x).argmax(1) == y).sum()
+    return 100.0 * int(correct) / max(len(loader.labels), 1)
+
+
 class Trainer:
     """Runs the two-stage schedule on one device.
 
@@ -313,15 +325,10 @@ class Trainer:
                 "train_acc": 100.0 * int(correct) / max(seen, 1), "images": seen,
                 "w_info": w_info, "a_info": a_info}
 
-    @torch.inference_mode()
     def evaluate(self) -> float:
         """Top-1 accuracy (%) on the test loader."""
         self.model.eval()
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        for x, y in self.test_loader.batches():
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-                correct += (self._evaluate_forward(x).argmax(1) == y).sum()
-        return 100.0 * int(correct) / max(len(self.test_loader.labels), 1)
+        return top1_accuracy(self._evaluate_forward, self.test_loader, self.device, self.use_amp)
 
     def layer_summaries(self) -> tuple[dict, dict]:
         """Per quantized layer: α values, and weight bin statistics (updates ``previous_bins``)."""

@@ -26,7 +26,8 @@ from config import (INVOCATION_FLAGS, RUN_FLAGS, ConfigError, default_output_dir
                     resolve_device)
 
 #: Files that make a folder "hold a run".
-RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json",
+             "ptq.pt")
 
 #: The file a running process locks in its run folder (it says which process holds it).
 LOCK_FILE = ".lock"

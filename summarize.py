@@ -52,7 +52,10 @@ SWEEP_PLAN = "sweep_plan.tsv"
 #: Flags that describe how a run was executed, not the experiment (never table columns).
 IGNORED_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
                            "no_download", "tensorboard", "compile", "eval_batch_size", "progress_interval", "seed",
-                           "num_bits", "num_bits_weight", "num_bits_act", "first_last_bits"})
+                           "num_bits", "num_bits_weight", "num_bits_act", "first_last_bits", "evaluate", "ptq"})
+
+#: Flags of post-training quantization only (``cifar10_qat_br.py --ptq``).
+PTQ_FLAGS = ("calib_batches", "bn_recalib")
 
 #: Column order and headers of the experiment settings (others follow, as ``--flag``).
 COLUMN_NAMES = {
@@ -64,7 +67,7 @@ COLUMN_NAMES = {
 }
 
 #: Scenario names, in the order of the README's table (config.SCENARIOS).
-SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "float")
+SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "PTQ", "float")
 
 #: What an exit status of cifar10_qat_br.py means (see its docstring).
 EXIT_MEANINGS = {1: "crashed", 2: "bad flag, data or checkpoint", 3: "non-finite values",
@@ -104,9 +107,11 @@ class Run:
 
 
 def scenario(settings: dict) -> str:
-    """The README scenario of a configuration, from its λ_w, λ_a and A-BR→α settings."""
+    """The README scenario of a configuration, from its λ_w, λ_a and A-BR→α settings (or PTQ)."""
     if settings.get("float_run"):
         return "float"
+    if settings.get("method") == "ptq":  # post-training quantization: no λ, no training
+        return "PTQ"
     w, a = settings.get("lambda_br", 0) > 0, settings.get("lambda_br_act", 0) > 0
     if w and a:
         return "W+A moving target" if settings.get("br_backprop_to_alpha_act") else "W+A stable"
@@ -158,9 +163,12 @@ def read_run(root: str, folder: str) -> Run:
             config = _read_json(config_path)
             flags, derived = config.get("flags", {}), config.get("derived", {})
             run.settings = {k: v for k, v in flags.items() if k not in IGNORED_FLAGS}
-            for key in ("weight_bits", "act_bits", "first_last_bits", "float_run"):
+            for key in ("weight_bits", "act_bits", "first_last_bits", "float_run", "method"):
                 if key in derived:
                     run.settings[key] = derived[key]
+            if run.settings.get("method") != "ptq":  # PTQ's own flags mean nothing to a trained run
+                for key in PTQ_FLAGS:
+                    run.settings.pop(key, None)
             run.seed = flags.get("seed")
             run.epochs = flags.get("epochs")
         except (OSError, ValueError, AttributeError) as exc:
@@ -293,7 +301,7 @@ def find_runs(runs_dir: str) -> list[Run]:
 def varying_settings(runs: list[Run]) -> list[str]:
     """Settings whose value differs between runs (runs without a config ignored), in table order."""
     keys = set().union(*(r.settings for r in runs if r.settings))
-    varying = [k for k in keys if k not in ("epochs", "float_run")
+    varying = [k for k in keys if k not in ("epochs", "float_run", "method")
                and len({json.dumps(r.settings.get(k)) for r in runs if r.settings}) > 1]
     order = list(COLUMN_NAMES)
     return sorted(varying, key=lambda k: (order.index(k) if k in order else len(order), k))

@@ -16,7 +16,7 @@
 #
 #   RUNS_DIR    folder of the run folders                           [runs/sweep]
 #   DATA_DIR    --data-dir                                          [./data]
-#   SCENARIOS   rows of the scenario table below, by key            [all five]
+#   SCENARIOS   rows of the scenario table below, by key            [the five QAT ones]
 #   BITS        widths: "2" (W2A2) or "w2a4" (W2, A4); space separated  [2]
 #   LAMBDAS     λ of the BR terms a scenario enables                [1]
 #   SEEDS       --seed values                                       [42 43 44]
@@ -39,6 +39,9 @@
 #
 #   RUNS_DIR=runs/w2a2 DATA_DIR=/data/cifar10 PRETRAINED=results/resnet20_fp32_s42/best.pt \
 #       scripts/sweep.sh -- --no-download --tensorboard
+#
+# The ptq scenario quantizes PRETRAINED after training (cifar10_qat_br.py --ptq: no λ, no
+# epochs; EPOCHS and WARMUP do not apply to it) and needs PRETRAINED.
 #
 # Run folders are named <scenario>_w<W>a<A>_lam<λ>_s<seed> (the LSQ baseline, which has
 # no λ, once per width and seed: lsq_w<W>a<A>_s<seed>). Every run is started with
@@ -76,6 +79,7 @@ wa-stable  1 1 -                          W+A stable
 wa-moving  1 1 --br-backprop-to-alpha-act W+A moving target
 a-only     0 1 -                          A-only
 lsq        0 0 -                          LSQ baseline
+ptq        0 0 --ptq                      PTQ (post-training quantization)
 "
 
 RUNS_DIR=${RUNS_DIR:-runs/sweep}
@@ -123,7 +127,7 @@ EXTRA=("$@")
 # Check the settings before running anything.
 for key in $SCENARIOS; do
     grep -q "^$key " <<<"$SCENARIO_TABLE" ||
-        die "SCENARIOS: unknown scenario '$key' (choose from: w-only wa-stable wa-moving a-only lsq)"
+        die "SCENARIOS: unknown scenario '$key' (choose from: w-only wa-stable wa-moving a-only lsq ptq)"
 done
 for b in $BITS; do
     [[ $b =~ ^[0-9]+$ || $b =~ ^w[0-9]+a[0-9]+$ ]] || die "BITS: '$b' is not N or wNaM (e.g. 2 or w2a4)"
@@ -162,7 +166,8 @@ for seed in $SEEDS; do
                 else
                     name="${key}_w${w}a${a}_lam${lam}_s${seed}"
                 fi
-                flags="--num-bits-weight $w --num-bits-act $a --lambda-br $lam_w --lambda-br-act $lam_a --seed $seed"
+                flags="--num-bits-weight $w --num-bits-act $a --seed $seed"
+                [[ $key != ptq ]] && flags+=" --lambda-br $lam_w --lambda-br-act $lam_a"
                 [[ $extra != "-" ]] && flags+=" $extra"
                 PLAN+=("$name"$'\t'"$flags")
             done
@@ -211,8 +216,10 @@ point() {
     read -r -a flags <<<"${entry#*$'\t'}"
     dir="$RUNS_DIR/$name"
     cmd=("$PYTHON" "$TRAIN" --data-dir "$DATA_DIR" --output-dir "$dir" "${flags[@]}")
-    [[ -n $EPOCHS ]] && cmd+=(--epochs "$EPOCHS")
-    [[ -n $WARMUP ]] && cmd+=(--warmup-epochs "$WARMUP")
+    if [[ $name != ptq_* ]]; then  # PTQ trains nothing
+        [[ -n $EPOCHS ]] && cmd+=(--epochs "$EPOCHS")
+        [[ -n $WARMUP ]] && cmd+=(--warmup-epochs "$WARMUP")
+    fi
     [[ -n $PRETRAINED ]] && cmd+=(--pretrained "$PRETRAINED")
     cmd+=("${EXTRA[@]}" --resume auto)
 }

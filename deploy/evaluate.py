@@ -1,0 +1,68 @@
+"""``--evaluate CKPT``: the test top-1 of a checkpoint, one line, nothing written.
+
+The network is rebuilt from the checkpoint's own configuration (``deploy.restore``) and
+evaluated with the training loop's own evaluation (``engine.top1_accuracy``), so the number
+is exactly the ``test_acc`` the run logged for that epoch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from config import ConfigError, explicit_flags, resolve_device
+from data import DeviceLoader, find_source, load_split
+from deploy.restore import MODEL_FLAGS, describe, restore, step_size_count
+from engine import top1_accuracy
+
+#: Flags that may accompany --evaluate: where the data is, how to run, and model flags (checked
+#: against the checkpoint). Anything else (training flags, an output folder) has no meaning here.
+EVALUATE_FLAGS = frozenset(MODEL_FLAGS) | {"evaluate", "data_dir", "no_download", "device", "workers",
+                                           "eval_batch_size"}
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_setting(name: str, cfg, explicit: set[str], saved_flags: dict):
+    """A how-to-run flag: the command line's when given, else the checkpoint's, else the default."""
+    return getattr(cfg, name) if name in explicit or name not in saved_flags else saved_flags[name]
+
+
+def recorded_accuracy(ckpt: dict) -> tuple[float, int] | None:
+    """``(test top-1 %, epoch)`` the checkpoint's run logged for its epoch, or None (plain state_dict)."""
+    acc = ckpt.get("last_acc")
+    return None if acc is None else (acc, ckpt.get("epoch", 0))
+
+
+def evaluate_checkpoint(cfg, argv: list[str]) -> int:
+    """Run ``--evaluate``: print ``Test top-1 ...`` and return 0.
+
+    Raises:
+        ConfigError: flags that have no meaning with --evaluate, or bad data/device flags.
+        CheckpointError: see ``deploy.restore.restore``. DataError: bad ``--data-dir``.
+    """
+    explicit = explicit_flags(argv)
+    extra = sorted(explicit - EVALUATE_FLAGS)
+    if extra:
+        raise ConfigError(f"--evaluate: {', '.join('--' + k.replace('_', '-') for k in extra)} cannot be combined "
+                          f"with it (it takes the data, device and model flags only)")
+    if cfg.eval_batch_size < 1:
+        raise ConfigError(f"--eval-batch-size must be >= 1, got {cfg.eval_batch_size}")
+    device = resolve_device(cfg.device)
+    model, model_cfg, ckpt = restore(cfg.evaluate, "--evaluate", vars(cfg), explicit)
+    saved = ckpt.get("config", {}).get("flags", {})
+    data_dir = run_setting("data_dir", cfg, explicit, saved)
+    download = not run_setting("no_download", cfg, explicit, saved)
+    source = find_source(data_dir, download=download)
+    test = load_split(source, train=False, download=download, workers=cfg.workers, log=_stderr)
+    loader = DeviceLoader(test, run_setting("eval_batch_size", cfg, explicit, saved), device, train=False)
+    acc = top1_accuracy(model.to(device).eval(), loader, device)
+    line = (f"Test top-1 {acc:.2f}% ({len(test.labels)} images) | {describe(model_cfg)} | "
+            f"{step_size_count(model)} step sizes (α) | data: {source.describe()} | {cfg.evaluate}")
+    recorded = recorded_accuracy(ckpt)
+    if recorded is not None:
+        line += (f" | the PTQ run logged {recorded[0]:.2f}%" if ckpt.get("method") == "ptq"
+                 else f" | the run logged {recorded[0]:.2f}% for epoch {recorded[1]}")
+    print(line, flush=True)
+    return 0

@@ -1,0 +1,306 @@
+"""Post-training quantization (PTQ) baseline: quantize a trained float network without training.
+
+1. Weights: per tensor, the step size α minimising the quantization mean squared error
+   ``mean((clamp(round(w/α), Qn, Qp)·α - w)²)`` (``mse_step_size``: a grid over α, then a
+   golden-section refinement around the best grid point; LSQ's ``2·mean|w|/sqrt(Qp)`` (Esser et
+   al. 2020, section 2.1) is one of the candidates). This is the classic MSE-calibrated
+   uniform quantizer (e.g. Banner et al., "Post training 4-bit quantization", NeurIPS 2019,
+   who solve the same objective analytically for Gaussian/Laplace data).
+2. Activations: the same objective on the input of every quantized layer, sampled from the
+   float network on ``--calib-batches`` seeded batches of training images, augmented as in
+   training (``calibration_batches``).
+3. BatchNorm: running statistics re-estimated on the same batches with the network quantized
+   (``--bn-recalib``; Nagel et al., "A White Paper on Neural Network Quantization", 2021,
+   section 4.3), since quantized weights shift the statistics of every conv output.
+
+Re-estimated statistics also change the float network (its running statistics are averages
+over training steps with moving weights), so a PTQ run also reports the float network with the
+same re-estimation (``float_bn_recalib_test_acc``): the difference to it is what quantization
+costs.
+
+The result is an ordinary fake-quantized model (the same ``LSQQuantizer`` modules QAT
+trains), so ``--evaluate``, ``export.py`` and ``--pretrained`` chains treat it like any run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+
+import torch
+from torch import nn
+
+import runner
+from checkpoint import atomic_torch_save, atomic_write_json
+from config import (ConfigError, act_bits, explicit_flags, first_last_bits, is_float_run, resolve_device,
+                    weight_bits)
+from data import DeviceLoader, Split, load_split
+from engine import seed_everything, top1_accuracy
+from models import build_model
+from quant import MIN_STEP_SIZE, LSQQuantizer, quantize_model, quantized_layers
+
+#: Grid points over (0, 1.25·α_max] (α_max: the smallest step that clips nothing).
+GRID_POINTS = 125
+#: Golden-section iterations around the best grid point (the bracket shrinks by 0.618 each).
+GOLDEN_ITERATIONS = 24
+#: Activation values kept per layer and calibration batch (a seeded random sample beyond that).
+VALUES_PER_BATCH = 1 << 15
+
+#: Flags that only training uses: without effect in a PTQ run, and left out of its config.json.
+TRAINING_FLAGS = ("lambda_br", "lambda_br_act", "br_backprop_to_alpha_act", "freeze_alpha", "freeze_weight_alpha",
+                  "freeze_act_alpha", "epochs", "warmup_epochs", "lr", "momentum", "weight_decay", "amp",
+                  "compile", "tensorboard", "resume", "evaluate")
+
+
+def quantization_mse(x: torch.Tensor, alphas, quant_min: int, quant_max: int) -> torch.Tensor:
+    """``mean((clamp(round(x/α), Qn, Qp)·α - x)²)`` of the 1-D tensor ``x`` for each step size in
+    ``alphas`` (a float or a list), with ``x/α`` in the dtype of ``x`` (as the fake quantizer computes
+    it) and the mean in float64. Returns a float64 tensor of shape ``(len(alphas),)`` (``()`` for a float)."""
+    a = torch.tensor(alphas, dtype=x.dtype).reshape(-1, 1)
+    total = torch.zeros(a.shape[0], dtype=torch.float64)
+    for chunk in x.split(max(1, (1 << 21) // a.shape[0])):  # (candidates, chunk) at most 2M values at once
+        err = torch.clamp(chunk / a, quant_min, quant_max).round_().mul_(a).sub_(chunk)
+        total += err.square_().sum(1, dtype=torch.float64)
+    total /= max(x.numel(), 1)
+    return total if isinstance(alphas, (list, tuple)) else total[0]
+
+
+def mse_step_size(x: torch.Tensor, quant_min: int, quant_max: int) -> float:
+    """The step size α minimising ``quantization_mse(x, α)`` for the grid ``[quant_min, quant_max]``.
+
+    Candidates: LSQ's initial value ``2·mean|x|/sqrt(Qp)`` and ``GRID_POINTS`` steps evenly
+    spaced over ``(0, 1.25·α_max]``, ``α_max = max(max(x)/Qp, min(x)/Qn)`` the smallest step that
+    clips nothing; then ``GOLDEN_ITERATIONS`` of golden-section search between the best
+    candidate's neighbours. The MSE is not unimodal in α (it jumps where values change level),
+    so the refinement is kept only if it improves on the grid.
+
+    Args:
+        x: the values (any shape, float32 for the result to match the fake quantizer).
+        quant_min, quant_max: the integer grid (``quant.integer_range``).
+
+    Returns:
+        α (> 0, at least ``MIN_STEP_SIZE``) as a Python float.
+    """
+    x = x.detach().reshape(-1)
+    start = 2 * float(x.abs().float().mean()) / math.sqrt(quant_max)
+    top = max(float(x.max()) / quant_max, float(x.min()) / quant_min if quant_min < 0 else 0.0)
+    if not top > 0:  # all zero (or all on the side the grid does not cover): nothing to fit
+        return max(start, MIN_STEP_SIZE)
+    spacing = 1.25 * top / GRID_POINTS
+    candidates = [spacing * k for k in range(1, GRID_POINTS + 1)] + ([start] if start > 0 else [])
+    errors = quantization_mse(x, candidates, quant_min, quant_max).tolist()
+    best = min(range(len(candidates)), key=errors.__getitem__)
+    best_alpha, best_err = candidates[best], errors[best]
+    lo, hi = max(best_alpha - spacing, spacing * 1e-3), best_alpha + spacing
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fc, fd = quantization_mse(x, [c, d], quant_min, quant_max).tolist()
+    for _ in range(GOLDEN_ITERATIONS):
+        if fc <= fd:
+            hi, d, fd = d, c, fc
+            c = hi - ratio * (hi - lo)
+            fc = float(quantization_mse(x, c, quant_min, quant_max))
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + ratio * (hi - lo)
+            fd = float(quantization_mse(x, d, quant_min, quant_max))
+    for alpha, err in ((c, fc), (d, fd)):
+        if err < best_err:
+            best_alpha, best_err = alpha, err
+    return max(best_alpha, MIN_STEP_SIZE)
+
+
+def set_step_size(quantizer: LSQQuantizer, alpha: float) -> None:
+    """Give ``quantizer`` the step size ``alpha`` and mark it initialised (as a loaded checkpoint does),
+    so it never re-initialises itself from data."""
+    quantizer.load_state_dict({"alpha": torch.tensor(alpha, dtype=quantizer.alpha.dtype),
+                               "initialized": torch.tensor(True)})
+
+
+def calibration_batches(split: Split, batches: int, batch_size: int, seed: int,
+                        device: torch.device) -> list[torch.Tensor]:
+    """The first ``batches`` training batches of ``batch_size`` images from ``split``, as training draws
+    them (``data.DeviceLoader``: shuffled with ``seed``, random crop and flip), each ``(B, 3, 32, 32)``
+    float32 on ``device``; fewer if the split is smaller.
+
+    Augmented as in training on purpose: the network's BatchNorm layers learned to work with the
+    statistics of augmented batches (the zero-padded crop borders shift them), and re-estimating
+    them on un-augmented images cost a float ResNet-20 2.4 points of test top-1 (79.40 -> 76.99 %
+    on CIFAR-10; 79.55 % with augmented batches; docs/results.md).
+    """
+    loader = DeviceLoader(split, batch_size, device, train=True, seed=seed)
+    out = []
+    for x, _ in loader.batches(epoch=0):
+        if len(out) == batches:
+            break
+        out.append(x)
+    return out
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, batches: list[torch.Tensor], seed: int,
+                 per_batch: int = VALUES_PER_BATCH) -> dict[str, torch.Tensor]:
+    """The inputs of every ``nn.Conv2d`` / ``nn.Linear`` of the float ``model`` on ``batches``.
+
+    Returns:
+        module name -> 1-D float32 CPU tensor: per batch all values, or a seeded random sample of
+        ``per_batch`` of them (with replacement) where a batch holds more, concatenated.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    found: dict[str, list[torch.Tensor]] = {}
+    handles = []
+
+    def keep(name):
+        def hook(_module, args):
+            flat = args[0].detach().reshape(-1).float().cpu()
+            if flat.numel() > per_batch:
+                flat = flat[torch.randint(flat.numel(), (per_batch,), generator=gen)]
+            found.setdefault(name, []).append(flat)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_pre_hook(keep(name)))
+    try:
+        model.eval()
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: torch.cat(parts) for name, parts in found.items()}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Replace every BatchNorm's running mean and variance by their averages over ``batches``
+    (the cumulative average, ``momentum=None``: the mean of the per-batch means and of the
+    per-batch unbiased variances), computed with ``model`` as it is (quantized). Affine
+    parameters are unchanged; the model is left in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    try:
+        model.train()
+        for x in batches:
+            model(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+
+
+def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, first_last_bits_: int,
+                           batches: list[torch.Tensor], seed: int, bn_recalib: bool = True) -> nn.Module:
+    """PTQ of a trained float ``model`` (in place; returned): see the module docstring.
+
+    Args:
+        model: a float network (``models``), weights trained.
+        weight_bits_, act_bits_, first_last_bits_: as ``quant.quantize_model``.
+        batches: calibration inputs (``calibration_batches``).
+        seed: seeds the sampling of activation values.
+        bn_recalib: re-estimate BatchNorm statistics after quantizing.
+
+    Returns:
+        ``model`` with ``QConv2d`` / ``QLinear`` layers whose step sizes are set, in eval mode.
+    """
+    # The float network's layer inputs are what the quantizers quantize (a ReLU the conversion
+    # fuses into a quantizer has already been applied to them).
+    inputs = layer_inputs(model, batches, seed)
+    quantize_model(model, weight_bits_, act_bits_, first_last_bits_)
+    for name, layer in quantized_layers(model).items():
+        for quantizer, values in ((layer.weight_quant, layer.weight), (layer.act_quant, inputs[name])):
+            if quantizer.enabled:
+                set_step_size(quantizer, mse_step_size(values.detach().float().cpu(), quantizer.quant_min,
+                                                       quantizer.quant_max))
+    if bn_recalib:
+        recalibrate_batchnorm(model, batches)
+    return model.eval()
+
+
+def default_output_dir(cfg) -> str:
+    """``results/<arch>_w<W>a<A>_fl<F>_ptq_s<seed>``."""
+    return os.path.join("results", f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{first_last_bits(cfg)}"
+                                   f"_ptq_s{cfg.seed}")
+
+
+def check_flags(cfg, argv: list[str]) -> list[str]:
+    """Refuse what PTQ cannot do; return warnings for training flags that have no effect.
+
+    Raises:
+        ConfigError: no --pretrained, a float bit width, --resume, bad --calib-batches.
+    """
+    if not cfg.pretrained:
+        raise ConfigError("--ptq needs --pretrained FLOAT.pt: the trained float network to quantize")
+    if is_float_run(cfg):
+        raise ConfigError("--ptq: weights and activations are both at 32 bits, nothing to quantize; "
+                          "pass --num-bits (2-8)")
+    if cfg.resume is not None:
+        raise ConfigError("--ptq trains nothing, so there is nothing to --resume")
+    if cfg.calib_batches < 1:
+        raise ConfigError(f"--calib-batches must be >= 1, got {cfg.calib_batches}")
+    given = explicit_flags(argv)
+    return [f"--{k.replace('_', '-')} has no effect with --ptq (no training)" for k in TRAINING_FLAGS if k in given]
+
+
+def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
+    """The ``--ptq`` banner (lines): what is quantized from what, calibration, data, output."""
+    from config import RULE
+    bits = lambda b: "float" if b >= 32 else f"{b}-bit"  # noqa: E731
+    lines = [RULE, "Post-Training Quantization (PTQ, no training)", RULE,
+             f"Model: {cfg.arch}, float weights from {cfg.pretrained}",
+             f"Bits: W{weight_bits(cfg)}A{act_bits(cfg)}; first/last layers {bits(first_last_bits(cfg))}",
+             f"Step sizes: MSE-optimal per tensor; activations from {cfg.calib_batches} training batch(es) of "
+             f"{cfg.batch_size} images, augmented as in training (seed {cfg.seed})",
+             f"BatchNorm re-estimated on them: {'yes' if cfg.bn_recalib else 'no (--no-bn-recalib)'}",
+             f"Data: {source_line}", f"Device: {resolve_device(cfg.device)}", f"Output: {cfg.output_dir}"]
+    lines += [f"WARNING: {w}" for w in warnings]
+    return lines + [RULE]
+
+
+def run(cfg, source) -> int:
+    """The ``--ptq`` run (flags checked, output folder prepared): writes ``config.json``, ``ptq.pt``
+    and ``summary.json`` (``"method": "ptq"``) into ``cfg.output_dir``."""
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    train = load_split(source, train=True, download=not cfg.no_download, workers=cfg.workers)
+    test = load_split(source, train=False, download=not cfg.no_download, workers=cfg.workers)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.arch, clip_value=cfg.clip_value)
+    runner.load_pretrained(model, cfg)
+    model.to(device)
+    test_loader = DeviceLoader(test, cfg.eval_batch_size, device, train=False)
+    float_acc = top1_accuracy(model.eval(), test_loader, device)
+    batches = calibration_batches(train, cfg.calib_batches, cfg.batch_size, cfg.seed, device)
+    float_bn_acc = None
+    if cfg.bn_recalib:  # the float network with the same re-estimated statistics: what PTQ alone costs
+        float_bn = copy.deepcopy(model)
+        recalibrate_batchnorm(float_bn, batches)
+        float_bn_acc = top1_accuracy(float_bn, test_loader, device)
+        del float_bn
+    print(f"Float network: test top-1 {float_acc:.2f}%" + (
+        f" ({float_bn_acc:.2f}% with BatchNorm re-estimated on the calibration batches)" if cfg.bn_recalib else ""),
+        flush=True)
+    quantize_post_training(model, weight_bits(cfg), act_bits(cfg), first_last_bits(cfg), batches, cfg.seed,
+                           cfg.bn_recalib)
+    acc = top1_accuracy(model, test_loader, device)
+    seconds = time.perf_counter() - started
+    config = runner.run_config(cfg, source.describe(), None)
+    for key in TRAINING_FLAGS:
+        config["flags"].pop(key, None)
+    config["derived"].update(method="ptq", calibration_images=sum(len(b) for b in batches))
+    runner.write_config(cfg, config)
+    atomic_torch_save({"model": model.state_dict(), "config": config, "method": "ptq", "epoch": 0,
+                       "last_acc": acc, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc},
+                      os.path.join(cfg.output_dir, "ptq.pt"))
+    atomic_write_json({"status": "finished", "method": "ptq", "final_test_acc": acc, "best_test_acc": None,
+                       "best_epoch": None, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc,
+                       "epochs": 0, "wall_time_s": seconds},
+                      os.path.join(cfg.output_dir, "summary.json"))
+    print(f"Done: PTQ W{weight_bits(cfg)}A{act_bits(cfg)} test top-1 {acc:.2f}% (float {float_acc:.2f}%), "
+          f"{seconds:.0f}s. Results in {cfg.output_dir}")
+    return 0

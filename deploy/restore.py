@@ -1,0 +1,108 @@
+"""Rebuild a network from a checkpoint file: this tool's checkpoints (``last.pt``, ``best.pt``,
+``warmup_end.pt``, ``ptq.pt``) carry their own configuration; a plain float ``state_dict`` takes
+the architecture from the command line.
+
+Files from outside are data, never code: everything is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from checkpoint import CheckpointError, load_data
+from config import act_bits, build_parser, first_last_bits, weight_bits
+from models import build_model
+from quant import quantize_model, step_size_quantizers
+
+#: Flags that define the network (architecture and grids); a checkpoint fixes them.
+MODEL_FLAGS = ("arch", "num_bits", "num_bits_weight", "num_bits_act", "first_last_bits", "clip_value")
+
+
+def model_config(flags: dict) -> dict:
+    """The network a set of flags describes: ``arch``, ``weight_bits``, ``act_bits``, ``first_last_bits``
+    (32 = float), ``clip_value``."""
+    ns = argparse.Namespace(**{**vars(build_parser().parse_args([])), **flags})
+    return {"arch": ns.arch, "weight_bits": weight_bits(ns), "act_bits": act_bits(ns),
+            "first_last_bits": first_last_bits(ns), "clip_value": ns.clip_value}
+
+
+def describe(model_cfg: dict) -> str:
+    """``resnet20 W2A2, first/last 8-bit`` or ``resnet20 float``."""
+    w, a, fl = model_cfg["weight_bits"], model_cfg["act_bits"], model_cfg["first_last_bits"]
+    if min(w, a) >= 32:
+        text = f"{model_cfg['arch']} float"
+    else:
+        text = f"{model_cfg['arch']} W{w}A{a}, first/last {'float' if fl >= 32 else f'{fl}-bit'}"
+    return text + (f", activations clipped to [0, {model_cfg['clip_value']:g}]" if model_cfg["clip_value"] else "")
+
+
+def build_network(model_cfg: dict) -> nn.Module:
+    """The (fake-quantized) network of ``model_config``, freshly initialised."""
+    model = build_model(model_cfg["arch"], clip_value=model_cfg["clip_value"])
+    return quantize_model(model, model_cfg["weight_bits"], model_cfg["act_bits"], model_cfg["first_last_bits"])
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def restore(path: str, what: str, cli_flags: dict, explicit: set[str]) -> tuple[nn.Module, dict, dict]:
+    """Rebuild the network stored in ``path`` and load its weights.
+
+    A checkpoint of this tool is rebuilt from its own configuration; a plain float
+    ``state_dict`` (parameter name -> tensor) from ``cli_flags`` (``arch``, ``clip_value``).
+    Model flags (``MODEL_FLAGS``) given on the command line (``explicit``) must agree with
+    the checkpoint.
+
+    Returns:
+        ``(model in eval mode on the CPU, model_config, checkpoint dict or {} for a state_dict)``.
+
+    Raises:
+        CheckpointError: unreadable file, neither kind of file, a quantized plain state_dict,
+            weights that do not fit the configuration, or model flags that contradict it.
+    """
+    obj = load_data(path, what)
+    if isinstance(obj, dict) and "model" in obj and "config" in obj:
+        ckpt, state = obj, obj["model"]
+        saved = model_config(obj["config"].get("flags", {}))
+    elif _is_state_dict(obj):
+        ckpt, state = {}, obj
+        if any("_quant." in k for k in state):
+            raise CheckpointError(f"{what}: {path} is a plain state_dict of a quantized model; its bit widths are "
+                                  f"unknown: pass a checkpoint written by cifar10_qat_br.py")
+        saved = model_config({"arch": cli_flags["arch"], "clip_value": cli_flags["clip_value"], "num_bits": 32})
+        explicit = explicit - {"arch", "clip_value"}
+    else:
+        raise CheckpointError(f"{what}: {path} is neither a checkpoint written by cifar10_qat_br.py nor a "
+                              f"state_dict (parameter name -> tensor)")
+    given = {k: cli_flags[k] for k in MODEL_FLAGS if k in explicit}
+    if given:
+        base = ckpt.get("config", {}).get("flags", {}) if ckpt else {"arch": saved["arch"], "num_bits": 32}
+        wanted = model_config({**base, **given})
+        if wanted != saved:
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+            hint = (f"; to quantize a float network use --ptq --pretrained {path}"
+                    if min(saved["weight_bits"], saved["act_bits"]) >= 32 else "")
+            raise CheckpointError(f"{what}: {path} holds {describe(saved)}; {flags} contradicts it (the model is "
+                                  f"rebuilt from the checkpoint's own configuration: drop the flag){hint}")
+    try:
+        model = build_network(saved)
+    except ValueError as exc:
+        raise CheckpointError(f"{what}: {path}: cannot build its model ({exc})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{what}: {path} does not fit {describe(saved)} ({first})") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a tensor of the wrong kind in a corrupt file
+        raise CheckpointError(f"{what}: {path}: cannot load its weights ({type(exc).__name__}: {exc})") from None
+    return model.eval(), saved, ckpt
+
+
+def step_size_count(model: nn.Module) -> int:
+    """Number of step sizes α (enabled quantizers) in ``model``."""
+    return len(step_size_quantizers(model))

@@ -1,0 +1,264 @@
+"""--evaluate, PTQ (--ptq), ONNX QDQ and integer export: tiny runs, values worked out independently."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import TINY, run_cli
+from deploy.ptq import mse_step_size, quantize_post_training, recalibrate_batchnorm
+from models import build_model
+
+FLOAT = ["--num-bits", "32", "--lambda-br", "0", "--lambda-br-act", "0", "--epochs", "1", "--warmup-epochs", "0",
+         "--batch-size", "16", "--workers", "0", "--no-download"]
+
+
+@pytest.fixture(scope="module")
+def runs(shared_folder, tmp_path_factory):
+    """A tiny W2A2 QAT run (1 warmup + 1 BR epoch) and a tiny float run (1 epoch)."""
+    root = tmp_path_factory.mktemp("deploy")
+    assert run_cli(["--data-dir", shared_folder, "--output-dir", root / "w2a2", *TINY])[0] == 0
+    assert run_cli(["--data-dir", shared_folder, "--output-dir", root / "fp", *FLOAT])[0] == 0
+    return root
+
+
+def _metrics(run):
+    with open(run / "metrics.jsonl") as f:
+        return {r["epoch"]: r for r in map(json.loads, f)}
+
+
+def _evaluate(capsys, path, *flags):
+    rc, out, err = run_cli(["--evaluate", path, "--workers", "0", *flags], capsys)
+    return rc, out, err
+
+
+def _printed_acc(out):
+    line, = out.strip().splitlines()
+    assert line.startswith("Test top-1 ")
+    return line.split()[2]
+
+
+# -- --evaluate ----------------------------------------------------------------------------------
+
+def test_evaluate_prints_the_logged_test_acc_of_every_checkpoint(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = _metrics(runs / "w2a2")
+    for name, epoch in (("warmup_end.pt", 1), ("last.pt", 2), ("best.pt", rows[2]["best_epoch"])):
+        rc, out, err = _evaluate(capsys, runs / "w2a2" / name)
+        assert rc == 0, err
+        assert _printed_acc(out) == f"{rows[epoch]['test_acc']:.2f}%"
+        assert "W2A2, first/last 8-bit" in out and "40 step sizes (α)" in out and "image folder at" in out
+    rc, out, _ = _evaluate(capsys, runs / "fp" / "last.pt")
+    assert rc == 0 and _printed_acc(out) == f"{_metrics(runs / 'fp')[1]['test_acc']:.2f}%"
+    assert "resnet20 float" in out and "0 step sizes" in out
+    assert os.listdir(tmp_path) == []  # no output folder, nothing written
+
+
+def test_evaluate_a_plain_float_state_dict(runs, shared_folder, tmp_path, capsys):
+    ckpt = torch.load(runs / "fp" / "last.pt", weights_only=False)
+    plain = tmp_path / "plain.pt"
+    torch.save(ckpt["model"], plain)
+    rc, out, err = _evaluate(capsys, plain, "--data-dir", shared_folder, "--no-download")
+    assert rc == 0, err
+    assert _printed_acc(out) == f"{ckpt['last_acc']:.2f}%"
+
+
+def test_evaluate_refuses_bad_input_with_one_line(runs, shared_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    q, f = runs / "w2a2" / "last.pt", runs / "fp" / "last.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(q.read_bytes()[:2000])
+    plain = tmp_path / "plain.pt"
+    torch.save(torch.load(f, weights_only=False)["model"], plain)
+    cases = [
+        ((q, "--num-bits", "4"), "holds resnet20 W2A2, first/last 8-bit; --num-bits 4 contradicts it"),
+        ((q, "--arch", "resnet32"), "--arch resnet32 contradicts it"),
+        ((f, "--num-bits", "2"), "to quantize a float network use --ptq --pretrained"),
+        ((truncated,), "is not a readable checkpoint"),
+        ((tmp_path / "missing.pt",), "no checkpoint at"),
+        ((plain, "--arch", "resnet32", "--data-dir", shared_folder), "does not fit resnet32 float"),
+        ((plain, "--num-bits", "2", "--data-dir", shared_folder), "--num-bits 2 contradicts it"),
+        ((q, "--epochs", "3"), "--evaluate: --epochs cannot be combined with it"),
+    ]
+    for args, message in cases:
+        rc, out, err = _evaluate(capsys, *args)
+        assert rc == 2 and out == "", args
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (args, err)
+    assert sorted(os.listdir(tmp_path)) == ["plain.pt", "truncated.pt"]
+
+
+def test_evaluate_accepts_model_flags_that_agree(runs, capsys):
+    rc, out, _ = _evaluate(capsys, runs / "w2a2" / "last.pt", "--num-bits", "2", "--first-last-bits", "8")
+    assert rc == 0 and "W2A2" in out
+
+
+# -- PTQ: the step-size search -------------------------------------------------------------------
+
+def _mse(x, alpha, qmin, qmax):
+    """The quantization MSE written out element by element (the slow obvious reference)."""
+    total = 0.0
+    for v in x.tolist():
+        level = min(max(round(v / alpha), qmin), qmax)  # Python's round is half to even, as torch.round
+        total += (level * alpha - v) ** 2
+    return total / len(x)
+
+
+@pytest.mark.parametrize("values,qmin,qmax,alpha", [
+    ([0.0, 1.0, 2.0, 3.0], 0, 3, 1.0),             # unsigned 2-bit: α = 1 puts every value on a level
+    ([-0.6, -0.3, 0.0, 0.3], -2, 1, 0.3),         # signed 2-bit [-2, 1]
+    ([0.0, 0.5, 1.0, 7.5], 0, 15, 0.5),           # unsigned 4-bit
+])
+def test_mse_step_size_finds_the_exact_grid_by_hand(values, qmin, qmax, alpha):
+    found = mse_step_size(torch.tensor(values), qmin, qmax)
+    assert found == pytest.approx(alpha, rel=1e-3)
+    assert _mse(torch.tensor(values), found, qmin, qmax) < 1e-8
+
+
+def test_mse_step_size_against_a_brute_force_search():
+    x = torch.randn(400, generator=torch.Generator().manual_seed(0))
+    for qmin, qmax in ((-2, 1), (-8, 7), (0, 3)):
+        values = x.relu() if qmin == 0 else x
+        found = _mse(values, mse_step_size(values, qmin, qmax), qmin, qmax)
+        top = float(values.abs().max())
+        brute = min(_mse(values, top * k / 2000, qmin, qmax) for k in range(1, 2001))
+        assert found <= brute * 1.001, (qmin, qmax)
+
+
+def test_bn_recalibration_gives_the_calibration_batches_statistics_by_hand():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3))
+    model[1].running_mean.fill_(5.0)
+    batches = [torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3) + 1]
+    recalibrate_batchnorm(model, batches)
+    w = model[0].weight.detach()[:, :, 0, 0]  # (3, 2)
+    means, variances = [], []
+    for x in batches:
+        y = torch.einsum("oc,nchw->onhw", w, x).reshape(3, -1)
+        means.append(y.mean(1))
+        variances.append(y.var(1, unbiased=True))
+    assert torch.allclose(model[1].running_mean, (means[0] + means[1]) / 2, atol=1e-6)
+    assert torch.allclose(model[1].running_var, (variances[0] + variances[1]) / 2, atol=1e-6)
+    assert model[1].momentum == 0.1 and not model.training
+
+
+def test_w8a8_ptq_keeps_the_float_networks_outputs():
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    test = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(test)
+        quantize_post_training(model, 8, 8, 8, batches, seed=0, bn_recalib=False)
+        logits = model(test)
+    rel = (logits - reference).norm() / reference.norm()
+    assert rel < 0.05, float(rel)
+    assert len([m for m in model.modules() if hasattr(m, "weight_quant")]) == 20
+
+
+def test_ptq_run_folder_evaluate_and_summary(runs, shared_folder, tmp_path, capsys):
+    out = tmp_path / "ptq"
+    rc, stdout, err = run_cli(["--ptq", "--pretrained", runs / "fp" / "last.pt", "--num-bits", "4", "--data-dir",
+                               shared_folder, "--output-dir", out, "--batch-size", "16", "--calib-batches", "2",
+                               "--workers", "0", "--no-download", "--lr", "0.5"], capsys)
+    assert rc == 0, err
+    assert "WARNING: --lr has no effect with --ptq" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert summary["method"] == "ptq" and summary["status"] == "finished" and summary["epochs"] == 0
+    assert config["derived"]["method"] == "ptq" and config["derived"]["weight_bits"] == 4
+    assert "lr" not in config["flags"] and config["flags"]["calib_batches"] == 2
+    assert summary["float_test_acc"] == torch.load(runs / "fp" / "last.pt", weights_only=False)["last_acc"]
+    assert 0 <= summary["float_bn_recalib_test_acc"] <= 100
+    rc, stdout, _ = _evaluate(capsys, out / "ptq.pt")
+    assert rc == 0 and _printed_acc(stdout) == f"{summary['final_test_acc']:.2f}%" and "W4A4" in stdout
+    import summarize
+    markdown, rows, _ = summarize.build_tables(summarize.find_runs(str(tmp_path)))
+    assert rows[0]["scenario"] == "PTQ" and rows[0]["final_top1_mean"] == summary["final_test_acc"]
+
+
+def test_ptq_refuses_what_it_cannot_do(runs, shared_folder, tmp_path, capsys):
+    base = ["--ptq", "--data-dir", shared_folder, "--output-dir", tmp_path / "o", "--no-download"]
+    for flags, message in (([], "--ptq needs --pretrained"),
+                           (["--pretrained", runs / "fp" / "last.pt", "--num-bits", "32"], "nothing to quantize"),
+                           (["--pretrained", runs / "w2a2" / "last.pt"], "quantized checkpoint"),
+                           (["--pretrained", runs / "fp" / "last.pt", "--calib-batches", "0"], "--calib-batches")):
+        rc, _, err = run_cli(base + flags, capsys)
+        assert rc == 2 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+# -- export.py -------------------------------------------------------------------------------------
+
+def test_export_writes_checked_onnx_and_integer_files(runs, tmp_path, capsys):
+    import export
+    out = tmp_path / "exp"
+    rc = export.main([str(runs / "w2a2" / "last.pt"), "--out", str(out), "--workers", "0"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    report = json.loads((out / "export.json").read_text())
+    logged = _metrics(runs / "w2a2")[2]["test_acc"]
+    assert report["pytorch_top1"] == logged  # the fake-quant model is the run's, exactly
+    assert abs(report["onnx_top1"] - logged) <= 0.05 and report["integer_prediction_agreement"] >= 0.999
+    assert report["checks_passed"] and report["onnx_opset"] == 25
+    assert report["onnx_logits_within_tolerance"] >= 0.75 and report["integer_logits_within_tolerance"] >= 0.75
+    assert report["bytes"]["model_int.npz"] == os.path.getsize(out / "model_int.npz")
+    assert report["bytes"]["model_int.npz"] < report["bytes"]["float32_state_dict"] / 5
+    assert "onnxruntime" in stdout and "integer reference" in stdout
+    import onnx
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
+
+
+def test_export_refuses_bad_input_and_writes_nothing(runs, tmp_path, capsys):
+    import export
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes((runs / "w2a2" / "last.pt").read_bytes()[:1000])
+    for ckpt, message in ((runs / "fp" / "last.pt", "expects a quantized checkpoint"),
+                          (truncated, "is not a readable checkpoint"),
+                          (tmp_path / "missing.pt", "no checkpoint at")):
+        rc = export.main([str(ckpt), "--out", str(tmp_path / "out"), "--workers", "0"])
+        _, err = capsys.readouterr()
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "out").exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model.onnx").write_bytes(b"x")
+    rc = export.main([str(runs / "w2a2" / "last.pt"), "--out", str(taken), "--workers", "0"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "already holds an export" in err and (taken / "model.onnx").read_bytes() == b"x"
+
+
+def test_calibration_batches_are_seeded_training_batches():
+    from data import Split
+    from deploy.ptq import calibration_batches
+    split = Split(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.zeros(40, dtype=torch.long))
+    cpu = torch.device("cpu")
+    a, b = calibration_batches(split, 2, 16, 7, cpu), calibration_batches(split, 2, 16, 7, cpu)
+    assert [x.shape for x in a] == [(16, 3, 32, 32)] * 2 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(calibration_batches(split, 1, 16, 8, cpu)[0], a[0])
+    assert [len(x) for x in calibration_batches(split, 5, 16, 7, cpu)] == [16, 16, 8]  # all there is
+
+
+def test_sweep_plans_ptq_once_per_width_without_training_flags(tmp_path):
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, RUNS_DIR=str(tmp_path / "s"), SCENARIOS="lsq ptq", BITS="2 4", LAMBDAS="1 0.5",
+               SEEDS="1", EPOCHS="3", WARMUP="1", PRETRAINED="/f.pt")
+    out = subprocess.run(["bash", os.path.join(repo, "scripts", "sweep.sh"), "-n"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    commands = [line.strip() for line in out.stdout.splitlines() if line.startswith("    ")]
+    ptq = [c for c in commands if "--ptq" in c]
+    assert len(commands) == 4 and len(ptq) == 2  # lsq and ptq, once per width (no λ)
+    for width, cmd in zip((2, 4), ptq):
+        assert f"ptq_w{width}a{width}_s1 " in cmd + " " and "--pretrained /f.pt" in cmd
+        assert "--epochs" not in cmd and "--lambda-br" not in cmd and "--warmup-epochs" not in cmd
+
+
+def test_ptq_flags_without_ptq_get_a_banner_warning(capsys):
+    rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--calib-batches", "4"], capsys)
+    assert rc == 0 and "WARNING: --calib-batches / --no-bn-recalib have no effect without --ptq" in out
+    rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent"], capsys)
+    assert rc == 0 and "--calib-batches" not in out.split("Resolved config:")[0]
