@@ -395,6 +395,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         train = self.train_epoch(epoch)
         train_seconds = time.perf_counter() - start
+        # the training steps' peak, before the evaluation's batches (of another size) count
+        train_peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         if epoch == self.cfg.warmup_epochs + 1:
             self._warn_if_br_dominates(epoch, train)
         bad = self._first_non_finite_parameter()
@@ -421,8 +423,8 @@ class Trainer:
             self.tb.log_epoch(row, self.model)
         if self.output_dir is not None:
             timing = {"epoch": epoch, "seconds": seconds, "train_seconds": train_seconds, "train_images": train["images"]}
-            if self.device.type == "cuda":
-                timing["peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            if train_peak is not None:
+                timing["peak_memory_mb"] = train_peak / 2**20
             self._save_epoch(row, timing, epoch, config, improved=self.best_epoch == epoch)
         return row
 
