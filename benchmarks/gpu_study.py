@@ -52,7 +52,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from checkpoint import load_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, read_jsonl  # noqa: E402
 from data import find_source, load_split  # noqa: E402
 
 ENTRY = os.path.join(ROOT, "cifar10_qat_br.py")
@@ -213,10 +213,10 @@ class Run:
                 pass
 
     def timing(self) -> list[dict]:
-        return _read_jsonl(os.path.join(self.dir, "timing.jsonl"))
+        return read_jsonl(os.path.join(self.dir, "timing.jsonl"))
 
     def metrics(self) -> list[dict]:
-        return _read_jsonl(os.path.join(self.dir, "metrics.jsonl"))
+        return read_jsonl(os.path.join(self.dir, "metrics.jsonl"))
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -224,14 +224,6 @@ class Run:
                 return "".join(f.readlines()[-lines:])
         except OSError:
             return ""
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    try:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError):
-        return []
 
 
 def wait_all(study: Study, runs: list[Run], deadline: float | None = None) -> None:
