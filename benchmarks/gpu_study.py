@@ -53,7 +53,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from checkpoint import load_checkpoint, read_jsonl  # noqa: E402
-from data import find_source, load_split  # noqa: E402
+from data import DataError, find_source, load_split  # noqa: E402
 
 ENTRY = os.path.join(ROOT, "cifar10_qat_br.py")
 
@@ -109,6 +109,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"for testing it with small --max-*-epochs)")
     if not os.path.exists(args.data):
         p.error(f"--data {args.data}: no such file or folder")
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        p.error(f"--budget-s must be a number of seconds > 0, got {args.budget_s}")
+    if len(set(args.seeds)) < len(args.seeds) or len(set(args.scenarios)) < len(args.scenarios):
+        p.error("--seeds and --scenarios must not repeat a value (each run has its own folder)")
+    for flag, folder in (("--out", args.out), ("--workdir", args.workdir)):
+        if folder and os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+            p.error(f"{flag} {folder} is not an empty folder: a study writes into a new or empty one, so that "
+                    f"nothing of an earlier study mixes into its data, runs or results")
     return args
 
 
@@ -122,8 +130,9 @@ class Study:
         self.runs_dir = os.path.join(self.workdir, "runs")
         os.makedirs(self.runs_dir, exist_ok=True)
         os.makedirs(args.out, exist_ok=True)
-        self.log_file = open(os.path.join(args.out, "study.log"), "a")
+        self.log_file = open(os.path.join(args.out, "study.log"), "w")
         self.phases: dict[str, float] = {}
+        self.started: list[Run] = []  # every run started, so that none outlives the study
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -198,6 +207,7 @@ class Run:
             self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             cwd=ROOT, start_new_session=True)
         self.started, self.wall_s = time.monotonic(), None
+        study.started.append(self)
 
     def poll(self):
         rc = self.process.poll()
@@ -227,26 +237,33 @@ class Run:
 
 
 def wait_all(study: Study, runs: list[Run], deadline: float | None = None) -> None:
-    """Wait for every run; at ``deadline`` (default: the study's) SIGTERM the rest, then SIGKILL."""
+    """Wait for every run; at ``deadline`` (default: the study's) stop the rest (``stop_runs``)."""
     deadline = study.deadline if deadline is None else deadline
     while any(r.poll() is None for r in runs):
         if time.monotonic() >= deadline:
-            going = [r for r in runs if r.poll() is None]
-            study.log(f"deadline: stopping {', '.join(r.name for r in going)} (finished epochs are kept)")
-            for r in going:
-                r.stop()
-            grace = time.monotonic() + 15
-            while any(r.poll() is None for r in going) and time.monotonic() < grace:
-                time.sleep(0.2)
-            for r in going:
-                r.stop(signal.SIGKILL)
-                r.process.wait()
-                r.poll()
+            stop_runs(study, runs)
             break
         time.sleep(0.2)
     for r in runs:
         if r.poll() not in (0, None):
             study.log(f"run {r.name} exited with {r.poll()}; the end of its log:\n{r.log_tail()}")
+
+
+def stop_runs(study: Study, runs: list[Run]) -> None:
+    """SIGTERM every run still going (each keeps its finished epochs), SIGKILL after 15 s."""
+    going = [r for r in runs if r.poll() is None]
+    if not going:
+        return
+    study.log(f"stopping {', '.join(r.name for r in going)} (finished epochs are kept)")
+    for r in going:
+        r.stop()
+    grace = time.monotonic() + 15
+    while any(r.poll() is None for r in going) and time.monotonic() < grace:
+        time.sleep(0.2)
+    for r in going:
+        r.stop(signal.SIGKILL)
+        r.process.wait()
+        r.poll()
 
 
 def probe_measure(run: Run, images: int) -> dict:
@@ -338,7 +355,8 @@ def plot_curves(float_run: Run | None, qat_runs: dict, warmup: int, path: str) -
     if warmup:
         ax_q.axvline(warmup + 0.5, color="k", linewidth=0.8, linestyle=":")
     ax_q.set(title="W2A2 QAT (line style: seed; dotted line: end of warmup)", xlabel="epoch", ylabel="test top-1 (%)")
-    ax_q.legend(fontsize=8)
+    if ax_q.get_legend_handles_labels()[0]:
+        ax_q.legend(fontsize=8)
     for ax in (ax_f, ax_q):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -395,9 +413,15 @@ def main(argv=None) -> int:
     runs: dict = {"float": None, "qat": {}, "warmup": 0}
     try:
         run_study(study, result, runs)
-    except RuntimeError as exc:
-        result["error"] = str(exc)
-        study.log(f"error: {exc}")
+    except (RuntimeError, DataError, OSError, EOFError, tarfile.TarError) as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RuntimeError) else str(exc)
+        study.log(f"error: {result['error']}")
+    finally:  # a phase that failed may leave runs going (the float run beside the probes)
+        stop_runs(study, study.started)
+    failed = [name for name, r in result.get("runs", {}).items() if r["exit"] != 0]
+    if failed and "error" not in result:
+        result["error"] = f"{len(failed)} QAT run(s) did not finish: {', '.join(failed)} (see study.log)"
+        study.log(f"error: {result['error']}")
     write_results(study, result, runs["float"], runs["qat"], runs["warmup"])
     return 1 if "error" in result else 0
 
@@ -475,7 +499,7 @@ def run_study(study: Study, result: dict, runs: dict) -> None:
     qat_runs = runs["qat"] = {(key, i): Run(study, "qat", qat_name(key, args.bits, seed),
                               qat_flags(args, key, seed, qat_epochs, pretrained), data_dir, concurrent=len(grid))
                 for key, i, seed in grid}
-    wait_all(study, list(qat_runs.values()), deadline=study.deadline - RESERVE_S + 10)
+    wait_all(study, list(qat_runs.values()), deadline=study.deadline - RESERVE_S)  # 15 s grace, 10 s for results
     study.phase("qat_runs", since)
 
     result["measured"] = {"float_probe": float_measure, "float_epoch_s_predicted": float_epoch_s,

@@ -71,3 +71,26 @@ def test_without_a_gpu_the_study_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         gpu_study.parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
     assert exc.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_folder_holding_an_earlier_study_or_repeated_values_are_refused(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "study.json").write_text("{}")
+    for argv, words in ((["--out", str(tmp_path / "out")], "--out"),
+                        (["--out", str(tmp_path / "new"), "--seeds", "42,42"], "repeat"),
+                        (["--out", str(tmp_path / "new"), "--budget-s", "nan"], "--budget-s")):
+        with pytest.raises(SystemExit) as exc:
+            gpu_study.parse_args(["--data", str(tmp_path), "--device", "cpu"] + argv)
+        assert exc.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_failing_phase_is_reported_and_stops_every_run(tmp_path):
+    data = tmp_path / "broken"  # a training split, but no test split
+    (data / "train" / "cat").mkdir(parents=True)
+    out = tmp_path / "out"
+    rc = gpu_study.main(["--data", str(data), "--out", str(out), "--workdir", str(tmp_path / "work"),
+                         "--device", "cpu"])
+    assert rc == 1
+    result = json.loads((out / "study.json").read_text())
+    assert "DataError" in result["error"] and "test" in result["error"]
+    assert "error: DataError" in (out / "study.log").read_text()
