@@ -77,7 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="CIFAR-10 image folder, or a .tar.gz of one")
     p.add_argument("--out", required=True, help="folder for the results (8 files at most)")
-    p.add_argument("--workdir", default=None, help="folder for the data and the run folders [a temp dir]")
+    p.add_argument("--workdir", default=None,
+                   help="new or empty folder for the unpacked tarball, the probe subset and the run folders "
+                        "(kept afterwards; a folder given as --data gets its decoded cache itself, as with "
+                        "cifar10_qat_br.py) [a new folder under the system's temp dir]")
     p.add_argument("--budget-s", type=float, default=540.0, help="wall time of everything [540]")
     p.add_argument("--device", default="cuda", help="cuda, or cpu to test the script [cuda]")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated keys [{','.join(SCENARIOS)}]")
