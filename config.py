@@ -154,8 +154,8 @@ def resolve_defaults(cfg) -> set[str]:
     destinations that were filled, for the banner.
     """
     filled = set()
-    if cfg.warmup_epochs is None:
-        cfg.warmup_epochs = default_warmup_epochs(cfg.epochs)
+    if cfg.warmup_epochs is None:  # a float run has nothing to warm up: all its epochs are alike
+        cfg.warmup_epochs = 0 if is_float_run(cfg) else default_warmup_epochs(cfg.epochs)
         filled.add("warmup_epochs")
     return filled
 
@@ -348,11 +348,8 @@ def frozen_kinds(cfg) -> tuple[bool, bool]:
     return cfg.freeze_alpha or cfg.freeze_weight_alpha, cfg.freeze_alpha or cfg.freeze_act_alpha
 
 
-def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = frozenset()) -> list[str]:
-    """The run banner (lines), in the wording researchers grep for.
-
-    ``defaulted``: the flags ``resolve_defaults`` filled in, which the banner says.
-    """
+def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
+    """The banner's title, stages, BR configuration and alpha control of a quantized run."""
     w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
     E, W = cfg.epochs, cfg.warmup_epochs
     freeze_w, freeze_a = frozen_kinds(cfg)
@@ -362,15 +359,12 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     lines = [RULE, "Starting 2-Stage QAT+BR Training", RULE]
     rule = (f"30 % of {E} epoch{'s' if E != 1 else ''}, as --warmup-epochs was not given"
             if "warmup_epochs" in defaulted else "")
-    stage1 = "float, nothing quantized" if is_float_run(cfg) else "LSQ only"
     if W > 0:
-        lines.append(f"Stage 1 (Warmup): Epochs 1-{W} ({stage1}" + (f"; {rule})" if rule else ")"))
+        lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only" + (f"; {rule})" if rule else ")"))
     else:
         lines.append(f"Stage 1 (Warmup): none ({rule or '--warmup-epochs 0'})")
     if E > W:
-        if is_float_run(cfg):
-            what = " (float, nothing quantized: no BR)"
-        elif cfg.lambda_br == 0 and cfg.lambda_br_act == 0:
+        if cfg.lambda_br == 0 and cfg.lambda_br_act == 0:
             what = " (both λ = 0: LSQ only, no BR)"
         else:
             what = "" if w_br or a_br else " (no BR term has an effect: LSQ only)"
@@ -403,6 +397,21 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     if not cfg.freeze_alpha and (freeze_w or freeze_a):
         kinds = " and ".join(k for k, f in (("weight", freeze_w), ("activation", freeze_a)) if f)
         lines.append(f"  - Frozen after warmup anyway: {kinds} alpha (--freeze-{'weight' if freeze_w else 'act'}-alpha)")
+    return lines
+
+
+def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = frozenset()) -> list[str]:
+    """The run banner (lines), in the wording researchers grep for.
+
+    ``defaulted``: the flags ``resolve_defaults`` filled in, which the banner says.
+    """
+    w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
+    E = cfg.epochs
+    if is_float_run(cfg):  # no quantizers: no stages, no BR, no step sizes to speak of
+        lines = [RULE, "Starting float training (the baseline: nothing quantized)", RULE,
+                 f"Schedule: epochs 1-{E}, float; no quantizers, so no BR and no step sizes (alpha)"]
+    else:
+        lines = _qat_schedule_lines(cfg, defaulted)
     lines.append(RULE)
     bits = lambda b: "float" if b >= FULL_PRECISION_BITS else f"{b}-bit"  # noqa: E731
     lines.append(f"Model: {cfg.arch}" + (f" {n_layers}" if n_layers else ""))

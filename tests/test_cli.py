@@ -86,9 +86,7 @@ BR Configuration:
     assert "random initialisation" in out
 
 
-@pytest.mark.parametrize("bits,w_state,a_state", [
-    (["--num-bits", "32"], "[NO EFFECT: weights are not quantized (32 bits)]",
-     "[NO EFFECT: activations are not quantized (32 bits)]"),
+@pytest.mark.parametrize("bits,w_state,a_state", [  # (a float run's banner has no BR block at all)
     (["--num-bits-weight", "2", "--num-bits-act", "32"], "[ENABLED]",
      "[NO EFFECT: activations are not quantized (32 bits)]"),
     (["--num-bits-weight", "32", "--num-bits-act", "2"], "[NO EFFECT: weights are not quantized (32 bits)]",
@@ -106,10 +104,13 @@ def test_banner_never_enables_a_br_term_without_quantized_tensors(capsys, bits, 
 
 def test_float_run_banner_speaks_of_no_quantization(capsys):
     lines = _banner(capsys, "--num-bits", "32", "--lambda-br", "0", "--lambda-br-act", "0", "--epochs", "10").splitlines()
-    assert "Stage 1 (Warmup): Epochs 1-3 (float, nothing quantized; 30 % of 10 epochs, as --warmup-epochs was " \
-           "not given)" in lines
-    assert "Stage 2 (BR): Epochs 4-10 (float, nothing quantized: no BR)" in lines
-    assert not any("[ENABLED]" in x for x in lines)
+    assert "Starting float training (the baseline: nothing quantized)" in lines
+    assert "Schedule: epochs 1-10, float; no quantizers, so no BR and no step sizes (alpha)" in lines
+    assert not any(x.startswith(("Stage", "BR Configuration", "Alpha Control")) or "[ENABLED]" in x for x in lines)
+    # the default λ = 1 of both terms has nothing to act on: said once each, as a warning
+    lines = _banner(capsys, "--num-bits", "32").splitlines()
+    assert sum(x.startswith(("WARNING: --lambda-br has no effect", "WARNING: --lambda-br-act has no effect"))
+               for x in lines) == 2
 
 
 def test_useless_flag_gets_a_banner_warning(capsys):

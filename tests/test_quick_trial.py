@@ -57,13 +57,12 @@ def test_cli_quick_trial_with_epochs_alone_and_a_subset(shared_folder, tmp_path,
                                "--train-subset", "20", "--batch-size", "16", "--workers", "0", "--num-bits", "32",
                                "--lambda-br", "0", "--lambda-br-act", "0"], capsys)
     assert rc == 0, err
-    assert "Stage 1 (Warmup): Epochs 1-1 (float, nothing quantized; 30 % of 2 epochs, as --warmup-epochs was not " \
-           "given)" in stdout
+    assert "Schedule: epochs 1-2, float; no quantizers, so no BR and no step sizes (alpha)" in stdout
     assert "training on a class-balanced subset of 20 images (--train-subset, seed 42)" in stdout
     assert "Data: 20 train (class-balanced subset of 40, --train-subset) / 20 test images" in stdout
     assert json.loads((out / "summary.json").read_text())["train_subset"] == 20
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == [1, 2]
+    assert [r["stage"] for r in rows] == [2, 2]  # a float run gets no warmup by default: nothing to warm up
 
 
 def test_default_output_folder_names_the_subset(capsys):
