@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             lock.release()
 
 
+def _has_checkpoint(cfg) -> bool:
+    """Whether the run folder holds a finished epoch (last.pt)."""
+    return os.path.exists(os.path.join(cfg.output_dir, "last.pt"))
+
+
 def train(cfg, source, ckpt) -> int:
     device = cfgmod.resolve_device(cfg.device)
     cpu_kernels = None
@@ -136,12 +141,17 @@ def train(cfg, source, ckpt) -> int:
     try:
         summary = trainer.fit(run_config)
     except NonFiniteError as exc:
-        print(f"error: {exc}. Stopped; the last good checkpoint is {cfg.output_dir}/last.pt "
-              f"(no metrics were written for the failed epoch)", file=sys.stderr)
+        kept = (f"the last good checkpoint is {cfg.output_dir}/last.pt" if _has_checkpoint(cfg)
+                else "no epoch had finished, so nothing was saved")
+        print(f"error: {exc}. Stopped; {kept} (no metrics were written for the failed epoch)", file=sys.stderr)
         return 3
     except Interrupted as exc:
-        print(f"\nInterrupted by {exc}; finished epochs are saved in {cfg.output_dir}/last.pt. "
-              f"Resume with: {runner.resume_command(cfg)}", file=sys.stderr)
+        if _has_checkpoint(cfg):
+            print(f"\nInterrupted by {exc}; finished epochs are saved in {cfg.output_dir}/last.pt. "
+                  f"Resume with: {runner.resume_command(cfg)}", file=sys.stderr)
+        else:
+            print(f"\nInterrupted by {exc} before the first epoch finished: nothing to resume. Start again "
+                  f"with the same command and --overwrite, or with --resume auto", file=sys.stderr)
         return 128 + exc.signum
     finally:
         if tb is not None:

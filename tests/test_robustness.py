@@ -423,6 +423,22 @@ def test_non_finite_loss_stops_naming_step_and_layer(shared_folder, tmp_path, mo
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
 
 
+def test_a_stop_before_the_first_finished_epoch_says_there_is_nothing_to_resume(shared_folder, tmp_path,
+                                                                               monkeypatch, capsys):
+    import engine
+    real_step = engine.Trainer.train_step
+
+    def interrupted(self, x, y, use_br, check=None):
+        self._stop_signal = signal.SIGTERM  # as the handler sets it, during the first step
+        return real_step(self, x, y, use_br, check)
+
+    monkeypatch.setattr(engine.Trainer, "train_step", interrupted)
+    rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", tmp_path / "early", *TINY], capsys)
+    assert rc == 128 + signal.SIGTERM
+    assert "before the first epoch finished: nothing to resume" in err and "Resume with" not in err
+    assert not (tmp_path / "early" / "last.pt").exists()
+
+
 def test_memory_does_not_grow_over_1000_steps():
     """Hooks keep nothing across steps: the live tensors and RSS stay flat over 1,000 A-BR steps."""
     from config import build_parser
