@@ -83,8 +83,7 @@ def truncate_jsonl(path: str, keep) -> None:
 #: current form (``_convert_legacy``).
 _LEGACY_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType,
                    torch.torch_version.TorchVersion)
-_LEGACY_NAMES = {"numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType",
-                 "torch.torch_version.TorchVersion"}
+_LEGACY_NAMES = {f"{g.__module__}.{g.__qualname__}" for g in _LEGACY_GLOBALS}
 
 
 def numpy_rng_to_plain(state: tuple) -> dict:

@@ -52,19 +52,19 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import config as cfgmod  # noqa: E402
 from checkpoint import load_checkpoint, read_jsonl  # noqa: E402
 from data import DataError, find_source, load_split  # noqa: E402
 
 ENTRY = os.path.join(ROOT, "cifar10_qat_br.py")
 
-#: The README's scenarios, keyed and named as scripts/sweep.sh keys and names them.
-SCENARIOS = {
-    "lsq": ("LSQ baseline", ["--lambda-br", "0", "--lambda-br-act", "0"]),
-    "w-only": ("W-only", ["--lambda-br", "1", "--lambda-br-act", "0"]),
-    "wa-stable": ("W+A stable", ["--lambda-br", "1", "--lambda-br-act", "1"]),
-    "wa-moving": ("W+A moving target", ["--lambda-br", "1", "--lambda-br-act", "1", "--br-backprop-to-alpha-act"]),
-    "a-only": ("A-only", ["--lambda-br", "0", "--lambda-br-act", "1"]),
-}
+#: The README's scenarios (``config.SCENARIOS``), keyed as scripts/sweep.sh keys them.
+SCENARIO_KEYS = {"lsq": "LSQ baseline", "w-only": "W-only", "wa-stable": "W+A stable",
+                 "wa-moving": "W+A moving target", "a-only": "A-only"}
+_BY_NAME = {name: (lam_w, lam_a, backprop) for name, lam_w, lam_a, backprop in cfgmod.SCENARIOS}
+SCENARIOS = {key: (name, ["--lambda-br", f"{_BY_NAME[name][0]:g}", "--lambda-br-act", f"{_BY_NAME[name][1]:g}"]
+                   + (["--br-backprop-to-alpha-act"] if _BY_NAME[name][2] else []))
+             for key, name in SCENARIO_KEYS.items()}
 
 #: Share of the default recipe's epochs spent in the LSQ warmup (30 of 100).
 WARMUP_SHARE = 0.3
