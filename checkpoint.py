@@ -44,9 +44,9 @@ def atomic_torch_save(obj, path: str) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_json(obj, path: str) -> None:
-    """Write ``obj`` as indented JSON to ``path``, atomically."""
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+def atomic_write_json(obj, path: str, sort_keys: bool = True) -> None:
+    """Write ``obj`` as indented JSON to ``path``, atomically; keys sorted, or in ``obj``'s order."""
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode()))
 
 
 def append_jsonl(obj, path: str) -> None:

@@ -2,7 +2,7 @@
 """Two-stage QAT of a CIFAR-10 ResNet with LSQ and Bin Regularization.
 
     python cifar10_qat_br.py --num-bits 32 --epochs 200 --warmup-epochs 0 --lambda-br 0 --lambda-br-act 0
-    python cifar10_qat_br.py --pretrained results/resnet20_fp32_s42/best.pt --num-bits 2
+    python cifar10_qat_br.py --pretrained results/resnet20_fp32_s42/last.pt --num-bits 2
 
 Exit status: 0 finished (also: ``--resume auto`` found the run finished); 2 bad flag, data or checkpoint; 3 non-finite values;
 128+signal when interrupted (finished epochs are kept; the message says how to resume).
@@ -18,7 +18,7 @@ import torch
 import config as cfgmod
 import runner
 from checkpoint import CheckpointError, atomic_write_json
-from data import DataError, DeviceLoader, balanced_subset, find_source, load_split
+from data import DataError, DeviceLoader, find_source, load_split, training_images
 from engine import Interrupted, NonFiniteError, Trainer, seed_everything
 from models import build_model
 from quant import kernels, quantize_model, quantized_layers
@@ -105,19 +105,20 @@ def train(cfg, source, ckpt) -> int:
             raise cfgmod.ConfigError(str(exc)) from None
         print(f"Kernels: {cpu_kernels}", flush=True)
     workers = cfgmod.decode_workers(cfg)
-    train_split = load_split(source, train=True, download=not cfg.no_download, workers=workers)
+    train_split, val_split, val_index, available = training_images(source, cfg, workers)
     test_split = load_split(source, train=False, download=not cfg.no_download, workers=workers)
-    if len(train_split.labels) < 2:
-        raise DataError(f"--data-dir: the training split has {len(train_split.labels)} image(s); at least 2 needed")
-    subset = ""
-    if cfg.train_subset is not None:
-        subset = f" (class-balanced subset of {len(train_split.labels)}, --train-subset)"
-        train_split = balanced_subset(train_split, cfg.train_subset, cfg.seed)
-    print(f"Data: {len(train_split.labels)} train{subset} / {len(test_split.labels)} test images", flush=True)
+    if ckpt is not None:
+        runner.check_val_split(ckpt, val_index, cfg)
+    subset = f" (class-balanced subset of {available}, --train-subset)" if cfg.train_subset is not None else ""
+    held_out = f" / {len(val_split.labels)} validation (held out, --val-split)" if val_split is not None else ""
+    print(f"Data: {len(train_split.labels)} train{subset}{held_out} / {len(test_split.labels)} test images",
+          flush=True)
     channels_last = device.type == "cuda"
     train_loader = DeviceLoader(train_split, cfg.batch_size, device, train=True, seed=cfg.seed,
                                 channels_last=channels_last, drop_last=cfgmod.compile_mode(cfg) != "off")
     test_loader = DeviceLoader(test_split, cfg.eval_batch_size, device, train=False, channels_last=channels_last)
+    val_loader = (DeviceLoader(val_split, cfg.eval_batch_size, device, train=False, channels_last=channels_last)
+                  if val_split is not None else None)
     seed_everything(cfg.seed)  # after data loading, which may draw from the global generators
     model = build_quantized_model(cfg).to(device)
     if channels_last:
@@ -128,8 +129,9 @@ def train(cfg, source, ckpt) -> int:
         from tb_logging import TensorBoardLogger
         tb = TensorBoardLogger(os.path.join(cfg.output_dir, "tensorboard"))
         tb.attach(model)
-    trainer = Trainer(cfg, model, train_loader, test_loader, device, cfg.output_dir, tb=tb)
-    run_config = runner.run_config(cfg, source.describe(), cpu_kernels)
+    trainer = Trainer(cfg, model, train_loader, test_loader, device, cfg.output_dir, tb=tb, val_loader=val_loader,
+                      val_index=val_index)
+    run_config = runner.run_config(cfg, source.describe(), cpu_kernels, val_split)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
         runner.restore_logs(cfg.output_dir, ckpt)
@@ -157,9 +159,15 @@ def train(cfg, source, ckpt) -> int:
         if tb is not None:
             tb.close()
     summary["train_subset"] = cfg.train_subset  # None: the whole training split
-    atomic_write_json(summary, os.path.join(cfg.output_dir, "summary.json"))
-    print(f"Done: final test top-1 {summary['final_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}% "
-          f"(epoch {summary['best_epoch']}), {summary['wall_time_s']:.0f}s. Results in {cfg.output_dir}")
+    atomic_write_json(summary, os.path.join(cfg.output_dir, "summary.json"), sort_keys=False)  # the result first
+    if val_split is not None:
+        best = (f"best validation epoch {summary['best_val_epoch']} (val {summary['best_val_acc']:.2f}%, best.pt): "
+                f"test top-1 {summary['test_acc_at_best_val']:.2f}%")
+    else:
+        best = (f"best test epoch {summary['best_test_epoch_optimistic']} (best.pt): "
+                f"{summary['best_test_acc_optimistic']:.2f}% (selected on the test set, optimistic: not a result)")
+    print(f"Done: final test top-1 {summary['final_test_acc']:.2f}%; {best}; {summary['wall_time_s']:.0f}s. "
+          f"Results in {cfg.output_dir}")
     return 0
 
 

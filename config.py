@@ -39,6 +39,11 @@ SCENARIOS = (
 )
 
 
+#: ``--optimizer`` choices and the learning rate of each when ``--lr`` is not given: SGD's is this
+#: tool's recipe, Adam's the usual 0.001 (Kingma & Ba 2015), which the seed's Adam runs use.
+OPTIMIZERS = ("sgd", "adam")
+DEFAULT_LR = {"sgd": 0.01, "adam": 0.001}
+
 #: The ``mode`` values of ``torch.compile`` that ``--compile`` accepts.
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -76,11 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=100, help="total epochs [100]")
     s.add_argument("--warmup-epochs", type=int, default=None,
                    help="stage 1 (LSQ only) epochs [30 %% of --epochs, rounded: 30 of 100]")
-    s.add_argument("--lr", type=float, default=0.01, help="SGD learning rate, cosine decay over all epochs [0.01]")
-    s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum [0.9]")
+    s.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                   help="sgd (with --momentum) or adam (torch.optim.Adam, betas (0.9, 0.999)) [sgd]")
+    s.add_argument("--lr", type=float, default=None,
+                   help="learning rate, cosine decay over all epochs [0.01 with SGD, 0.001 with Adam]")
+    s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (no effect with Adam) [0.9]")
     s.add_argument("--weight-decay", type=float, default=5e-4,
-                   help="weight decay on network parameters, never on step sizes (decaying α shrinks the "
-                        "quantization grid, a known flaw of public LSQ code) [5e-4]")
+                   help="weight decay (L2, added to the gradient, with Adam too) on network parameters, never on "
+                        "step sizes (decaying α shrinks the quantization grid, a known flaw of public LSQ code) "
+                        "[5e-4]")
     s.add_argument("--batch-size", type=int, default=128, help="training batch size [128]")
     s.add_argument("--eval-batch-size", type=int, default=1000, help="evaluation batch size [1000]")
     m = p.add_argument_group("model and data")
@@ -89,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float checkpoint made by this tool (--num-bits 32) to start from")
     m.add_argument("--train-subset", type=int, default=None, metavar="N",
                    help="train on N images, class-balanced, drawn with --seed (for quick trials) [all]")
+    m.add_argument("--val-split", type=int, default=0, metavar="N",
+                   help="hold out N training images (class-balanced, drawn with --seed) as a validation set, "
+                        "evaluated every epoch; best.pt is then the best validation epoch. 0: train on all "
+                        "training images, the paper protocol [0]")
     m.add_argument("--data-dir", default="./data",
                    help="torchvision CIFAR-10 (cifar-10-batches-py/, downloaded there when missing) or an image "
                         "folder with train/<class>/ and test/<class>/ [./data]")
@@ -147,8 +160,13 @@ def default_warmup_epochs(epochs: int) -> int:
     return (3 * epochs + 5) // 10
 
 
+def learning_rate(cfg) -> float:
+    """``--lr``, or the default of ``--optimizer`` (``DEFAULT_LR``) when it was not given."""
+    return cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.optimizer]
+
+
 def resolve_defaults(cfg) -> set[str]:
-    """Fill the flags whose default depends on others (``--warmup-epochs``), in place.
+    """Fill the flags whose default depends on others (``--warmup-epochs``, ``--lr``), in place.
 
     Call after ``--resume`` took the run's flags and before ``validate``. Returns the
     destinations that were filled, for the banner.
@@ -157,6 +175,9 @@ def resolve_defaults(cfg) -> set[str]:
     if cfg.warmup_epochs is None:  # a float run has nothing to warm up: all its epochs are alike
         cfg.warmup_epochs = 0 if is_float_run(cfg) else default_warmup_epochs(cfg.epochs)
         filled.add("warmup_epochs")
+    if cfg.lr is None:
+        cfg.lr = learning_rate(cfg)
+        filled.add("lr")
     return filled
 
 
@@ -183,8 +204,8 @@ def _fmt(x: float) -> str:
 
 
 def default_output_dir(cfg) -> str:
-    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_sub<N>]_s<seed>``;
-    ``results/<arch>_fp32[_sub<N>]_s<seed>`` for float."""
+    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_clip<c>][_adam][_val<N>][_sub<N>]_s<seed>``;
+    ``results/<arch>_fp32[_adam][_val<N>][_sub<N>]_s<seed>`` for float."""
     if is_float_run(cfg):
         return os.path.join("results", f"{cfg.arch}_fp32{_subset_suffix(cfg)}_s{cfg.seed}")
     name = (f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{first_last_bits(cfg)}"
@@ -197,7 +218,9 @@ def default_output_dir(cfg) -> str:
 
 
 def _subset_suffix(cfg) -> str:
-    return f"_sub{cfg.train_subset}" if cfg.train_subset is not None else ""
+    """The optimiser (when not SGD), validation split and training subset parts of a folder name."""
+    return ("_adam" if cfg.optimizer == "adam" else "") + (f"_val{cfg.val_split}" if cfg.val_split else "") + (
+        f"_sub{cfg.train_subset}" if cfg.train_subset is not None else "")
 
 
 def _check_bits(value: int, flag: str) -> None:
@@ -275,7 +298,7 @@ def validate(cfg) -> None:
     _check_bits(cfg.first_last_bits, "--first-last-bits")
     _check_number(cfg.lambda_br, "--lambda-br")
     _check_number(cfg.lambda_br_act, "--lambda-br-act")
-    _check_number(cfg.lr, "--lr", strict=True)
+    _check_number(learning_rate(cfg), "--lr", strict=True)
     if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
         raise ConfigError(f"--momentum must be a number in [0, 1), got {cfg.momentum}")
     _check_number(cfg.weight_decay, "--weight-decay")
@@ -283,6 +306,8 @@ def validate(cfg) -> None:
         _check_number(cfg.clip_value, "--clip-value", strict=True)
     if cfg.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.val_split < 0:
+        raise ConfigError(f"--val-split must be >= 0 images (0: no validation set), got {cfg.val_split}")
     if cfg.train_subset is not None and cfg.train_subset < 2:
         raise ConfigError(f"--train-subset must be >= 2 images, got {cfg.train_subset}")
     if not 0 <= cfg.warmup_epochs <= cfg.epochs:
@@ -338,6 +363,8 @@ def warnings_for(cfg) -> list[str]:
     if cfg.amp and resolve_device(cfg.device).type != "cuda":
         out.append("--amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
     defaults = build_parser()
+    if cfg.optimizer == "adam" and cfg.momentum != defaults.get_default("momentum"):
+        out.append(f"--momentum {cfg.momentum:g} has no effect with --optimizer adam (Adam's betas are (0.9, 0.999))")
     if not cfg.ptq and (cfg.calib_batches != defaults.get_default("calib_batches") or not cfg.bn_recalib):
         out.append("--calib-batches / --no-bn-recalib have no effect without --ptq")
     return out
@@ -400,6 +427,15 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     return lines
 
 
+def optimizer_line(cfg, defaulted: set[str] = frozenset()) -> str:
+    """The optimiser, its learning rate (saying when it is ``--optimizer``'s default) and weight decay."""
+    name = {"sgd": "SGD", "adam": "Adam"}[cfg.optimizer]
+    lr = f"lr {learning_rate(cfg):g}" + (f" ({name}'s default, as --lr was not given)" if "lr" in defaulted else "")
+    if cfg.optimizer == "adam":
+        return f"Adam {lr} betas (0.9, 0.999) weight decay {cfg.weight_decay:g} (L2; none on alpha)"
+    return f"SGD {lr} momentum {cfg.momentum:g} weight decay {cfg.weight_decay:g} (none on alpha)"
+
+
 def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = frozenset()) -> list[str]:
     """The run banner (lines), in the wording researchers grep for.
 
@@ -423,10 +459,17 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     if cfg.clip_value is not None:
         lines.append(f"Activations clipped to [0, {cfg.clip_value:g}]")
     lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
-    lines.append(f"Optimiser: SGD lr {cfg.lr:g} momentum {cfg.momentum:g} weight decay {cfg.weight_decay:g} "
-                 f"(none on alpha), cosine over {E} epoch{'s' if E != 1 else ''}, batch {cfg.batch_size}, seed {cfg.seed}")
-    lines.append(f"Data: {source_line}" + (f"; training on a class-balanced subset of {cfg.train_subset} images "
-                                           f"(--train-subset, seed {cfg.seed})" if cfg.train_subset else ""))
+    lines.append(f"Optimiser: {optimizer_line(cfg, defaulted)}, cosine over {E} epoch{'s' if E != 1 else ''}, "
+                 f"batch {cfg.batch_size}, seed {cfg.seed}")
+    lines.append(f"Data: {source_line}" + (f"; {cfg.val_split} training images held out for validation "
+                                           f"(--val-split, class-balanced, seed {cfg.seed})" if cfg.val_split else "")
+                 + (f"; training on a class-balanced subset of {cfg.train_subset} images "
+                    f"(--train-subset, seed {cfg.seed}" + (", from the rest" if cfg.val_split else "") + ")"
+                    if cfg.train_subset else ""))
+    lines.append("Model selection: best.pt is the best validation epoch (--val-split); the result is the final "
+                 "epoch's test top-1" if cfg.val_split else
+                 "Model selection: none (no --val-split): the result is the final epoch's test top-1; best.pt is "
+                 "the best test epoch (selected on the test set, optimistic)")
     mode = compile_mode(cfg)
     lines.append(f"Device: {resolve_device(cfg.device)}" + (" (bf16 autocast)" if cfg.amp else "")
                  + (f"; torch.compile mode {mode}" if mode != "off" else "; eager (not compiled)"))

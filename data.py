@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -224,29 +225,100 @@ def load_split(source: DataSource, train: bool, download: bool = False, workers:
     return _load_image_folder(source.root, train, workers, log)
 
 
-def balanced_subset(split: Split, n: int, seed: int) -> Split:
-    """``n`` images of ``split``, as evenly spread over its classes as ``n`` allows, drawn with ``seed``.
+def balanced_indices(labels: torch.Tensor, n: int, seed: int, flag: str, keep_one: bool = False) -> torch.Tensor:
+    """Indices of ``n`` images, as evenly spread over the classes of ``labels`` as ``n`` allows, drawn
+    with ``seed``: the one class-balanced draw of ``--train-subset`` and ``--val-split``.
 
     Each of the C classes present gets ``n // C`` images, the first ``n % C`` classes (in
-    label order) one more; within a class the images are a seeded random draw, kept in
-    their order in the split. For quick trials (``--train-subset``).
+    label order) one more; within a class the images are the first of a permutation of its
+    members drawn from ``torch.Generator().manual_seed(seed)`` (classes in label order).
+
+    Args:
+        labels: int64 ``(N,)``.
+        keep_one: leave at least one image of every class out of the draw (a held-out set
+            must leave each class something to train on).
+
+    Returns:
+        int64 ``(n,)``, sorted (the images keep their order in the split).
+
+    Raises:
+        DataError: a class has fewer images than its share (``keep_one``: than its share + 1),
+            naming ``flag``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels).tolist()
+    chosen = []
+    for i, c in enumerate(classes):
+        members = (labels == c).nonzero().flatten()
+        share = n // len(classes) + (1 if i < n % len(classes) else 0)
+        if share + keep_one > len(members):
+            name = CLASSES[c] if 0 <= c < len(CLASSES) else c
+            need = f"{share}, and one left to train on" if keep_one else f"{share}"
+            raise DataError(f"{flag} {n}: class {name} has {len(members)} training images, "
+                            f"a balanced draw of {n} needs {need}")
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:share]])
+    return torch.cat(chosen).sort().values
+
+
+def balanced_subset(split: Split, n: int, seed: int) -> Split:
+    """``n`` images of ``split`` (``balanced_indices``, drawn with ``seed``), for quick trials
+    (``--train-subset``).
 
     Raises:
         DataError: a class has fewer images than its share.
     """
-    gen = torch.Generator().manual_seed(seed)
-    classes = torch.unique(split.labels).tolist()
-    chosen = []
-    for i, c in enumerate(classes):
-        members = (split.labels == c).nonzero().flatten()
-        share = n // len(classes) + (1 if i < n % len(classes) else 0)
-        if share > len(members):
-            name = CLASSES[c] if 0 <= c < len(CLASSES) else c
-            raise DataError(f"--train-subset {n}: class {name} has {len(members)} training images, "
-                            f"a balanced subset of {n} needs {share}")
-        chosen.append(members[torch.randperm(len(members), generator=gen)[:share]])
-    index = torch.cat(chosen).sort().values
+    index = balanced_indices(split.labels, n, seed, "--train-subset")
     return Split(split.images[index], split.labels[index])
+
+
+def hold_out(split: Split, n: int, seed: int) -> tuple[Split, Split, torch.Tensor]:
+    """Split ``n`` class-balanced images (``balanced_indices`` with ``seed``) off ``split`` as a
+    validation set (``--val-split``).
+
+    Returns:
+        ``(training part, validation part, validation indices)``: the two parts are disjoint
+        and together are ``split``; the indices (int64 ``(n,)``, sorted) are positions in ``split``.
+
+    Raises:
+        DataError: a class has no more images than its share of ``n``.
+    """
+    val = balanced_indices(split.labels, n, seed, "--val-split", keep_one=True)
+    keep = torch.ones(len(split.labels), dtype=torch.bool)
+    keep[val] = False
+    return Split(split.images[keep], split.labels[keep]), Split(split.images[val], split.labels[val]), val
+
+
+class TrainingImages(NamedTuple):
+    """What a run trains on (``training_images``): ``train``, the held-out ``val`` set and its
+    indices ``val_index`` in the training split (None without ``--val-split``), and
+    ``available``: the images there were to train on (those not held out), before ``--train-subset``."""
+
+    train: Split
+    val: Split | None
+    val_index: torch.Tensor | None
+    available: int
+
+
+def training_images(source: DataSource, cfg, workers: int) -> TrainingImages:
+    """The images a run trains (or calibrates) on, and its validation set.
+
+    ``--val-split N`` holds out N class-balanced images first (``hold_out``); ``--train-subset``
+    is then drawn from the rest.
+
+    Raises:
+        DataError: see ``load_split``, ``hold_out`` and ``balanced_subset``; fewer than 2
+            training images.
+    """
+    train = load_split(source, train=True, download=not cfg.no_download, workers=workers)
+    val = val_index = None
+    if cfg.val_split:
+        train, val, val_index = hold_out(train, cfg.val_split, cfg.seed)
+    available = len(train.labels)
+    if available < 2:
+        raise DataError(f"--data-dir: the training split has {available} image(s) to train on; at least 2 needed")
+    if cfg.train_subset is not None:
+        train = balanced_subset(train, cfg.train_subset, cfg.seed)
+    return TrainingImages(train, val, val_index, available)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

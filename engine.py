@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from checkpoint import append_jsonl, atomic_torch_save, numpy_rng_from_plain, numpy_rng_to_plain
-from config import act_bits, compile_mode, frozen_kinds, weight_bits
+from config import act_bits, compile_mode, frozen_kinds, learning_rate, weight_bits
 from hooks import ActivationHookManager, BinStatsCollector
 from progress import EpochProgress
 from quant import FULL_PRECISION_BITS, keep_step_sizes_positive, quantized_layers, step_size_quantizers
@@ -46,19 +46,31 @@ class Interrupted(RuntimeError):
         self.signum = signum
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.SGD:
-    """SGD with two parameter groups: network parameters (weight decay) and step sizes α (none).
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The optimiser's parameter groups: network parameters (``weight_decay``), then, if the
+    model has any, the step sizes α (``"step_sizes"``, no weight decay), for every optimiser.
 
     Weight decay on α would pull every step size towards zero, shrinking the grid
-    independently of the task loss. α is kept positive after every step.
+    independently of the task loss.
     """
     alphas = [p for n, p in model.named_parameters() if n.endswith("_quant.alpha")]
     alpha_ids = {id(p) for p in alphas}
     others = [p for p in model.parameters() if id(p) not in alpha_ids]
-    groups = [{"params": others, "weight_decay": cfg.weight_decay, "name": "weights"}]
+    groups = [{"params": others, "weight_decay": weight_decay, "name": "weights"}]
     if alphas:
         groups.append({"params": alphas, "weight_decay": 0.0, "name": "step_sizes"})
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """``--optimizer``: SGD (``--momentum``) or Adam (betas (0.9, 0.999); ``--weight-decay`` is
+    torch.optim.Adam's L2 term added to the gradient), at ``config.learning_rate(cfg)``, over
+    ``parameter_groups``. α is kept positive after every step."""
+    groups = parameter_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=learning_rate(cfg))
+    else:
+        optimizer = torch.optim.SGD(groups, lr=learning_rate(cfg), momentum=cfg.momentum)
     keep_step_sizes_positive(optimizer, model)
     return optimizer
 
@@ -116,11 +128,18 @@ class Trainer:
         output_dir: where metrics and checkpoints go (None: keep nothing, for benchmarks).
         log: a ``print``-like function for the console.
         tb: an optional ``tb_logging.TensorBoardLogger``.
+        val_loader: the held-out training images (``--val-split``; ``DeviceLoader`` without
+            augmentation), or None. With it, ``best.pt`` is the epoch of the best validation
+            top-1; without it, of the best test top-1 (selected on the test set: optimistic).
+        val_index: the held-out images' indices in the training split (int64), saved in every
+            checkpoint so that a resumed run can prove it holds out the same images.
     """
 
-    def __init__(self, cfg, model, train_loader, test_loader, device, output_dir=None, log=print, tb=None):
+    def __init__(self, cfg, model, train_loader, test_loader, device, output_dir=None, log=print, tb=None,
+                 val_loader=None, val_index=None):
         self.cfg, self.model, self.device, self.output_dir, self.log, self.tb = cfg, model, device, output_dir, log, tb
-        self.train_loader, self.test_loader = train_loader, test_loader
+        self.train_loader, self.test_loader, self.val_loader = train_loader, test_loader, val_loader
+        self.val_index = val_index
         self.layers = quantized_layers(model)
         # BR regularises the low-bit layers; the first conv and last linear stay at
         # --first-last-bits, where the grid is fine and BR has nothing to gain.
@@ -152,8 +171,10 @@ class Trainer:
         self._evaluate_forward = compile_(model) if compiled else model
         self._cuda_graphs = compiled and device.type == "cuda" and self.compile_mode == "reduce-overhead"
         self._quantizers = list(step_size_quantizers(model).values())
+        # best_acc: the selection metric (validation top-1 with a val split, else test top-1) of
+        # best_epoch; best_test_acc: the test top-1 of that epoch.
         self.start_epoch, self.best_acc, self.best_epoch, self.elapsed = 1, -1.0, 0, 0.0
-        self.last_acc = None
+        self.best_test_acc = self.last_acc = None
         self.previous_bins: dict[str, torch.Tensor] = {}
         self._stop_signal = None
 
@@ -174,8 +195,8 @@ class Trainer:
         """Everything a continuation needs, after ``epoch`` finished."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "stage": self.stage(epoch),
-                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "last_acc": self.last_acc,
-                "elapsed": self.elapsed,
+                "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_test_acc": self.best_test_acc,
+                "last_acc": self.last_acc, "elapsed": self.elapsed, "val_index": self.val_index,
                 "previous_bins": {k: v.cpu() for k, v in self.previous_bins.items()},
                 "rng": rng_state(), "config": config}
 
@@ -186,6 +207,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.start_epoch = ckpt["epoch"] + 1
         self.best_acc, self.best_epoch, self.elapsed = ckpt["best_acc"], ckpt["best_epoch"], ckpt["elapsed"]
+        self.best_test_acc = ckpt.get("best_test_acc", ckpt["best_acc"])  # before --val-split: selected on test
         self.last_acc = ckpt["last_acc"]
         self.previous_bins = dict(ckpt["previous_bins"])
         set_rng_state(ckpt["rng"])
@@ -325,10 +347,11 @@ class Trainer:
                 "train_acc": 100.0 * int(correct) / max(seen, 1), "images": seen,
                 "w_info": w_info, "a_info": a_info}
 
-    def evaluate(self) -> float:
-        """Top-1 accuracy (%) on the test loader."""
+    def evaluate(self, loader=None) -> float:
+        """Top-1 accuracy (%) on ``loader`` (default: the test loader)."""
         self.model.eval()
-        return top1_accuracy(self._evaluate_forward, self.test_loader, self.device, self.use_amp)
+        loader = self.test_loader if loader is None else loader
+        return top1_accuracy(self._evaluate_forward, loader, self.device, self.use_amp)
 
     def layer_summaries(self) -> tuple[dict, dict]:
         """Per quantized layer: α values, and weight bin statistics (updates ``previous_bins``)."""
@@ -383,9 +406,23 @@ class Trainer:
         return self.summary()
 
     def summary(self) -> dict:
-        """The content of summary.json."""
-        return {"status": "finished", "final_test_acc": self.last_acc, "best_test_acc": self.best_acc,
-                "best_epoch": self.best_epoch, "epochs": self.cfg.epochs, "wall_time_s": self.elapsed}
+        """The content of summary.json: first the result, the final epoch's test top-1; then the
+        epoch that best.pt holds, named by what selected it (``best_keys``)."""
+        return {"status": "finished", "final_test_acc": self.last_acc, "val_split": self.cfg.val_split,
+                **self.best_keys(), "epochs": self.cfg.epochs, "wall_time_s": self.elapsed}
+
+    def best_keys(self) -> dict:
+        """The best epoch so far, in summary.json's and metrics.jsonl's words.
+
+        With a validation split: ``best_val_epoch``, ``best_val_acc`` and ``test_acc_at_best_val``
+        (the test top-1 of a model chosen without the test set). Without one:
+        ``best_test_epoch_optimistic`` and ``best_test_acc_optimistic``, chosen on the test set,
+        so higher than a fresh test would give: never a result.
+        """
+        if self.val_loader is not None:
+            return {"best_val_epoch": self.best_epoch, "best_val_acc": self.best_acc,
+                    "test_acc_at_best_val": self.best_test_acc}
+        return {"best_test_epoch_optimistic": self.best_epoch, "best_test_acc_optimistic": self.best_acc}
 
     def run_epoch(self, epoch: int, config: dict) -> dict:
         """Train, evaluate, log and checkpoint one epoch; returns its metrics row."""
@@ -404,20 +441,22 @@ class Trainer:
             raise NonFiniteError(f"non-finite parameter {bad} at the end of epoch {epoch}")
         self.scheduler.step()
         test_acc = self.evaluate()
+        val_acc = self.evaluate(self.val_loader) if self.val_loader is not None else None
         self.last_acc = test_acc
-        if test_acc > self.best_acc:
-            self.best_acc, self.best_epoch = test_acc, epoch
+        selected = val_acc if val_acc is not None else test_acc  # the test set only without a validation set
+        if selected > self.best_acc:
+            self.best_acc, self.best_epoch, self.best_test_acc = selected, epoch, test_acc
         alphas, bins = self.layer_summaries()
         seconds = time.perf_counter() - start
         self.elapsed += seconds
         row = {"epoch": epoch, "epochs": self.cfg.epochs, "stage": self.stage(epoch), "lr": lr,
                "loss": train["loss"], "ce": train["ce"], "br_w": train["br_w"], "br_a": train["br_a"],
-               "train_acc": train["train_acc"], "test_acc": test_acc, "best_test_acc": self.best_acc,
+               "train_acc": train["train_acc"], "test_acc": test_acc, "val_acc": val_acc, **self.best_keys(),
                "best_epoch": self.best_epoch, "alpha": alphas, "bins": bins,
                "br_w_info": self._info_dict(train["w_info"]), "br_a_info": self._info_dict(train["a_info"])}
         self.log(f"Epoch {epoch}/{self.cfg.epochs} [{self.stage_label(epoch)}] lr {lr:.5f} | "
                  f"loss {row['loss']:.4f} (CE {row['ce']:.4f}, BR_w {row['br_w']:.4f}, BR_a {row['br_a']:.4f}) | "
-                 f"train {row['train_acc']:.2f}% | test {test_acc:.2f}% (best {self.best_acc:.2f}% @{self.best_epoch}) | "
+                 f"train {row['train_acc']:.2f}% | {self._accuracy_text(test_acc, val_acc)} | "
                  f"{seconds:.1f}s (train {train['images'] / train_seconds:.0f} img/s)")
         if self.tb is not None:
             self.tb.log_epoch(row, self.model)
@@ -427,6 +466,14 @@ class Trainer:
                 timing["peak_memory_mb"] = train_peak / 2**20
             self._save_epoch(row, timing, epoch, config, improved=self.best_epoch == epoch)
         return row
+
+    def _accuracy_text(self, test_acc: float, val_acc: float | None) -> str:
+        """The epoch line's accuracies; the best epoch so far named by what selected it."""
+        if val_acc is None:
+            return (f"test {test_acc:.2f}% (best test so far {self.best_acc:.2f}% @{self.best_epoch}: "
+                    f"selected on test, optimistic)")
+        return (f"val {val_acc:.2f}% test {test_acc:.2f}% (best val {self.best_acc:.2f}% @{self.best_epoch}, "
+                f"test there {self.best_test_acc:.2f}%)")
 
     def _save_epoch(self, row: dict, timing: dict, epoch: int, config: dict, improved: bool) -> None:
         # Checkpoints first, holding this epoch's log rows: a kill before the logs are

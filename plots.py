@@ -367,6 +367,8 @@ def plot_curves(rows: list[dict], layers: list[str], first_last: set, out_path: 
     ax = axes[0][0]
     ax.plot(ep, [r["train_acc"] for r in rows], marker=mark, label="train (augmented)")
     ax.plot(ep, [r["test_acc"] for r in rows], marker=mark, label="test")
+    if any(r.get("val_acc") is not None for r in rows):  # --val-split: the held-out training images
+        ax.plot(ep, [r.get("val_acc") for r in rows], marker=mark, label="validation (held out)")
     ax.set_title("top-1 accuracy", fontsize=10)
     ax.set_ylabel("%", fontsize=9)
     ax.legend(fontsize=8)

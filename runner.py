@@ -22,8 +22,8 @@ import torch
 
 from checkpoint import (CheckpointError, append_jsonl, atomic_write_json, load_checkpoint, read_jsonl,
                         truncate_jsonl)
-from config import (INVOCATION_FLAGS, RUN_FLAGS, ConfigError, default_output_dir, explicit_flags, is_float_run,
-                    resolve_device)
+from config import (INVOCATION_FLAGS, RUN_FLAGS, ConfigError, build_parser, default_output_dir, explicit_flags,
+                    is_float_run, resolve_device)
 
 #: Files that make a folder "hold a run".
 RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json",
@@ -76,8 +76,9 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     Flags not given on the command line take the run's values (also where the data and
     logs live: ``--data-dir``, ``--no-download``, ``--tensorboard``, ...), except those of
     ``INVOCATION_FLAGS``; run flags given override the run's, experiment flags given with
-    another value are refused with one line listing the differences. ``cfg`` is updated
-    in place.
+    another value are refused with one line listing the differences (an experiment flag
+    newer than the run, absent from its config, ran at its default: ``--optimizer adam`` on a
+    run from before ``--optimizer`` is refused too). ``cfg`` is updated in place.
 
     Returns:
         the checkpoint, or None without ``--resume``.
@@ -99,6 +100,10 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     saved = ckpt["config"]["flags"]
     given = explicit_flags(argv)
     differences = []
+    defaults = build_parser()
+    for key in given - set(saved) - RUN_FLAGS - INVOCATION_FLAGS:  # a flag newer than the run: it ran with the default
+        if getattr(cfg, key) != defaults.get_default(key):
+            differences.append(f"{_flag(key)} {getattr(cfg, key)} (run: {defaults.get_default(key)}, the default)")
     for key, value in saved.items():
         if key in INVOCATION_FLAGS or not hasattr(cfg, key):
             continue
@@ -318,10 +323,12 @@ def git_commit() -> str | None:
         return None
 
 
-def run_config(cfg, data_source: str, cpu_kernels: str | None) -> dict:
+def run_config(cfg, data_source: str, cpu_kernels: str | None, val_split=None) -> dict:
     """The content of config.json: every resolved flag, derived values and versions.
 
     ``cpu_kernels``: ``quant.kernels.describe()`` where the run uses them, else None.
+    ``val_split``: the held-out ``data.Split`` of ``--val-split`` (config.json gives its size,
+    seed and images per class; its indices are in every checkpoint), or None.
     """
     import torchvision
     from config import act_bits, compile_mode, first_last_bits, weight_bits
@@ -329,10 +336,42 @@ def run_config(cfg, data_source: str, cpu_kernels: str | None) -> dict:
             "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg),
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
                         "device": str(resolve_device(cfg.device)), "data": data_source,
-                        "cpu_kernels": cpu_kernels, "compile": compile_mode(cfg)},
+                        "cpu_kernels": cpu_kernels, "compile": compile_mode(cfg),
+                        "val_split": describe_val_split(cfg, val_split)},
             "versions": {"python": platform.python_version(), "torch": str(torch.__version__),  # not TorchVersion:
                          "torchvision": str(torchvision.__version__)},  # a checkpoint holds only plain types
             "git_commit": git_commit()}
+
+
+def describe_val_split(cfg, val_split) -> dict | None:
+    """config.json's account of the validation split: how it was drawn and its images per class."""
+    if val_split is None:
+        return None
+    from data import CLASSES
+    counts = torch.bincount(val_split.labels, minlength=len(CLASSES)).tolist()
+    return {"images": len(val_split.labels), "seed": cfg.seed,
+            "per_class": {CLASSES[c] if c < len(CLASSES) else str(c): n for c, n in enumerate(counts)},
+            "rule": "data.balanced_indices: n // 10 images per class (the first n % 10 classes one more), the first "
+                    "of a seeded permutation of each class's training images; not trained on, evaluated every "
+                    "epoch without augmentation; --train-subset is drawn from the rest"}
+
+
+def check_val_split(ckpt: dict, val_index, cfg) -> None:
+    """Refuse to resume a run whose held-out images (the checkpoint's ``val_index``) are not the
+    ones ``--val-split`` holds out now (``val_index``: int64 indices, or None without a split):
+    the model would have trained on images that now validate it.
+
+    Raises:
+        CheckpointError: the indices differ (e.g. ``--data-dir`` now points at a copy whose
+            images are in another order), or only one side has a split.
+    """
+    saved = ckpt.get("val_index")
+    if saved is None and val_index is None:
+        return
+    if saved is None or val_index is None or not torch.equal(saved.cpu(), val_index.cpu()):
+        raise CheckpointError(f"--resume: the {cfg.val_split} validation images drawn now (--val-split, --seed "
+                              f"{cfg.seed}, from --data-dir {cfg.data_dir}) are not the ones the run held out; "
+                              f"is --data-dir another copy, its images in another order? Resume with the run's data")
 
 
 def write_config(cfg, config: dict) -> None:

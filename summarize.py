@@ -18,9 +18,11 @@ without an exit status, e.g. killed with its sweep) or ``pending``.
 Runs whose experiment flags (every flag but the seed and how-to-run flags such as
 ``--workers``; ``--pretrained`` included) agree form one configuration. The
 Markdown table has a row per configuration: the scenario (W-only, W+A stable, ...), the
-experiment flags that vary between configurations, the seeds, final and best test
-top-1 as mean ± sample std over the finished seeds, epochs and mean wall time per
-run. Runs that failed, were interrupted or are unfinished are counted in the row's
+experiment flags that vary between configurations, the seeds, the final epoch's test
+top-1 (the result), then, for runs with ``--val-split``, the test top-1 of the best
+validation epoch, and for runs without, the best test epoch's top-1 (selected on the test
+set: optimistic, never a result), each as mean ± sample std over the finished seeds,
+epochs and mean wall time per run. Runs that failed, were interrupted or are unfinished are counted in the row's
 ``runs`` column and listed one by one under the table with their reason; they are
 never averaged and never dropped.
 
@@ -62,9 +64,12 @@ COLUMN_NAMES = {
     "arch": "arch", "weight_bits": "W bits", "act_bits": "A bits", "first_last_bits": "first/last bits",
     "lambda_br": "λ_w", "lambda_br_act": "λ_a", "br_backprop_to_alpha_act": "A-BR→α",
     "freeze_alpha": "freeze α", "freeze_weight_alpha": "freeze W α", "freeze_act_alpha": "freeze A α",
-    "clip_value": "clip", "warmup_epochs": "warmup", "lr": "lr", "weight_decay": "wd", "momentum": "momentum",
+    "clip_value": "clip", "optimizer": "optimizer", "val_split": "val split", "warmup_epochs": "warmup", "lr": "lr", "weight_decay": "wd", "momentum": "momentum",
     "batch_size": "batch", "pretrained": "pretrained", "amp": "amp",
 }
+
+#: Values of experiment flags newer than some runs: a run whose config.json lacks one ran with this.
+LEGACY_SETTINGS = {"optimizer": "sgd", "val_split": 0}
 
 #: Scenario names, in the order of the README's table (config.SCENARIOS).
 SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "PTQ", "float")
@@ -88,8 +93,14 @@ class Run:
         reason: why it is not finished ("" when finished).
         settings: experiment setting -> value (empty without a readable config.json).
         seed: ``--seed`` (None when unknown).
-        final_acc, best_acc: test top-1 (%) of the last and of the best epoch (None if unknown).
-        best_epoch, epochs_done, epochs: epoch numbers (None if unknown).
+        final_acc: test top-1 (%) of the last epoch: the result (None if unknown, as the others).
+        val_split: ``--val-split`` (images held out; 0: none).
+        at_best_val_acc, best_val_acc: with a validation split, the test and the validation
+            top-1 (%) of the best validation epoch.
+        best_test_acc: without one, the best test top-1 (%) over the epochs: selected on the
+            test set, so optimistic.
+        best_epoch: the epoch of ``best.pt`` (best validation, else best test epoch).
+        epochs_done, epochs: epoch numbers.
         wall_time_s: training time (s) from summary.json, or summed from timing.jsonl.
     """
 
@@ -99,7 +110,10 @@ class Run:
     settings: dict = field(default_factory=dict)
     seed: int | None = None
     final_acc: float | None = None
-    best_acc: float | None = None
+    val_split: int = 0
+    at_best_val_acc: float | None = None
+    best_val_acc: float | None = None
+    best_test_acc: float | None = None
     best_epoch: int | None = None
     epochs_done: int | None = None
     epochs: int | None = None
@@ -169,6 +183,8 @@ def read_run(root: str, folder: str) -> Run:
             if run.settings.get("method") != "ptq":  # PTQ's own flags mean nothing to a trained run
                 for key in PTQ_FLAGS:
                     run.settings.pop(key, None)
+                run.settings = {**LEGACY_SETTINGS, **run.settings}
+            run.val_split = flags.get("val_split") or 0
             run.seed = flags.get("seed")
             run.epochs = flags.get("epochs")
         except (OSError, ValueError, AttributeError) as exc:
@@ -180,8 +196,7 @@ def read_run(root: str, folder: str) -> Run:
         last = rows[-1]
         run.epochs_done = last.get("epoch")
         run.epochs = run.epochs or last.get("epochs")
-        run.final_acc, run.best_acc = last.get("test_acc"), last.get("best_test_acc")
-        run.best_epoch = last.get("best_epoch")
+        _read_accuracies(run, {**last, "final_test_acc": last.get("test_acc")})
     timing = _read_jsonl(os.path.join(full, "timing.jsonl"))
     if timing:
         run.wall_time_s = sum(r.get("seconds", 0.0) for r in timing)
@@ -194,8 +209,8 @@ def read_run(root: str, folder: str) -> Run:
             notes.append(f"summary.json unreadable ({exc})")
     if isinstance(summary, dict) and summary.get("status") == "finished":
         run.status = "finished"
-        run.final_acc, run.best_acc = summary.get("final_test_acc"), summary.get("best_test_acc")
-        run.best_epoch, run.wall_time_s = summary.get("best_epoch"), summary.get("wall_time_s")
+        _read_accuracies(run, summary)
+        run.wall_time_s = summary.get("wall_time_s")
         run.epochs = summary.get("epochs", run.epochs)
         run.epochs_done = run.epochs
         run.reason = "; ".join(notes)
@@ -235,6 +250,16 @@ def read_run(root: str, folder: str) -> Run:
                           f"{progress}; its sweep process ({where}) is gone without an exit status")
     run.reason = "; ".join([run.reason] + notes)
     return run
+
+
+def _read_accuracies(run: Run, record: dict) -> None:
+    """Set the accuracies of ``run`` from summary.json (or a metrics.jsonl row with its ``test_acc``
+    as ``final_test_acc``); older runs' ``best_test_acc`` / ``best_epoch`` were selected on test."""
+    run.final_acc = record.get("final_test_acc")
+    run.at_best_val_acc, run.best_val_acc = record.get("test_acc_at_best_val"), record.get("best_val_acc")
+    run.best_test_acc = record.get("best_test_acc_optimistic", record.get("best_test_acc"))
+    run.best_epoch = next((record[k] for k in ("best_val_epoch", "best_test_epoch_optimistic", "best_epoch")
+                           if record.get(k) is not None), None)
 
 
 def _read_marker(path: str) -> dict:
@@ -345,8 +370,10 @@ def group_runs(runs: list[Run]) -> list[dict]:
     """One dict per configuration (runs with a config.json; others are listed apart).
 
     Each dict: ``scenario``, ``settings`` (the group's settings), ``runs`` (its ``Run``s),
-    ``seeds`` (of the finished runs), ``final`` / ``best`` ((mean, std) over the finished
-    runs), ``epochs`` and ``wall_time_s`` (mean over the finished runs).
+    ``seeds`` (of the finished runs), ``final`` / ``at_best_val`` / ``best_test`` ((mean, std)
+    over the finished runs of the final test top-1, the test top-1 at the best validation
+    epoch, the optimistic best test top-1), ``epochs`` and ``wall_time_s`` (mean over the
+    finished runs).
     """
     groups: dict[str, dict] = {}
     for run in runs:
@@ -360,7 +387,8 @@ def group_runs(runs: list[Run]) -> list[dict]:
         g["scenario"] = scenario(g["settings"])
         g["seeds"] = [r.seed for r in done]
         g["final"] = _mean_std([r.final_acc for r in done if r.final_acc is not None])
-        g["best"] = _mean_std([r.best_acc for r in done if r.best_acc is not None])
+        g["at_best_val"] = _mean_std([r.at_best_val_acc for r in done if r.at_best_val_acc is not None])
+        g["best_test"] = _mean_std([r.best_test_acc for r in done if r.best_test_acc is not None])
         g["epochs"] = g["settings"].get("epochs")
         times = [r.wall_time_s for r in done if r.wall_time_s is not None]
         g["wall_time_s"] = statistics.fmean(times) if times else None
@@ -395,24 +423,35 @@ def build_tables(runs: list[Run]) -> tuple[str, list[dict], list[dict]]:
     """The Markdown text, the per-configuration CSV rows and the per-run CSV rows."""
     columns = varying_settings(runs)
     groups = sorted(group_runs(runs), key=lambda g: _sort_key(g, columns))
+    # The result (final epoch) first; the epoch-selected numbers only where some run has them.
+    accuracies = [("final test top-1 (%)", "final")]
+    if any(r.at_best_val_acc is not None for r in runs):
+        accuracies.append(("test top-1 at best val epoch (%)", "at_best_val"))
+    if any(r.best_test_acc is not None for r in runs):
+        accuracies.append(("best test epoch top-1 (%; selected on test, optimistic)", "best_test"))
     headers = ["scenario"] + [COLUMN_NAMES.get(k, "--" + k.replace("_", "-")) for k in columns] + [
-        "seeds", "final top-1 (%)", "best top-1 (%)", "epochs", "wall time / run", "runs"]
+        "seeds"] + [h for h, _ in accuracies] + ["epochs", "wall time / run", "runs"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     config_rows = []
     for g in groups:
         cells = [g["scenario"]] + [_fmt_value(g["settings"].get(k)) for k in columns] + [
-            ",".join(str(s) for s in g["seeds"]) or "–", _fmt_acc(*g["final"]), _fmt_acc(*g["best"]),
+            ",".join(str(s) for s in g["seeds"]) or "–"] + [_fmt_acc(*g[key]) for _, key in accuracies] + [
             _fmt_value(g["epochs"]), fmt_duration(g["wall_time_s"]), _runs_cell(g)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         config_rows.append({"scenario": g["scenario"], **{k: g["settings"].get(k) for k in columns},
                             "seeds": " ".join(str(s) for s in g["seeds"]), "n_finished": len(g["seeds"]),
                             "n_runs": len(g["runs"]),
                             "final_top1_mean": g["final"][0], "final_top1_std": g["final"][1],
-                            "best_top1_mean": g["best"][0], "best_top1_std": g["best"][1],
+                            "test_top1_at_best_val_mean": g["at_best_val"][0],
+                            "test_top1_at_best_val_std": g["at_best_val"][1],
+                            "best_test_top1_optimistic_mean": g["best_test"][0],
+                            "best_test_top1_optimistic_std": g["best_test"][1],
                             "epochs": g["epochs"], "wall_time_s_mean": g["wall_time_s"]})
     n_done = sum(r.status == "finished" for r in runs)
     text = [f"{len(runs)} run(s), {n_done} finished, {len(groups)} configuration(s). "
-            f"Top-1: mean ± sample std over the finished seeds.", ""] + lines
+            f"Top-1: mean ± sample std over the finished seeds. The result is the final epoch's test top-1"
+            + ("; 'best test epoch' is chosen on the test set itself, so it overstates: never a result"
+               if accuracies[-1][1] == "best_test" else "") + ".", ""] + lines
     not_done = [r for r in runs if r.status != "finished"]
     if not_done:
         text += ["", "Not finished (not in the means):", ""]
@@ -420,13 +459,15 @@ def build_tables(runs: list[Run]) -> tuple[str, list[dict], list[dict]]:
     orphans = [r for r in runs if r.status == "finished" and not r.settings]
     if orphans:
         text += ["", "Finished but not in the table (config.json missing or unreadable):", ""]
-        text += [f"- `{r.path}`: final {_fmt_acc(r.final_acc, None)}, best {_fmt_acc(r.best_acc, None)}"
+        text += [f"- `{r.path}`: final test top-1 {_fmt_acc(r.final_acc, None)}"
                  + (f" ({r.reason})" if r.reason else "") for r in orphans]
     run_rows = []
     for r in runs:
         run_rows.append({"run": r.path, "status": r.status, "scenario": scenario(r.settings) if r.settings else None,
                          **{k: r.settings.get(k) for k in columns}, "seed": r.seed,
-                         "final_top1": r.final_acc, "best_top1": r.best_acc, "best_epoch": r.best_epoch,
+                         "final_top1": r.final_acc, "val_split": r.val_split,
+                         "test_top1_at_best_val": r.at_best_val_acc, "best_val_top1": r.best_val_acc,
+                         "best_test_top1_optimistic": r.best_test_acc, "best_epoch": r.best_epoch,
                          "epochs_done": r.epochs_done, "epochs": r.epochs, "wall_time_s": r.wall_time_s,
                          "reason": r.reason})
     return "\n".join(text) + "\n", config_rows, run_rows

@@ -7,7 +7,10 @@ Written with torch's own writer (``torch.utils.tensorboard.SummaryWriter``) to
 What is logged, once per epoch (step = epoch number):
 
 * scalars ``loss/total``, ``loss/ce``, ``loss/br_w``, ``loss/br_a`` (epoch means of the
-  un-weighted BR terms), ``acc/train``, ``acc/test``, ``acc/best`` (top-1, %), ``lr``
+  un-weighted BR terms), ``acc/train``, ``acc/test`` (top-1, %); with ``--val-split``
+  ``acc/val`` and ``acc/test_at_best_val`` (the test top-1 of the best validation epoch so
+  far), without it ``acc/best_test_optimistic`` (the best test top-1 so far: selected on the
+  test set, so optimistic); ``lr``
   (the epoch's learning rate), ``stage`` (1 warmup, 2 BR);
 * every step size: ``alpha_weight/<layer>`` and ``alpha_act/<layer>`` (units of the
   weights / activations);
@@ -100,7 +103,8 @@ class TensorBoardLogger:
         Args:
             row: the ``metrics.jsonl`` row of the epoch (``engine.Trainer.run_epoch``):
                 ``epoch``, ``lr``, ``loss``, ``ce``, ``br_w``, ``br_a``, ``train_acc``,
-                ``test_acc``, ``best_test_acc``, ``stage``, ``alpha`` (layer -> {"weight",
+                ``test_acc``, ``val_acc``, ``test_acc_at_best_val`` or ``best_test_acc_optimistic``
+                (``best_test_acc`` in rows of older runs), ``stage``, ``alpha`` (layer -> {"weight",
                 "act"} -> float) and ``bins`` (layer -> {"dist_alpha", "flips", ...});
                 missing keys are skipped.
             model: the network being trained (its quantized layers give the histograms).
@@ -121,7 +125,10 @@ class TensorBoardLogger:
         step = int(row["epoch"])
         w = self.writer
         for tag, key in (("loss/total", "loss"), ("loss/ce", "ce"), ("loss/br_w", "br_w"), ("loss/br_a", "br_a"),
-                         ("acc/train", "train_acc"), ("acc/test", "test_acc"), ("acc/best", "best_test_acc"),
+                         ("acc/train", "train_acc"), ("acc/test", "test_acc"), ("acc/val", "val_acc"),
+                         ("acc/test_at_best_val", "test_acc_at_best_val"),
+                         ("acc/best_test_optimistic", "best_test_acc_optimistic"),
+                         ("acc/best_test_optimistic", "best_test_acc"),  # the name in rows of older runs
                          ("lr", "lr"), ("stage", "stage")):
             if row.get(key) is not None:
                 w.add_scalar(tag, float(row[key]), step)

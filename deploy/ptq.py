@@ -8,7 +8,8 @@
    who solve the same objective analytically for Gaussian/Laplace data).
 2. Activations: the same objective on the input of every quantized layer, sampled from the
    float network on ``--calib-batches`` seeded batches of training images, augmented as in
-   training (``calibration_batches``).
+   training (``calibration_batches``), from the training part only: never the images that
+   ``--val-split`` holds out (``data.training_images``; ``--train-subset`` draws from the rest).
 3. BatchNorm: running statistics re-estimated on the same batches with the network quantized
    (``--bn-recalib``; Nagel et al., "A White Paper on Neural Network Quantization", 2021,
    section 4.3), since quantized weights shift the statistics of every conv output.
@@ -36,7 +37,7 @@ import runner
 from checkpoint import atomic_torch_save, atomic_write_json
 from config import (ConfigError, act_bits, explicit_flags, first_last_bits, is_float_run, resolve_device,
                     weight_bits)
-from data import DeviceLoader, Split, load_split
+from data import DeviceLoader, Split, load_split, training_images
 from engine import seed_everything, top1_accuracy
 from models import build_model
 from quant import MIN_STEP_SIZE, LSQQuantizer, quantize_model, quantized_layers
@@ -50,8 +51,8 @@ VALUES_PER_BATCH = 1 << 15
 
 #: Flags that only training uses: without effect in a PTQ run, and left out of its config.json.
 TRAINING_FLAGS = ("lambda_br", "lambda_br_act", "br_backprop_to_alpha_act", "freeze_alpha", "freeze_weight_alpha",
-                  "freeze_act_alpha", "epochs", "warmup_epochs", "lr", "momentum", "weight_decay", "amp",
-                  "compile", "tensorboard", "resume", "evaluate")
+                  "freeze_act_alpha", "epochs", "warmup_epochs", "optimizer", "lr", "momentum", "weight_decay",
+                  "amp", "compile", "tensorboard", "resume", "evaluate")
 
 
 def quantization_mse(x: torch.Tensor, alphas, quant_min: int, quant_max: int) -> torch.Tensor:
@@ -255,7 +256,8 @@ def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
              f"Model: {cfg.arch}, float weights from {cfg.pretrained}",
              f"Bits: W{weight_bits(cfg)}A{act_bits(cfg)}; first/last layers {bits(first_last_bits(cfg))}",
              f"Step sizes: MSE-optimal per tensor; activations from {cfg.calib_batches} training batch(es) of "
-             f"{cfg.batch_size} images, augmented as in training (seed {cfg.seed})",
+             f"{cfg.batch_size} images, augmented as in training (seed {cfg.seed})"
+             + (f", none of the {cfg.val_split} held out by --val-split" if cfg.val_split else ""),
              f"BatchNorm re-estimated on them: {'yes' if cfg.bn_recalib else 'no (--no-bn-recalib)'}",
              f"Data: {source_line}", f"Device: {resolve_device(cfg.device)}", f"Output: {cfg.output_dir}"]
     lines += [f"WARNING: {w}" for w in warnings]
@@ -267,7 +269,7 @@ def run(cfg, source) -> int:
     and ``summary.json`` (``"method": "ptq"``) into ``cfg.output_dir``."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    train = load_split(source, train=True, download=not cfg.no_download, workers=cfg.workers)
+    train, val, _, _ = training_images(source, cfg, cfg.workers)  # never the --val-split images
     test = load_split(source, train=False, download=not cfg.no_download, workers=cfg.workers)
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, clip_value=cfg.clip_value)
@@ -289,7 +291,7 @@ def run(cfg, source) -> int:
                            cfg.bn_recalib)
     acc = top1_accuracy(model, test_loader, device)
     seconds = time.perf_counter() - started
-    config = runner.run_config(cfg, source.describe(), None)
+    config = runner.run_config(cfg, source.describe(), None, val)
     for key in TRAINING_FLAGS:
         config["flags"].pop(key, None)
     config["derived"].update(method="ptq", calibration_images=sum(len(b) for b in batches))
@@ -297,8 +299,7 @@ def run(cfg, source) -> int:
     atomic_torch_save({"model": model.state_dict(), "config": config, "method": "ptq", "epoch": 0,
                        "last_acc": acc, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc},
                       os.path.join(cfg.output_dir, "ptq.pt"))
-    atomic_write_json({"status": "finished", "method": "ptq", "final_test_acc": acc, "best_test_acc": None,
-                       "best_epoch": None, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc,
+    atomic_write_json({"status": "finished", "method": "ptq", "final_test_acc": acc, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc,
                        "epochs": 0, "wall_time_s": seconds},
                       os.path.join(cfg.output_dir, "summary.json"))
     print(f"Done: PTQ W{weight_bits(cfg)}A{act_bits(cfg)} test top-1 {acc:.2f}% (float {float_acc:.2f}%), "

@@ -12,13 +12,16 @@
 #   --submit   with --slurm: also submit it (sbatch), and print the job id.
 #   --task I   run grid point I (0-based) only, as the job array's task I does.
 #
-# The grid is SEEDS x BITS x LAMBDAS x SCENARIOS, set with environment variables:
+# The grid is SEEDS x BITS x CLIPS x OPTIMIZERS x LAMBDAS x SCENARIOS, set with environment variables:
 #
 #   RUNS_DIR    folder of the run folders                           [runs/sweep]
 #   DATA_DIR    --data-dir                                          [./data]
 #   SCENARIOS   rows of the scenario table below, by key            [the five QAT ones]
 #   BITS        widths: "2" (W2A2) or "w2a4" (W2, A4); space separated  [2]
 #   LAMBDAS     λ of the BR terms a scenario enables                [1]
+#   CLIPS       --clip-value c (activations clipped to [0, c]: "1" ReLU1-, "6" ReLU6-style);
+#               "none": no clip; space separated                    [none]
+#   OPTIMIZERS  --optimizer: "sgd", "adam"; space separated          [sgd]
 #   SEEDS       --seed values                                       [42 43 44]
 #   EPOCHS      --epochs          (empty: the tool's default, 100)  []
 #   WARMUP      --warmup-epochs   (empty: the tool's default, 30 % of EPOCHS)  []
@@ -37,14 +40,17 @@
 #
 # Example (W2A2, the five scenarios, three seeds, from a float checkpoint):
 #
-#   RUNS_DIR=runs/w2a2 DATA_DIR=/data/cifar10 PRETRAINED=results/resnet20_fp32_s42/best.pt \
+#   RUNS_DIR=runs/w2a2 DATA_DIR=/data/cifar10 PRETRAINED=results/resnet20_fp32_s42/last.pt \
 #       scripts/sweep.sh -- --no-download --tensorboard
 #
 # The ptq scenario quantizes PRETRAINED after training (cifar10_qat_br.py --ptq: no λ, no
 # epochs; EPOCHS and WARMUP do not apply to it) and needs PRETRAINED.
 #
-# Run folders are named <scenario>_w<W>a<A>_lam<λ>_s<seed> (the LSQ baseline, which has
-# no λ, once per width and seed: lsq_w<W>a<A>_s<seed>). Every run is started with
+# Run folders are named <scenario>_w<W>a<A>[_lam<λ>][_clip<c>][_<optimizer>]_s<seed>: the LSQ
+# baseline has no λ (run once per width, clip, optimizer and seed), no clip adds no _clip part
+# and SGD no optimizer part (so the folders of a grid without CLIPS and OPTIMIZERS keep the names
+# they always had); PTQ trains nothing, so it runs once per width, clip and seed, without an
+# optimizer. Every run is started with
 # `cifar10_qat_br.py --resume auto`, locally and on SLURM alike: a folder with a finished
 # run (summary.json) is skipped, one with a checkpoint (last.pt) is resumed, and one that
 # never finished an epoch is started again; a run that another sweep process or SLURM
@@ -88,6 +94,8 @@ SCENARIOS=${SCENARIOS:-w-only wa-stable wa-moving a-only lsq}
 BITS=${BITS:-2}
 LAMBDAS=${LAMBDAS:-1}
 SEEDS=${SEEDS:-42 43 44}
+CLIPS=${CLIPS:-none}
+OPTIMIZERS=${OPTIMIZERS:-sgd}
 EPOCHS=${EPOCHS:-}
 WARMUP=${WARMUP:-}
 PRETRAINED=${PRETRAINED:-}
@@ -138,6 +146,12 @@ done
 for seed in $SEEDS; do
     [[ $seed =~ ^[0-9]+$ ]] || die "SEEDS: '$seed' is not an integer"
 done
+for clip in $CLIPS; do
+    [[ $clip == none || $clip =~ ^[0-9]*\.?[0-9]+$ ]] || die "CLIPS: '$clip' is not 'none' or a number (e.g. 1 or 6)"
+done
+for opt in $OPTIMIZERS; do
+    [[ $opt == sgd || $opt == adam ]] || die "OPTIMIZERS: '$opt' is not sgd or adam"
+done
 if [[ $MODE == slurm ]]; then
     [[ $GPUS =~ ^[0-9]+$ ]] || die "GPUS: '$GPUS' is not a number of GPUs"
     [[ $CPUS =~ ^[1-9][0-9]*$ ]] || die "CPUS: '$CPUS' is not a number of CPUs"
@@ -153,25 +167,38 @@ for seed in $SEEDS; do
         else
             w=$b; a=$b
         fi
-        first_lambda=1
-        for lam in $LAMBDAS; do
-            for key in $SCENARIOS; do
-                read -r _ w_on a_on extra _ < <(grep "^$key " <<<"$SCENARIO_TABLE")
-                lam_w=0; lam_a=0
-                [[ $w_on == 1 ]] && lam_w=$lam
-                [[ $a_on == 1 ]] && lam_a=$lam
-                if [[ $w_on == 0 && $a_on == 0 ]]; then
-                    [[ $first_lambda == 1 ]] || continue  # the baseline has no λ: run it once
-                    name="${key}_w${w}a${a}_s${seed}"
-                else
-                    name="${key}_w${w}a${a}_lam${lam}_s${seed}"
-                fi
-                flags="--num-bits-weight $w --num-bits-act $a --seed $seed"
-                [[ $key != ptq ]] && flags+=" --lambda-br $lam_w --lambda-br-act $lam_a"
-                [[ $extra != "-" ]] && flags+=" $extra"
-                PLAN+=("$name"$'\t'"$flags")
+        for clip in $CLIPS; do
+            first_opt=1
+            for opt in $OPTIMIZERS; do
+                first_lambda=1
+                for lam in $LAMBDAS; do
+                    for key in $SCENARIOS; do
+                        read -r _ w_on a_on extra _ < <(grep "^$key " <<<"$SCENARIO_TABLE")
+                        [[ $key == ptq && $first_opt == 0 ]] && continue  # PTQ has no optimizer: run it once
+                        lam_w=0; lam_a=0
+                        [[ $w_on == 1 ]] && lam_w=$lam
+                        [[ $a_on == 1 ]] && lam_a=$lam
+                        if [[ $w_on == 0 && $a_on == 0 ]]; then
+                            [[ $first_lambda == 1 ]] || continue  # the baseline has no λ: run it once
+                            name="${key}_w${w}a${a}"
+                        else
+                            name="${key}_w${w}a${a}_lam${lam}"
+                        fi
+                        flags="--num-bits-weight $w --num-bits-act $a --seed $seed"
+                        [[ $key != ptq ]] && flags+=" --lambda-br $lam_w --lambda-br-act $lam_a"
+                        [[ $extra != "-" ]] && flags+=" $extra"
+                        if [[ $clip != none ]]; then
+                            name+="_clip${clip}"; flags+=" --clip-value $clip"
+                        fi
+                        if [[ $key != ptq && $opt != sgd ]]; then
+                            name+="_${opt}"; flags+=" --optimizer $opt"
+                        fi
+                        PLAN+=("${name}_s${seed}"$'\t'"$flags")
+                    done
+                    first_lambda=0
+                done
+                first_opt=0
             done
-            first_lambda=0
         done
     done
 done
@@ -247,6 +274,7 @@ write_plan() {
 }
 
 total=${#PLAN[@]}
+GRID="seeds: $SEEDS; bits: $BITS; clips: $CLIPS; optimizers: $OPTIMIZERS; λ: $LAMBDAS; scenarios: $SCENARIOS"
 
 # --task I: one grid point, as a SLURM array task. The run goes to the background so that
 # this shell (the job's batch step) can pass SLURM's signals on to it: USR1 (the time
@@ -283,7 +311,7 @@ if [[ $MODE == slurm ]]; then
         point "$i"
         is_finished "$dir" || todo+=("$i")  # a run going on elsewhere gets a task that skips it
     done
-    echo "Sweep: $total run(s) into $RUNS_DIR, ${#todo[@]} not finished (seeds: $SEEDS; bits: $BITS; λ: $LAMBDAS; scenarios: $SCENARIOS)"
+    echo "Sweep: $total run(s) into $RUNS_DIR, ${#todo[@]} not finished ($GRID)"
     if [[ ${#todo[@]} == 0 ]]; then
         echo "Every run is finished; nothing to submit."
         exit 0
@@ -309,7 +337,7 @@ if [[ $MODE == slurm ]]; then
         echo "# (RUNS_DIR/sweep_plan.tsv, line I+1) with cifar10_qat_br.py --resume auto, exactly"
         echo "# as the local sweep does; submitting it again finishes what is not finished."
         printf 'cd %q || exit 2\n' "$(pwd)"
-        for var in RUNS_DIR DATA_DIR SCENARIOS BITS LAMBDAS SEEDS EPOCHS WARMUP PRETRAINED PYTHON; do
+        for var in RUNS_DIR DATA_DIR SCENARIOS BITS LAMBDAS CLIPS OPTIMIZERS SEEDS EPOCHS WARMUP PRETRAINED PYTHON; do
             value=${!var}
             [[ $var == PYTHON ]] && value=$(command -v "$PYTHON" || echo "$PYTHON")  # the interpreter of this shell
             printf 'export %s=%q\n' "$var" "$value"
@@ -334,7 +362,7 @@ if [[ $MODE == slurm ]]; then
     exit 0
 fi
 
-echo "Sweep: $total run(s) into $RUNS_DIR (seeds: $SEEDS; bits: $BITS; λ: $LAMBDAS; scenarios: $SCENARIOS)"
+echo "Sweep: $total run(s) into $RUNS_DIR ($GRID)"
 [[ $DRY_RUN == 1 ]] || write_plan
 failed=()
 for ((i = 0; i < total; i++)); do

@@ -34,7 +34,7 @@ def test_end_to_end_two_stages(shared_folder, tmp_path, capsys):
     assert "Epoch 1/2 [warmup]" in stdout and "Epoch 2/2 [BR]" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["status"] == "finished"
-    assert summary["best_test_acc"] == max(r["test_acc"] for r in rows)
+    assert summary["best_test_acc_optimistic"] == max(r["test_acc"] for r in rows)  # no --val-split: on test
     config = json.loads((out / "config.json").read_text())
     assert config["flags"]["lambda_br"] == 1.0 and config["derived"]["weight_bits"] == 2
     assert config["versions"]["torch"] == torch.__version__

@@ -178,6 +178,27 @@ def test_ptq_run_folder_evaluate_and_summary(runs, shared_folder, tmp_path, caps
     assert rows[0]["scenario"] == "PTQ" and rows[0]["final_top1_mean"] == summary["final_test_acc"]
 
 
+def test_ptq_calibrates_on_the_training_part_only(runs, shared_folder, tmp_path, capsys, monkeypatch):
+    from data import DataSource, load_split
+    from deploy import ptq
+    calibrated_on = []
+    real = ptq.calibration_batches
+    monkeypatch.setattr(ptq, "calibration_batches", lambda split, *a: calibrated_on.append(split) or real(split, *a))
+    rc, stdout, err = run_cli(["--ptq", "--pretrained", runs / "fp" / "last.pt", "--data-dir", shared_folder,
+                               "--output-dir", tmp_path / "ptq", "--calib-batches", "1", "--val-split", "10",
+                               "--workers", "0", "--no-download"], capsys)
+    assert rc == 0, err
+    assert "none of the 10 held out by --val-split" in stdout
+    train = load_split(DataSource("imagefolder", shared_folder), train=True, workers=0)
+    split, = calibrated_on
+    assert len(split.labels) == 40 - 10
+    # the 10 images missing from the calibration pool are one per class (the held-out set)
+    pool = {tuple(img.flatten().tolist()) for img in split.images}
+    missing = [int(label) for img, label in zip(train.images, train.labels) if tuple(img.flatten().tolist()) not in pool]
+    assert sorted(missing) == list(range(10))
+    assert json.loads((tmp_path / "ptq" / "config.json").read_text())["derived"]["val_split"]["images"] == 10
+
+
 def test_ptq_refuses_what_it_cannot_do(runs, shared_folder, tmp_path, capsys):
     base = ["--ptq", "--data-dir", shared_folder, "--output-dir", tmp_path / "o", "--no-download"]
     for flags, message in (([], "--ptq needs --pretrained"),

@@ -79,8 +79,9 @@ def test_markdown_table_by_hand(runs_dir):
     markdown, _, _ = summarize.build_tables(summarize.find_runs(runs_dir))
     lines = markdown.splitlines()
     # λ_w, λ_a and A-BR→α vary between configurations; seed, workers, output folder do not count.
-    header = ("| scenario | λ_w | λ_a | A-BR→α | seeds | final top-1 (%) | best top-1 (%) | epochs | "
-              "wall time / run | runs |")
+    # The fixture's summaries are of runs before --val-split ("best_test_acc"): selected on test.
+    header = ("| scenario | λ_w | λ_a | A-BR→α | seeds | final test top-1 (%) | "
+              "best test epoch top-1 (%; selected on test, optimistic) | epochs | wall time / run | runs |")
     i = lines.index(header)
     assert lines[i + 2:i + 5] == [
         "| W-only | 1 | 0 | no | 1,2 | 91.00 ± 1.41 | 92.00 ± 1.41 | 10 | 3m20s | 2/2 finished |",
@@ -111,7 +112,8 @@ def test_command_writes_markdown_and_csvs(runs_dir, capsys):
     w_only = rows[0]
     assert float(w_only["final_top1_mean"]) == pytest.approx(91.0)
     assert float(w_only["final_top1_std"]) == pytest.approx(math.sqrt(2))
-    assert float(w_only["best_top1_mean"]) == pytest.approx(92.0)
+    assert float(w_only["best_test_top1_optimistic_mean"]) == pytest.approx(92.0)
+    assert w_only["test_top1_at_best_val_mean"] == ""  # no run held out a validation set
     assert float(w_only["wall_time_s_mean"]) == pytest.approx(200.0)
     assert (w_only["seeds"], w_only["n_finished"], w_only["n_runs"]) == ("1 2", "2", "2")
     assert rows[2]["final_top1_std"] == ""  # one finished seed: no spread
@@ -279,3 +281,47 @@ def test_sweep_skips_a_run_that_another_sweep_is_running(tmp_path):
     assert f"[1/2] w-only_w2a2_lam1_s1: running elsewhere (host={socket.gethostname()} pid={os.getpid()} " \
            f"since=2026-01-01T10:00:00), skipped" in lines
     assert "[2/2] lsq_w2a2_s1: new" in lines  # a marker whose process is gone does not hold the run
+
+
+def test_sweep_grid_of_clips_and_optimizers_locally_and_on_slurm(tmp_path):
+    runs = tmp_path / "grid"
+    env = {"RUNS_DIR": str(runs), "SEEDS": "7", "SCENARIOS": "w-only ptq", "CLIPS": "none 6",
+           "OPTIMIZERS": "sgd adam", "PRETRAINED": "/f.pt"}
+    local = _sweep(["-n"], env)
+    assert local.returncode == 0, local.stderr
+    lines = local.stdout.splitlines()
+    names = [line.split("] ", 1)[1].split(":")[0] for line in lines if line.startswith("[")]
+    # the default clip and optimizer keep the old names; PTQ has no optimizer: once per clip
+    assert names == ["w-only_w2a2_lam1_s7", "ptq_w2a2_s7", "w-only_w2a2_lam1_adam_s7", "w-only_w2a2_lam1_clip6_s7",
+                     "ptq_w2a2_clip6_s7", "w-only_w2a2_lam1_clip6_adam_s7"]
+    commands = [line for line in lines if line.startswith("    ")]
+    assert "--clip-value" not in commands[0] and "--optimizer" not in commands[0]
+    assert "--clip-value 6 --optimizer adam" in commands[5] and "--optimizer" not in commands[4]
+    slurm = _sweep(["--slurm"], env)
+    assert slurm.returncode == 0, slurm.stderr
+    script = (runs / "sweep.sbatch").read_text().splitlines()
+    assert "#SBATCH --array=0-5" in script and "export CLIPS=none\\ 6" in script
+    assert "export OPTIMIZERS=sgd\\ adam" in script
+    task = _sweep(["--task", "5"], dict(env, PYTHON="echo"))  # the task of the last point runs its command
+    assert task.returncode == 0, task.stderr
+    assert task.stdout.splitlines()[-1].split() == commands[5].split()[1:]
+    bad = _sweep(["-n"], dict(env, CLIPS="none relu6", OPTIMIZERS="sgd"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: CLIPS: 'relu6' is not 'none' or a number")
+    bad = _sweep(["-n"], dict(env, OPTIMIZERS="rmsprop"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: OPTIMIZERS: 'rmsprop' is not sgd or adam")
+
+
+def test_optimizer_and_clip_are_columns_and_old_runs_count_as_sgd(tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root / "old", seed=1, lambda_br=1, lambda_br_act=0, summary=(90.0, 91.0, 1.0))
+    config = json.loads((root / "old" / "config.json").read_text())
+    del config["flags"]["optimizer"], config["flags"]["val_split"]  # written before these flags existed
+    (root / "old" / "config.json").write_text(json.dumps(config))
+    _write_run(root / "new", seed=2, lambda_br=1, lambda_br_act=0, summary=(92.0, 93.0, 1.0))
+    _write_run(root / "adam", seed=1, lambda_br=1, lambda_br_act=0, summary=(80.0, 81.0, 1.0))
+    config = json.loads((root / "adam" / "config.json").read_text())
+    config["flags"].update(optimizer="adam", clip_value=6.0)
+    (root / "adam" / "config.json").write_text(json.dumps(config))
+    markdown, rows, _ = summarize.build_tables(summarize.find_runs(str(root)))
+    assert "| scenario | clip | optimizer | seeds |" in markdown
+    assert sorted((r["optimizer"], r["seeds"]) for r in rows) == [("adam", "1"), ("sgd", "1 2")]

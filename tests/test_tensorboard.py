@@ -30,7 +30,8 @@ def _tiny_model():
 
 def _row(epoch, layers):
     return {"epoch": epoch, "epochs": 2, "stage": 1, "lr": 0.01, "loss": 2.5, "ce": 2.5, "br_w": 0.0, "br_a": 0.0,
-            "train_acc": 10.0, "test_acc": 12.5, "best_test_acc": 12.5, "best_epoch": epoch,
+            "train_acc": 10.0, "test_acc": 12.5, "val_acc": None, "best_test_acc_optimistic": 12.5,
+            "best_epoch": epoch,
             "alpha": {n: {"weight": 0.25, "act": 0.75} for n in layers},
             "bins": {n: {"dist_alpha": 0.2, "flips": None, "occupancy": [0.25] * 4} for n in layers}}
 
@@ -56,10 +57,12 @@ def test_logger_changes_nothing_and_writes_scalars_and_histograms(tmp_path):
 
     events = _read_events(str(tmp_path / "tb"))
     tags = events.Tags()
-    for tag in ("loss/total", "loss/ce", "loss/br_w", "loss/br_a", "acc/train", "acc/test", "acc/best", "lr",
+    for tag in ("loss/total", "loss/ce", "loss/br_w", "loss/br_a", "acc/train", "acc/test", "acc/best_test_optimistic",
+                "lr",
                 "alpha_weight/layers.0.0.conv1", "alpha_act/layers.0.0.conv1", "bins_dist_alpha/linear"):
         assert tag in tags["scalars"], tag
     assert "bins_flips/linear" not in tags["scalars"]  # None (first epoch) is not logged
+    assert "acc/val" not in tags["scalars"]  # no --val-split
     assert [(s.step, s.value) for s in events.Scalars("acc/test")] == [(1, 12.5)]
     assert events.Scalars("alpha_act/layers.2.2.conv2")[0].value == 0.75
     assert len([t for t in tags["histograms"] if t.startswith("weights/")]) == 20
