@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``cifar10_qat_br.py``."""
     p = argparse.ArgumentParser(
         prog="cifar10_qat_br.py",
-        description="Two-stage quantization-aware training of a CIFAR-10 ResNet: LSQ warmup, then "
+        description="Two-stage quantization-aware training of a CIFAR-10 ResNet or MobileNetV2: LSQ warmup, then "
                     "LSQ + Bin Regularization. Loss = CE + λ_w·BR_w + λ_a·BR_a.")
     q = p.add_argument_group("quantization")
     q.add_argument("--num-bits", type=int, default=2, help="bits of weights and activations (2-8; 32 = float) [2]")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--first-last-bits", type=int, default=8,
                    help="bits of the first conv and last linear (32 keeps them float) [8]")
     q.add_argument("--clip-value", type=float, default=None,
-                   help="clip activations to [0, c] (ReLU6/ReLU1-style networks) [none]")
+                   help="clip activations to [0, c] (ReLU6/ReLU1-style networks) [none: ReLU; mobilenetv2: ReLU6]")
     b = p.add_argument_group("bin regularization (stage 2)")
     b.add_argument("--lambda-br", type=float, default=1.0, help="weight of W-BR on weights; 0 disables [1.0]")
     b.add_argument("--lambda-br-act", type=float, default=1.0,
@@ -458,6 +458,8 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
                      f"first/last layers {bits(first_last_bits(cfg))}")
     if cfg.clip_value is not None:
         lines.append(f"Activations clipped to [0, {cfg.clip_value:g}]")
+    elif cfg.arch == "mobilenetv2":
+        lines.append("Activations: ReLU6 (MobileNetV2's own; --clip-value c clips to [0, c] instead)")
     lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
     lines.append(f"Optimiser: {optimizer_line(cfg, defaulted)}, cosine over {E} epoch{'s' if E != 1 else ''}, "
                  f"batch {cfg.batch_size}, seed {cfg.seed}")

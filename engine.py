@@ -151,9 +151,9 @@ class Trainer:
             self.weight_stats = BinStatsCollector({n: m.weight_quant for n, m in self.br_layers.items()},
                                                   grad_to_alpha=True)
         if cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS and self.br_layers:
-            signs = {m.act_quant.signed for m in self.br_layers.values()}
-            if signs != {False}:
-                raise ValueError("A-BR expects non-negative (unsigned) inputs in every inner layer")
+            # Each quantizer computes its bin statistics on its own grid: unsigned after a ReLU,
+            # signed where the input can be negative (MobileNetV2's linear bottlenecks). Both grids
+            # of one width have the same number of bins, and the loss needs nothing else of them.
             self.a_reg = BinRegularizer(act_bits(cfg), signed=False)
             self.hooks = ActivationHookManager(model, self.br_layers,
                                                bin_stats_grad_to_alpha=cfg.br_backprop_to_alpha_act)

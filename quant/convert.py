@@ -56,7 +56,10 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last
     every other layer at ``weight_bits`` / ``act_bits``. The first layer's input (the
     normalised image) is quantized signed; every other input unsigned, which assumes
     it is non-negative (after ReLU, or average pooling of ReLU outputs), as in the
-    CIFAR ResNets of ``models``. A width of 32 keeps that tensor in float; a network
+    CIFAR ResNets of ``models``, except where a module lists the layer in its
+    ``signed_input_layers`` (attribute names of child layers whose input can be negative,
+    e.g. the layers after a linear bottleneck in ``models.mobilenetv2``): those get a
+    signed input quantizer too. A width of 32 keeps that tensor in float; a network
     with every width at 32 is returned unchanged.
 
     The quantizers are named ``<layer>.weight_quant`` and ``<layer>.act_quant``, where
@@ -88,12 +91,14 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last
         return model
     first_name, last_name = layers[0][0], layers[-1][0]
     modules = dict(model.named_modules())
+    signed_inputs = {first_name} | {f"{name}.{child}" if name else child for name, module in modules.items()
+                                    for child in getattr(module, "signed_input_layers", ())}
     for name, layer in layers:
         is_edge = name in (first_name, last_name)
         if is_edge and first_last_bits >= FULL_PRECISION_BITS:
             continue
         w_bits, a_bits = (first_last_bits, first_last_bits) if is_edge else (weight_bits, act_bits)
-        new = _quantized_copy(layer, w_bits, a_bits, act_signed=(name == first_name))
+        new = _quantized_copy(layer, w_bits, a_bits, act_signed=name in signed_inputs)
         new.is_first_or_last = is_edge
         parent_name, _, child_name = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child_name, new)
