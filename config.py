@@ -253,8 +253,8 @@ def compile_mode(cfg) -> str:
     hundreds of small kernels, so launching them costs more than running them
     (docs/performance.md). On the CPU the fused C++ kernels run the quantizers, and compiling
     takes minutes. Under torchrun (several processes, DDP) ``auto`` does not compile: CUDA
-    graphs with DDP are untested here. ``on`` (the flag alone) compiles on any device. ``True``/``False`` are the
-    values that config.json of runs before the modes existed holds.
+    graphs with DDP are untested here. ``on`` (the flag alone) compiles on any device.
+    ``True``/``False`` are the values that config.json of runs before the modes existed holds.
 
     Raises:
         ConfigError: a value that is none of auto, on, off and ``TORCH_COMPILE_MODES``.

@@ -354,13 +354,14 @@ class Trainer:
                 raise Interrupted(self._stop_signal)
         # The last step's BR infos outlive the step: copy them out of the CUDA graph's buffers.
         w_info, a_info = (_clone_tensors(out.get(k)) for k in ("w_info", "a_info"))
-        if self.group is not None:  # sums over the ranks: the means are over steps and ranks (each has as many steps)
+        terms = steps  # the means are over steps, and over ranks under torchrun (each rank has as many steps)
+        if self.group is not None:
             totals = self.group.sum(torch.tensor([*sums.tolist(), int(correct), seen], dtype=torch.float64,
                                                  device=self.device))
-            sums, correct, seen, steps = totals[:4], int(totals[4]), int(totals[5]), steps * self.group.world_size
+            sums, correct, seen, terms = totals[:4], int(totals[4]), int(totals[5]), steps * self.group.world_size
         if not bool(torch.isfinite(sums).all()):  # a NaN between two checks (CUDA)
             self._check_finite({"loss": sums[0], "ce": sums[1], "br_w": sums[2], "br_a": sums[3]}, epoch, steps)
-        means = (sums / max(steps, 1)).tolist()
+        means = (sums / max(terms, 1)).tolist()
         return {"loss": means[0], "ce": means[1], "br_w": means[2], "br_a": means[3],
                 "train_acc": 100.0 * int(correct) / max(seen, 1), "images": seen,
                 "w_info": w_info, "a_info": a_info}

@@ -129,7 +129,7 @@ def resume_command(cfg, launch=None) -> str:
     launcher = (sys.executable,)
     if launch is not None:
         nodes = launch.world_size // launch.local_world_size
-        launcher += ("-m", "torch.distributed.run") + (("--nnodes", str(nodes)) if nodes > 1 else ()) + (
+        launcher += ("-m", "torch.distributed.run") + (("--nnodes", str(nodes)) if nodes > 1 else ("--standalone",)) + (
             "--nproc-per-node", str(launch.local_world_size))
     return " ".join(shlex.quote(part) for part in ("cd", cwd)) + " && " + " ".join(
         shlex.quote(part) for part in (*launcher, script, "--resume", "--output-dir", cfg.output_dir))

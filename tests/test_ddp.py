@@ -113,7 +113,7 @@ def test_torchrun_two_processes_train_one_run(shared_folder, tmp_path, capsys):
     rc, out, err = _torchrun(tmp_path, args, TEST_STOP_RANK1_IN_EPOCH=2)
     assert rc != 0 and [r["epoch"] for r in _metrics(run)] == [1] and not (run / "summary.json").exists()
     assert err.count("Interrupted by SIGTERM") == 1
-    assert "-m torch.distributed.run --nproc-per-node 2" in err and "--resume --output-dir" in err
+    assert "-m torch.distributed.run --standalone --nproc-per-node 2" in err and "--resume --output-dir" in err
     assert out.count("Starting 2-Stage QAT+BR Training") == 1  # the banner, once (rank 0)
     assert "Processes: 2 (torchrun, DistributedDataParallel, backend gloo); batch 20 global = 10 per process; " \
            "BatchNorm: per-process statistics (no --sync-bn)" in out
