@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 return ptq.run(cfg, source)
             print("\n".join(cfgmod.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)),
                   flush=True)
-            trainer, run_config, tb = set_up(cfg, source, ckpt, group)
-        return train(cfg, trainer, run_config, tb, group)
+            trainer, run_config = set_up(cfg, source, ckpt, group)
+        return train(cfg, trainer, run_config, ckpt, group)
     except (cfgmod.ConfigError, DataError, CheckpointError) as exc:
         if group is None or group.is_main:  # every rank has the same error (distributed.agreement)
             print(f"error: {exc}", file=sys.stderr)
@@ -118,12 +118,12 @@ def _has_checkpoint(cfg) -> bool:
 
 
 def set_up(cfg, source, ckpt, group=None):
-    """The data, the model and its ``Trainer`` (restored from ``ckpt`` when resuming), TensorBoard
-    and config.json. Under torchrun (``group``) every rank builds its own, from its shards of the
-    data; only rank 0 writes files. No collectives (it runs inside ``distributed.agreement``).
+    """The data, the model and its ``Trainer`` (restored from ``ckpt`` when resuming). Under
+    torchrun (``group``) every rank builds its own, from its shards of the data. Writes nothing
+    in the run folder, and runs no collectives (it runs inside ``distributed.agreement``).
 
     Returns:
-        (trainer, the content of config.json, the TensorBoard logger or None).
+        (trainer, the content of config.json).
 
     Raises:
         ConfigError, DataError, CheckpointError: the kernels, the data or ``--pretrained``.
@@ -164,34 +164,42 @@ def set_up(cfg, source, ckpt, group=None):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     print(f"Quantized layers: {len(quantized_layers(model))}", flush=True)
-    tb = None
-    if cfg.tensorboard and is_main:
-        from tb_logging import TensorBoardLogger
-        tb = TensorBoardLogger(os.path.join(cfg.output_dir, "tensorboard"))
-        tb.attach(model)
-    trainer = Trainer(cfg, model, train_loader, test_loader, device, cfg.output_dir if is_main else None, tb=tb,
+    trainer = Trainer(cfg, model, train_loader, test_loader, device, cfg.output_dir if is_main else None,
                       group=group)
     run_config = runner.run_config(cfg, source.describe(), cpu_kernels, world_size,
                                    group.backend(device) if group is not None else None)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-        if is_main:
-            runner.restore_logs(cfg.output_dir, ckpt)
+    return trainer, run_config
+
+
+def open_run_files(cfg, trainer, run_config: dict, ckpt):
+    """Start writing the run folder once the run is set up: TensorBoard (attached to the trainer),
+    the logs cut back to the resumed epoch, config.json. Returns the TensorBoard logger or None."""
+    tb = None
+    if cfg.tensorboard:
+        from tb_logging import TensorBoardLogger
+        tb = trainer.tb = TensorBoardLogger(os.path.join(cfg.output_dir, "tensorboard"))
+        tb.attach(trainer.model)
+    if ckpt is not None:
+        runner.restore_logs(cfg.output_dir, ckpt)
         note = runner.backfill_tensorboard(tb, cfg.output_dir, ckpt) if tb is not None else None
         if note:
             print(note, flush=True)
-        print(f"Resumed from epoch {ckpt['epoch']} of {cfg.epochs}", flush=True)
-    if is_main:
-        runner.write_config(cfg, run_config)
-    return trainer, run_config, tb
+    runner.write_config(cfg, run_config)
+    return tb
 
 
-def train(cfg, trainer, run_config: dict, tb, group=None) -> int:
-    """Train from ``set_up``'s trainer to the end (or to a stop); write summary.json (rank 0).
+def train(cfg, trainer, run_config: dict, ckpt, group=None) -> int:
+    """Train from ``set_up``'s trainer to the end (or to a stop); only rank 0 writes the run folder
+    (``open_run_files``, the trainer's checkpoints and logs, summary.json).
 
     Returns the exit status: 0 finished, 3 non-finite values, 128+signal when interrupted.
     """
     is_main = group is None or group.is_main
+    tb = open_run_files(cfg, trainer, run_config, ckpt) if is_main else None
+    if ckpt is not None:
+        print(f"Resumed from epoch {ckpt['epoch']} of {cfg.epochs}", flush=True)
     try:
         summary = trainer.fit(run_config)
     except NonFiniteError as exc:
