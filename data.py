@@ -348,7 +348,7 @@ class DeviceLoader:
             sl = slice(start, stop)
             if self.train:
                 size = stop - start  # this process's part of the global batch
-                sl = slice(start + size * self.rank // self.world_size, start + size * (self.rank + 1) // self.world_size)
+                sl = slice(*(start + size * r // self.world_size for r in (self.rank, self.rank + 1)))
                 idx = order[sl]
                 x = random_crop_flip(self.images[idx], offsets[sl], flips[sl])
                 y = self.labels[idx]
