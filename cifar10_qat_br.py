@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = runner.resolve_resume(cfg, argv)  # first: flags not given come from the run
             defaulted = cfgmod.resolve_defaults(cfg)
             cfgmod.validate(cfg)
-            if group is not None:  # again: --resume may have taken --batch-size, --device, --sync-bn from the run
+            if group is not None:  # after --resume, which may take --batch-size, --device, --sync-bn from the run
                 group.check(cfg, cfgmod.resolve_device(cfg.device))
             if auto == "finished":
                 print(f"{cfg.output_dir}: this run is finished (summary.json); nothing to do")
