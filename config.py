@@ -23,7 +23,7 @@ MAX_SEED = 2**32 - 1
 
 #: Flags that say how to run, not what the experiment is: they may change on --resume.
 RUN_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
-                       "no_download", "tensorboard", "compile", "eval_batch_size", "progress_interval"})
+                       "no_download", "tensorboard", "compile", "eval_batch_size", "progress_interval", "sync_bn"})
 
 #: Flags that say what this one command does: never taken from the run on --resume (every
 #: other flag not given is, so that the printed resume command works as printed).
@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reduce-overhead, i.e. CUDA graphs; CPU: off, the fused C++ kernels are faster), "
                         "on (the flag alone: reduce-overhead on CUDA, default on the CPU), off, or a "
                         f"torch.compile mode ({', '.join(TORCH_COMPILE_MODES)}) [auto]")
+    r.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+                   help="under torchrun: BatchNorm with the statistics of the global batch (torch's "
+                        "SyncBatchNorm, GPUs only) instead of each process's shard [off]")
     r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
                    help="write TensorBoard logs to <output-dir>/tensorboard [off]")
     r.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
@@ -257,14 +260,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def torchrun_world_size(environ=os.environ) -> int:
+    """The number of processes of this run: torchrun's ``WORLD_SIZE``, 1 outside torchrun (or when
+    it is not a positive integer: ``distributed.launch_from_environment`` reports that)."""
+    try:
+        return max(int(environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
 def compile_mode(cfg) -> str:
     """The ``torch.compile`` mode of the run (``--compile``), or ``"off"``.
 
     ``auto`` compiles on CUDA only, with CUDA graphs (``reduce-overhead``): a ResNet-20 step is
     hundreds of small kernels, so launching them costs more than running them
     (docs/performance.md). On the CPU the fused C++ kernels run the quantizers, and compiling
-    takes minutes. ``on`` (the flag alone) compiles on any device. ``True``/``False`` are the
-    values that config.json of runs before the modes existed holds.
+    takes minutes. Under torchrun (several processes, DDP) ``auto`` does not compile: CUDA
+    graphs with DDP are untested here. ``on`` (the flag alone) compiles on any device.
+    ``True``/``False`` are the values that config.json of runs before the modes existed holds.
 
     Raises:
         ConfigError: a value that is none of auto, on, off and ``TORCH_COMPILE_MODES``.
@@ -275,7 +288,7 @@ def compile_mode(cfg) -> str:
                           f"got {cfg.compile!r}")
     cuda = resolve_device(cfg.device).type == "cuda"
     if value == "auto":
-        return "reduce-overhead" if cuda else "off"
+        return "reduce-overhead" if cuda and torchrun_world_size() == 1 else "off"
     if value == "on":
         return "reduce-overhead" if cuda else "default"
     return value
@@ -360,6 +373,8 @@ def warnings_for(cfg) -> list[str]:
         out.append("--freeze-weight-alpha / --freeze-act-alpha are implied by --freeze-alpha")
     if is_float_run(cfg) and (cfg.freeze_alpha or cfg.freeze_weight_alpha or cfg.freeze_act_alpha):
         out.append("the freeze flags have no effect: a float run has no step sizes")
+    if cfg.sync_bn and torchrun_world_size() == 1:
+        out.append("--sync-bn has no effect in one process (it applies under torchrun --nproc-per-node N)")
     if cfg.amp and resolve_device(cfg.device).type != "cuda":
         out.append("--amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
     defaults = build_parser()
@@ -436,10 +451,12 @@ def optimizer_line(cfg, defaulted: set[str] = frozenset()) -> str:
     return f"SGD {lr} momentum {cfg.momentum:g} weight decay {cfg.weight_decay:g} (none on alpha)"
 
 
-def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = frozenset()) -> list[str]:
+def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = frozenset(),
+           processes: str = "") -> list[str]:
     """The run banner (lines), in the wording researchers grep for.
 
     ``defaulted``: the flags ``resolve_defaults`` filled in, which the banner says.
+    ``processes``: a line about the processes of a torchrun run (``distributed.Group.describe``).
     """
     w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
     E = cfg.epochs
@@ -475,6 +492,8 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     mode = compile_mode(cfg)
     lines.append(f"Device: {resolve_device(cfg.device)}" + (" (bf16 autocast)" if cfg.amp else "")
                  + (f"; torch.compile mode {mode}" if mode != "off" else "; eager (not compiled)"))
+    if processes:
+        lines.append(processes)
     lines.append(f"Output: {cfg.output_dir}")
     for w in warnings_for(cfg):
         lines.append(f"WARNING: {w}")

@@ -179,7 +179,7 @@ def _decode_image_folder(samples: list[tuple[str, int]], workers: int) -> Split:
     return Split(images, torch.tensor([label for _, label in samples], dtype=torch.int64))
 
 
-def _load_image_folder(root: str, train: bool, workers: int, log) -> Split:
+def _load_image_folder(root: str, train: bool, workers: int, log, write_cache: bool) -> Split:
     split = "train" if train else "test"
     split_dir = os.path.join(root, split)
     samples = _image_samples(split_dir)
@@ -194,6 +194,8 @@ def _load_image_folder(root: str, train: bool, workers: int, log) -> Split:
             pass
     log(f"Decoding {len(fingerprint)} images of {split_dir} once (cached next to the data)...")
     data = _decode_image_folder(samples, workers)
+    if not write_cache:
+        return data
     try:
         atomic_torch_save({"images": data.images, "labels": data.labels, "fingerprint": fingerprint}, cache)
     except OSError as exc:
@@ -212,8 +214,12 @@ def _load_torchvision(root: str, train: bool, download: bool) -> Split:
     return Split(images, torch.tensor(ds.targets, dtype=torch.int64))
 
 
-def load_split(source: DataSource, train: bool, download: bool = False, workers: int = 2, log=print) -> Split:
+def load_split(source: DataSource, train: bool, download: bool = False, workers: int = 2, log=print,
+               write_cache: bool = True) -> Split:
     """Load one split of CIFAR-10 as uint8 tensors on the CPU.
+
+    ``write_cache``: whether an image folder decoded now is cached next to the data (in a
+    torchrun run only rank 0 writes it).
 
     Raises:
         DataError: missing split, wrong class folders, a class folder without images (empty,
@@ -222,7 +228,7 @@ def load_split(source: DataSource, train: bool, download: bool = False, workers:
     """
     if source.kind == "torchvision":
         return _load_torchvision(source.root, train, download)
-    return _load_image_folder(source.root, train, workers, log)
+    return _load_image_folder(source.root, train, workers, log, write_cache)
 
 
 def balanced_indices(labels: torch.Tensor, n: int, seed: int, flag: str, keep_one: bool = False) -> torch.Tensor:
@@ -299,7 +305,7 @@ class TrainingImages(NamedTuple):
     available: int
 
 
-def training_images(source: DataSource, cfg, workers: int) -> TrainingImages:
+def training_images(source: DataSource, cfg, workers: int, write_cache: bool = True) -> TrainingImages:
     """The images a run trains (or calibrates) on, and its validation set.
 
     ``--val-split N`` holds out N class-balanced images first (``hold_out``); ``--train-subset``
@@ -309,7 +315,7 @@ def training_images(source: DataSource, cfg, workers: int) -> TrainingImages:
         DataError: see ``load_split``, ``hold_out`` and ``balanced_subset``; fewer than 2
             training images.
     """
-    train = load_split(source, train=True, download=not cfg.no_download, workers=workers)
+    train = load_split(source, train=True, download=not cfg.no_download, workers=workers, write_cache=write_cache)
     val = val_index = None
     if cfg.val_split:
         train, val, val_index = hold_out(train, cfg.val_split, cfg.seed)
@@ -319,6 +325,12 @@ def training_images(source: DataSource, cfg, workers: int) -> TrainingImages:
     if cfg.train_subset is not None:
         train = balanced_subset(train, cfg.train_subset, cfg.seed)
     return TrainingImages(train, val, val_index, available)
+def shard(split: Split, rank: int, world_size: int) -> Split:
+    """The ``rank``-th of ``world_size`` contiguous, nearly equal parts of ``split`` (sizes differ by at
+    most one image; together, in rank order, they are ``split``). For evaluation under torchrun."""
+    n = len(split.labels)
+    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+    return Split(split.images[lo:hi], split.labels[lo:hi])
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -359,17 +371,25 @@ class DeviceLoader:
 
     Training batches are shuffled and augmented (``random_crop_flip``) with
     ``epoch_generator(seed, epoch)``; a final batch of one sample is dropped (BatchNorm
-    cannot train on it), and with ``drop_last`` any final batch smaller than ``batch_size``
+    cannot train on it; with a ``shard``, one of fewer than 2 samples per process), and with
+    ``drop_last`` any final batch smaller than ``batch_size``
     (every step then has one static shape, as a compiled step with CUDA graphs needs; the
     images it leaves out differ from epoch to epoch). Evaluation batches are in order and not
     augmented.
+
+    ``shard=(rank, world_size)`` (distributed training): ``batch_size`` is the global batch; this
+    process gets the ``rank``-th of ``world_size`` contiguous parts of each training batch (sizes
+    differ by at most one sample: equal when ``world_size`` divides the batch), drawn and augmented
+    exactly as in one process, so that the parts of all processes make up the one-process epoch.
+    ``len`` is the number of global batches, the same in every process.
 
     Yields ``(x, y)``: float32 ``(B, 3, 32, 32)`` normalised images (``channels_last``
     if asked) and int64 ``(B,)`` labels.
     """
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, train: bool, seed: int = 0,
-                 channels_last: bool = False, drop_last: bool = False):
+                 channels_last: bool = False, drop_last: bool = False, shard: tuple[int, int] = (0, 1)):
+        self.rank, self.world_size = shard
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size, self.device, self.train, self.seed = batch_size, device, train, seed
@@ -382,8 +402,8 @@ class DeviceLoader:
         n = len(self.labels)
         if self.drop_last and n >= self.batch_size:
             return n // self.batch_size
-        if self.train and n % self.batch_size == 1:
-            n -= 1
+        if self.train and 0 < n % self.batch_size < 2 * self.world_size:  # too few for BatchNorm on every process
+            n -= n % self.batch_size
         return -(-n // self.batch_size)
 
     def batches(self, epoch: int = 0):
@@ -394,8 +414,11 @@ class DeviceLoader:
             offsets = torch.randint(0, 2 * CROP_PADDING + 1, (n, 2), generator=gen).to(self.device)
             flips = (torch.rand(n, generator=gen) < 0.5).to(self.device)
         for b in range(len(self)):
-            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            start, stop = b * self.batch_size, min((b + 1) * self.batch_size, n)
+            sl = slice(start, stop)
             if self.train:
+                size = stop - start  # this process's part of the global batch
+                sl = slice(*(start + size * r // self.world_size for r in (self.rank, self.rank + 1)))
                 idx = order[sl]
                 x = random_crop_flip(self.images[idx], offsets[sl], flips[sl])
                 y = self.labels[idx]

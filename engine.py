@@ -106,15 +106,21 @@ def _clone_tensors(tree):
 
 
 @torch.inference_mode()
-def top1_accuracy(forward, loader, device: torch.device, use_amp: bool = False) -> float:
+def top1_accuracy(forward, loader, device: torch.device, use_amp: bool = False, reduce=None) -> float:
     """Top-1 accuracy (%) of ``forward`` (a model in eval mode) over every batch of ``loader``
     (``data.DeviceLoader``); bf16 autocast with ``use_amp``. The one evaluation of every path
-    (training, ``--evaluate``, PTQ, export), so they report the same number for the same model."""
+    (training, ``--evaluate``, PTQ, export), so they report the same number for the same model.
+
+    ``reduce``: for a loader of one shard of the test set (torchrun), a function that sums an
+    int64 ``(2,)`` tensor (correct, images) over the processes (``distributed.Group.sum``)."""
     correct = torch.zeros((), dtype=torch.long, device=device)
     for x, y in loader.batches():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             correct += (forward(x).argmax(1) == y).sum()
-    return 100.0 * int(correct) / max(len(loader.labels), 1)
+    if reduce is None:
+        return 100.0 * int(correct) / max(len(loader.labels), 1)
+    counts = reduce(torch.stack([correct, torch.tensor(len(loader.labels), device=device)]))
+    return 100.0 * int(counts[0]) / max(int(counts[1]), 1)
 
 
 class Trainer:
@@ -125,19 +131,28 @@ class Trainer:
         model: the (quantized) network, already on ``device``.
         train_loader, test_loader: ``data.DeviceLoader`` objects.
         device: the training device.
-        output_dir: where metrics and checkpoints go (None: keep nothing, for benchmarks).
+        output_dir: where metrics and checkpoints go (None: keep nothing, for benchmarks, and on
+            every rank but 0 of a torchrun run).
         log: a ``print``-like function for the console.
         tb: an optional ``tb_logging.TensorBoardLogger``.
         val_loader: the held-out training images (``--val-split``; ``DeviceLoader`` without
             augmentation), or None. With it, ``best.pt`` is the epoch of the best validation
             top-1; without it, of the best test top-1 (selected on the test set: optimistic).
+            Under torchrun, this rank's shard (like the test loader).
         val_index: the held-out images' indices in the training split (int64), saved in every
             checkpoint so that a resumed run can prove it holds out the same images.
+        group: a ``distributed.Group`` under torchrun (None: one process). The loaders then hold
+            this rank's shards; the training forward pass runs through ``DistributedDataParallel``
+            (built again when the set of trainable parameters changes: frozen step sizes), the
+            ranks agree on every checked step (``_agree_on_step``), the epoch's metrics are summed
+            over the ranks and the evaluation is sharded (see distributed.py).
     """
 
     def __init__(self, cfg, model, train_loader, test_loader, device, output_dir=None, log=print, tb=None,
-                 val_loader=None, val_index=None):
+                 val_loader=None, val_index=None, group=None):
         self.cfg, self.model, self.device, self.output_dir, self.log, self.tb = cfg, model, device, output_dir, log, tb
+        self.group = group
+        self.network, self._trainable = model, None  # the module the training forward pass calls (DDP under torchrun)
         self.train_loader, self.test_loader, self.val_loader = train_loader, test_loader, val_loader
         self.val_index = val_index
         self.layers = quantized_layers(model)
@@ -226,6 +241,10 @@ class Trainer:
                     quantizer.alpha.requires_grad_(not (frozen and stage2))
                     if frozen and stage2:
                         quantizer.alpha.grad = None
+        if self.group is not None:
+            trainable = tuple(p.requires_grad for p in self.model.parameters())
+            if trainable != self._trainable:  # DDP reduces the parameters that required a gradient when built
+                self.network, self._trainable = self.group.wrap(self.model, self.device), trainable
 
     # -- one step ------------------------------------------------------------------------------
     def loss_terms(self, x: torch.Tensor, y: torch.Tensor, use_br: bool):
@@ -250,7 +269,7 @@ class Trainer:
         """``loss_terms`` after the BR switches are set: the function that ``--compile`` compiles."""
         zero = torch.zeros((), device=self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            logits = self.model(x)
+            logits = self.network(x)
         ce = F.cross_entropy(logits.float(), y)
         br_w = br_a = zero
         w_info = a_info = None
@@ -291,7 +310,10 @@ class Trainer:
         out = {"loss": loss.detach(), "ce": ce.detach(), "br_w": br_w.detach(), "br_a": br_a.detach(),
                "correct": (logits.argmax(1) == y).sum(), "w_info": w_info, "a_info": a_info}
         if check is not None:
-            self._check_finite(out, *check)
+            if self.group is not None:
+                self._agree_on_step(out, *check)
+            else:
+                self._check_finite(out, *check)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -313,6 +335,20 @@ class Trainer:
         where = f"first non-finite parameter: {bad}" if bad else "all parameters still finite"
         raise NonFiniteError(f"non-finite loss at epoch {epoch} step {step} ({parts}); {where}")
 
+    def _agree_on_step(self, step_out: dict, epoch: int, step: int) -> None:
+        """Under torchrun, before the update: every rank raises ``NonFiniteError`` when any rank's
+        loss is non-finite and ``Interrupted`` when any rank got a stop signal, so that all of them
+        stop at the same step (a rank that stopped alone would leave the others waiting in DDP's
+        gradient reduction). One all-reduce of ``world_size + 1`` numbers."""
+        bad, signum = self.group.agree_on_step(~torch.isfinite(step_out["loss"]), self._stop_signal)
+        if bad:
+            if self.group.rank in bad:
+                self._check_finite(step_out, epoch, step)
+            raise NonFiniteError(f"non-finite loss at epoch {epoch} step {step} on rank(s) "
+                                 f"{', '.join(map(str, bad))} of {self.group.world_size}")
+        if signum:
+            raise Interrupted(signum)
+
     def train_epoch(self, epoch: int) -> dict:
         """Train one epoch; returns the epoch's means (floats) and the last step's BR infos."""
         self.model.train()
@@ -324,7 +360,7 @@ class Trainer:
         check_every = 1 if self.device.type == "cpu" else CUDA_CHECK_EVERY
         out = {}
         bar = tqdm(self.train_loader.batches(epoch), total=len(self.train_loader), leave=False,
-                   desc=f"epoch {epoch}", disable=None)
+                   desc=f"epoch {epoch}", disable=None if self.group is None or self.group.is_main else True)
         # Plain progress lines when the console is a file (a SLURM log): tqdm is silent there.
         progress = EpochProgress(epoch, self.cfg.epochs, len(self.train_loader),
                                  self.elapsed / (epoch - 1) if epoch > 1 else None,
@@ -335,23 +371,32 @@ class Trainer:
             sums += torch.stack([out["loss"], out["ce"], out["br_w"], out["br_a"]])
             correct += out["correct"]
             seen += y.shape[0]
-            progress.step(y.shape[0])
-            if self._stop_signal is not None:
+            progress.step(y.shape[0] * (self.group.world_size if self.group is not None else 1))
+            if self._stop_signal is not None and self.group is None:  # under torchrun: at the next agreement
                 raise Interrupted(self._stop_signal)
         # The last step's BR infos outlive the step: copy them out of the CUDA graph's buffers.
         w_info, a_info = (_clone_tensors(out.get(k)) for k in ("w_info", "a_info"))
+        terms = steps  # the means are over steps, and over ranks under torchrun (each rank has as many steps)
+        if self.group is not None:
+            totals = self.group.sum(torch.tensor([*sums.tolist(), int(correct), seen], dtype=torch.float64,
+                                                 device=self.device))
+            sums, correct, seen, terms = totals[:4], int(totals[4]), int(totals[5]), steps * self.group.world_size
         if not bool(torch.isfinite(sums).all()):  # a NaN between two checks (CUDA)
             self._check_finite({"loss": sums[0], "ce": sums[1], "br_w": sums[2], "br_a": sums[3]}, epoch, steps)
-        means = (sums / max(steps, 1)).tolist()
+        means = (sums / max(terms, 1)).tolist()
         return {"loss": means[0], "ce": means[1], "br_w": means[2], "br_a": means[3],
                 "train_acc": 100.0 * int(correct) / max(seen, 1), "images": seen,
                 "w_info": w_info, "a_info": a_info}
 
     def evaluate(self, loader=None) -> float:
-        """Top-1 accuracy (%) on ``loader`` (default: the test loader)."""
+        """Top-1 accuracy (%) on ``loader`` (default: the test loader); under torchrun on every
+        rank's shard, with rank 0's BatchNorm statistics, summed."""
         self.model.eval()
         loader = self.test_loader if loader is None else loader
-        return top1_accuracy(self._evaluate_forward, loader, self.device, self.use_amp)
+        if self.group is None:
+            return top1_accuracy(self._evaluate_forward, loader, self.device, self.use_amp)
+        self.group.broadcast_buffers(self.model)
+        return top1_accuracy(self._evaluate_forward, loader, self.device, self.use_amp, self.group.sum)
 
     def layer_summaries(self) -> tuple[dict, dict]:
         """Per quantized layer: α values, and weight bin statistics (updates ``previous_bins``)."""

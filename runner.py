@@ -117,19 +117,27 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     return ckpt
 
 
-def resume_command(cfg) -> str:
+def resume_command(cfg, launch=None) -> str:
     """The shell command that continues this run, as printed when it is interrupted.
 
     It works as printed from any shell: it changes into this run's working directory
     (relative ``--data-dir`` / ``--output-dir`` paths are relative to it), names this
-    interpreter, and quotes every path; every other flag comes from the run.
+    interpreter, and quotes every path; every other flag comes from the run. With ``launch``
+    (``distributed.Launch``, a torchrun run) it starts the same number of processes per machine
+    with ``python -m torch.distributed.run`` (torchrun); on several machines, run it on each with
+    your rendezvous flags.
     """
     cwd = os.getcwd()
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_qat_br.py")
     relative = os.path.relpath(script, cwd)
     script = script if relative.startswith(os.pardir) else relative
+    launcher = (sys.executable,)
+    if launch is not None:
+        nodes = launch.world_size // launch.local_world_size
+        launcher += ("-m", "torch.distributed.run") + (("--nnodes", str(nodes)) if nodes > 1 else ("--standalone",)) + (
+            "--nproc-per-node", str(launch.local_world_size))
     return " ".join(shlex.quote(part) for part in ("cd", cwd)) + " && " + " ".join(
-        shlex.quote(part) for part in (sys.executable, script, "--resume", "--output-dir", cfg.output_dir))
+        shlex.quote(part) for part in (*launcher, script, "--resume", "--output-dir", cfg.output_dir))
 
 
 class RunFolderLock:
@@ -323,12 +331,15 @@ def git_commit() -> str | None:
         return None
 
 
-def run_config(cfg, data_source: str, cpu_kernels: str | None, val_split=None) -> dict:
+def run_config(cfg, data_source: str, cpu_kernels: str | None, val_split=None, world_size: int = 1,
+               backend: str | None = None) -> dict:
     """The content of config.json: every resolved flag, derived values and versions.
 
     ``cpu_kernels``: ``quant.kernels.describe()`` where the run uses them, else None.
     ``val_split``: the held-out ``data.Split`` of ``--val-split`` (config.json gives its size,
     seed and images per class; its indices are in every checkpoint), or None.
+    ``world_size``, ``backend``: the processes of a torchrun run and their collectives' backend
+    (1 and None: one process).
     """
     import torchvision
     from config import act_bits, compile_mode, first_last_bits, weight_bits
@@ -337,7 +348,8 @@ def run_config(cfg, data_source: str, cpu_kernels: str | None, val_split=None) -
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
                         "device": str(resolve_device(cfg.device)), "data": data_source,
                         "cpu_kernels": cpu_kernels, "compile": compile_mode(cfg),
-                        "val_split": describe_val_split(cfg, val_split)},
+                        "val_split": describe_val_split(cfg, val_split),
+                        "world_size": world_size, "backend": backend},
             "versions": {"python": platform.python_version(), "torch": str(torch.__version__),  # not TorchVersion:
                          "torchvision": str(torchvision.__version__)},  # a checkpoint holds only plain types
             "git_commit": git_commit()}

@@ -227,7 +227,8 @@ class LSQQuantizer(nn.Module):
     quantizer stays uninitialised, quantizes with the α it has (1.0 when new) and says
     so once (a ``RuntimeWarning``). α is at least ``min_step_size`` of the tensor's dtype.
     It is written in place and recorded in the ``initialized`` buffer, so a quantizer
-    restored with ``load_state_dict`` is never re-initialised from data.
+    restored with ``load_state_dict`` is never re-initialised from data. In distributed
+    training ``init_reduce`` makes the mean that of the global batch (every process's input).
 
     State: ``alpha``, ``initialized`` and ``grid`` (int64 ``(2,)``: ``num_bits`` and
     ``signed``). ``load_state_dict`` refuses a state of another grid (an error naming both;
@@ -255,6 +256,10 @@ class LSQQuantizer(nn.Module):
         input_relu: whether a ReLU is fused in front (default False).
         bin_stats_sink: ``None`` or a callable taking ``BinStats``.
         bin_stats_grad_to_alpha: whether the statistics carry gradient to α.
+        init_reduce: ``None``, or a function ``(Σ|x| as a scalar tensor, numel) -> (the sums of both
+            over every process, as tensors)`` through which α's initialisation goes: set by
+            ``distributed.Group.prepare`` (each process sees only its shard of the batch; all must
+            call it together, which they do in their first forward pass).
 
     Raises:
         ValueError: ``num_bits`` not in 2..8 and below 32; unknown ``grad_count``.
@@ -283,6 +288,7 @@ class LSQQuantizer(nn.Module):
         self.input_relu = False
         self.bin_stats_sink = None
         self.bin_stats_grad_to_alpha = False
+        self.init_reduce = None
 
     def extra_repr(self) -> str:
         if not self.enabled:
@@ -322,7 +328,8 @@ class LSQQuantizer(nn.Module):
         ``x`` is not used when it is empty, holds a NaN or an inf, or is all zeros (α would be
         NaN, inf or 0, and stay so): the quantizer then stays uninitialised and warns once.
         α is raised to ``min_step_size`` of the dtypes of ``x`` and α where it would be smaller.
-        Reads one value back to the host (a sync on GPUs), once per quantizer.
+        Reads one value back to the host (a sync on GPUs), once per quantizer. With
+        ``init_reduce`` the mean is over every process's ``x`` (and so is the decision to use it).
 
         Args:
             x: a tensor of any shape in the units of the values to quantize.
@@ -332,7 +339,13 @@ class LSQQuantizer(nn.Module):
         """
         if not self.enabled:
             return True
-        value = 2 * x.detach().abs().float().mean() / math.sqrt(self.quant_max)  # NaN when x is empty
+        magnitudes = x.detach().abs().float()
+        if self.init_reduce is None:
+            mean = magnitudes.mean()  # NaN when x is empty
+        else:  # the mean over every process's input, the same on all of them
+            total, count = self.init_reduce(magnitudes.sum(), x.numel())
+            mean = total / count
+        value = 2 * mean / math.sqrt(self.quant_max)
         magnitude = float(value)
         if not (math.isfinite(magnitude) and magnitude > 0):
             if not self._warned_uninitialized:
