@@ -336,3 +336,14 @@ def test_checkpoint_problem_accepts_the_tools_own_checkpoints(reference):
     for name in ("last.pt", "best.pt", "warmup_end.pt"):
         ckpt = torch.load(reference / name, weights_only=True)
         assert checkpoint.checkpoint_problem(ckpt, resumable=True) is None
+
+
+def test_export_that_cannot_write_exits_4_naming_the_file(reference, tmp_path, monkeypatch, capsys):
+    def full(model, steps, model_cfg, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export, "save_integer_model", full)
+    out = tmp_path / "export"
+    assert export.main([str(reference / "last.pt"), "--out", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert err == f"error: cannot write {out / 'model_int.npz'}: No space left on device\n"
