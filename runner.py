@@ -94,15 +94,12 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     else:
         cfg.output_dir = cfg.output_dir or default_output_dir(cfg)
     path = resume_path(cfg)
-    if not cfg.resume and not os.path.exists(path):
-        out = cfg.output_dir
-        why = (f"there is no folder {out}" if not os.path.isdir(out) else
-               f"{out} holds no run" if not _run_files(out) else
-               f"{out} holds a run that never finished an epoch, so there is nothing to resume: start it again with "
-               f"the same command without --resume (the folder counts as empty), or with --resume auto"
-               if not holds_finished_work(out) else f"{out} holds a run without its last.pt")
-        raise CheckpointError(f"--resume: no checkpoint at {path}: {why}")
-    ckpt = load_checkpoint(path, "--resume", resumable=True)
+    try:
+        ckpt = load_checkpoint(path, "--resume", resumable=True)
+    except CheckpointError:
+        if cfg.resume or os.path.exists(path):
+            raise
+        raise CheckpointError(f"--resume: no checkpoint at {path}: {_why_no_last_pt(cfg.output_dir)}") from None
     saved = ckpt["config"]["flags"]
     given = explicit_flags(argv)
     differences = []
@@ -117,6 +114,18 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     if differences:
         raise ConfigError(f"--resume: refusing to change the experiment of {path}: {'; '.join(differences)}")
     return ckpt
+
+
+def _why_no_last_pt(out: str) -> str:
+    """Why ``out`` has no last.pt to resume, for ``--resume``'s message."""
+    if not os.path.isdir(out):
+        return f"there is no folder {out}"
+    if not _run_files(out):
+        return f"{out} holds no run"
+    if not holds_finished_work(out):
+        return (f"{out} holds a run that never finished an epoch, so there is nothing to resume: start it again "
+                f"with the same command without --resume (the folder counts as empty), or with --resume auto")
+    return f"{out} holds a run without its last.pt"
 
 
 def resume_path(cfg) -> str:

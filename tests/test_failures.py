@@ -347,3 +347,18 @@ def test_export_that_cannot_write_exits_4_naming_the_file(reference, tmp_path, m
     assert export.main([str(reference / "last.pt"), "--out", str(out)]) == 4
     err = capsys.readouterr().err
     assert err == f"error: cannot write {out / 'model_int.npz'}: No space left on device\n"
+
+
+def test_plots_that_cannot_write_exit_4_naming_the_file(reference, tmp_path, monkeypatch, capsys):
+    import plots
+    from matplotlib.figure import Figure
+
+    def full(self, path, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    out = tmp_path / "plots"
+    assert plots.main([str(reference), "--no-activations", "--out", str(out)]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {out}/") and err.endswith(".png: No space left on device\n")
+    assert len(err.splitlines()) == 1
