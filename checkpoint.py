@@ -3,10 +3,12 @@ place, so a crash mid-write leaves the previous version intact."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -17,6 +19,30 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or not one this tool wrote; the message names the file."""
 
 
+class WriteError(OSError):
+    """An output file could not be written (disk full, read-only, quota, ...).
+
+    ``filename`` is the file meant (not a temporary name), ``strerror`` the reason.
+    """
+
+    def __init__(self, path: str, exc: OSError):
+        super().__init__(exc.errno, exc.strerror or str(exc), path)
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Turn any ``OSError`` inside the ``with`` block into a ``WriteError`` naming ``path``."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -24,19 +50,48 @@ def _umask() -> int:
 
 
 def _atomic_write(path: str, write) -> None:
+    """Write ``path`` through ``write(f)`` into a temporary file that is synced and renamed onto it.
+
+    Raises:
+        WriteError: any OSError (disk full, read-only folder, ...), naming ``path``; the
+            previous ``path`` is intact and the temporary file removed.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode open() would, like the logs
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode open() would, like the logs
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def remove_temporaries(folder: str, names) -> list[str]:
+    """Remove the temporary files (``.<name>.<random>.tmp``) of the files ``names`` that a process
+    killed during ``_atomic_write`` left in ``folder``; only call it while holding the folder (a
+    running writer's files look the same). Returns the names removed.
+
+    Raises:
+        WriteError: one cannot be removed.
+    """
+    pattern = re.compile(r"^\.(%s)\.[^./]+\.tmp$" % "|".join(re.escape(n) for n in names))
+    stray = sorted(n for n in os.listdir(folder) if pattern.match(n))
+    for name in stray:
+        with writing(os.path.join(folder, name)):
+            os.unlink(os.path.join(folder, name))
+    return stray
+
+
+def atomic_copy(source: str, path: str) -> None:
+    """Copy the file ``source`` to ``path``, atomically (``WriteError`` as ``_atomic_write``)."""
+    with open(source, "rb") as src:
+        _atomic_write(path, lambda f: shutil.copyfileobj(src, f))
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -50,8 +105,12 @@ def atomic_write_json(obj, path: str, sort_keys: bool = True) -> None:
 
 
 def append_jsonl(obj, path: str) -> None:
-    """Append one JSON line to ``path`` and sync it to disk."""
-    with open(path, "a") as f:
+    """Append one JSON line to ``path`` and sync it to disk.
+
+    Raises:
+        WriteError: any OSError, naming ``path`` (a torn last line is ignored by ``read_jsonl``).
+    """
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(obj, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -180,13 +239,82 @@ def load_data(path: str, what: str):
         raise CheckpointError(f"{what}: {path} is not a readable checkpoint ({_reason(exc)})") from None
 
 
-def load_checkpoint(path: str, what: str) -> dict:
+#: What ``--resume`` needs of a checkpoint besides ``model`` and ``config``, with the accepted types.
+RESUME_KEYS = {"optimizer": dict, "scheduler": dict, "epoch": int, "best_acc": (int, float), "best_epoch": int,
+               "last_acc": (int, float, type(None)), "elapsed": (int, float), "previous_bins": dict, "rng": dict}
+
+
+def type_phrase(value) -> str:
+    """``a list``, ``an int``, ``None``: the type of ``value``, for messages."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _flag_types() -> dict:
+    """Flag name -> the types its value may have in a checkpoint's ``config["flags"]`` (None: any)."""
+    from config import build_parser
+    types = {}
+    for action in build_parser()._actions:
+        kind = action.type or (type(action.default) if action.default is not None else None)
+        if kind is not None:
+            types[action.dest] = (kind, int) if kind is float else (kind,)
+    types["compile"] = (str, bool)  # older versions stored --compile as a switch
+    return types
+
+
+def checkpoint_problem(obj, resumable: bool = False) -> str | None:
+    """Why ``obj`` (a loaded file) is not a checkpoint written by this tool, or None if it is one.
+
+    A checkpoint is a dict with ``model`` (parameter name -> tensor) and ``config`` (a dict whose
+    ``flags``, when present, are the run's flags with their types); ``resumable`` also asks for
+    the training state ``--resume`` needs (``RESUME_KEYS``) and ``config["flags"]``.
+    """
+    if not isinstance(obj, dict):
+        return f"it holds {type_phrase(obj)}, not a dict"
+    for key in ("model", "config"):
+        if key not in obj:
+            return f"no '{key}' entry"
+    model, config = obj["model"], obj["config"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in model.items()):
+        return f"'model' is {type_phrase(model)}, not a state_dict (parameter name -> tensor)"
+    if not isinstance(config, dict):
+        return f"'config' is {type_phrase(config)}, not a dict"
+    if resumable and "flags" not in config:
+        return "no 'flags' in its 'config'"
+    flags = config.get("flags", {})
+    if not isinstance(flags, dict):
+        return f"'config'/'flags' is {type_phrase(flags)}, not a dict"
+    types = _flag_types()
+    for key, value in flags.items():
+        if value is not None and key in types and not isinstance(value, types[key]):
+            return f"flag '{key}' is {type_phrase(value)} ({value!r}), expected {types[key][0].__name__}"
+    for key, kinds in RESUME_KEYS.items():  # checked wherever present: --evaluate reads epoch and last_acc
+        if key in obj and (not isinstance(obj[key], kinds) or (kinds is int and isinstance(obj[key], bool))):
+            return f"'{key}' is {type_phrase(obj[key])}"
+    missing = [key for key in RESUME_KEYS if key not in obj] if resumable else []
+    return f"no '{missing[0]}' entry (a checkpoint to resume holds the training state)" if missing else None
+
+
+def not_this_tools(path: str, what: str, problem: str) -> CheckpointError:
+    """The error for a file that is not a checkpoint written by this tool (``checkpoint_problem``)."""
+    return CheckpointError(f"{what}: {path} is not a checkpoint written by this tool (cifar10_qat_br.py): {problem}")
+
+
+def load_checkpoint(path: str, what: str, resumable: bool = False) -> dict:
     """Load a checkpoint written by this tool onto the CPU, as data only (``load_data``).
 
+    Args:
+        resumable: also require the training state that ``--resume`` continues from.
+
     Raises:
-        CheckpointError: as ``load_data``, and a file without ``model`` / ``config``.
+        CheckpointError: as ``load_data``, and a file that is not a checkpoint of this tool
+            (``checkpoint_problem``: missing entries, entries of the wrong types).
     """
     ckpt = load_data(path, what)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{what}: {path} is not a checkpoint written by cifar10_qat_br.py")
+    problem = checkpoint_problem(ckpt, resumable)
+    if problem is not None:
+        raise not_this_tools(path, what, problem)
     return ckpt

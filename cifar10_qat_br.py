@@ -9,24 +9,36 @@ Under torchrun the processes train one run with DistributedDataParallel; distrib
 it is shared (data, α, BR, BatchNorm, evaluation) and how the ranks agree on errors and stops.
 
 Exit status: 0 finished (also: ``--resume auto`` found the run finished); 2 bad flag, data or checkpoint; 3 non-finite values;
-128+signal when interrupted (finished epochs are kept; the message says how to resume).
+4 an output file could not be written (disk full, ...: the last good last.pt is kept); 128+signal when interrupted, at
+any moment (finished epochs are kept; the message says how to resume). Each failure prints one ``error:`` line.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-import torch
 
-import config as cfgmod
-import distributed
-import runner
-from checkpoint import CheckpointError, atomic_write_json
-from data import DataError, DeviceLoader, find_source, load_split, shard, training_images
-from engine import Interrupted, NonFiniteError, Trainer, seed_everything
-from models import build_model
-from quant import kernels, quantize_model, quantized_layers
+def _interrupted_while_importing(signum, _frame):
+    print(f"Interrupted by {signal.Signals(signum).name} during start-up: nothing was written", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":  # the imports take seconds: a signal then ends with one line too (main() takes over)
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, _interrupted_while_importing)
+
+import torch  # noqa: E402
+
+import config as cfgmod  # noqa: E402
+import distributed  # noqa: E402
+import runner  # noqa: E402
+from checkpoint import CheckpointError, WriteError, atomic_write_json  # noqa: E402
+from data import DataError, DeviceLoader, find_source, load_split, shard, training_images  # noqa: E402
+from engine import Interrupted, NonFiniteError, Trainer, seed_everything  # noqa: E402
+from models import build_model  # noqa: E402
+from quant import kernels, quantize_model, quantized_layers  # noqa: E402
 
 
 #: What ``--resume auto`` does, by ``runner.resolve_auto_resume``'s answer.
@@ -35,12 +47,24 @@ AUTO_ACTIONS = {"resume": "continuing the run from last.pt",
                 "new": "starting a new run"}
 
 
-def build_quantized_model(cfg) -> torch.nn.Module:
-    """The float model (with --pretrained weights), converted to LSQ fake quantization."""
+#: Exit status when an output file cannot be written (disk full, read-only, ...).
+EXIT_WRITE_FAILED = 4
+
+#: Exit status of a non-finite loss or parameter.
+EXIT_NON_FINITE = 3
+
+
+def build_quantized_model(cfg, pretrained: bool = True) -> torch.nn.Module:
+    """The float model (with --pretrained weights unless ``pretrained`` is false: a resumed run's
+    checkpoint holds its weights), converted to LSQ fake quantization."""
     model = build_model(cfg.arch, clip_value=cfg.clip_value)
-    if cfg.pretrained:
+    if cfg.pretrained and pretrained:
         runner.load_pretrained(model, cfg)
     return quantize_model(model, cfgmod.weight_bits(cfg), cfgmod.act_bits(cfg), cfgmod.first_last_bits(cfg))
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = cfgmod.build_parser().parse_args(argv)
     created_output_dir, lock, group = False, None, None
+    # SIGINT/SIGTERM stop the start-up at once (Trainer.fit stops its loop at the next step instead)
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         group = distributed.start()  # None: one process
         with distributed.agreement(group):  # stage 1: flags, the resumed checkpoint, the data folder
@@ -88,33 +114,56 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {key}: {value}")
                 return 0
         with distributed.agreement(group):  # stage 2: the run folder (rank 0), the data, the model
+            old_run = []  # the files of the run this one replaces, removed once every check has passed
             if group is None or group.is_main:
-                created_output_dir, lock = runner.prepare_output_dir(cfg, resuming=ckpt is not None)
+                created_output_dir, lock, old_run = runner.prepare_output_dir(cfg, resuming=ckpt is not None)
             if cfg.ptq:
                 print("\n".join(ptq.banner(cfg, source.describe(), ptq_warnings)), flush=True)
-                return ptq.run(cfg, source)
+                return ptq.run(cfg, source, old_run)
             print("\n".join(cfgmod.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)),
                   flush=True)
             trainer, run_config = set_up(cfg, source, ckpt, group)
-        return train(cfg, trainer, run_config, ckpt, group)
+        return train(cfg, trainer, run_config, ckpt, old_run, group)
     except (cfgmod.ConfigError, DataError, CheckpointError) as exc:
         if group is None or group.is_main:  # every rank has the same error (distributed.agreement)
             print(f"error: {exc}", file=sys.stderr)
-        if lock is not None:
-            lock.release()
-        if created_output_dir:  # refused before anything was written: leave no empty folder behind
-            runner.remove_if_empty(cfg.output_dir)
         return 2
+    except WriteError as exc:  # rank 0 only: the other ranks are ended by torchrun
+        print(f"error: {exc}. Stopped; {_kept(cfg, group, 'Make room (or fix the folder)')}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except NonFiniteError as exc:  # every rank at the same step (Trainer._agree_on_step)
+        if group is None or group.is_main:
+            print(f"error: {exc}. Stopped (no metrics were written for the failed epoch); {_kept(cfg, group)}",
+                  file=sys.stderr)
+        return EXIT_NON_FINITE
+    except Interrupted as exc:
+        if group is None or group.is_main:
+            print(f"\nInterrupted by {exc}; {_kept(cfg, group)}", file=sys.stderr)
+        return 128 + exc.signum
     finally:  # the run folder is held until the process is done with it
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if lock is not None:
             lock.release()
+        if created_output_dir:  # refused or stopped before anything was written: leave no empty folder behind
+            runner.remove_if_empty(cfg.output_dir)
         if group is not None:
             group.close()
 
 
-def _has_checkpoint(cfg) -> bool:
-    """Whether the run folder holds a finished epoch (last.pt)."""
-    return os.path.exists(os.path.join(cfg.output_dir, "last.pt"))
+def _kept(cfg, group=None, fix: str = "") -> str:
+    """What a stopped run kept and how to go on, for its one error line (``fix``: what to do first)."""
+    epoch = runner.saved_epoch(os.path.join(cfg.output_dir, "last.pt")) if cfg.output_dir else None
+    resume, again = (f"{fix}, then resume", f"{fix}, then start again") if fix else ("Resume", "Start again")
+    if epoch is not None:
+        return (f"finished epochs are saved in {cfg.output_dir}/last.pt (epoch {epoch}). "
+                f"{resume} with: {runner.resume_command(cfg, group.launch if group is not None else None)}")
+    if cfg.output_dir is None or not os.path.isdir(cfg.output_dir):
+        return f"nothing was written. {again} with the same command"
+    if cfg.ptq:
+        return f"no PTQ result was saved. {again} with the same command"
+    return (f"stopped before the first epoch finished: nothing to resume. {again} with the same command (a folder "
+            f"without a finished epoch counts as empty), or with --resume auto")
 
 
 def set_up(cfg, source, ckpt, group=None):
@@ -158,7 +207,7 @@ def set_up(cfg, source, ckpt, group=None):
     val_loader = (DeviceLoader(shard(val_split, rank, world_size), cfg.eval_batch_size, device, train=False,
                                channels_last=channels_last) if val_split is not None else None)
     seed_everything(cfg.seed)  # after data loading, which may draw from the global generators
-    model = build_quantized_model(cfg)
+    model = build_quantized_model(cfg, pretrained=ckpt is None)
     if group is not None:
         model = group.prepare(model, cfg.sync_bn)
     model = model.to(device)
@@ -170,56 +219,56 @@ def set_up(cfg, source, ckpt, group=None):
     run_config = runner.run_config(cfg, source.describe(), cpu_kernels, val_split, world_size,
                                    group.backend(device) if group is not None else None)
     if ckpt is not None:
-        trainer.load_state_dict(ckpt)
+        try:
+            trainer.load_state_dict(ckpt)
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"--resume {runner.resume_path(cfg)}: its training state cannot be restored "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return trainer, run_config
 
 
-def open_run_files(cfg, trainer, run_config: dict, ckpt):
-    """Start writing the run folder once the run is set up: TensorBoard (attached to the trainer),
-    the logs cut back to the resumed epoch, config.json. Returns the TensorBoard logger or None."""
-    tb = None
+def open_run_files(cfg, trainer, run_config: dict, ckpt, old_run: list[str]) -> None:
+    """Start writing the run folder once every check has passed: the old run this one replaces
+    (``old_run``, ``runner.prepare_output_dir``) removed, TensorBoard attached to the trainer, the
+    checkpoint set and the logs restored to the resumed epoch, config.json.
+
+    Raises:
+        WriteError: a file cannot be written.
+    """
+    runner.replace_old_run(cfg.output_dir, old_run)
     if cfg.tensorboard:
         from tb_logging import TensorBoardLogger
-        tb = trainer.tb = TensorBoardLogger(os.path.join(cfg.output_dir, "tensorboard"))
-        tb.attach(trainer.model)
+        trainer.tb = TensorBoardLogger(os.path.join(cfg.output_dir, "tensorboard"))
+        trainer.tb.attach(trainer.model)
     if ckpt is not None:
+        for line in runner.restore_checkpoint_set(cfg, ckpt, quantized=bool(trainer.layers)):
+            print(line, flush=True)
         runner.restore_logs(cfg.output_dir, ckpt)
-        note = runner.backfill_tensorboard(tb, cfg.output_dir, ckpt) if tb is not None else None
+        note = runner.backfill_tensorboard(trainer.tb, cfg.output_dir, ckpt) if trainer.tb is not None else None
         if note:
             print(note, flush=True)
     runner.write_config(cfg, run_config)
-    return tb
 
 
-def train(cfg, trainer, run_config: dict, ckpt, group=None) -> int:
-    """Train from ``set_up``'s trainer to the end (or to a stop); only rank 0 writes the run folder
+def train(cfg, trainer, run_config: dict, ckpt, old_run: list[str], group=None) -> int:
+    """Train from ``set_up``'s trainer to the end; only rank 0 writes the run folder
     (``open_run_files``, the trainer's checkpoints and logs, summary.json).
 
-    Returns the exit status: 0 finished, 3 non-finite values, 128+signal when interrupted.
+    Returns 0 (finished).
+
+    Raises:
+        WriteError, NonFiniteError, Interrupted: the run stopped (finished epochs are in last.pt).
     """
     is_main = group is None or group.is_main
-    tb = open_run_files(cfg, trainer, run_config, ckpt) if is_main else None
+    if is_main:
+        open_run_files(cfg, trainer, run_config, ckpt, old_run)
     if ckpt is not None:
         print(f"Resumed from epoch {ckpt['epoch']} of {cfg.epochs}", flush=True)
     try:
         summary = trainer.fit(run_config)
-    except NonFiniteError as exc:
-        kept = (f"the last good checkpoint is {cfg.output_dir}/last.pt" if _has_checkpoint(cfg)
-                else "no epoch had finished, so nothing was saved")
-        if is_main:
-            print(f"error: {exc}. Stopped; {kept} (no metrics were written for the failed epoch)", file=sys.stderr)
-        return 3
-    except Interrupted as exc:
-        if is_main and _has_checkpoint(cfg):
-            print(f"\nInterrupted by {exc}; finished epochs are saved in {cfg.output_dir}/last.pt. Resume with: "
-                  f"{runner.resume_command(cfg, group.launch if group is not None else None)}", file=sys.stderr)
-        elif is_main:
-            print(f"\nInterrupted by {exc} before the first epoch finished: nothing to resume. Start again "
-                  f"with the same command and --overwrite, or with --resume auto", file=sys.stderr)
-        return 128 + exc.signum
     finally:
-        if tb is not None:
-            tb.close()
+        if trainer.tb is not None:
+            trainer.tb.close()
     if not is_main:
         return 0
     summary["train_subset"] = cfg.train_subset  # None: the whole training split

@@ -38,8 +38,12 @@ class NonFiniteError(RuntimeError):
     """The loss, a gradient or a parameter became NaN/inf; the message names the step and the layer."""
 
 
-class Interrupted(RuntimeError):
-    """SIGINT/SIGTERM arrived; ``signum`` says which. Finished epochs are in last.pt."""
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM arrived; ``signum`` says which. Finished epochs are in last.pt.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: raised at any point of the start-up
+    (``cifar10_qat_br.main``), it must pass every ``except Exception`` on its way out.
+    """
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)

@@ -19,7 +19,8 @@ the same class on at least 99.9 % of the images, else the exit status is 1 (file
 inspection).
 
 Exit status: 0 exported and checked; 1 a check failed; 2 bad checkpoint, data or output folder
-(one ``error:`` line, nothing written).
+(one ``error:`` line, nothing written); 4 a file could not be written (disk full, ...; one ``error:`` line
+naming it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError, atomic_write_json
+from checkpoint import CheckpointError, WriteError, atomic_write_json, writing
 from data import DataError, DeviceLoader, find_source, load_split
 from deploy.integer import load_integer_model, save_integer_model
 from deploy.onnx_qdq import ExportError, export_onnx, quantizer_steps, run_session, session
@@ -101,6 +102,10 @@ def compare(model, sess, reference, loader) -> dict:
             **{f"{k}_prediction_agreement": v / n for k, v in agree.items()}, **first}
 
 
+#: Exit status when an output file cannot be written (as cifar10_qat_br.py's).
+EXIT_WRITE_FAILED = 4
+
+
 def main(argv: list[str] | None = None) -> int:
     """Export and check (see the module docstring); returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -132,9 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     onnx_path, int_path = os.path.join(args.out, "model.onnx"), os.path.join(args.out, "model_int.npz")
-    with open(onnx_path, "wb") as f:
-        f.write(onnx_model.SerializeToString())
-    save_integer_model(model, quantizer_steps(model, example), model_cfg, int_path)
+    try:
+        with writing(onnx_path), open(onnx_path, "wb") as f:
+            f.write(onnx_model.SerializeToString())
+        with writing(int_path):
+            save_integer_model(model, quantizer_steps(model, example), model_cfg, int_path)
+    except WriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     report = {"checkpoint": os.path.abspath(args.checkpoint), "model": describe(model_cfg), "data": source.describe(),
               "onnx_opset": onnx_model.opset_import[0].version,
               "bytes": {"model.onnx": os.path.getsize(onnx_path), "model_int.npz": os.path.getsize(int_path),
@@ -147,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     ok_onnx = abs(report["onnx_top1"] - report["pytorch_top1"]) <= ONNX_TOP1_TOLERANCE
     ok_integer = report["integer_prediction_agreement"] >= INTEGER_AGREEMENT
     report["checks_passed"] = ok_onnx and ok_integer
-    atomic_write_json(report, os.path.join(args.out, "export.json"))
+    try:
+        atomic_write_json(report, os.path.join(args.out, "export.json"))
+    except WriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     b = report["bytes"]
     print(f"Exported {report['model']} from {args.checkpoint} to {args.out}")
     print(f"  model.onnx     {b['model.onnx'] / 1024:8.1f} KiB  (opset {report['onnx_opset']}, QDQ, onnx.checker ok)")

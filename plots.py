@@ -30,7 +30,8 @@ Layers default to three of the low-bit layers (first, middle, last); the first c
 last linear (8-bit by default) can be named explicitly. ``--layers all`` plots every
 quantized layer.
 
-Exit status: 0; 2 on bad input (missing run folder or files, unknown layer, unusable data).
+Exit status: 0; 2 on bad input (missing run folder or files, unknown layer, unusable data); 4 when a
+PNG or the output folder cannot be written (disk full, ...; the ``error:`` line names the file).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from checkpoint import CheckpointError, load_checkpoint, read_jsonl  # noqa: E402
+from checkpoint import CheckpointError, WriteError, load_checkpoint, read_jsonl, writing  # noqa: E402
 from data import MEAN, STD, DataError, find_source, load_split  # noqa: E402
 from models import build_model  # noqa: E402
 from quant import quantize_model, quantized_layers  # noqa: E402
@@ -293,7 +294,8 @@ def plot_layer_histograms(rows: list[tuple[str, list[Panel], bool]], out_path: s
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=9, frameon=False)
     fig.suptitle(suptitle, fontsize=12)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    fig.savefig(out_path, dpi=110)
+    with writing(out_path):
+        fig.savefig(out_path, dpi=110)
     plt.close(fig)
 
 
@@ -402,7 +404,8 @@ def plot_curves(rows: list[dict], layers: list[str], first_last: set, out_path: 
     _finish_axes([a for row in axes for a in row], rows, shade=bool(layers))
     fig.suptitle(title + "   (shaded: stage 2; dashed α lines: first/last layer)", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(out_path, dpi=100)
+    with writing(out_path):
+        fig.savefig(out_path, dpi=100)
     plt.close(fig)
 
 
@@ -444,7 +447,8 @@ def plot_bin_metrics(rows: list[dict], layers: list[str], first_last: set, out_p
         axes[2].set_xlim(min(ep), max(ep))  # a stacked area has no width beyond its first and last epoch
     fig.suptitle(title + "   (shaded: stage 2; dashed: first/last layer)", fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(out_path, dpi=100)
+    with writing(out_path):
+        fig.savefig(out_path, dpi=100)
     plt.close(fig)
 
 
@@ -518,7 +522,8 @@ def make_plots(run_dir: str, out_dir: str | None = None, layers: list[str] | Non
             warn(f"activation histograms left out: {exc} (pass --data-dir)")
 
     out_dir = out_dir or os.path.join(run_dir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
+    with writing(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
     written = []
     path = os.path.join(out_dir, "curves.png")
     plot_curves(rows, names, first_last, path, title)
@@ -580,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = make_plots(args.run_dir, args.out, args.layers, args.data_dir, args.images, not args.no_activations)
+    except WriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     except (PlotError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

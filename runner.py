@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from checkpoint import (CheckpointError, append_jsonl, atomic_write_json, load_checkpoint, read_jsonl,
-                        truncate_jsonl)
+from checkpoint import (CheckpointError, append_jsonl, atomic_copy, atomic_write_json, load_checkpoint, load_data,
+                        read_jsonl, remove_temporaries, truncate_jsonl, writing)
 from config import (INVOCATION_FLAGS, RUN_FLAGS, ConfigError, build_parser, default_output_dir, explicit_flags,
                     is_float_run, resolve_device)
 
@@ -90,13 +90,17 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     if cfg.resume is None:
         return None
     if cfg.resume:
-        path = cfg.resume
         if cfg.output_dir is None:
-            cfg.output_dir = os.path.dirname(os.path.abspath(path))
+            cfg.output_dir = os.path.dirname(os.path.abspath(cfg.resume))
     else:
         cfg.output_dir = cfg.output_dir or default_output_dir(cfg)
-        path = os.path.join(cfg.output_dir, "last.pt")
-    ckpt = load_checkpoint(path, "--resume")
+    path = resume_path(cfg)
+    try:
+        ckpt = load_checkpoint(path, "--resume", resumable=True)
+    except CheckpointError:
+        if cfg.resume or os.path.exists(path):
+            raise
+        raise CheckpointError(f"--resume: no checkpoint at {path}: {_why_no_last_pt(cfg.output_dir)}") from None
     saved = ckpt["config"]["flags"]
     given = explicit_flags(argv)
     differences = []
@@ -115,6 +119,74 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     if differences:
         raise ConfigError(f"--resume: refusing to change the experiment of {path}: {'; '.join(differences)}")
     return ckpt
+
+
+def _why_no_last_pt(out: str) -> str:
+    """Why ``out`` has no last.pt to resume, for ``--resume``'s message."""
+    if not os.path.isdir(out):
+        return f"there is no folder {out}"
+    if not _run_files(out):
+        return f"{out} holds no run"
+    if not holds_finished_work(out):
+        return (f"{out} holds a run that never finished an epoch, so there is nothing to resume: start it again "
+                f"with the same command without --resume (the folder counts as empty), or with --resume auto")
+    return f"{out} holds a run without its last.pt"
+
+
+def resume_path(cfg) -> str:
+    """The checkpoint ``--resume`` continues from: ``--resume PATH``, or ``--output-dir``'s last.pt."""
+    return cfg.resume or os.path.join(cfg.output_dir, "last.pt")
+
+
+def saved_epoch(path: str) -> int | None:
+    """The epoch a checkpoint file was saved after, or None (no file, not a checkpoint of this tool)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        epoch = load_data(path, path).get("epoch")
+    except (CheckpointError, AttributeError):
+        return None
+    return epoch if isinstance(epoch, int) else None
+
+
+def restore_checkpoint_set(cfg, ckpt: dict, quantized: bool) -> list[str]:
+    """Make ``best.pt`` and ``warmup_end.pt`` in the run folder the files an uninterrupted run
+    would hold after the checkpoint's epoch, before a resumed run continues.
+
+    An epoch writes last.pt first, then best.pt (when it improved) and warmup_end.pt (the last
+    warmup epoch of a quantized run): a kill or a failed write in between leaves last.pt
+    holding an epoch whose best.pt / warmup_end.pt is missing or older. Each such file is
+    copied from the checkpoint when it is of that epoch, else from the checkpoint's own folder
+    (``--resume PATH`` into a new folder). Returns the console lines saying what was done, or
+    that a file could not be found.
+
+    Raises:
+        WriteError: a copy cannot be written.
+    """
+    source = resume_path(cfg)
+    source_dir = os.path.dirname(os.path.abspath(source))
+    same_folder = os.path.samefile(source_dir, cfg.output_dir)
+    wanted = {"best.pt": ckpt["best_epoch"]}
+    if quantized and 0 < cfg.warmup_epochs <= ckpt["epoch"]:
+        wanted["warmup_end.pt"] = cfg.warmup_epochs
+    lines = []
+    for name, epoch in wanted.items():
+        target = os.path.join(cfg.output_dir, name)
+        if epoch < 1 or saved_epoch(target) == epoch:
+            continue
+        elsewhere = os.path.join(source_dir, name)
+        if ckpt["epoch"] == epoch:
+            found = source
+        elif not same_folder and saved_epoch(elsewhere) == epoch:
+            found = elsewhere
+        else:
+            lines.append(f"WARNING: {name} of epoch {epoch} is missing and cannot be made again (neither {source} "
+                         f"nor its folder holds that epoch)")
+            continue
+        atomic_copy(found, target)
+        lines.append(f"{name}: written again from {found} (epoch {epoch}; the run had stopped before writing it)"
+                     if same_folder else f"{name}: copied from {found} (epoch {epoch})")
+    return lines
 
 
 def resume_command(cfg, launch=None) -> str:
@@ -178,9 +250,14 @@ class RunFolderLock:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+        try:
+            with writing(self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                             f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
 
     def release(self) -> None:
@@ -201,16 +278,33 @@ def _run_files(folder: str) -> list[str]:
             + (["tensorboard/"] if os.path.isdir(os.path.join(folder, "tensorboard")) else []))
 
 
-def prepare_output_dir(cfg, resuming: bool) -> tuple[bool, RunFolderLock]:
+#: Files that hold finished work (an epoch, a PTQ result).
+FINISHED_FILES = ("last.pt", "best.pt", "warmup_end.pt", "summary.json", "ptq.pt")
+
+
+def holds_finished_work(folder: str) -> bool:
+    """Whether ``folder`` holds a finished epoch or result (``FINISHED_FILES``, or a logged epoch).
+
+    A folder without any (only ``config.json`` or an empty ``tensorboard/``: a run stopped before
+    its first epoch ended) counts as empty: a new run may start there without ``--overwrite``.
+    """
+    return (any(os.path.exists(os.path.join(folder, f)) for f in FINISHED_FILES)
+            or any(read_jsonl(os.path.join(folder, f)) for f in ("metrics.jsonl", "timing.jsonl")))
+
+
+def prepare_output_dir(cfg, resuming: bool) -> tuple[bool, RunFolderLock, list[str]]:
     """Create ``--output-dir`` (default: a descriptive folder under results/), lock it, check it.
 
     The folder is locked for the run (``RunFolderLock``) before anything in it is looked at.
     It may hold a run only when that run is the one resumed (``--resume``, or ``--resume
     PATH`` with PATH in the folder); any other run there is refused unless ``--overwrite``,
-    which deletes it. A checkpoint resumed into a new or empty folder continues there.
+    or unless it has no finished work (``holds_finished_work``). A checkpoint resumed into a
+    new or empty folder continues there. Nothing is removed here: the old run's files are
+    returned, for ``replace_old_run`` once every check of the new run has passed.
 
     Returns:
-        whether this call created the folder, and the held lock (the caller releases it).
+        whether this call created the folder, the held lock (the caller releases it), and the
+        files of the run to replace (``_run_files``; empty when there is none).
 
     Raises:
         ConfigError: it is a file, not writable, in use by another process, or holds a run
@@ -235,22 +329,36 @@ def prepare_output_dir(cfg, resuming: bool) -> tuple[bool, RunFolderLock]:
         existing = _run_files(out)
         if own_run and cfg.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pass one")
-        if existing and not own_run:
-            if not cfg.overwrite:
-                hint = (f"--resume {cfg.resume} continues that checkpoint in a new or empty folder; pass --overwrite "
-                        f"to replace the run there" if resuming else
-                        "pass --resume to continue it or --overwrite to replace it")
-                raise ConfigError(f"--output-dir {out} already holds a{'nother' if resuming else ''} run "
-                                  f"({', '.join(existing)}); {hint}")
-            for f in existing:
-                if f == "tensorboard/":
-                    shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
-                else:
-                    os.remove(os.path.join(out, f))
+        if own_run or not existing:
+            return created, lock, []
+        if not cfg.overwrite and holds_finished_work(out):
+            hint = (f"--resume {cfg.resume} continues that checkpoint in a new or empty folder; pass --overwrite "
+                    f"to replace the run there" if resuming else
+                    "pass --resume to continue it or --overwrite to replace it")
+            raise ConfigError(f"--output-dir {out} already holds a{'nother' if resuming else ''} run "
+                              f"({', '.join(existing)}); {hint}")
     except BaseException:
         lock.release()
         raise
-    return created, lock
+    return created, lock, existing
+
+
+def replace_old_run(output_dir: str, old_files: list[str]) -> None:
+    """Remove the files of the run being replaced (``prepare_output_dir``), and the temporary files of
+    a process killed while writing; called once every check of the new run has passed, before its
+    first write, so that a refused run leaves the old one intact.
+
+    Raises:
+        WriteError: a file cannot be removed.
+    """
+    for f in old_files:
+        path = os.path.join(output_dir, f.rstrip("/"))
+        with writing(path):
+            if f == "tensorboard/":
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    remove_temporaries(output_dir, RUN_FILES)
 
 
 def remove_if_empty(folder: str) -> None:

@@ -76,7 +76,7 @@ SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ ba
 
 #: What an exit status of cifar10_qat_br.py means (see its docstring).
 EXIT_MEANINGS = {1: "crashed", 2: "bad flag, data or checkpoint", 3: "non-finite values",
-                 130: "SIGINT", 143: "SIGTERM"}
+                 4: "an output file could not be written (disk full?)", 130: "SIGINT", 143: "SIGTERM"}
 
 
 class SummaryError(ValueError):

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from checkpoint import writing
 from quant import quantized_layers
 
 #: Samples of the latest training batch kept per layer for the activation histograms.
@@ -56,13 +57,15 @@ class TensorBoardLogger:
         log_dir: folder for the event files (created if missing).
 
     Raises:
-        OSError: ``log_dir`` cannot be created.
+        checkpoint.WriteError: here and from every method that writes: ``log_dir`` or its
+            event file cannot be written (disk full, ...), naming ``log_dir``.
     """
 
     def __init__(self, log_dir: str):
         from torch.utils.tensorboard import SummaryWriter
         self.log_dir = log_dir
-        self.writer = SummaryWriter(log_dir=log_dir)
+        with writing(log_dir):
+            self.writer = SummaryWriter(log_dir=log_dir)
         self._samples: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._attached_to = None
@@ -109,6 +112,10 @@ class TensorBoardLogger:
                 missing keys are skipped.
             model: the network being trained (its quantized layers give the histograms).
         """
+        with writing(self.log_dir):
+            self._log_epoch(row, model)
+
+    def _log_epoch(self, row: dict, model: nn.Module) -> None:
         self.log_scalars(row)
         step, w = int(row["epoch"]), self.writer
         for name, layer in quantized_layers(model).items():
@@ -122,6 +129,10 @@ class TensorBoardLogger:
 
     def log_scalars(self, row: dict) -> None:
         """Write the scalars of one ``metrics.jsonl`` row (see ``log_epoch``); no histograms."""
+        with writing(self.log_dir):
+            self._log_scalars(row)
+
+    def _log_scalars(self, row: dict) -> None:
         step = int(row["epoch"])
         w = self.writer
         for tag, key in (("loss/total", "loss"), ("loss/ce", "ce"), ("loss/br_w", "br_w"), ("loss/br_a", "br_a"),
@@ -143,4 +154,5 @@ class TensorBoardLogger:
     def close(self) -> None:
         """Remove the hooks, flush and close the event file."""
         self.detach()
-        self.writer.close()
+        with writing(self.log_dir):
+            self.writer.close()

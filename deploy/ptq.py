@@ -264,9 +264,10 @@ def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
     return lines + [RULE]
 
 
-def run(cfg, source) -> int:
+def run(cfg, source, old_run: list[str]) -> int:
     """The ``--ptq`` run (flags checked, output folder prepared): writes ``config.json``, ``ptq.pt``
-    and ``summary.json`` (``"method": "ptq"``) into ``cfg.output_dir``."""
+    and ``summary.json`` (``"method": "ptq"``) into ``cfg.output_dir``, replacing the files of the
+    run ``old_run`` (``runner.prepare_output_dir``) only then."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     train, val, _, _ = training_images(source, cfg, cfg.workers)  # never the --val-split images
@@ -295,6 +296,7 @@ def run(cfg, source) -> int:
     for key in TRAINING_FLAGS:
         config["flags"].pop(key, None)
     config["derived"].update(method="ptq", calibration_images=sum(len(b) for b in batches))
+    runner.replace_old_run(cfg.output_dir, old_run)
     runner.write_config(cfg, config)
     atomic_torch_save({"model": model.state_dict(), "config": config, "method": "ptq", "epoch": 0,
                        "last_acc": acc, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc},

@@ -12,7 +12,7 @@ import argparse
 import torch
 from torch import nn
 
-from checkpoint import CheckpointError, load_data
+from checkpoint import CheckpointError, checkpoint_problem, load_data, not_this_tools, type_phrase
 from config import act_bits, build_parser, first_last_bits, weight_bits
 from models import build_model
 from quant import quantize_model, step_size_quantizers
@@ -62,11 +62,15 @@ def restore(path: str, what: str, cli_flags: dict, explicit: set[str]) -> tuple[
         ``(model in eval mode on the CPU, model_config, checkpoint dict or {} for a state_dict)``.
 
     Raises:
-        CheckpointError: unreadable file, neither kind of file, a quantized plain state_dict,
+        CheckpointError: unreadable file, neither kind of file (or a checkpoint with entries of the
+            wrong types, ``checkpoint.checkpoint_problem``), a quantized plain state_dict,
             weights that do not fit the configuration, or model flags that contradict it.
     """
     obj = load_data(path, what)
-    if isinstance(obj, dict) and "model" in obj and "config" in obj:
+    if isinstance(obj, dict) and ("model" in obj or "config" in obj):  # meant as one of this tool's checkpoints
+        problem = checkpoint_problem(obj)
+        if problem is not None:
+            raise not_this_tools(path, what, problem)
         ckpt, state = obj, obj["model"]
         saved = model_config(obj["config"].get("flags", {}))
     elif _is_state_dict(obj):
@@ -77,8 +81,8 @@ def restore(path: str, what: str, cli_flags: dict, explicit: set[str]) -> tuple[
         saved = model_config({"arch": cli_flags["arch"], "clip_value": cli_flags["clip_value"], "num_bits": 32})
         explicit = explicit - {"arch", "clip_value"}
     else:
-        raise CheckpointError(f"{what}: {path} is neither a checkpoint written by cifar10_qat_br.py nor a "
-                              f"state_dict (parameter name -> tensor)")
+        raise not_this_tools(path, what, f"it holds {type_phrase(obj)}, neither a checkpoint nor a plain "
+                                         f"state_dict (parameter name -> tensor)")
     given = {k: cli_flags[k] for k in MODEL_FLAGS if k in explicit}
     if given:
         base = ckpt.get("config", {}).get("flags", {}) if ckpt else {"arch": saved["arch"], "num_bits": 32}

@@ -56,7 +56,7 @@ def _resolve(saved_flags, argv):
     cfg = build_parser().parse_args(argv)
     ckpt = {"config": {"flags": saved_flags}}
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(runner, "load_checkpoint", lambda path, what: ckpt)
+    monkey.setattr(runner, "load_checkpoint", lambda path, what, **_: ckpt)
     try:
         runner.resolve_resume(cfg, argv)
     finally:

@@ -216,7 +216,10 @@ def test_resume_writes_only_into_its_own_new_or_empty_folder(shared_folder, refe
         assert rc == 0 and "Resumed from epoch 3 of 3" in stdout
         # the new folder's log starts with the checkpoint's epoch (earlier ones stay in the run it came from)
         assert _metrics_text(folder) == _metrics_text(reference_run).splitlines(keepends=True)[-1]
-        assert not (folder / "best.pt").exists() and not (folder / ".lock").exists()
+        # best.pt and warmup_end.pt come along from the checkpoint's folder: summary.json names a best.pt that is there
+        for name in ("best.pt", "warmup_end.pt"):
+            assert (folder / name).read_bytes() == (reference_run / name).read_bytes()
+        assert not (folder / ".lock").exists()
     own = tmp_path / "own"
     shutil.copytree(reference_run, own)
     rc, _, err = run_cli(["--resume", own / "last.pt", "--overwrite", "--data-dir", shared_folder], capsys)
