@@ -54,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Two-stage quantization-aware training of a CIFAR-10 ResNet: LSQ warmup, then "
                     "LSQ + Bin Regularization. Loss = CE + λ_w·BR_w + λ_a·BR_a.")
     q = p.add_argument_group("quantization")
-    q.add_argument("--num-bits", type=int, default=2, help="bits of weights and activations (2-8; 32 = float) [2]")
+    q.add_argument("--num-bits", type=int, default=2, help="bits of weights and activations (1-8; 32 = float; 1 bit: binary "
+                        "weights {-α, +α}, activations {0, α}) [2]")
     q.add_argument("--num-bits-weight", type=int, default=None, help="override --num-bits for weights")
     q.add_argument("--num-bits-act", type=int, default=None, help="override --num-bits for activations")
     q.add_argument("--first-last-bits", type=int, default=8,
-                   help="bits of the first conv and last linear (32 keeps them float) [8]")
+                   help="bits of the first conv and last linear (2-8; 32 keeps them float) [8]")
     q.add_argument("--clip-value", type=float, default=None,
                    help="clip activations to [0, c] (ReLU6/ReLU1-style networks) [none]")
     b = p.add_argument_group("bin regularization (stage 2)")
@@ -200,9 +201,9 @@ def _subset_suffix(cfg) -> str:
     return f"_sub{cfg.train_subset}" if cfg.train_subset is not None else ""
 
 
-def _check_bits(value: int, flag: str) -> None:
-    if not (2 <= value <= 8 or value == FULL_PRECISION_BITS):
-        raise ConfigError(f"{flag} must be 2-8, or 32 for full precision, got {value}")
+def _check_bits(value: int, flag: str, lowest: int = 1) -> None:
+    if not (lowest <= value <= 8 or value == FULL_PRECISION_BITS):
+        raise ConfigError(f"{flag} must be {lowest}-8, or 32 for full precision, got {value}")
 
 
 def _check_number(value: float, flag: str, minimum: float = 0.0, strict: bool = False) -> None:
@@ -272,7 +273,9 @@ def validate(cfg) -> None:
         _check_bits(cfg.num_bits_weight, "--num-bits-weight")
     if cfg.num_bits_act is not None:
         _check_bits(cfg.num_bits_act, "--num-bits-act")
-    _check_bits(cfg.first_last_bits, "--first-last-bits")
+    # The first conv sees the image and the last linear gives the logits: 1 bit there (binary weights,
+    # a two-level image) destroys the network, and no recipe uses it.
+    _check_bits(cfg.first_last_bits, "--first-last-bits", lowest=2)
     _check_number(cfg.lambda_br, "--lambda-br")
     _check_number(cfg.lambda_br_act, "--lambda-br-act")
     _check_number(cfg.lr, "--lr", strict=True)
@@ -418,7 +421,9 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     if is_float_run(cfg):
         lines.append("Bits: full precision (float baseline, no quantization)")
     else:
-        lines.append(f"Bits: W{w_bits}A{a_bits} (weights {bits(w_bits)}, activations {bits(a_bits)}); "
+        w_grid = " binary {-α, +α}" if w_bits == 1 else ""
+        a_grid = " {0, α}" if a_bits == 1 else ""
+        lines.append(f"Bits: W{w_bits}A{a_bits} (weights {bits(w_bits)}{w_grid}, activations {bits(a_bits)}{a_grid}); "
                      f"first/last layers {bits(first_last_bits(cfg))}")
     if cfg.clip_value is not None:
         lines.append(f"Activations clipped to [0, {cfg.clip_value:g}]")

@@ -51,6 +51,7 @@ from checkpoint import CheckpointError, load_checkpoint, read_jsonl  # noqa: E40
 from data import MEAN, STD, DataError, find_source, load_split  # noqa: E402
 from models import build_model  # noqa: E402
 from quant import quantize_model, quantized_layers  # noqa: E402
+from quant.grid import grid_levels, level_spacing, num_levels  # noqa: E402
 from regularizers import weight_bin_stats  # noqa: E402
 
 #: Above this many levels the levels and bin edges are not drawn (only the clip range).
@@ -215,9 +216,10 @@ def _x_range(panels: list[Panel]) -> tuple[float, float]:
             sample = p.values[::max(1, p.values.size // 200_000)]  # percentiles of a strided sample: fast enough
             lo = min(lo, float(np.percentile(sample, 0.02)))
             hi = max(hi, float(np.percentile(sample, 99.98)))
-        if p.quantized and p.qmax - p.qmin + 1 <= MAX_DRAWN_LEVELS:  # show a bit of each clip zone
-            lo = min(lo, (p.qmin - 0.8) * p.alpha)
-            hi = max(hi, (p.qmax + 0.8) * p.alpha)
+        if p.quantized and num_levels(p.qmin, p.qmax) <= MAX_DRAWN_LEVELS:  # show a bit of each clip zone
+            margin = 0.8 * level_spacing(p.qmin, p.qmax)
+            lo = min(lo, (p.qmin - margin) * p.alpha)
+            hi = max(hi, (p.qmax + margin) * p.alpha)
     if not math.isfinite(lo) or not math.isfinite(hi) or hi <= lo:
         lo, hi = -1.0, 1.0
     pad = 0.02 * (hi - lo)
@@ -240,17 +242,18 @@ def draw_panel(ax, panel: Panel, x_range: tuple[float, float], color: str, log_y
         ax.text(0.98, 0.95, "not quantized (float)", transform=ax.transAxes, ha="right", va="top", fontsize=8)
         return
     a, qmin, qmax = panel.alpha, panel.qmin, panel.qmax
-    ax.axvspan(lo, (qmin - 0.5) * a, color=CLIP_SHADE, alpha=0.35, zorder=1, lw=0)
-    ax.axvspan((qmax + 0.5) * a, hi, color=CLIP_SHADE, alpha=0.35, zorder=1, lw=0)
+    half = level_spacing(qmin, qmax) / 2  # half the distance between levels (the binary grid's is 2)
+    ax.axvspan(lo, (qmin - half) * a, color=CLIP_SHADE, alpha=0.35, zorder=1, lw=0)
+    ax.axvspan((qmax + half) * a, hi, color=CLIP_SHADE, alpha=0.35, zorder=1, lw=0)
     stats = panel.stats()
-    levels = qmax - qmin + 1
+    levels = num_levels(qmin, qmax)
     if levels <= MAX_DRAWN_LEVELS:
-        for k in range(qmin, qmax + 1):
+        for j, k in enumerate(grid_levels(qmin, qmax).tolist()):
             ax.axvline(k * a, color=LEVEL_COLOR, lw=1.3, zorder=3)
             if k < qmax:
-                ax.axvline((k + 0.5) * a, color=EDGE_COLOR, lw=0.9, ls="--", zorder=3)
+                ax.axvline((k + half) * a, color=EDGE_COLOR, lw=0.9, ls="--", zorder=3)
             if stats is not None and lo <= k * a <= hi:
-                ax.text(k * a, 1.0, f"{100 * stats['occupancy'][k - qmin]:.0f}%", transform=ax.get_xaxis_transform(),
+                ax.text(k * a, 1.0, f"{100 * stats['occupancy'][j]:.0f}%", transform=ax.get_xaxis_transform(),
                         ha="center", va="bottom", fontsize=7, color=LEVEL_COLOR)
     else:
         for k in (qmin, qmax):

@@ -6,7 +6,7 @@ File layout (``numpy.savez``, read with ``allow_pickle=False``):
   quantized layer its grids (``weight_bits``, ``weight_min``/``weight_max``, ``weight_shape``,
   ``act_bits``, ``act_min``/``act_max``, ``input_relu``).
 * ``<layer>.weight_codes``: the weight's integer levels, packed (``pack_codes``: two's
-  complement in 2-bit fields four to a byte, 4-bit fields (3-4 bit grids) two to a byte, bytes
+  complement in 2-bit fields four to a byte (1-bit binary weights: codes -1 and +1, also in 2-bit fields), 4-bit fields (3-4 bit grids) two to a byte, bytes
   for 5-8 bits), row-major.
 * ``<layer>.weight_step``, ``<layer>.act_step``: float32 step sizes (``onnx_qdq.step_used``).
 * ``float/<name>``: every other tensor in float32: BatchNorm, biases, layers at 32 bits.
@@ -30,6 +30,7 @@ from torch import nn
 from deploy.onnx_qdq import ExportError, weight_codes
 from deploy.restore import build_network
 from quant import QuantizedLayer, quantized_layers
+from quant.grid import round_to_grid
 
 FORMAT = 1
 
@@ -149,11 +150,11 @@ class IntegerLayer(nn.Module):
         if not self.integer:
             weight = self.layer.weight if self.codes is None else self.codes.float() * self.weight_step
             if self.act_step is not None:
-                x = torch.clamp(x / self.act_step, *self.act_range).round() * self.act_step
+                x = round_to_grid(x / self.act_step, *self.act_range) * self.act_step
             if isinstance(self.layer, nn.Conv2d):
                 return self.layer._conv_forward(x, weight, bias)
             return F.linear(x, weight, bias)
-        act_codes = torch.clamp(x / self.act_step, *self.act_range).round()
+        act_codes = round_to_grid(x / self.act_step, *self.act_range)
         out = self.accumulate(act_codes).float() * self.scale
         if bias is not None:
             out = out + (bias.view(1, -1, 1, 1) if out.dim() == 4 else bias)

@@ -6,7 +6,9 @@ the step size α and zero point 0, in the ONNX integer type of its grid: opset 2
 computes ``saturate(round(x / scale))`` with round half to even, which is exactly
 ``clamp(round(x/α), Qn, Qp)`` of the fake quantizer (``torch.round`` also rounds half to even;
 clamping before or after rounding to integer bounds gives the same level). Other grids (3, 5, 6,
-7 bits) use int8/uint8 with an explicit ``Clip`` to ``[Qn·α, Qp·α]`` first. Weights are stored
+7 bits, and 1-bit unsigned activations ``[0, 1]``) use int8/uint8 with an explicit ``Clip`` to
+``[Qn·α, Qp·α]`` first. Binary weights (``--num-bits-weight 1``, ``quant.grid``) are int8 codes ±1
+with scale α; a binary activation quantizer (1 bit, signed) is refused (``ExportError``). Weights are stored
 as integer initializers (their codes) followed by ``DequantizeLinear``. A fused ReLU
 (``input_relu``) is a ``Relu`` in front of the ``QuantizeLinear``. BatchNorm stays a float
 ``BatchNormalization``.
@@ -27,6 +29,7 @@ from onnx import TensorProto, helper
 from torch import fx, nn
 
 from quant import LSQQuantizer, QuantizedLayer, step_size_quantizers
+from quant.grid import round_to_grid
 
 #: ONNX opset of the export (int2/uint2 arrived in opset 25).
 OPSET = 25
@@ -99,9 +102,10 @@ def quantizer_steps(model: nn.Module, example: torch.Tensor) -> dict[LSQQuantize
 
 def weight_codes(layer: QuantizedLayer, step: torch.Tensor) -> torch.Tensor:
     """The integer levels of a layer's weight, ``clamp(round(w/step), Qn, Qp)`` as int32 (the fake
-    quantizer's levels: ``codes·step`` is its output bit for bit)."""
+    quantizer's levels: ``codes·step`` is its output bit for bit; binary weights: -1 and +1,
+    ``quant.grid.round_to_grid``)."""
     q = layer.weight_quant
-    return torch.clamp(layer.weight.detach().float() / step, q.quant_min, q.quant_max).round().to(torch.int32)
+    return round_to_grid(layer.weight.detach().float() / step, q.quant_min, q.quant_max).to(torch.int32)
 
 
 class _Tracer(fx.Tracer):
@@ -141,6 +145,9 @@ class _GraphBuilder:
         """Q -> DQ of an activation (with the fused ReLU and, for grids narrower than their type, a Clip)."""
         if not q.enabled:
             return x
+        if q.binary:  # QuantizeLinear rounds to the nearest integer: it has no sign-like rounding
+            raise ExportError(f"{hint}: a binary (1-bit signed, {{-α, +α}}) activation quantizer has no ONNX QDQ "
+                              f"form; only weights may be binary (--num-bits-weight 1)")
         if q.input_relu:
             x = self.op("Relu", [x], f"{hint}_relu")
         step = self.steps[q]

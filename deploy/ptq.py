@@ -40,6 +40,7 @@ from data import DeviceLoader, Split, load_split
 from engine import seed_everything, top1_accuracy
 from models import build_model
 from quant import MIN_STEP_SIZE, LSQQuantizer, quantize_model, quantized_layers
+from quant.grid import round_to_grid
 
 #: Grid points over (0, 1.25·α_max] (α_max: the smallest step that clips nothing).
 GRID_POINTS = 125
@@ -55,13 +56,14 @@ TRAINING_FLAGS = ("lambda_br", "lambda_br_act", "br_backprop_to_alpha_act", "fre
 
 
 def quantization_mse(x: torch.Tensor, alphas, quant_min: int, quant_max: int) -> torch.Tensor:
-    """``mean((clamp(round(x/α), Qn, Qp)·α - x)²)`` of the 1-D tensor ``x`` for each step size in
+    """``mean((clamp(round(x/α), Qn, Qp)·α - x)²)`` (``quant.grid.round_to_grid``: also the binary grid)
+    of the 1-D tensor ``x`` for each step size in
     ``alphas`` (a float or a list), with ``x/α`` in the dtype of ``x`` (as the fake quantizer computes
     it) and the mean in float64. Returns a float64 tensor of shape ``(len(alphas),)`` (``()`` for a float)."""
     a = torch.tensor(alphas, dtype=x.dtype).reshape(-1, 1)
     total = torch.zeros(a.shape[0], dtype=torch.float64)
     for chunk in x.split(max(1, (1 << 21) // a.shape[0])):  # (candidates, chunk) at most 2M values at once
-        err = torch.clamp(chunk / a, quant_min, quant_max).round_().mul_(a).sub_(chunk)
+        err = round_to_grid(chunk / a, quant_min, quant_max).mul_(a).sub_(chunk)
         total += err.square_().sum(1, dtype=torch.float64)
     total /= max(x.numel(), 1)
     return total if isinstance(alphas, (list, tuple)) else total[0]
@@ -238,7 +240,7 @@ def check_flags(cfg, argv: list[str]) -> list[str]:
         raise ConfigError("--ptq needs --pretrained FLOAT.pt: the trained float network to quantize")
     if is_float_run(cfg):
         raise ConfigError("--ptq: weights and activations are both at 32 bits, nothing to quantize; "
-                          "pass --num-bits (2-8)")
+                          "pass --num-bits (1-8)")
     if cfg.resume is not None:
         raise ConfigError("--ptq trains nothing, so there is nothing to --resume")
     if cfg.calib_batches < 1:

@@ -7,8 +7,9 @@ sums per bin (see ``regularizers.bin_reg``):
 
     stats[0, j] = n_j = #{v in bin j}     stats[1, j] = Σ_{v in bin j} d     stats[2, j] = Σ_{v in bin j} d²
 
-with bin ``j`` holding level ``Qn + j`` (``j = 0 .. Qp - Qn``). ``stats`` is a ``(3, K)``
-tensor, ``K = Qp - Qn + 1``, in float32 (float64 for float64 input); ``abs_sum = Σ |d|``
+with bin ``j`` holding level ``Qn + j`` (``j = 0 .. Qp - Qn``; on the binary grid of ``quant.grid``
+the levels are -1 and +1, bins 0 and 1). ``stats`` is a ``(3, K)`` tensor, ``K`` the number of
+levels (``Qp - Qn + 1``; 2 on the binary grid), in float32 (float64 for float64 input); ``abs_sum = Σ |d|``
 over the whole tensor (for the mean distance to the levels).
 
 Gradients (the sums are linear in d, and d depends on v with slope 1 and on α with slope -k):
@@ -25,6 +26,9 @@ import math
 from typing import NamedTuple
 
 import torch
+
+from quant.grid import grid_levels, level_spacing, num_levels, round_to_grid
+
 
 class BinStats(NamedTuple):
     """Bin statistics of one tensor, as an ``LSQQuantizer`` hands them to its ``bin_stats_sink``.
@@ -110,10 +114,11 @@ def _residuals(x: torch.Tensor, step: torch.Tensor, quant_min: int,
     """``c - k`` in steps (``c = x/α``, ``k = clamp(round(c), Qn, Qp)``) over ``flat_view(x)``, in the
     dtype of ``step``, and each value's bin ``k - Qn``. No gradient."""
     scaled = flat_view(x.detach()).to(step.dtype) / step
-    levels = scaled.round().clamp_(quant_min, quant_max)
+    levels = round_to_grid(scaled, quant_min, quant_max)
     # int32 on the CPU (bincount and index_select take it; half the memory traffic of int64)
     index_dtype = torch.int32 if scaled.device.type == "cpu" else torch.int64
-    index = (levels - quant_min).to(index_dtype).clamp_(0, quant_max - quant_min)  # in range for NaN too
+    bins = (levels - quant_min).div_(level_spacing(quant_min, quant_max))
+    index = bins.to(index_dtype).clamp_(0, num_levels(quant_min, quant_max) - 1)  # in range for NaN too
     return scaled.sub_(levels), index  # the residual takes the memory of scaled
 
 
@@ -131,7 +136,7 @@ def eager_bin_statistics(x: torch.Tensor, alpha: torch.Tensor, quant_min: int,
     """
     step = _step(x, alpha)
     residual, index = _residuals(x, step, quant_min, quant_max)
-    num_bins = quant_max - quant_min + 1
+    num_bins = num_levels(quant_min, quant_max)
     per_bin = torch.stack([bin_sum(index, num_bins, dtype=residual.dtype), bin_sum(index, num_bins, residual),
                            bin_sum(index, num_bins, residual.square())])
     scale = torch.stack([torch.ones_like(step), step, step * step]).unsqueeze(-1)  # (3, 1)
@@ -153,12 +158,14 @@ def eager_bin_gradient(grad_stats: torch.Tensor, x: torch.Tensor, alpha: torch.T
     return unflat_view(per_bin.addcmul_((2 * step * table[2]).index_select(0, index), residual), x)
 
 
-def bin_alpha_gradient(grad_stats: torch.Tensor, stats: torch.Tensor, quant_min: int) -> torch.Tensor:
-    """``∂/∂α`` of ``Σ grad_stats * stats``: ``-Σ_j k_j·(G[1, j]·n_j + 2·G[2, j]·stats[1, j])``.
+def bin_alpha_gradient(grad_stats: torch.Tensor, stats: torch.Tensor, quant_min: int,
+                       quant_max: int) -> torch.Tensor:
+    """``∂/∂α`` of ``Σ grad_stats * stats``: ``-Σ_j k_j·(G[1, j]·n_j + 2·G[2, j]·stats[1, j])``,
+    ``k_j`` the level of bin ``j`` (``quant.grid.grid_levels``).
 
     ``stats`` and ``grad_stats`` of shape ``(..., 3, K)``; the result has shape ``(...)``.
     """
-    levels = torch.arange(stats.shape[-1], device=stats.device, dtype=stats.dtype) + quant_min
+    levels = grid_levels(quant_min, quant_max, device=stats.device, dtype=stats.dtype)
     g, st = grad_stats.to(stats.dtype), stats
     return -(levels * (g[..., 1, :] * st[..., 0, :] + 2 * g[..., 2, :] * st[..., 1, :])).sum(-1)
 
@@ -181,7 +188,7 @@ class _BinStatistics(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_v = eager_bin_gradient(grad_stats, v, alpha, *ctx.quant_range).to(v.dtype)
         if ctx.grad_to_alpha and ctx.needs_input_grad[1]:
-            grad_alpha = bin_alpha_gradient(grad_stats, stats, ctx.quant_range[0]).to(alpha.dtype)
+            grad_alpha = bin_alpha_gradient(grad_stats, stats, *ctx.quant_range).to(alpha.dtype)
         return grad_v, grad_alpha, None, None, None
 
 

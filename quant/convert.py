@@ -68,7 +68,7 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last
 
     Args:
         model: a float network; modified in place and returned.
-        weight_bits, act_bits, first_last_bits: 2..8, or 32 for full precision.
+        weight_bits, act_bits, first_last_bits: 1..8, or 32 for full precision (1 bit: ``quant.grid``).
         fuse_relu: fuse exclusive ReLUs into the following quantizer (default True).
 
     Returns:

@@ -40,7 +40,8 @@ class QConv2d(nn.Conv2d, QuantizedLayer):
     Input ``(N, C_in, H, W)``, output ``(N, C_out, H', W')`` exactly as ``nn.Conv2d``.
 
     Args:
-        weight_bits, act_bits: 2..8, or >= 32 to leave that tensor in float.
+        weight_bits, act_bits: 1..8 (1-bit weights are binary, ``quant.grid``), or >= 32 to leave
+            that tensor in float.
         act_signed: whether the input can be negative (the first layer's image input).
         Remaining arguments: as ``nn.Conv2d``.
 

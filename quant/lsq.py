@@ -16,6 +16,7 @@ from torch import nn
 
 from quant.bins import (BinStats, bin_alpha_gradient, eager_bin_gradient, eager_bin_statistics,
                         flat_view)
+from quant.grid import BINARY_RANGE, is_binary, round_to_grid
 from quant.kernels import cpu_kernels, kernels_apply
 
 #: Smallest step size the optimiser may leave behind (see ``keep_step_sizes_positive``); in
@@ -27,7 +28,7 @@ FULL_PRECISION_BITS = 32
 
 
 def check_num_bits(num_bits: int, what: str = "num_bits") -> int:
-    """Validate a bit width: an integer in 2..8, or >= 32 for full precision.
+    """Validate a bit width: an integer in 1..8, or >= 32 for full precision.
 
     Args:
         num_bits: the requested width.
@@ -40,9 +41,9 @@ def check_num_bits(num_bits: int, what: str = "num_bits") -> int:
         ValueError: naming ``what`` and the value when it is not supported.
     """
     if isinstance(num_bits, bool) or not isinstance(num_bits, int):
-        raise ValueError(f"{what} must be an integer (2-8, or 32 for full precision), got {num_bits!r}")
-    if not (2 <= num_bits <= 8 or num_bits >= FULL_PRECISION_BITS):
-        raise ValueError(f"{what} must be 2-8, or 32 for full precision, got {num_bits}")
+        raise ValueError(f"{what} must be an integer (1-8, or 32 for full precision), got {num_bits!r}")
+    if not (1 <= num_bits <= 8 or num_bits >= FULL_PRECISION_BITS):
+        raise ValueError(f"{what} must be 1-8, or 32 for full precision, got {num_bits}")
     return num_bits
 
 
@@ -50,14 +51,18 @@ def integer_range(num_bits: int, signed: bool) -> tuple[int, int]:
     """Return ``(quant_min, quant_max)``, the integer range of a ``num_bits`` grid.
 
     Signed: ``[-2**(b-1), 2**(b-1) - 1]``; unsigned: ``[0, 2**b - 1]`` (LSQ section 2,
-    where Qn = -quant_min and Qp = quant_max).
+    where Qn = -quant_min and Qp = quant_max). One bit signed is the binary grid
+    ``quant.grid.BINARY_RANGE = (-1, 1)``: levels -1 and +1 only (see ``quant.grid``); one bit
+    unsigned is ``[0, 1]``.
 
     Raises:
-        ValueError: if ``num_bits`` is not 2..8 (full precision has no grid).
+        ValueError: if ``num_bits`` is not 1..8 (full precision has no grid).
     """
     check_num_bits(num_bits)
     if num_bits >= FULL_PRECISION_BITS:
         raise ValueError(f"a {num_bits}-bit (full precision) tensor has no integer range")
+    if signed and num_bits == 1:
+        return BINARY_RANGE
     if signed:
         return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
     return 0, 2**num_bits - 1
@@ -75,10 +80,13 @@ def min_step_size(dtype: torch.dtype) -> float:
 
 
 def describe_grid(num_bits: int, signed: bool) -> str:
-    """``"2-bit signed [-2, 1]"``: a quantizer's integer grid in words (for messages)."""
+    """``"2-bit signed [-2, 1]"``: a quantizer's integer grid in words (for messages);
+    ``"1-bit binary {-1, +1}"`` for the binary grid."""
     if num_bits >= FULL_PRECISION_BITS:
         return f"{num_bits}-bit (full precision, no grid)"
     quant_min, quant_max = integer_range(num_bits, signed)
+    if is_binary(quant_min, quant_max):
+        return f"{num_bits}-bit binary {{-1, +1}}"
     return f"{num_bits}-bit {'signed' if signed else 'unsigned'} [{quant_min}, {quant_max}]"
 
 
@@ -99,7 +107,8 @@ class _LSQFakeQuantize(torch.autograd.Function):
     reference), in one pass over ``x`` each way with the fused CPU kernels (quant/kernels.py)
     and in a few PyTorch ops elsewhere:
 
-    * forward: ``out = round(clamp(x/a, Qmin, Qmax)) · a``; with ``bin_stats`` also the
+    * forward: ``out = round(clamp(x/a, Qmin, Qmax)) · a`` (``round`` to the grid's levels:
+      ``quant.grid.round_to_grid``, which is ±1 by sign on the binary grid ``[-1, 1]``); with ``bin_stats`` also the
       ``(3, K)`` bin statistics of ``x`` on the grid ``a·[Qmin, Qmax]`` and ``Σ|x - out|``
       (quant/bins.py), from the same pass.
     * backward: ``∂L/∂x = ∂L/∂out`` where ``Qmin < x/a < Qmax`` (open interval, as
@@ -138,7 +147,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
         else:
             if input_relu:
                 x = torch.relu(x)  # saved instead of the input: threshold_backward needs relu(x)
-            out = torch.clamp(x / a, quant_min, quant_max).round_().mul_(a)
+            out = round_to_grid(x / a, quant_min, quant_max).mul_(a)
             stats, abs_sum = (eager_bin_statistics(x, a, quant_min, quant_max) if with_stats
                               else (x.new_zeros(3, 0, dtype=torch.float32), x.new_zeros((), dtype=torch.float32)))
         ctx.save_for_backward(x, a, stats)
@@ -170,7 +179,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
             c = x / a
             # hardtanh_backward(g, c, lo, hi) is g where lo < c < hi, else 0: the STE in one pass.
             grad_x = torch.ops.aten.hardtanh_backward(grad_out, c, quant_min, quant_max)
-            step_sum = (_sum_of_products(grad_out, torch.clamp(c, quant_min, quant_max).round_())
+            step_sum = (_sum_of_products(grad_out, round_to_grid(c, quant_min, quant_max))
                         - _sum_of_products(grad_x, c))
             if grad_stats is not None:
                 grad_x = grad_x + eager_bin_gradient(grad_stats, x, a, quant_min, quant_max).to(grad_x.dtype)
@@ -180,7 +189,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_alpha = step_sum * ctx.grad_scale
             if grad_stats is not None and ctx.bin_stats == "to_alpha":
-                grad_alpha = grad_alpha + bin_alpha_gradient(grad_stats, stats, quant_min)
+                grad_alpha = grad_alpha + bin_alpha_gradient(grad_stats, stats, quant_min, quant_max)
             grad_alpha = grad_alpha.to(ctx.alpha_dtype)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None, None
 
@@ -219,11 +228,16 @@ class LSQQuantizer(nn.Module):
     (``x[0].numel()``, i.e. C·H·W), the paper's "number of features": it does not
     change with the batch size, so the effective learning rate of α does not either.
 
+    1 bit: unsigned is LSQ's grid ``[0, 1]`` (levels 0 and α); signed is the binary grid
+    ``{-α, +α}`` (``quant.grid``: ``x >= 0`` goes to ``+α``, STE inside ``(-α, α)``, LSQ eq. 3
+    on that grid for α, ``quant_min, quant_max = -1, 1``).
+
     Initialisation (LSQ section 2.1): ``α = 2 · mean(|x|) / sqrt(quant_max)`` from the
     first usable tensor the quantizer sees (the weights, or the first batch of
     activations), in training or eval mode alike, also under ``torch.no_grad()`` and
     ``torch.inference_mode()`` (an eval-mode pass calibrates a fresh quantizer). A usable
-    tensor is non-empty, finite and has a non-zero mean magnitude; until one arrives the
+    tensor is non-empty, finite and has a non-zero mean magnitude (binary grid:
+    ``α = mean(|x|)``, see ``initialize_from``); until one arrives the
     quantizer stays uninitialised, quantizes with the α it has (1.0 when new) and says
     so once (a ``RuntimeWarning``). α is at least ``min_step_size`` of the tensor's dtype.
     It is written in place and recorded in the ``initialized`` buffer, so a quantizer
@@ -248,6 +262,7 @@ class LSQQuantizer(nn.Module):
 
     Attributes:
         num_bits, signed, quant_min, quant_max: the integer grid.
+        binary: whether it is the 1-bit binary grid (``quant.grid``).
         alpha: ``nn.Parameter`` of shape ``()``, in the units of ``x``; ``None`` when
             ``num_bits >= 32``.
         grad_count: ``"numel"`` (weights) or ``"per_sample"`` (activations): which N
@@ -257,7 +272,7 @@ class LSQQuantizer(nn.Module):
         bin_stats_grad_to_alpha: whether the statistics carry gradient to α.
 
     Raises:
-        ValueError: ``num_bits`` not in 2..8 and below 32; unknown ``grad_count``.
+        ValueError: ``num_bits`` not in 1..8 and below 32; unknown ``grad_count``.
     """
 
     def __init__(self, num_bits: int, signed: bool, grad_count: str = "numel"):
@@ -275,6 +290,7 @@ class LSQQuantizer(nn.Module):
         else:
             self.quant_min = self.quant_max = None
             self.register_parameter("alpha", None)
+        self.binary = self.enabled and is_binary(self.quant_min, self.quant_max)
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("grid", torch.tensor([num_bits, int(signed)]))
         # Python mirror of the buffer, so that forward never reads a device value.
@@ -317,7 +333,8 @@ class LSQQuantizer(nn.Module):
     @torch.no_grad()
     def initialize_from(self, x: torch.Tensor) -> bool:
         """Set α = 2·mean(|x|)/sqrt(quant_max) in place and mark the quantizer initialised,
-        if ``x`` is usable (LSQ section 2.1).
+        if ``x`` is usable (LSQ section 2.1); on the binary grid α = mean(|x|) (the L2-optimal
+        binary scale, XNOR-Net eq. 4; see ``quant.grid``).
 
         ``x`` is not used when it is empty, holds a NaN or an inf, or is all zeros (α would be
         NaN, inf or 0, and stay so): the quantizer then stays uninitialised and warns once.
@@ -332,7 +349,10 @@ class LSQQuantizer(nn.Module):
         """
         if not self.enabled:
             return True
-        value = 2 * x.detach().abs().float().mean() / math.sqrt(self.quant_max)  # NaN when x is empty
+        mean_magnitude = x.detach().abs().float().mean()  # NaN when x is empty
+        # Binary grid: mean|x|, the scale minimising Σ(x - α·sign(x))² (Rastegari et al., XNOR-Net, ECCV
+        # 2016, eq. 4). LSQ's rule would give 2·mean|x| there, which puts both levels beyond most weights.
+        value = mean_magnitude if self.binary else 2 * mean_magnitude / math.sqrt(self.quant_max)
         magnitude = float(value)
         if not (math.isfinite(magnitude) and magnitude > 0):
             if not self._warned_uninitialized:

@@ -81,7 +81,7 @@ class BinRegularizer:
     """Bin Regularization for tensors quantized on one integer grid (Han et al. 2021, eq. 5).
 
     Args:
-        num_bits: 2..8, as the quantizer's.
+        num_bits: 1..8, as the quantizer's (1 bit signed: the binary grid, ``quant.grid``).
         signed: as the quantizer's; gives ``quant_min``, ``quant_max`` as in ``LSQQuantizer``.
 
     Raises:
