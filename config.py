@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-bits-act", type=int, default=None, help="override --num-bits for activations")
     q.add_argument("--first-last-bits", type=int, default=8,
                    help="bits of the first conv and last linear (2-8; 32 keeps them float) [8]")
+    q.add_argument("--per-channel-weights", action="store_true",
+                   help="one weight step size α per output channel (LSQ init, gradient scale and W-BR per "
+                        "channel) instead of one per tensor; activations keep one per tensor [off]")
     q.add_argument("--clip-value", type=float, default=None,
                    help="clip activations to [0, c] (ReLU6/ReLU1-style networks) [none]")
     b = p.add_argument_group("bin regularization (stage 2)")
@@ -184,7 +187,7 @@ def _fmt(x: float) -> str:
 
 
 def default_output_dir(cfg) -> str:
-    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_sub<N>]_s<seed>``;
+    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_clip<c>][_pcw][_sub<N>]_s<seed>``;
     ``results/<arch>_fp32[_sub<N>]_s<seed>`` for float."""
     if is_float_run(cfg):
         return os.path.join("results", f"{cfg.arch}_fp32{_subset_suffix(cfg)}_s{cfg.seed}")
@@ -194,6 +197,7 @@ def default_output_dir(cfg) -> str:
     name += "_frz" if cfg.freeze_alpha else ("_frzw" if cfg.freeze_weight_alpha else "") + (
         "_frza" if cfg.freeze_act_alpha else "")
     name += f"_clip{_fmt(cfg.clip_value)}" if cfg.clip_value is not None else ""
+    name += "_pcw" if cfg.per_channel_weights else ""
     return os.path.join("results", name + _subset_suffix(cfg) + f"_s{cfg.seed}")
 
 
@@ -338,6 +342,8 @@ def warnings_for(cfg) -> list[str]:
         out.append("--freeze-weight-alpha / --freeze-act-alpha are implied by --freeze-alpha")
     if is_float_run(cfg) and (cfg.freeze_alpha or cfg.freeze_weight_alpha or cfg.freeze_act_alpha):
         out.append("the freeze flags have no effect: a float run has no step sizes")
+    if cfg.per_channel_weights and min(w_bits, first_last_bits(cfg)) >= FULL_PRECISION_BITS:
+        out.append("--per-channel-weights has no effect: no weight is quantized (32 bits)")
     if cfg.amp and resolve_device(cfg.device).type != "cuda":
         out.append("--amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
     defaults = build_parser()
@@ -425,6 +431,9 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
         a_grid = " {0, α}" if a_bits == 1 else ""
         lines.append(f"Bits: W{w_bits}A{a_bits} (weights {bits(w_bits)}{w_grid}, activations {bits(a_bits)}{a_grid}); "
                      f"first/last layers {bits(first_last_bits(cfg))}")
+        if w_bits < FULL_PRECISION_BITS or first_last_bits(cfg) < FULL_PRECISION_BITS:
+            lines.append("Weight step sizes: " + ("one α per output channel (--per-channel-weights)"
+                                                  if cfg.per_channel_weights else "one α per tensor"))
     if cfg.clip_value is not None:
         lines.append(f"Activations clipped to [0, {cfg.clip_value:g}]")
     lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")

@@ -98,7 +98,8 @@ def build_run_model(config: dict) -> torch.nn.Module:
     flags, derived = config["flags"], config["derived"]
     try:
         model = build_model(flags["arch"], clip_value=flags.get("clip_value"))
-        return quantize_model(model, derived["weight_bits"], derived["act_bits"], derived["first_last_bits"])
+        return quantize_model(model, derived["weight_bits"], derived["act_bits"], derived["first_last_bits"],
+                              per_channel_weights=bool(flags.get("per_channel_weights")))
     except (KeyError, ValueError) as exc:
         raise PlotError(f"config.json does not describe a network this tool builds ({exc})") from None
 
@@ -550,8 +551,14 @@ def make_plots(run_dir: str, out_dir: str | None = None, layers: list[str] | Non
         for (model, epoch), path_, cap in zip(models, checkpoints, captures):
             layer = quantized_layers(model)[name]
             wq, aq = layer.weight_quant, layer.act_quant
-            w_panels.append(Panel(f"weights, {label(path_, epoch)}", layer.weight.detach().float().flatten().numpy(),
-                                  float(wq.alpha.detach()) if wq.enabled else None, wq.quant_min, wq.quant_max))
+            weights, weight_step, unit = layer.weight.detach().float(), None, ""
+            if wq.enabled and wq.channels is not None:  # one grid per channel: every weight in its channel's steps
+                steps = wq.alpha.detach().float().view(-1, *[1] * (weights.dim() - 1))
+                weights, weight_step, unit = weights / steps, 1.0, " (in α of its channel)"
+            elif wq.enabled:
+                weight_step = float(wq.alpha.detach())
+            w_panels.append(Panel(f"weights{unit}, {label(path_, epoch)}", weights.flatten().numpy(),
+                                  weight_step, wq.quant_min, wq.quant_max))
             if cap is not None:
                 a_panels.append(Panel(f"activations, {label(path_, epoch)}", cap[name],
                                       float(aq.alpha.detach()) if aq.enabled else None, aq.quant_min, aq.quant_max))

@@ -329,7 +329,8 @@ def run_config(cfg, data_source: str, cpu_kernels: str | None) -> dict:
             "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg),
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
                         "device": str(resolve_device(cfg.device)), "data": data_source,
-                        "cpu_kernels": cpu_kernels, "compile": compile_mode(cfg)},
+                        "cpu_kernels": cpu_kernels, "compile": compile_mode(cfg),
+                        "weight_step_sizes": "per output channel" if cfg.per_channel_weights else "per tensor"},
             "versions": {"python": platform.python_version(), "torch": str(torch.__version__),  # not TorchVersion:
                          "torchvision": str(torchvision.__version__)},  # a checkpoint holds only plain types
             "git_commit": git_commit()}

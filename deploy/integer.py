@@ -15,7 +15,8 @@ File layout (``numpy.savez``, read with ``allow_pickle=False``):
 ``acc = Σ w_code·a_code`` (an exact integer, held in int32) and ``out = acc·(α_w·α_a) + bias``:
 one float rescale per layer. The fake-quantized layer computes ``Σ (w_code·α_w)(a_code·α_a)`` in
 float32; the two differ only by float rounding (the scales factor out of the sum exactly in real
-arithmetic: LSQ eq. 1 with a per-tensor α).
+arithmetic: LSQ eq. 1 with a per-tensor α, or one α per output channel, which factors out of
+that channel's sums: the rescale is then per output channel, ``<layer>.weight_step`` of shape ``(C,)``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploy.onnx_qdq import ExportError, weight_codes
+from deploy.onnx_qdq import ExportError, per_channel_view, weight_codes
 from deploy.restore import build_network
 from quant import QuantizedLayer, quantized_layers
 from quant.grid import round_to_grid
@@ -131,7 +132,10 @@ class IntegerLayer(nn.Module):
             if products >= 2**31:
                 raise ExportError(f"an int32 accumulator could overflow ({products} >= 2**31)")
             self.exact_dtype = torch.float32 if products < 2**24 else torch.float64
-            self.scale = weight_step * act_step  # float32: the one rescale
+            # float32: the one rescale (per output channel with per-channel weight step sizes)
+            self.scale = weight_step * act_step
+            if self.scale.dim() > 0:
+                self.scale = self.scale.view(1, -1, *[1] * (codes.dim() - 2))
 
     def accumulate(self, act_codes: torch.Tensor) -> torch.Tensor:
         """``Σ w_code·a_code`` per output, int32, for integer-valued float ``act_codes``."""
@@ -148,7 +152,8 @@ class IntegerLayer(nn.Module):
             x = torch.relu(x)
         bias = self.layer.bias
         if not self.integer:
-            weight = self.layer.weight if self.codes is None else self.codes.float() * self.weight_step
+            weight = (self.layer.weight if self.codes is None
+                      else self.codes.float() * per_channel_view(self.weight_step, self.codes))
             if self.act_step is not None:
                 x = round_to_grid(x / self.act_step, *self.act_range) * self.act_step
             if isinstance(self.layer, nn.Conv2d):

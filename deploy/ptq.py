@@ -114,9 +114,10 @@ def mse_step_size(x: torch.Tensor, quant_min: int, quant_max: int) -> float:
     return max(best_alpha, MIN_STEP_SIZE)
 
 
-def set_step_size(quantizer: LSQQuantizer, alpha: float) -> None:
-    """Give ``quantizer`` the step size ``alpha`` and mark it initialised (as a loaded checkpoint does),
-    so it never re-initialises itself from data."""
+def set_step_size(quantizer: LSQQuantizer, alpha) -> None:
+    """Give ``quantizer`` the step size ``alpha`` (a float; a list of one per output channel for a
+    per-channel quantizer) and mark it initialised (as a loaded checkpoint does), so it never
+    re-initialises itself from data."""
     quantizer.load_state_dict({"alpha": torch.tensor(alpha, dtype=quantizer.alpha.dtype),
                                "initialized": torch.tensor(True)})
 
@@ -197,7 +198,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None
 
 
 def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, first_last_bits_: int,
-                           batches: list[torch.Tensor], seed: int, bn_recalib: bool = True) -> nn.Module:
+                           batches: list[torch.Tensor], seed: int, bn_recalib: bool = True,
+                           per_channel_weights: bool = False) -> nn.Module:
     """PTQ of a trained float ``model`` (in place; returned): see the module docstring.
 
     Args:
@@ -206,6 +208,8 @@ def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, 
         batches: calibration inputs (``calibration_batches``).
         seed: seeds the sampling of activation values.
         bn_recalib: re-estimate BatchNorm statistics after quantizing.
+        per_channel_weights: one weight step size per output channel, each the MSE-optimal one of
+            that channel's weights.
 
     Returns:
         ``model`` with ``QConv2d`` / ``QLinear`` layers whose step sizes are set, in eval mode.
@@ -213,21 +217,26 @@ def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, 
     # The float network's layer inputs are what the quantizers quantize (a ReLU the conversion
     # fuses into a quantizer has already been applied to them).
     inputs = layer_inputs(model, batches, seed)
-    quantize_model(model, weight_bits_, act_bits_, first_last_bits_)
+    quantize_model(model, weight_bits_, act_bits_, first_last_bits_, per_channel_weights=per_channel_weights)
     for name, layer in quantized_layers(model).items():
         for quantizer, values in ((layer.weight_quant, layer.weight), (layer.act_quant, inputs[name])):
-            if quantizer.enabled:
-                set_step_size(quantizer, mse_step_size(values.detach().float().cpu(), quantizer.quant_min,
-                                                       quantizer.quant_max))
+            if not quantizer.enabled:
+                continue
+            values = values.detach().float().cpu()
+            if quantizer.channels is not None:
+                set_step_size(quantizer, [mse_step_size(channel.flatten(), quantizer.quant_min, quantizer.quant_max)
+                                          for channel in values])
+            else:
+                set_step_size(quantizer, mse_step_size(values, quantizer.quant_min, quantizer.quant_max))
     if bn_recalib:
         recalibrate_batchnorm(model, batches)
     return model.eval()
 
 
 def default_output_dir(cfg) -> str:
-    """``results/<arch>_w<W>a<A>_fl<F>_ptq_s<seed>``."""
+    """``results/<arch>_w<W>a<A>_fl<F>_ptq[_pcw]_s<seed>``."""
     return os.path.join("results", f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{first_last_bits(cfg)}"
-                                   f"_ptq_s{cfg.seed}")
+                                   f"_ptq{'_pcw' if cfg.per_channel_weights else ''}_s{cfg.seed}")
 
 
 def check_flags(cfg, argv: list[str]) -> list[str]:
@@ -256,7 +265,9 @@ def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
     lines = [RULE, "Post-Training Quantization (PTQ, no training)", RULE,
              f"Model: {cfg.arch}, float weights from {cfg.pretrained}",
              f"Bits: W{weight_bits(cfg)}A{act_bits(cfg)}; first/last layers {bits(first_last_bits(cfg))}",
-             f"Step sizes: MSE-optimal per tensor; activations from {cfg.calib_batches} training batch(es) of "
+             f"Step sizes: MSE-optimal, weights "
+             f"{'per output channel (--per-channel-weights)' if cfg.per_channel_weights else 'per tensor'}, "
+             f"activations per tensor from {cfg.calib_batches} training batch(es) of "
              f"{cfg.batch_size} images, augmented as in training (seed {cfg.seed})",
              f"BatchNorm re-estimated on them: {'yes' if cfg.bn_recalib else 'no (--no-bn-recalib)'}",
              f"Data: {source_line}", f"Device: {resolve_device(cfg.device)}", f"Output: {cfg.output_dir}"]
@@ -288,7 +299,7 @@ def run(cfg, source) -> int:
         f" ({float_bn_acc:.2f}% with BatchNorm re-estimated on the calibration batches)" if cfg.bn_recalib else ""),
         flush=True)
     quantize_post_training(model, weight_bits(cfg), act_bits(cfg), first_last_bits(cfg), batches, cfg.seed,
-                           cfg.bn_recalib)
+                           cfg.bn_recalib, per_channel_weights=cfg.per_channel_weights)
     acc = top1_accuracy(model, test_loader, device)
     seconds = time.perf_counter() - started
     config = runner.run_config(cfg, source.describe(), None)

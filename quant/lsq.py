@@ -90,8 +90,11 @@ def describe_grid(num_bits: int, signed: bool) -> str:
     return f"{num_bits}-bit {'signed' if signed else 'unsigned'} [{quant_min}, {quant_max}]"
 
 
-def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum()`` as a scalar of at least float32, with no temporary for float32/64 inputs."""
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """``(a * b).sum()`` as a scalar of at least float32, with no temporary for float32/64 inputs;
+    with ``per_channel`` the sum over every dimension but the first, shape ``(a.shape[0],)``."""
+    if per_channel:
+        return (a * b).reshape(a.shape[0], -1).sum(1, dtype=torch.promote_types(a.dtype, torch.float32))
     if a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype and a.stride() == b.stride():
         return torch.dot(flat_view(a), flat_view(b))
     return (a * b).sum(dtype=torch.promote_types(a.dtype, torch.float32))
@@ -108,8 +111,8 @@ class _LSQFakeQuantize(torch.autograd.Function):
     and in a few PyTorch ops elsewhere:
 
     * forward: ``out = round(clamp(x/a, Qmin, Qmax)) · a`` (``round`` to the grid's levels:
-      ``quant.grid.round_to_grid``, which is ±1 by sign on the binary grid ``[-1, 1]``); with ``bin_stats`` also the
-      ``(3, K)`` bin statistics of ``x`` on the grid ``a·[Qmin, Qmax]`` and ``Σ|x - out|``
+      ``quant.grid.round_to_grid``, which is ±1 by sign on the binary grid ``[-1, 1]``); with
+      ``bin_stats`` also the ``(3, K)`` bin statistics of ``x`` on the grid ``a·[Qmin, Qmax]`` and ``Σ|x - out|``
       (quant/bins.py), from the same pass.
     * backward: ``∂L/∂x = ∂L/∂out`` where ``Qmin < x/a < Qmax`` (open interval, as
       ``torch.clamp``'s gradient and the LSQ paper), else 0 (straight-through estimator);
@@ -128,6 +131,11 @@ class _LSQFakeQuantize(torch.autograd.Function):
     so changing it in place after the forward pass is refused by autograd (an unfused
     ``nn.ReLU`` saves its output instead). A NaN input gives a NaN output and a NaN
     α-gradient. A double backward (``create_graph=True``) runs the PyTorch ops.
+
+    Per channel: ``alpha`` of shape ``(C,)`` with ``C = x.shape[0]`` (one α per output channel of
+    a weight) is broadcast over the other dimensions; the gradient to α and the statistics
+    (``(C, 3, K)`` and ``(C,)``) are then per channel, and the PyTorch ops run (the kernels take
+    one α).
     """
 
     @staticmethod
@@ -138,8 +146,11 @@ class _LSQFakeQuantize(torch.autograd.Function):
         # clamp: an α that would be 0 (0/0 = NaN) or subnormal in the dtype of x (float16) is raised
         # to min_step_size; a no-op for every α the optimiser leaves in float32 (>= MIN_STEP_SIZE).
         a = ((alpha - scaled) + scaled).to(x.dtype).clamp_min(min_step_size(x.dtype))
+        if alpha.dim() > 0:  # one α per output channel: shape (C, 1, ..., 1), broadcast over x
+            a = a.view(-1, *([1] * (x.dim() - 1)))
         with_stats = bin_stats is not None
-        ctx.kernels = kernels_apply(x)  # backward takes the same path (it saved what that path needs)
+        # backward takes the same path (it saved what that path needs); the kernels take one α
+        ctx.kernels = alpha.dim() == 0 and kernels_apply(x)
         if ctx.kernels:
             if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
                 x = x.contiguous()
@@ -153,6 +164,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
         ctx.save_for_backward(x, a, stats)
         ctx.quant_range, ctx.bin_stats = (quant_min, quant_max), bin_stats
         ctx.grad_scale, ctx.alpha_dtype, ctx.input_relu = grad_scale, alpha.dtype, input_relu
+        ctx.alpha_shape = alpha.shape
         ctx.mark_non_differentiable(abs_sum)
         ctx.set_materialize_grads(False)  # an unused statistics output costs nothing in backward
         return out, stats, abs_sum
@@ -179,8 +191,9 @@ class _LSQFakeQuantize(torch.autograd.Function):
             c = x / a
             # hardtanh_backward(g, c, lo, hi) is g where lo < c < hi, else 0: the STE in one pass.
             grad_x = torch.ops.aten.hardtanh_backward(grad_out, c, quant_min, quant_max)
-            step_sum = (_sum_of_products(grad_out, round_to_grid(c, quant_min, quant_max))
-                        - _sum_of_products(grad_x, c))
+            per_channel = a.dim() > 0
+            step_sum = (_sum_of_products(grad_out, round_to_grid(c, quant_min, quant_max), per_channel)
+                        - _sum_of_products(grad_x, c, per_channel))
             if grad_stats is not None:
                 grad_x = grad_x + eager_bin_gradient(grad_stats, x, a, quant_min, quant_max).to(grad_x.dtype)
             if ctx.input_relu:  # x is relu(input) here: torch.relu's own backward
@@ -190,7 +203,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
             grad_alpha = step_sum * ctx.grad_scale
             if grad_stats is not None and ctx.bin_stats == "to_alpha":
                 grad_alpha = grad_alpha + bin_alpha_gradient(grad_stats, stats, quant_min, quant_max)
-            grad_alpha = grad_alpha.to(ctx.alpha_dtype)
+            grad_alpha = grad_alpha.to(ctx.alpha_dtype).view(ctx.alpha_shape)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None, None
 
 
@@ -263,30 +276,45 @@ class LSQQuantizer(nn.Module):
     Attributes:
         num_bits, signed, quant_min, quant_max: the integer grid.
         binary: whether it is the 1-bit binary grid (``quant.grid``).
-        alpha: ``nn.Parameter`` of shape ``()``, in the units of ``x``; ``None`` when
-            ``num_bits >= 32``.
+        alpha: ``nn.Parameter`` of shape ``()``, or ``(channels,)`` per channel, in the units of
+            ``x``; ``None`` when ``num_bits >= 32``.
+        channels: ``None`` (one α per tensor), or the number of output channels: one α per
+            slice ``x[c]`` of the first dimension (``--per-channel-weights``; weights only).
         grad_count: ``"numel"`` (weights) or ``"per_sample"`` (activations): which N
             the gradient scale uses.
         input_relu: whether a ReLU is fused in front (default False).
         bin_stats_sink: ``None`` or a callable taking ``BinStats``.
         bin_stats_grad_to_alpha: whether the statistics carry gradient to α.
 
+    Per channel (``channels=C``): α has shape ``(C,)`` and ``x[c]`` is quantized with ``α[c]``
+    (the first dimension of a weight is its output channel). Everything above then holds per
+    channel: the initialisation uses ``mean(|x[c]|)`` (a channel without magnitude takes the
+    tensor-wide value), the gradient scale ``N = x[0].numel()`` (the weights of one channel), and
+    the bin statistics are ``(C, 3, K)``: each channel's bins on its own grid ``α[c]·[Qn, Qp]``.
+    The fused CPU kernels take one α, so a per-channel quantizer runs the PyTorch ops.
+    A state of the other kind (per tensor / per channel) is refused by ``load_state_dict``.
+
     Raises:
-        ValueError: ``num_bits`` not in 1..8 and below 32; unknown ``grad_count``.
+        ValueError: ``num_bits`` not in 1..8 and below 32; unknown ``grad_count``; ``channels``
+            below 1 or given with ``grad_count="per_sample"``.
     """
 
-    def __init__(self, num_bits: int, signed: bool, grad_count: str = "numel"):
+    def __init__(self, num_bits: int, signed: bool, grad_count: str = "numel", channels: int | None = None):
         super().__init__()
         check_num_bits(num_bits)
         if grad_count not in ("numel", "per_sample"):
             raise ValueError(f"grad_count must be 'numel' or 'per_sample', got {grad_count!r}")
+        if channels is not None and (grad_count != "numel" or channels < 1):
+            raise ValueError(f"channels (one step size per output channel) needs grad_count='numel' (weights) "
+                             f"and channels >= 1, got channels={channels!r}, grad_count={grad_count!r}")
         self.num_bits = num_bits
         self.signed = signed
         self.grad_count = grad_count
+        self.channels = channels
         self.enabled = num_bits < FULL_PRECISION_BITS
         if self.enabled:
             self.quant_min, self.quant_max = integer_range(num_bits, signed)
-            self.alpha = nn.Parameter(torch.tensor(1.0))
+            self.alpha = nn.Parameter(torch.ones(channels) if channels is not None else torch.tensor(1.0))
         else:
             self.quant_min = self.quant_max = None
             self.register_parameter("alpha", None)
@@ -304,7 +332,9 @@ class LSQQuantizer(nn.Module):
         if not self.enabled:
             return f"num_bits={self.num_bits} (identity)"
         relu = ", input_relu=True (fused ReLU)" if self.input_relu else ""
-        return f"num_bits={self.num_bits}, signed={self.signed}, range=[{self.quant_min}, {self.quant_max}]{relu}"
+        channels = f", per channel ({self.channels})" if self.channels is not None else ""
+        return (f"num_bits={self.num_bits}, signed={self.signed}, range=[{self.quant_min}, {self.quant_max}]"
+                f"{channels}{relu}")
 
     def pre_quantization(self, x: torch.Tensor) -> torch.Tensor:
         """The real values this quantizer quantizes given its input ``x``: ``relu(x)`` with a fused
@@ -322,6 +352,14 @@ class LSQQuantizer(nn.Module):
                                   f"{describe_grid(bits, bool(signed))} quantizer, this one is "
                                   f"{describe_grid(self.num_bits, self.signed)}")
                 return
+        alpha = state_dict.get(prefix + "alpha")
+        if alpha is not None and self.alpha is not None and alpha.shape != self.alpha.shape:
+            def kind(shape):
+                return f"per output channel ({shape[0]})" if len(shape) else "per tensor"
+            error_msgs.append(f"{prefix.rstrip('.') or 'LSQQuantizer'}: the state has one step size "
+                              f"{kind(alpha.shape)}, this quantizer one {kind(self.alpha.shape)} "
+                              f"(--per-channel-weights makes one per output channel)")
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if grid is None and prefix + "grid" in missing_keys:  # a state saved before the grid was recorded
@@ -341,18 +379,32 @@ class LSQQuantizer(nn.Module):
         α is raised to ``min_step_size`` of the dtypes of ``x`` and α where it would be smaller.
         Reads one value back to the host (a sync on GPUs), once per quantizer.
 
+        Per channel: α[c] from ``x[c]``; the usability test is on the whole tensor, and a channel
+        whose mean magnitude is 0 takes the tensor-wide value.
+
         Args:
-            x: a tensor of any shape in the units of the values to quantize.
+            x: a tensor of any shape in the units of the values to quantize (per channel: its
+                first dimension has ``channels`` entries).
 
         Returns:
             whether the quantizer is initialised now (True for a full-precision one).
+
+        Raises:
+            ValueError: per channel, when ``x.shape[0]`` is not ``channels``.
         """
         if not self.enabled:
             return True
-        mean_magnitude = x.detach().abs().float().mean()  # NaN when x is empty
-        # Binary grid: mean|x|, the scale minimising Σ(x - α·sign(x))² (Rastegari et al., XNOR-Net, ECCV
-        # 2016, eq. 4). LSQ's rule would give 2·mean|x| there, which puts both levels beyond most weights.
-        value = mean_magnitude if self.binary else 2 * mean_magnitude / math.sqrt(self.quant_max)
+        if self.channels is not None and (x.dim() == 0 or x.shape[0] != self.channels):
+            raise ValueError(f"LSQQuantizer ({self.extra_repr()}): expected a tensor with {self.channels} output "
+                             f"channels in its first dimension, got shape {tuple(x.shape)}")
+
+        def rule(mean_magnitude):
+            # Binary grid: mean|x|, the scale minimising Σ(x - α·sign(x))² (Rastegari et al., XNOR-Net,
+            # ECCV 2016, eq. 4). LSQ's rule would give 2·mean|x|, which puts both levels beyond most weights.
+            return mean_magnitude if self.binary else 2 * mean_magnitude / math.sqrt(self.quant_max)
+
+        magnitudes = x.detach().abs().float()
+        value = rule(magnitudes.mean())  # NaN when x is empty
         magnitude = float(value)
         if not (math.isfinite(magnitude) and magnitude > 0):
             if not self._warned_uninitialized:
@@ -360,10 +412,14 @@ class LSQQuantizer(nn.Module):
                 reason = ("is empty" if x.numel() == 0 else "is all zeros" if magnitude == 0
                           else "holds NaN or inf values")
                 warnings.warn(f"LSQQuantizer ({self.extra_repr()}): its first input {reason}, so its step size "
-                              f"is not initialised from it; it quantizes with alpha = {float(self.alpha.detach()):g} "
+                              f"is not initialised from it; it quantizes with alpha = "
+                              f"{float(self.alpha.detach().mean()):g}{' (mean over channels)' if self.channels else ''} "
                               f"until an input with finite values and a non-zero mean magnitude arrives",
                               RuntimeWarning, stacklevel=3)
             return False
+        if self.channels is not None:  # each channel its own; one without magnitude the tensor's
+            per_channel = rule(magnitudes.reshape(self.channels, -1).mean(1))
+            value = torch.where(per_channel > 0, per_channel, value)
         floor = max(min_step_size(x.dtype), min_step_size(self.alpha.dtype))
         self.alpha.copy_(value.clamp(min=floor))
         self.initialized.fill_(True)
@@ -371,8 +427,9 @@ class LSQQuantizer(nn.Module):
         return True
 
     def grad_scale(self, x: torch.Tensor) -> float:
-        """LSQ's gradient scale g = 1/sqrt(N · quant_max) for the input ``x``."""
-        n = x.numel() if self.grad_count == "numel" or x.dim() == 0 else x.numel() // max(x.shape[0], 1)
+        """LSQ's gradient scale g = 1/sqrt(N · quant_max) for the input ``x`` (N: see the class docstring)."""
+        per_slice = self.grad_count == "per_sample" or self.channels is not None  # N of one sample / channel
+        n = x.numel() // max(x.shape[0], 1) if per_slice and x.dim() > 0 else x.numel()
         return 1.0 / math.sqrt(max(n, 1) * self.quant_max)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,17 @@ import torch
 from quant.grid import level_spacing, num_levels, round_to_grid
 
 
+def _broadcast(alpha: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """α as float32, shaped to broadcast over ``v``: ``()``, or ``(C, 1, ..., 1)`` for one α per output channel."""
+    alpha = alpha.float()
+    return alpha.view(-1, *([1] * (v.dim() - 1))) if alpha.dim() > 0 else alpha
+
+
 def bin_indices(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int) -> torch.Tensor:
     """Bin of each value, ``clamp(round(v/α), quant_min, quant_max) - quant_min``, as int16, shape of ``v``
-    (binary grid, ``quant.grid``: 0 for ``v < 0``, 1 for ``v >= 0``)."""
-    levels = round_to_grid(v.float() / alpha.float(), quant_min, quant_max)
+    (binary grid, ``quant.grid``: 0 for ``v < 0``, 1 for ``v >= 0``; ``alpha`` of shape ``(C,)``: one
+    per output channel, ``v[c]`` on ``alpha[c]``'s grid)."""
+    levels = round_to_grid(v.float() / _broadcast(alpha, v), quant_min, quant_max)
     return ((levels - quant_min) / level_spacing(quant_min, quant_max)).to(torch.int16)
 
 
@@ -25,7 +32,8 @@ def weight_bin_stats(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant
     """Distance to level, bin flips and occupancy of one quantized tensor.
 
     Args:
-        v: values (weights), any shape. alpha: step size, shape ``()``.
+        v: values (weights), any shape. alpha: step size, shape ``()``, or ``(C,)`` with
+            ``v.shape[0] == C`` (per channel; distances in each channel's steps).
         quant_min, quant_max: the integer range.
         previous: the bins returned by the previous call for this tensor, or None.
 
@@ -37,8 +45,9 @@ def weight_bin_stats(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant
         ``quant_min`` up). ``bins`` is the int16 tensor to pass as ``previous`` next time.
     """
     bins = bin_indices(v, alpha, quant_min, quant_max)
-    levels = (bins.float() * level_spacing(quant_min, quant_max) + quant_min) * alpha.float()
-    dist = ((v.float() - levels).abs().mean() / alpha.float()).item()
+    step = _broadcast(alpha, v)
+    levels = (bins.float() * level_spacing(quant_min, quant_max) + quant_min) * step
+    dist = ((v.float() - levels).abs() / step).mean().item()
     counts = torch.bincount(bins.flatten().long(), minlength=num_levels(quant_min, quant_max)).float()
     occupancy = (counts / max(v.numel(), 1)).tolist()
     flips = None
