@@ -60,7 +60,8 @@ def build_quantized_model(cfg, pretrained: bool = True) -> torch.nn.Module:
     model = build_model(cfg.arch, clip_value=cfg.clip_value)
     if cfg.pretrained and pretrained:
         runner.load_pretrained(model, cfg)
-    return quantize_model(model, cfgmod.weight_bits(cfg), cfgmod.act_bits(cfg), cfgmod.first_last_bits(cfg))
+    return quantize_model(model, cfgmod.weight_bits(cfg), cfgmod.act_bits(cfg), cfgmod.first_last_bits(cfg),
+                          per_channel_weights=cfg.per_channel_weights)
 
 
 def _raise_interrupted(signum, _frame):

@@ -59,11 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Two-stage quantization-aware training of a CIFAR-10 ResNet or MobileNetV2: LSQ warmup, then "
                     "LSQ + Bin Regularization. Loss = CE + λ_w·BR_w + λ_a·BR_a.")
     q = p.add_argument_group("quantization")
-    q.add_argument("--num-bits", type=int, default=2, help="bits of weights and activations (2-8; 32 = float) [2]")
+    q.add_argument("--num-bits", type=int, default=2, help="bits of weights and activations (1-8; 32 = float; 1 bit: binary "
+                        "weights {-α, +α}, activations {0, α}) [2]")
     q.add_argument("--num-bits-weight", type=int, default=None, help="override --num-bits for weights")
     q.add_argument("--num-bits-act", type=int, default=None, help="override --num-bits for activations")
     q.add_argument("--first-last-bits", type=int, default=8,
-                   help="bits of the first conv and last linear (32 keeps them float) [8]")
+                   help="bits of the first conv and last linear (2-8; 32 keeps them float) [8]")
+    q.add_argument("--per-channel-weights", action="store_true",
+                   help="one weight step size α per output channel (LSQ init, gradient scale and W-BR per "
+                        "channel) instead of one per tensor; activations keep one per tensor [off]")
     q.add_argument("--clip-value", type=float, default=None,
                    help="clip activations to [0, c] (ReLU6/ReLU1-style networks) [none: ReLU; mobilenetv2: ReLU6]")
     b = p.add_argument_group("bin regularization (stage 2)")
@@ -207,7 +211,7 @@ def _fmt(x: float) -> str:
 
 
 def default_output_dir(cfg) -> str:
-    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_clip<c>][_adam][_val<N>][_sub<N>]_s<seed>``;
+    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_clip<c>][_pcw][_adam][_val<N>][_sub<N>]_s<seed>``;
     ``results/<arch>_fp32[_adam][_val<N>][_sub<N>]_s<seed>`` for float."""
     if is_float_run(cfg):
         return os.path.join("results", f"{cfg.arch}_fp32{_subset_suffix(cfg)}_s{cfg.seed}")
@@ -217,6 +221,7 @@ def default_output_dir(cfg) -> str:
     name += "_frz" if cfg.freeze_alpha else ("_frzw" if cfg.freeze_weight_alpha else "") + (
         "_frza" if cfg.freeze_act_alpha else "")
     name += f"_clip{_fmt(cfg.clip_value)}" if cfg.clip_value is not None else ""
+    name += "_pcw" if cfg.per_channel_weights else ""
     return os.path.join("results", name + _subset_suffix(cfg) + f"_s{cfg.seed}")
 
 
@@ -226,9 +231,9 @@ def _subset_suffix(cfg) -> str:
         f"_sub{cfg.train_subset}" if cfg.train_subset is not None else "")
 
 
-def _check_bits(value: int, flag: str) -> None:
-    if not (2 <= value <= 8 or value == FULL_PRECISION_BITS):
-        raise ConfigError(f"{flag} must be 2-8, or 32 for full precision, got {value}")
+def _check_bits(value: int, flag: str, lowest: int = 1) -> None:
+    if not (lowest <= value <= 8 or value == FULL_PRECISION_BITS):
+        raise ConfigError(f"{flag} must be {lowest}-8, or 32 for full precision, got {value}")
 
 
 def _check_number(value: float, flag: str, minimum: float = 0.0, strict: bool = False) -> None:
@@ -308,7 +313,9 @@ def validate(cfg) -> None:
         _check_bits(cfg.num_bits_weight, "--num-bits-weight")
     if cfg.num_bits_act is not None:
         _check_bits(cfg.num_bits_act, "--num-bits-act")
-    _check_bits(cfg.first_last_bits, "--first-last-bits")
+    # The first conv sees the image and the last linear gives the logits: 1 bit there (binary weights,
+    # a two-level image) destroys the network, and no recipe uses it.
+    _check_bits(cfg.first_last_bits, "--first-last-bits", lowest=2)
     _check_number(cfg.lambda_br, "--lambda-br")
     _check_number(cfg.lambda_br_act, "--lambda-br-act")
     _check_number(learning_rate(cfg), "--lr", strict=True)
@@ -375,6 +382,8 @@ def warnings_for(cfg) -> list[str]:
         out.append("the freeze flags have no effect: a float run has no step sizes")
     if cfg.sync_bn and torchrun_world_size() == 1:
         out.append("--sync-bn has no effect in one process (it applies under torchrun --nproc-per-node N)")
+    if cfg.per_channel_weights and min(w_bits, first_last_bits(cfg)) >= FULL_PRECISION_BITS:
+        out.append("--per-channel-weights has no effect: no weight is quantized (32 bits)")
     if cfg.amp and resolve_device(cfg.device).type != "cuda":
         out.append("--amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
     defaults = build_parser()
@@ -471,8 +480,13 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     if is_float_run(cfg):
         lines.append("Bits: full precision (float baseline, no quantization)")
     else:
-        lines.append(f"Bits: W{w_bits}A{a_bits} (weights {bits(w_bits)}, activations {bits(a_bits)}); "
+        w_grid = " binary {-α, +α}" if w_bits == 1 else ""
+        a_grid = " {0, α}" if a_bits == 1 else ""
+        lines.append(f"Bits: W{w_bits}A{a_bits} (weights {bits(w_bits)}{w_grid}, activations {bits(a_bits)}{a_grid}); "
                      f"first/last layers {bits(first_last_bits(cfg))}")
+        if w_bits < FULL_PRECISION_BITS or first_last_bits(cfg) < FULL_PRECISION_BITS:
+            lines.append("Weight step sizes: " + ("one α per output channel (--per-channel-weights)"
+                                                  if cfg.per_channel_weights else "one α per tensor"))
     if cfg.clip_value is not None:
         lines.append(f"Activations clipped to [0, {cfg.clip_value:g}]")
     elif cfg.arch == "mobilenetv2":

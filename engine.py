@@ -403,12 +403,18 @@ class Trainer:
         return top1_accuracy(self._evaluate_forward, loader, self.device, self.use_amp, self.group.sum)
 
     def layer_summaries(self) -> tuple[dict, dict]:
-        """Per quantized layer: α values, and weight bin statistics (updates ``previous_bins``)."""
+        """Per quantized layer: α values, and weight bin statistics (updates ``previous_bins``).
+
+        Per-channel weight step sizes are logged as their mean (``weight``), ``weight_min`` and ``weight_max``.
+        """
         alphas, bins = {}, {}
         for name, layer in self.layers.items():
-            alphas[name] = {kind: float(q.alpha.detach()) for kind, q in (("weight", layer.weight_quant), ("act", layer.act_quant))
+            alphas[name] = {kind: float(q.alpha.detach().mean()) for kind, q in (("weight", layer.weight_quant),
+                                                                                  ("act", layer.act_quant))
                             if q.alpha is not None}
             q = layer.weight_quant
+            if q.alpha is not None and q.channels is not None:
+                alphas[name].update(weight_min=float(q.alpha.detach().min()), weight_max=float(q.alpha.detach().max()))
             if q.alpha is not None:
                 bins[name], self.previous_bins[name] = weight_bin_stats(
                     layer.weight, q.alpha, q.quant_min, q.quant_max, self.previous_bins.get(name))

@@ -52,6 +52,7 @@ from checkpoint import CheckpointError, WriteError, load_checkpoint, read_jsonl,
 from data import MEAN, STD, DataError, find_source, load_split  # noqa: E402
 from models import build_model  # noqa: E402
 from quant import quantize_model, quantized_layers  # noqa: E402
+from quant.grid import grid_levels, level_spacing, num_levels  # noqa: E402
 from regularizers import weight_bin_stats  # noqa: E402
 
 #: Above this many levels the levels and bin edges are not drawn (only the clip range).
@@ -98,7 +99,8 @@ def build_run_model(config: dict) -> torch.nn.Module:
     flags, derived = config["flags"], config["derived"]
     try:
         model = build_model(flags["arch"], clip_value=flags.get("clip_value"))
-        return quantize_model(model, derived["weight_bits"], derived["act_bits"], derived["first_last_bits"])
+        return quantize_model(model, derived["weight_bits"], derived["act_bits"], derived["first_last_bits"],
+                              per_channel_weights=bool(flags.get("per_channel_weights")))
     except (KeyError, ValueError) as exc:
         raise PlotError(f"config.json does not describe a network this tool builds ({exc})") from None
 
@@ -216,9 +218,10 @@ def _x_range(panels: list[Panel]) -> tuple[float, float]:
             sample = p.values[::max(1, p.values.size // 200_000)]  # percentiles of a strided sample: fast enough
             lo = min(lo, float(np.percentile(sample, 0.02)))
             hi = max(hi, float(np.percentile(sample, 99.98)))
-        if p.quantized and p.qmax - p.qmin + 1 <= MAX_DRAWN_LEVELS:  # show a bit of each clip zone
-            lo = min(lo, (p.qmin - 0.8) * p.alpha)
-            hi = max(hi, (p.qmax + 0.8) * p.alpha)
+        if p.quantized and num_levels(p.qmin, p.qmax) <= MAX_DRAWN_LEVELS:  # show a bit of each clip zone
+            margin = 0.8 * level_spacing(p.qmin, p.qmax)
+            lo = min(lo, (p.qmin - margin) * p.alpha)
+            hi = max(hi, (p.qmax + margin) * p.alpha)
     if not math.isfinite(lo) or not math.isfinite(hi) or hi <= lo:
         lo, hi = -1.0, 1.0
     pad = 0.02 * (hi - lo)
@@ -241,17 +244,18 @@ def draw_panel(ax, panel: Panel, x_range: tuple[float, float], color: str, log_y
         ax.text(0.98, 0.95, "not quantized (float)", transform=ax.transAxes, ha="right", va="top", fontsize=8)
         return
     a, qmin, qmax = panel.alpha, panel.qmin, panel.qmax
-    ax.axvspan(lo, (qmin - 0.5) * a, color=CLIP_SHADE, alpha=0.35, zorder=1, lw=0)
-    ax.axvspan((qmax + 0.5) * a, hi, color=CLIP_SHADE, alpha=0.35, zorder=1, lw=0)
+    half = level_spacing(qmin, qmax) / 2  # half the distance between levels (the binary grid's is 2)
+    ax.axvspan(lo, (qmin - half) * a, color=CLIP_SHADE, alpha=0.35, zorder=1, lw=0)
+    ax.axvspan((qmax + half) * a, hi, color=CLIP_SHADE, alpha=0.35, zorder=1, lw=0)
     stats = panel.stats()
-    levels = qmax - qmin + 1
+    levels = num_levels(qmin, qmax)
     if levels <= MAX_DRAWN_LEVELS:
-        for k in range(qmin, qmax + 1):
+        for j, k in enumerate(grid_levels(qmin, qmax).tolist()):
             ax.axvline(k * a, color=LEVEL_COLOR, lw=1.3, zorder=3)
             if k < qmax:
-                ax.axvline((k + 0.5) * a, color=EDGE_COLOR, lw=0.9, ls="--", zorder=3)
+                ax.axvline((k + half) * a, color=EDGE_COLOR, lw=0.9, ls="--", zorder=3)
             if stats is not None and lo <= k * a <= hi:
-                ax.text(k * a, 1.0, f"{100 * stats['occupancy'][k - qmin]:.0f}%", transform=ax.get_xaxis_transform(),
+                ax.text(k * a, 1.0, f"{100 * stats['occupancy'][j]:.0f}%", transform=ax.get_xaxis_transform(),
                         ha="center", va="bottom", fontsize=7, color=LEVEL_COLOR)
     else:
         for k in (qmin, qmax):
@@ -554,8 +558,14 @@ def make_plots(run_dir: str, out_dir: str | None = None, layers: list[str] | Non
         for (model, epoch), path_, cap in zip(models, checkpoints, captures):
             layer = quantized_layers(model)[name]
             wq, aq = layer.weight_quant, layer.act_quant
-            w_panels.append(Panel(f"weights, {label(path_, epoch)}", layer.weight.detach().float().flatten().numpy(),
-                                  float(wq.alpha.detach()) if wq.enabled else None, wq.quant_min, wq.quant_max))
+            weights, weight_step, unit = layer.weight.detach().float(), None, ""
+            if wq.enabled and wq.channels is not None:  # one grid per channel: every weight in its channel's steps
+                steps = wq.alpha.detach().float().view(-1, *[1] * (weights.dim() - 1))
+                weights, weight_step, unit = weights / steps, 1.0, " (in α of its channel)"
+            elif wq.enabled:
+                weight_step = float(wq.alpha.detach())
+            w_panels.append(Panel(f"weights{unit}, {label(path_, epoch)}", weights.flatten().numpy(),
+                                  weight_step, wq.quant_min, wq.quant_max))
             if cap is not None:
                 a_panels.append(Panel(f"activations, {label(path_, epoch)}", cap[name],
                                       float(aq.alpha.detach()) if aq.enabled else None, aq.quant_min, aq.quant_max))

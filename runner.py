@@ -457,7 +457,8 @@ def run_config(cfg, data_source: str, cpu_kernels: str | None, val_split=None, w
                         "device": str(resolve_device(cfg.device)), "data": data_source,
                         "cpu_kernels": cpu_kernels, "compile": compile_mode(cfg),
                         "val_split": describe_val_split(cfg, val_split),
-                        "world_size": world_size, "backend": backend},
+                        "world_size": world_size, "backend": backend,
+                        "weight_step_sizes": "per output channel" if cfg.per_channel_weights else "per tensor"},
             "versions": {"python": platform.python_version(), "torch": str(torch.__version__),  # not TorchVersion:
                          "torchvision": str(torchvision.__version__)},  # a checkpoint holds only plain types
             "git_commit": git_commit()}

@@ -64,8 +64,9 @@ COLUMN_NAMES = {
     "arch": "arch", "weight_bits": "W bits", "act_bits": "A bits", "first_last_bits": "first/last bits",
     "lambda_br": "λ_w", "lambda_br_act": "λ_a", "br_backprop_to_alpha_act": "A-BR→α",
     "freeze_alpha": "freeze α", "freeze_weight_alpha": "freeze W α", "freeze_act_alpha": "freeze A α",
-    "clip_value": "clip", "optimizer": "optimizer", "val_split": "val split", "warmup_epochs": "warmup", "lr": "lr", "weight_decay": "wd", "momentum": "momentum",
-    "batch_size": "batch", "pretrained": "pretrained", "amp": "amp",
+    "clip_value": "clip", "optimizer": "optimizer", "val_split": "val split", "warmup_epochs": "warmup", "lr": "lr",
+    "weight_decay": "wd", "momentum": "momentum", "batch_size": "batch", "pretrained": "pretrained", "amp": "amp",
+    "per_channel_weights": "W α per channel",
 }
 
 #: Values of experiment flags newer than some runs: a run whose config.json lacks one ran with this.
@@ -177,6 +178,7 @@ def read_run(root: str, folder: str) -> Run:
             config = _read_json(config_path)
             flags, derived = config.get("flags", {}), config.get("derived", {})
             run.settings = {k: v for k, v in flags.items() if k not in IGNORED_FLAGS}
+            run.settings.setdefault("per_channel_weights", False)  # runs from before the flag: per tensor
             for key in ("weight_bits", "act_bits", "first_last_bits", "float_run", "method"):
                 if key in derived:
                     run.settings[key] = derived[key]

@@ -6,7 +6,7 @@ File layout (``numpy.savez``, read with ``allow_pickle=False``):
   quantized layer its grids (``weight_bits``, ``weight_min``/``weight_max``, ``weight_shape``,
   ``act_bits``, ``act_min``/``act_max``, ``input_relu``).
 * ``<layer>.weight_codes``: the weight's integer levels, packed (``pack_codes``: two's
-  complement in 2-bit fields four to a byte, 4-bit fields (3-4 bit grids) two to a byte, bytes
+  complement in 2-bit fields four to a byte (1-bit binary weights: codes -1 and +1, also in 2-bit fields), 4-bit fields (3-4 bit grids) two to a byte, bytes
   for 5-8 bits), row-major.
 * ``<layer>.weight_step``, ``<layer>.act_step``: float32 step sizes (``onnx_qdq.step_used``).
 * ``float/<name>``: every other tensor in float32: BatchNorm, biases, layers at 32 bits.
@@ -15,7 +15,8 @@ File layout (``numpy.savez``, read with ``allow_pickle=False``):
 ``acc = Σ w_code·a_code`` (an exact integer, held in int32) and ``out = acc·(α_w·α_a) + bias``:
 one float rescale per layer. The fake-quantized layer computes ``Σ (w_code·α_w)(a_code·α_a)`` in
 float32; the two differ only by float rounding (the scales factor out of the sum exactly in real
-arithmetic: LSQ eq. 1 with a per-tensor α).
+arithmetic: LSQ eq. 1 with a per-tensor α, or one α per output channel, which factors out of
+that channel's sums: the rescale is then per output channel, ``<layer>.weight_step`` of shape ``(C,)``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploy.onnx_qdq import ExportError, weight_codes
+from deploy.onnx_qdq import ExportError, per_channel_view, weight_codes
 from deploy.restore import build_network
 from quant import QuantizedLayer, quantized_layers
+from quant.grid import round_to_grid
 
 FORMAT = 1
 
@@ -130,7 +132,10 @@ class IntegerLayer(nn.Module):
             if products >= 2**31:
                 raise ExportError(f"an int32 accumulator could overflow ({products} >= 2**31)")
             self.exact_dtype = torch.float32 if products < 2**24 else torch.float64
-            self.scale = weight_step * act_step  # float32: the one rescale
+            # float32: the one rescale (per output channel with per-channel weight step sizes)
+            self.scale = weight_step * act_step
+            if self.scale.dim() > 0:
+                self.scale = self.scale.view(1, -1, *[1] * (codes.dim() - 2))
 
     def accumulate(self, act_codes: torch.Tensor) -> torch.Tensor:
         """``Σ w_code·a_code`` per output, int32, for integer-valued float ``act_codes``."""
@@ -147,13 +152,14 @@ class IntegerLayer(nn.Module):
             x = torch.relu(x)
         bias = self.layer.bias
         if not self.integer:
-            weight = self.layer.weight if self.codes is None else self.codes.float() * self.weight_step
+            weight = (self.layer.weight if self.codes is None
+                      else self.codes.float() * per_channel_view(self.weight_step, self.codes))
             if self.act_step is not None:
-                x = torch.clamp(x / self.act_step, *self.act_range).round() * self.act_step
+                x = round_to_grid(x / self.act_step, *self.act_range) * self.act_step
             if isinstance(self.layer, nn.Conv2d):
                 return self.layer._conv_forward(x, weight, bias)
             return F.linear(x, weight, bias)
-        act_codes = torch.clamp(x / self.act_step, *self.act_range).round()
+        act_codes = round_to_grid(x / self.act_step, *self.act_range)
         out = self.accumulate(act_codes).float() * self.scale
         if bias is not None:
             out = out + (bias.view(1, -1, 1, 1) if out.dim() == 4 else bias)

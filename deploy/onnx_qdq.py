@@ -6,8 +6,11 @@ the step size α and zero point 0, in the ONNX integer type of its grid: opset 2
 computes ``saturate(round(x / scale))`` with round half to even, which is exactly
 ``clamp(round(x/α), Qn, Qp)`` of the fake quantizer (``torch.round`` also rounds half to even;
 clamping before or after rounding to integer bounds gives the same level). Other grids (3, 5, 6,
-7 bits) use int8/uint8 with an explicit ``Clip`` to ``[Qn·α, Qp·α]`` first. Weights are stored
-as integer initializers (their codes) followed by ``DequantizeLinear``. A fused ReLU
+7 bits, and 1-bit unsigned activations ``[0, 1]``) use int8/uint8 with an explicit ``Clip`` to
+``[Qn·α, Qp·α]`` first. Binary weights (``--num-bits-weight 1``, ``quant.grid``) are int8 codes ±1
+with scale α; a binary activation quantizer (1 bit, signed) is refused (``ExportError``). Weights are stored
+as integer initializers (their codes) followed by ``DequantizeLinear`` (per-axis, ``axis`` the output
+channel, with ``--per-channel-weights``). A fused ReLU
 (``input_relu``) is a ``Relu`` in front of the ``QuantizeLinear``. BatchNorm stays a float
 ``BatchNormalization``.
 
@@ -27,6 +30,7 @@ from onnx import TensorProto, helper
 from torch import fx, nn
 
 from quant import LSQQuantizer, QuantizedLayer, step_size_quantizers
+from quant.grid import round_to_grid
 
 #: ONNX opset of the export (int2/uint2 arrived in opset 25).
 OPSET = 25
@@ -56,7 +60,8 @@ def grid_type(quant_min: int, quant_max: int) -> tuple[int, bool]:
 
 
 def step_used(quantizer: LSQQuantizer, shape: torch.Size) -> torch.Tensor:
-    """The float32 step the fake quantizer multiplies by for an input of ``shape``, shape ``()``.
+    """The float32 step the fake quantizer multiplies by for an input of ``shape``, shape ``()`` (``(C,)``
+    for one step size per output channel).
 
     ``LSQQuantizer.forward`` computes its step as ``(α - α·g) + α·g`` (the value of LSQ's gradient
     scaling trick, ``quant.lsq._LSQFakeQuantize``), which can differ from α in the last bit; the
@@ -97,11 +102,18 @@ def quantizer_steps(model: nn.Module, example: torch.Tensor) -> dict[LSQQuantize
     return {q: step_used(q, shapes[q]) for q in quantizers.values()}
 
 
+def per_channel_view(step: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A step of shape ``()``, or ``(C,)`` (one per output channel) shaped to broadcast over ``weight``."""
+    return step.view(-1, *[1] * (weight.dim() - 1)) if step.dim() > 0 else step
+
+
 def weight_codes(layer: QuantizedLayer, step: torch.Tensor) -> torch.Tensor:
     """The integer levels of a layer's weight, ``clamp(round(w/step), Qn, Qp)`` as int32 (the fake
-    quantizer's levels: ``codes·step`` is its output bit for bit)."""
+    quantizer's levels: ``codes·step`` is its output bit for bit; binary weights: -1 and +1,
+    ``quant.grid.round_to_grid``)."""
     q = layer.weight_quant
-    return torch.clamp(layer.weight.detach().float() / step, q.quant_min, q.quant_max).round().to(torch.int32)
+    weight = layer.weight.detach().float()
+    return round_to_grid(weight / per_channel_view(step, weight), q.quant_min, q.quant_max).to(torch.int32)
 
 
 class _Tracer(fx.Tracer):
@@ -141,6 +153,9 @@ class _GraphBuilder:
         """Q -> DQ of an activation (with the fused ReLU and, for grids narrower than their type, a Clip)."""
         if not q.enabled:
             return x
+        if q.binary:  # QuantizeLinear rounds to the nearest integer: it has no sign-like rounding
+            raise ExportError(f"{hint}: a binary (1-bit signed, {{-α, +α}}) activation quantizer has no ONNX QDQ "
+                              f"form; only weights may be binary (--num-bits-weight 1)")
         if q.input_relu:
             x = self.op("Relu", [x], f"{hint}_relu")
         step = self.steps[q]
@@ -164,8 +179,10 @@ class _GraphBuilder:
         codes = weight_codes(layer, step)
         codes = self.const(f"{hint}_weight_codes", (codes.t() if transpose else codes).numpy(), onnx_type)
         scale = self.float_tensor(f"{hint}_weight_scale", step)
-        zero = self.const(f"{hint}_weight_zero_point", np.zeros((), np.int32), onnx_type)
-        return self.op("DequantizeLinear", [codes, scale, zero], f"{hint}_weight_dq")
+        zero = self.const(f"{hint}_weight_zero_point", np.zeros(tuple(step.shape), np.int32), onnx_type)
+        # per channel: a scale per output channel, on axis 0 of a conv weight (1 of a transposed linear one)
+        axis = {"axis": 1 if transpose else 0} if step.dim() > 0 else {}
+        return self.op("DequantizeLinear", [codes, scale, zero], f"{hint}_weight_dq", **axis)
 
     def module(self, m: nn.Module, x: str, hint: str) -> str:
         if isinstance(m, LSQQuantizer):

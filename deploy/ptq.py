@@ -41,6 +41,7 @@ from data import DeviceLoader, Split, load_split, training_images
 from engine import seed_everything, top1_accuracy
 from models import build_model
 from quant import MIN_STEP_SIZE, LSQQuantizer, quantize_model, quantized_layers
+from quant.grid import round_to_grid
 
 #: Grid points over (0, 1.25·α_max] (α_max: the smallest step that clips nothing).
 GRID_POINTS = 125
@@ -56,13 +57,14 @@ TRAINING_FLAGS = ("lambda_br", "lambda_br_act", "br_backprop_to_alpha_act", "fre
 
 
 def quantization_mse(x: torch.Tensor, alphas, quant_min: int, quant_max: int) -> torch.Tensor:
-    """``mean((clamp(round(x/α), Qn, Qp)·α - x)²)`` of the 1-D tensor ``x`` for each step size in
+    """``mean((clamp(round(x/α), Qn, Qp)·α - x)²)`` (``quant.grid.round_to_grid``: also the binary grid)
+    of the 1-D tensor ``x`` for each step size in
     ``alphas`` (a float or a list), with ``x/α`` in the dtype of ``x`` (as the fake quantizer computes
     it) and the mean in float64. Returns a float64 tensor of shape ``(len(alphas),)`` (``()`` for a float)."""
     a = torch.tensor(alphas, dtype=x.dtype).reshape(-1, 1)
     total = torch.zeros(a.shape[0], dtype=torch.float64)
     for chunk in x.split(max(1, (1 << 21) // a.shape[0])):  # (candidates, chunk) at most 2M values at once
-        err = torch.clamp(chunk / a, quant_min, quant_max).round_().mul_(a).sub_(chunk)
+        err = round_to_grid(chunk / a, quant_min, quant_max).mul_(a).sub_(chunk)
         total += err.square_().sum(1, dtype=torch.float64)
     total /= max(x.numel(), 1)
     return total if isinstance(alphas, (list, tuple)) else total[0]
@@ -113,9 +115,10 @@ def mse_step_size(x: torch.Tensor, quant_min: int, quant_max: int) -> float:
     return max(best_alpha, MIN_STEP_SIZE)
 
 
-def set_step_size(quantizer: LSQQuantizer, alpha: float) -> None:
-    """Give ``quantizer`` the step size ``alpha`` and mark it initialised (as a loaded checkpoint does),
-    so it never re-initialises itself from data."""
+def set_step_size(quantizer: LSQQuantizer, alpha) -> None:
+    """Give ``quantizer`` the step size ``alpha`` (a float; a list of one per output channel for a
+    per-channel quantizer) and mark it initialised (as a loaded checkpoint does), so it never
+    re-initialises itself from data."""
     quantizer.load_state_dict({"alpha": torch.tensor(alpha, dtype=quantizer.alpha.dtype),
                                "initialized": torch.tensor(True)})
 
@@ -196,7 +199,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None
 
 
 def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, first_last_bits_: int,
-                           batches: list[torch.Tensor], seed: int, bn_recalib: bool = True) -> nn.Module:
+                           batches: list[torch.Tensor], seed: int, bn_recalib: bool = True,
+                           per_channel_weights: bool = False) -> nn.Module:
     """PTQ of a trained float ``model`` (in place; returned): see the module docstring.
 
     Args:
@@ -205,6 +209,8 @@ def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, 
         batches: calibration inputs (``calibration_batches``).
         seed: seeds the sampling of activation values.
         bn_recalib: re-estimate BatchNorm statistics after quantizing.
+        per_channel_weights: one weight step size per output channel, each the MSE-optimal one of
+            that channel's weights.
 
     Returns:
         ``model`` with ``QConv2d`` / ``QLinear`` layers whose step sizes are set, in eval mode.
@@ -212,21 +218,26 @@ def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, 
     # The float network's layer inputs are what the quantizers quantize (a ReLU the conversion
     # fuses into a quantizer has already been applied to them).
     inputs = layer_inputs(model, batches, seed)
-    quantize_model(model, weight_bits_, act_bits_, first_last_bits_)
+    quantize_model(model, weight_bits_, act_bits_, first_last_bits_, per_channel_weights=per_channel_weights)
     for name, layer in quantized_layers(model).items():
         for quantizer, values in ((layer.weight_quant, layer.weight), (layer.act_quant, inputs[name])):
-            if quantizer.enabled:
-                set_step_size(quantizer, mse_step_size(values.detach().float().cpu(), quantizer.quant_min,
-                                                       quantizer.quant_max))
+            if not quantizer.enabled:
+                continue
+            values = values.detach().float().cpu()
+            if quantizer.channels is not None:
+                set_step_size(quantizer, [mse_step_size(channel.flatten(), quantizer.quant_min, quantizer.quant_max)
+                                          for channel in values])
+            else:
+                set_step_size(quantizer, mse_step_size(values, quantizer.quant_min, quantizer.quant_max))
     if bn_recalib:
         recalibrate_batchnorm(model, batches)
     return model.eval()
 
 
 def default_output_dir(cfg) -> str:
-    """``results/<arch>_w<W>a<A>_fl<F>_ptq_s<seed>``."""
+    """``results/<arch>_w<W>a<A>_fl<F>_ptq[_pcw]_s<seed>``."""
     return os.path.join("results", f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{first_last_bits(cfg)}"
-                                   f"_ptq_s{cfg.seed}")
+                                   f"_ptq{'_pcw' if cfg.per_channel_weights else ''}_s{cfg.seed}")
 
 
 def check_flags(cfg, argv: list[str]) -> list[str]:
@@ -239,7 +250,7 @@ def check_flags(cfg, argv: list[str]) -> list[str]:
         raise ConfigError("--ptq needs --pretrained FLOAT.pt: the trained float network to quantize")
     if is_float_run(cfg):
         raise ConfigError("--ptq: weights and activations are both at 32 bits, nothing to quantize; "
-                          "pass --num-bits (2-8)")
+                          "pass --num-bits (1-8)")
     if cfg.resume is not None:
         raise ConfigError("--ptq trains nothing, so there is nothing to --resume")
     if cfg.calib_batches < 1:
@@ -255,7 +266,9 @@ def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
     lines = [RULE, "Post-Training Quantization (PTQ, no training)", RULE,
              f"Model: {cfg.arch}, float weights from {cfg.pretrained}",
              f"Bits: W{weight_bits(cfg)}A{act_bits(cfg)}; first/last layers {bits(first_last_bits(cfg))}",
-             f"Step sizes: MSE-optimal per tensor; activations from {cfg.calib_batches} training batch(es) of "
+             f"Step sizes: MSE-optimal, weights "
+             f"{'per output channel (--per-channel-weights)' if cfg.per_channel_weights else 'per tensor'}, "
+             f"activations per tensor from {cfg.calib_batches} training batch(es) of "
              f"{cfg.batch_size} images, augmented as in training (seed {cfg.seed})"
              + (f", none of the {cfg.val_split} held out by --val-split" if cfg.val_split else ""),
              f"BatchNorm re-estimated on them: {'yes' if cfg.bn_recalib else 'no (--no-bn-recalib)'}",
@@ -289,7 +302,7 @@ def run(cfg, source, old_run: list[str]) -> int:
         f" ({float_bn_acc:.2f}% with BatchNorm re-estimated on the calibration batches)" if cfg.bn_recalib else ""),
         flush=True)
     quantize_post_training(model, weight_bits(cfg), act_bits(cfg), first_last_bits(cfg), batches, cfg.seed,
-                           cfg.bn_recalib)
+                           cfg.bn_recalib, per_channel_weights=cfg.per_channel_weights)
     acc = top1_accuracy(model, test_loader, device)
     seconds = time.perf_counter() - started
     config = runner.run_config(cfg, source.describe(), None, val)

@@ -18,15 +18,18 @@ from models import build_model
 from quant import quantize_model, step_size_quantizers
 
 #: Flags that define the network (architecture and grids); a checkpoint fixes them.
-MODEL_FLAGS = ("arch", "num_bits", "num_bits_weight", "num_bits_act", "first_last_bits", "clip_value")
+MODEL_FLAGS = ("arch", "num_bits", "num_bits_weight", "num_bits_act", "first_last_bits", "clip_value",
+               "per_channel_weights")
 
 
 def model_config(flags: dict) -> dict:
     """The network a set of flags describes: ``arch``, ``weight_bits``, ``act_bits``, ``first_last_bits``
-    (32 = float), ``clip_value``."""
+    (32 = float), ``clip_value``, ``per_channel_weights`` (False where no weight is quantized)."""
     ns = argparse.Namespace(**{**vars(build_parser().parse_args([])), **flags})
+    quantized_weights = min(weight_bits(ns), first_last_bits(ns)) < 32
     return {"arch": ns.arch, "weight_bits": weight_bits(ns), "act_bits": act_bits(ns),
-            "first_last_bits": first_last_bits(ns), "clip_value": ns.clip_value}
+            "first_last_bits": first_last_bits(ns), "clip_value": ns.clip_value,
+            "per_channel_weights": bool(ns.per_channel_weights) and quantized_weights}
 
 
 def describe(model_cfg: dict) -> str:
@@ -36,13 +39,15 @@ def describe(model_cfg: dict) -> str:
         text = f"{model_cfg['arch']} float"
     else:
         text = f"{model_cfg['arch']} W{w}A{a}, first/last {'float' if fl >= 32 else f'{fl}-bit'}"
+    text += ", one weight α per output channel" if model_cfg.get("per_channel_weights") else ""
     return text + (f", activations clipped to [0, {model_cfg['clip_value']:g}]" if model_cfg["clip_value"] else "")
 
 
 def build_network(model_cfg: dict) -> nn.Module:
     """The (fake-quantized) network of ``model_config``, freshly initialised."""
     model = build_model(model_cfg["arch"], clip_value=model_cfg["clip_value"])
-    return quantize_model(model, model_cfg["weight_bits"], model_cfg["act_bits"], model_cfg["first_last_bits"])
+    return quantize_model(model, model_cfg["weight_bits"], model_cfg["act_bits"], model_cfg["first_last_bits"],
+                          per_channel_weights=model_cfg.get("per_channel_weights", False))
 
 
 def _is_state_dict(obj) -> bool:
@@ -88,7 +93,7 @@ def restore(path: str, what: str, cli_flags: dict, explicit: set[str]) -> tuple[
         base = ckpt.get("config", {}).get("flags", {}) if ckpt else {"arch": saved["arch"], "num_bits": 32}
         wanted = model_config({**base, **given})
         if wanted != saved:
-            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+            flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in given.items())
             hint = (f"; to quantize a float network use --ptq --pretrained {path}"
                     if min(saved["weight_bits"], saved["act_bits"]) >= 32 else "")
             raise CheckpointError(f"{what}: {path} holds {describe(saved)}; {flags} contradicts it (the model is "

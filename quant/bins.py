@@ -7,8 +7,9 @@ sums per bin (see ``regularizers.bin_reg``):
 
     stats[0, j] = n_j = #{v in bin j}     stats[1, j] = Σ_{v in bin j} d     stats[2, j] = Σ_{v in bin j} d²
 
-with bin ``j`` holding level ``Qn + j`` (``j = 0 .. Qp - Qn``). ``stats`` is a ``(3, K)``
-tensor, ``K = Qp - Qn + 1``, in float32 (float64 for float64 input); ``abs_sum = Σ |d|``
+with bin ``j`` holding level ``Qn + j`` (``j = 0 .. Qp - Qn``; on the binary grid of ``quant.grid``
+the levels are -1 and +1, bins 0 and 1). ``stats`` is a ``(3, K)`` tensor, ``K`` the number of
+levels (``Qp - Qn + 1``; 2 on the binary grid), in float32 (float64 for float64 input); ``abs_sum = Σ |d|``
 over the whole tensor (for the mean distance to the levels).
 
 Gradients (the sums are linear in d, and d depends on v with slope 1 and on α with slope -k):
@@ -26,14 +27,18 @@ from typing import NamedTuple
 
 import torch
 
+from quant.grid import grid_levels, level_spacing, num_levels, round_to_grid
+
+
 class BinStats(NamedTuple):
     """Bin statistics of one tensor, as an ``LSQQuantizer`` hands them to its ``bin_stats_sink``.
 
     Attributes:
-        stats: ``(3, K)`` (``STAT_ROWS``), differentiable in the tensor (and α if asked).
-        abs_sum: ``Σ |d|``, shape ``()``, not differentiable.
-        numel: number of values in the tensor.
-        alpha: the step size used, detached, shape ``()``.
+        stats: ``(3, K)`` (``STAT_ROWS``), differentiable in the tensor (and α if asked);
+            ``(C, 3, K)`` with one step size per output channel (each channel's own bins).
+        abs_sum: ``Σ |d|``, shape ``()`` (per channel ``(C,)``), not differentiable.
+        numel: number of values in the tensor (all channels).
+        alpha: the step size used, detached, shape ``()`` (per channel ``(C,)``).
         quant_min: the level of bin 0.
     """
 
@@ -108,19 +113,33 @@ def bin_sum(index: torch.Tensor, num_bins: int, values: torch.Tensor | None = No
 def _residuals(x: torch.Tensor, step: torch.Tensor, quant_min: int,
                quant_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``c - k`` in steps (``c = x/α``, ``k = clamp(round(c), Qn, Qp)``) over ``flat_view(x)``, in the
-    dtype of ``step``, and each value's bin ``k - Qn``. No gradient."""
-    scaled = flat_view(x.detach()).to(step.dtype) / step
-    levels = scaled.round().clamp_(quant_min, quant_max)
+    dtype of ``step``, and each value's bin ``k - Qn``. No gradient.
+
+    Per channel (``step`` of shape ``(C,)``): over ``x`` in row-major order (``x[c]`` divided by
+    ``step[c]``), and the bin of a value of channel ``c`` is ``c·K + k - Qn`` (K bins per channel)."""
+    per_channel = step.dim() > 0
+    if per_channel:
+        scaled = (x.detach().reshape(step.shape[0], -1).to(step.dtype) / step[:, None]).view(-1)
+    else:
+        scaled = flat_view(x.detach()).to(step.dtype) / step
+    levels = round_to_grid(scaled, quant_min, quant_max)
     # int32 on the CPU (bincount and index_select take it; half the memory traffic of int64)
     index_dtype = torch.int32 if scaled.device.type == "cpu" else torch.int64
-    index = (levels - quant_min).to(index_dtype).clamp_(0, quant_max - quant_min)  # in range for NaN too
+    bins = (levels - quant_min).div_(level_spacing(quant_min, quant_max))
+    num_bins = num_levels(quant_min, quant_max)
+    index = bins.to(index_dtype).clamp_(0, num_bins - 1)  # in range for NaN too
+    if per_channel:
+        offsets = torch.arange(step.shape[0], device=index.device, dtype=index_dtype) * num_bins
+        index = index.view(step.shape[0], -1).add_(offsets[:, None]).view(-1)
     return scaled.sub_(levels), index  # the residual takes the memory of scaled
 
 
 def _step(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """α, detached, in the dtype the statistics of ``x`` are computed in (at least float32)."""
+    """α, detached, in the dtype the statistics of ``x`` are computed in (at least float32); shape
+    ``()``, or ``(C,)`` for per-channel step sizes (given as ``(C,)`` or ``(C, 1, ..., 1)``)."""
     dtype = torch.promote_types(torch.promote_types(x.dtype, torch.float32), alpha.dtype)
-    return alpha.detach().to(dtype)
+    step = alpha.detach().to(dtype)
+    return step.reshape(-1) if step.dim() > 0 else step
 
 
 def eager_bin_statistics(x: torch.Tensor, alpha: torch.Tensor, quant_min: int,
@@ -128,37 +147,47 @@ def eager_bin_statistics(x: torch.Tensor, alpha: torch.Tensor, quant_min: int,
     """``(stats (3, K), abs_sum ())`` of one tensor with PyTorch ops; no gradient.
 
     Sums are taken in steps and scaled back: ``Σd = α·Σ(c-k)``, ``Σd² = α²·Σ(c-k)²``.
+    Per channel (``alpha`` of ``C`` elements, ``x.shape[0] == C``): ``(stats (C, 3, K), abs_sum (C,))``,
+    each channel's statistics on its own grid ``α[c]·[Qn, Qp]``.
     """
     step = _step(x, alpha)
     residual, index = _residuals(x, step, quant_min, quant_max)
-    num_bins = quant_max - quant_min + 1
+    num_bins = num_levels(quant_min, quant_max) * step.numel()  # K per channel
     per_bin = torch.stack([bin_sum(index, num_bins, dtype=residual.dtype), bin_sum(index, num_bins, residual),
                            bin_sum(index, num_bins, residual.square())])
-    scale = torch.stack([torch.ones_like(step), step, step * step]).unsqueeze(-1)  # (3, 1)
-    return per_bin * scale, residual.abs_().sum() * step
+    scale = torch.stack([torch.ones_like(step), step, step * step], dim=-1).unsqueeze(-1)  # (3, 1) or (C, 3, 1)
+    if step.dim() == 0:
+        return per_bin * scale, residual.abs_().sum() * step
+    channels = step.shape[0]
+    return per_bin.view(3, channels, -1).transpose(0, 1) * scale, residual.abs_().view(channels, -1).sum(1) * step
 
 
 def eager_bin_gradient(grad_stats: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
                        quant_min: int, quant_max: int) -> torch.Tensor:
-    """``∂/∂x`` of ``Σ grad_stats * stats(x)`` (``grad_stats`` of shape ``(3, K)``): ``G[1, k] + 2·G[2, k]·d``
-    per value, shaped as ``x``.
+    """``∂/∂x`` of ``Σ grad_stats * stats(x)`` (``grad_stats`` of shape ``(3, K)``, per channel
+    ``(C, 3, K)``): ``G[1, k] + 2·G[2, k]·d`` per value, shaped as ``x``.
 
     In at least float32; the caller casts. Recomputes the bins rather than keeping them.
     """
     step = _step(x, alpha)
     residual, index = _residuals(x, step, quant_min, quant_max)
     table = grad_stats.to(residual.dtype)
+    if step.dim() > 0:  # per channel: (C, 3, K), the index counts bins over all channels
+        sums, squares = table[:, 1].reshape(-1), (2 * step[:, None] * table[:, 2]).reshape(-1)
+        return sums.index_select(0, index).addcmul_(squares.index_select(0, index), residual).view(x.shape)
     per_bin = table[1].index_select(0, index)
     # d = α·(c - k): α folded into the second table
     return unflat_view(per_bin.addcmul_((2 * step * table[2]).index_select(0, index), residual), x)
 
 
-def bin_alpha_gradient(grad_stats: torch.Tensor, stats: torch.Tensor, quant_min: int) -> torch.Tensor:
-    """``∂/∂α`` of ``Σ grad_stats * stats``: ``-Σ_j k_j·(G[1, j]·n_j + 2·G[2, j]·stats[1, j])``.
+def bin_alpha_gradient(grad_stats: torch.Tensor, stats: torch.Tensor, quant_min: int,
+                       quant_max: int) -> torch.Tensor:
+    """``∂/∂α`` of ``Σ grad_stats * stats``: ``-Σ_j k_j·(G[1, j]·n_j + 2·G[2, j]·stats[1, j])``,
+    ``k_j`` the level of bin ``j`` (``quant.grid.grid_levels``).
 
     ``stats`` and ``grad_stats`` of shape ``(..., 3, K)``; the result has shape ``(...)``.
     """
-    levels = torch.arange(stats.shape[-1], device=stats.device, dtype=stats.dtype) + quant_min
+    levels = grid_levels(quant_min, quant_max, device=stats.device, dtype=stats.dtype)
     g, st = grad_stats.to(stats.dtype), stats
     return -(levels * (g[..., 1, :] * st[..., 0, :] + 2 * g[..., 2, :] * st[..., 1, :])).sum(-1)
 
@@ -181,8 +210,23 @@ class _BinStatistics(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_v = eager_bin_gradient(grad_stats, v, alpha, *ctx.quant_range).to(v.dtype)
         if ctx.grad_to_alpha and ctx.needs_input_grad[1]:
-            grad_alpha = bin_alpha_gradient(grad_stats, stats, ctx.quant_range[0]).to(alpha.dtype)
+            grad_alpha = bin_alpha_gradient(grad_stats, stats, *ctx.quant_range).to(alpha.dtype)
         return grad_v, grad_alpha, None, None, None
+
+
+def check_step_sizes(alphas: list[torch.Tensor]) -> None:
+    """Refuse step sizes (each of any shape: one, or one per channel) that are not finite numbers > 0.
+
+    Raises:
+        ValueError: naming the first bad value (and which tensor, when there are several): the
+            grid ``k·α`` would be meaningless (NaN, or a finite nonsense loss). Reads each α back
+            to the host.
+    """
+    for i, alpha in enumerate(alphas):
+        bad = [step for step in alpha.detach().reshape(-1).tolist() if not (math.isfinite(step) and step > 0)]
+        if bad:
+            which = f" (tensor {i} of {len(alphas)})" if len(alphas) > 1 else ""
+            raise ValueError(f"bin statistics: step size α must be a finite number > 0, got {bad[0]:g}{which}")
 
 
 def bin_statistics(values: list[torch.Tensor], alphas: list[torch.Tensor], quant_min: int, quant_max: int,
@@ -191,14 +235,16 @@ def bin_statistics(values: list[torch.Tensor], alphas: list[torch.Tensor], quant
 
     Args:
         values: L tensors of real values, any shapes and float dtypes (computed in at least
-            float32). alphas: L step sizes, each of shape ``()``, in the units of its tensor.
+            float32). alphas: L step sizes, each of shape ``()``, in the units of its tensor, or
+            ``(C,)`` for a tensor whose first dimension has C output channels (one α each).
         quant_min, quant_max: the integer range.
         grad_to_alpha: whether the statistics carry gradient to the step sizes (through ``d``).
 
     Returns:
         ``(stats, abs_sums)``: ``stats`` of shape ``(L, 3, K)`` (``STAT_ROWS`` per tensor; see
         the module docstring), differentiable in the values (and step sizes); ``abs_sums``
-        of shape ``(L,)``, ``Σ|d|`` per tensor, not differentiable.
+        of shape ``(L,)``, ``Σ|d|`` per tensor, not differentiable. Per channel: ``(L, C, 3, K)``
+        and ``(L, C)`` (every tensor must then have C channels: stacked).
 
     Raises:
         ValueError: ``values`` empty or of another length than ``alphas``; a step size that is
@@ -208,11 +254,7 @@ def bin_statistics(values: list[torch.Tensor], alphas: list[torch.Tensor], quant
     if not values or len(values) != len(alphas):
         raise ValueError(f"bin_statistics: need as many step sizes as tensors (at least one), "
                          f"got {len(values)} tensors and {len(alphas)} step sizes")
-    for i, alpha in enumerate(alphas):
-        step = float(alpha.detach())
-        if not (math.isfinite(step) and step > 0):
-            which = f" (tensor {i} of {len(alphas)})" if len(alphas) > 1 else ""
-            raise ValueError(f"bin statistics: step size α must be a finite number > 0, got {step:g}{which}")
+    check_step_sizes(alphas)
     stats, abs_sums = zip(*(_BinStatistics.apply(v, a, quant_min, quant_max, grad_to_alpha)
                             for v, a in zip(values, alphas)))
     return torch.stack(stats), torch.stack(abs_sums)

@@ -8,8 +8,10 @@ from quant.layers import QConv2d, QLinear, QuantizedLayer
 from quant.lsq import FULL_PRECISION_BITS, check_num_bits
 
 
-def _quantized_copy(layer: nn.Module, weight_bits: int, act_bits: int, act_signed: bool) -> nn.Module:
+def _quantized_copy(layer: nn.Module, weight_bits: int, act_bits: int, act_signed: bool,
+                    per_channel_weights: bool) -> nn.Module:
     kwargs = dict(weight_bits=weight_bits, act_bits=act_bits, act_signed=act_signed,
+                  per_channel_weights=per_channel_weights,
                   device=layer.weight.device, dtype=layer.weight.dtype)
     if isinstance(layer, nn.Conv2d):
         new = QConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
@@ -48,7 +50,7 @@ def fuse_relus(model: nn.Module) -> list[str]:
 
 
 def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last_bits: int = 8,
-                   fuse_relu: bool = True) -> nn.Module:
+                   fuse_relu: bool = True, per_channel_weights: bool = False) -> nn.Module:
     """Replace every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by ``QConv2d`` / ``QLinear``, in place.
 
     Trained weights and biases are kept. The first conv and the last linear (in module
@@ -71,8 +73,10 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last
 
     Args:
         model: a float network; modified in place and returned.
-        weight_bits, act_bits, first_last_bits: 2..8, or 32 for full precision.
+        weight_bits, act_bits, first_last_bits: 1..8, or 32 for full precision (1 bit: ``quant.grid``).
         fuse_relu: fuse exclusive ReLUs into the following quantizer (default True).
+        per_channel_weights: one weight step size per output channel in every quantized layer
+            (the first and last included); activations keep one per tensor.
 
     Returns:
         ``model``.
@@ -98,7 +102,8 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last
         if is_edge and first_last_bits >= FULL_PRECISION_BITS:
             continue
         w_bits, a_bits = (first_last_bits, first_last_bits) if is_edge else (weight_bits, act_bits)
-        new = _quantized_copy(layer, w_bits, a_bits, act_signed=name in signed_inputs)
+        new = _quantized_copy(layer, w_bits, a_bits, act_signed=name in signed_inputs,
+                              per_channel_weights=per_channel_weights)
         new.is_first_or_last = is_edge
         parent_name, _, child_name = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child_name, new)

@@ -18,14 +18,16 @@ class QuantizedLayer:
     """Mixin for layers with ``weight_quant`` and ``act_quant`` quantizers.
 
     Attributes:
-        weight_quant: signed ``LSQQuantizer`` for the weight (N = number of weights).
+        weight_quant: signed ``LSQQuantizer`` for the weight (N = number of weights); with
+            ``per_channel_weights`` one α per output channel (N = weights per channel).
         act_quant: ``LSQQuantizer`` for the layer input (N = features per sample).
         is_first_or_last: True for the network's first conv and last linear, which
             stay at ``first_last_bits`` and are not bin-regularised.
     """
 
-    def _init_quantizers(self, weight_bits: int, act_bits: int, act_signed: bool) -> None:
-        self.weight_quant = LSQQuantizer(weight_bits, signed=True, grad_count="numel")
+    def _init_quantizers(self, weight_bits: int, act_bits: int, act_signed: bool, per_channel_weights: bool) -> None:
+        channels = self.weight.shape[0] if per_channel_weights else None  # the output channels
+        self.weight_quant = LSQQuantizer(weight_bits, signed=True, grad_count="numel", channels=channels)
         self.act_quant = LSQQuantizer(act_bits, signed=act_signed, grad_count="per_sample")
         self.is_first_or_last = False
 
@@ -40,8 +42,10 @@ class QConv2d(nn.Conv2d, QuantizedLayer):
     Input ``(N, C_in, H, W)``, output ``(N, C_out, H', W')`` exactly as ``nn.Conv2d``.
 
     Args:
-        weight_bits, act_bits: 2..8, or >= 32 to leave that tensor in float.
+        weight_bits, act_bits: 1..8 (1-bit weights are binary, ``quant.grid``), or >= 32 to leave
+            that tensor in float.
         act_signed: whether the input can be negative (the first layer's image input).
+        per_channel_weights: one weight step size per output channel (``LSQQuantizer(channels=...)``).
         Remaining arguments: as ``nn.Conv2d``.
 
     Raises:
@@ -49,9 +53,10 @@ class QConv2d(nn.Conv2d, QuantizedLayer):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, *args,
-                 weight_bits: int = 2, act_bits: int = 2, act_signed: bool = False, **kwargs):
+                 weight_bits: int = 2, act_bits: int = 2, act_signed: bool = False,
+                 per_channel_weights: bool = False, **kwargs):
         super().__init__(in_channels, out_channels, kernel_size, *args, **kwargs)
-        self._init_quantizers(weight_bits, act_bits, act_signed)
+        self._init_quantizers(weight_bits, act_bits, act_signed, per_channel_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.act_quant(x), self.quantized_weight(), self.bias)
@@ -63,7 +68,7 @@ class QLinear(nn.Linear, QuantizedLayer):
     Input ``(N, in_features)``, output ``(N, out_features)`` exactly as ``nn.Linear``.
 
     Args:
-        weight_bits, act_bits, act_signed: as ``QConv2d``.
+        weight_bits, act_bits, act_signed, per_channel_weights: as ``QConv2d``.
         Remaining arguments: as ``nn.Linear``.
 
     Raises:
@@ -71,9 +76,10 @@ class QLinear(nn.Linear, QuantizedLayer):
     """
 
     def __init__(self, in_features, out_features, bias: bool = True, *,
-                 weight_bits: int = 2, act_bits: int = 2, act_signed: bool = False, **kwargs):
+                 weight_bits: int = 2, act_bits: int = 2, act_signed: bool = False,
+                 per_channel_weights: bool = False, **kwargs):
         super().__init__(in_features, out_features, bias, **kwargs)
-        self._init_quantizers(weight_bits, act_bits, act_signed)
+        self._init_quantizers(weight_bits, act_bits, act_signed, per_channel_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act_quant(x), self.quantized_weight(), self.bias)

@@ -16,6 +16,7 @@ from torch import nn
 
 from quant.bins import (BinStats, bin_alpha_gradient, eager_bin_gradient, eager_bin_statistics,
                         flat_view)
+from quant.grid import BINARY_RANGE, is_binary, round_to_grid
 from quant.kernels import cpu_kernels, kernels_apply
 
 #: Smallest step size the optimiser may leave behind (see ``keep_step_sizes_positive``); in
@@ -27,7 +28,7 @@ FULL_PRECISION_BITS = 32
 
 
 def check_num_bits(num_bits: int, what: str = "num_bits") -> int:
-    """Validate a bit width: an integer in 2..8, or >= 32 for full precision.
+    """Validate a bit width: an integer in 1..8, or >= 32 for full precision.
 
     Args:
         num_bits: the requested width.
@@ -40,9 +41,9 @@ def check_num_bits(num_bits: int, what: str = "num_bits") -> int:
         ValueError: naming ``what`` and the value when it is not supported.
     """
     if isinstance(num_bits, bool) or not isinstance(num_bits, int):
-        raise ValueError(f"{what} must be an integer (2-8, or 32 for full precision), got {num_bits!r}")
-    if not (2 <= num_bits <= 8 or num_bits >= FULL_PRECISION_BITS):
-        raise ValueError(f"{what} must be 2-8, or 32 for full precision, got {num_bits}")
+        raise ValueError(f"{what} must be an integer (1-8, or 32 for full precision), got {num_bits!r}")
+    if not (1 <= num_bits <= 8 or num_bits >= FULL_PRECISION_BITS):
+        raise ValueError(f"{what} must be 1-8, or 32 for full precision, got {num_bits}")
     return num_bits
 
 
@@ -50,14 +51,18 @@ def integer_range(num_bits: int, signed: bool) -> tuple[int, int]:
     """Return ``(quant_min, quant_max)``, the integer range of a ``num_bits`` grid.
 
     Signed: ``[-2**(b-1), 2**(b-1) - 1]``; unsigned: ``[0, 2**b - 1]`` (LSQ section 2,
-    where Qn = -quant_min and Qp = quant_max).
+    where Qn = -quant_min and Qp = quant_max). One bit signed is the binary grid
+    ``quant.grid.BINARY_RANGE = (-1, 1)``: levels -1 and +1 only (see ``quant.grid``); one bit
+    unsigned is ``[0, 1]``.
 
     Raises:
-        ValueError: if ``num_bits`` is not 2..8 (full precision has no grid).
+        ValueError: if ``num_bits`` is not 1..8 (full precision has no grid).
     """
     check_num_bits(num_bits)
     if num_bits >= FULL_PRECISION_BITS:
         raise ValueError(f"a {num_bits}-bit (full precision) tensor has no integer range")
+    if signed and num_bits == 1:
+        return BINARY_RANGE
     if signed:
         return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
     return 0, 2**num_bits - 1
@@ -75,15 +80,21 @@ def min_step_size(dtype: torch.dtype) -> float:
 
 
 def describe_grid(num_bits: int, signed: bool) -> str:
-    """``"2-bit signed [-2, 1]"``: a quantizer's integer grid in words (for messages)."""
+    """``"2-bit signed [-2, 1]"``: a quantizer's integer grid in words (for messages);
+    ``"1-bit binary {-1, +1}"`` for the binary grid."""
     if num_bits >= FULL_PRECISION_BITS:
         return f"{num_bits}-bit (full precision, no grid)"
     quant_min, quant_max = integer_range(num_bits, signed)
+    if is_binary(quant_min, quant_max):
+        return f"{num_bits}-bit binary {{-1, +1}}"
     return f"{num_bits}-bit {'signed' if signed else 'unsigned'} [{quant_min}, {quant_max}]"
 
 
-def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum()`` as a scalar of at least float32, with no temporary for float32/64 inputs."""
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """``(a * b).sum()`` as a scalar of at least float32, with no temporary for float32/64 inputs;
+    with ``per_channel`` the sum over every dimension but the first, shape ``(a.shape[0],)``."""
+    if per_channel:
+        return (a * b).reshape(a.shape[0], -1).sum(1, dtype=torch.promote_types(a.dtype, torch.float32))
     if a.dtype in (torch.float32, torch.float64) and a.dtype == b.dtype and a.stride() == b.stride():
         return torch.dot(flat_view(a), flat_view(b))
     return (a * b).sum(dtype=torch.promote_types(a.dtype, torch.float32))
@@ -99,8 +110,9 @@ class _LSQFakeQuantize(torch.autograd.Function):
     reference), in one pass over ``x`` each way with the fused CPU kernels (quant/kernels.py)
     and in a few PyTorch ops elsewhere:
 
-    * forward: ``out = round(clamp(x/a, Qmin, Qmax)) · a``; with ``bin_stats`` also the
-      ``(3, K)`` bin statistics of ``x`` on the grid ``a·[Qmin, Qmax]`` and ``Σ|x - out|``
+    * forward: ``out = round(clamp(x/a, Qmin, Qmax)) · a`` (``round`` to the grid's levels:
+      ``quant.grid.round_to_grid``, which is ±1 by sign on the binary grid ``[-1, 1]``); with
+      ``bin_stats`` also the ``(3, K)`` bin statistics of ``x`` on the grid ``a·[Qmin, Qmax]`` and ``Σ|x - out|``
       (quant/bins.py), from the same pass.
     * backward: ``∂L/∂x = ∂L/∂out`` where ``Qmin < x/a < Qmax`` (open interval, as
       ``torch.clamp``'s gradient and the LSQ paper), else 0 (straight-through estimator);
@@ -119,6 +131,11 @@ class _LSQFakeQuantize(torch.autograd.Function):
     so changing it in place after the forward pass is refused by autograd (an unfused
     ``nn.ReLU`` saves its output instead). A NaN input gives a NaN output and a NaN
     α-gradient. A double backward (``create_graph=True``) runs the PyTorch ops.
+
+    Per channel: ``alpha`` of shape ``(C,)`` with ``C = x.shape[0]`` (one α per output channel of
+    a weight) is broadcast over the other dimensions; the gradient to α and the statistics
+    (``(C, 3, K)`` and ``(C,)``) are then per channel, and the PyTorch ops run (the kernels take
+    one α).
     """
 
     @staticmethod
@@ -129,8 +146,11 @@ class _LSQFakeQuantize(torch.autograd.Function):
         # clamp: an α that would be 0 (0/0 = NaN) or subnormal in the dtype of x (float16) is raised
         # to min_step_size; a no-op for every α the optimiser leaves in float32 (>= MIN_STEP_SIZE).
         a = ((alpha - scaled) + scaled).to(x.dtype).clamp_min(min_step_size(x.dtype))
+        if alpha.dim() > 0:  # one α per output channel: shape (C, 1, ..., 1), broadcast over x
+            a = a.view(-1, *([1] * (x.dim() - 1)))
         with_stats = bin_stats is not None
-        ctx.kernels = kernels_apply(x)  # backward takes the same path (it saved what that path needs)
+        # backward takes the same path (it saved what that path needs); the kernels take one α
+        ctx.kernels = alpha.dim() == 0 and kernels_apply(x)
         if ctx.kernels:
             if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
                 x = x.contiguous()
@@ -138,12 +158,13 @@ class _LSQFakeQuantize(torch.autograd.Function):
         else:
             if input_relu:
                 x = torch.relu(x)  # saved instead of the input: threshold_backward needs relu(x)
-            out = torch.clamp(x / a, quant_min, quant_max).round_().mul_(a)
+            out = round_to_grid(x / a, quant_min, quant_max).mul_(a)
             stats, abs_sum = (eager_bin_statistics(x, a, quant_min, quant_max) if with_stats
                               else (x.new_zeros(3, 0, dtype=torch.float32), x.new_zeros((), dtype=torch.float32)))
         ctx.save_for_backward(x, a, stats)
         ctx.quant_range, ctx.bin_stats = (quant_min, quant_max), bin_stats
         ctx.grad_scale, ctx.alpha_dtype, ctx.input_relu = grad_scale, alpha.dtype, input_relu
+        ctx.alpha_shape = alpha.shape
         ctx.mark_non_differentiable(abs_sum)
         ctx.set_materialize_grads(False)  # an unused statistics output costs nothing in backward
         return out, stats, abs_sum
@@ -170,8 +191,9 @@ class _LSQFakeQuantize(torch.autograd.Function):
             c = x / a
             # hardtanh_backward(g, c, lo, hi) is g where lo < c < hi, else 0: the STE in one pass.
             grad_x = torch.ops.aten.hardtanh_backward(grad_out, c, quant_min, quant_max)
-            step_sum = (_sum_of_products(grad_out, torch.clamp(c, quant_min, quant_max).round_())
-                        - _sum_of_products(grad_x, c))
+            per_channel = a.dim() > 0
+            step_sum = (_sum_of_products(grad_out, round_to_grid(c, quant_min, quant_max), per_channel)
+                        - _sum_of_products(grad_x, c, per_channel))
             if grad_stats is not None:
                 grad_x = grad_x + eager_bin_gradient(grad_stats, x, a, quant_min, quant_max).to(grad_x.dtype)
             if ctx.input_relu:  # x is relu(input) here: torch.relu's own backward
@@ -180,8 +202,8 @@ class _LSQFakeQuantize(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_alpha = step_sum * ctx.grad_scale
             if grad_stats is not None and ctx.bin_stats == "to_alpha":
-                grad_alpha = grad_alpha + bin_alpha_gradient(grad_stats, stats, quant_min)
-            grad_alpha = grad_alpha.to(ctx.alpha_dtype)
+                grad_alpha = grad_alpha + bin_alpha_gradient(grad_stats, stats, quant_min, quant_max)
+            grad_alpha = grad_alpha.to(ctx.alpha_dtype).view(ctx.alpha_shape)
         return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None, None, None, None
 
 
@@ -219,11 +241,16 @@ class LSQQuantizer(nn.Module):
     (``x[0].numel()``, i.e. C·H·W), the paper's "number of features": it does not
     change with the batch size, so the effective learning rate of α does not either.
 
+    1 bit: unsigned is LSQ's grid ``[0, 1]`` (levels 0 and α); signed is the binary grid
+    ``{-α, +α}`` (``quant.grid``: ``x >= 0`` goes to ``+α``, STE inside ``(-α, α)``, LSQ eq. 3
+    on that grid for α, ``quant_min, quant_max = -1, 1``).
+
     Initialisation (LSQ section 2.1): ``α = 2 · mean(|x|) / sqrt(quant_max)`` from the
     first usable tensor the quantizer sees (the weights, or the first batch of
     activations), in training or eval mode alike, also under ``torch.no_grad()`` and
     ``torch.inference_mode()`` (an eval-mode pass calibrates a fresh quantizer). A usable
-    tensor is non-empty, finite and has a non-zero mean magnitude; until one arrives the
+    tensor is non-empty, finite and has a non-zero mean magnitude (binary grid:
+    ``α = mean(|x|)``, see ``initialize_from``); until one arrives the
     quantizer stays uninitialised, quantizes with the α it has (1.0 when new) and says
     so once (a ``RuntimeWarning``). α is at least ``min_step_size`` of the tensor's dtype.
     It is written in place and recorded in the ``initialized`` buffer, so a quantizer
@@ -249,8 +276,11 @@ class LSQQuantizer(nn.Module):
 
     Attributes:
         num_bits, signed, quant_min, quant_max: the integer grid.
-        alpha: ``nn.Parameter`` of shape ``()``, in the units of ``x``; ``None`` when
-            ``num_bits >= 32``.
+        binary: whether it is the 1-bit binary grid (``quant.grid``).
+        alpha: ``nn.Parameter`` of shape ``()``, or ``(channels,)`` per channel, in the units of
+            ``x``; ``None`` when ``num_bits >= 32``.
+        channels: ``None`` (one α per tensor), or the number of output channels: one α per
+            slice ``x[c]`` of the first dimension (``--per-channel-weights``; weights only).
         grad_count: ``"numel"`` (weights) or ``"per_sample"`` (activations): which N
             the gradient scale uses.
         input_relu: whether a ReLU is fused in front (default False).
@@ -261,25 +291,39 @@ class LSQQuantizer(nn.Module):
             ``distributed.Group.prepare`` (each process sees only its shard of the batch; all must
             call it together, which they do in their first forward pass).
 
+    Per channel (``channels=C``): α has shape ``(C,)`` and ``x[c]`` is quantized with ``α[c]``
+    (the first dimension of a weight is its output channel). Everything above then holds per
+    channel: the initialisation uses ``mean(|x[c]|)`` (a channel without magnitude takes the
+    tensor-wide value), the gradient scale ``N = x[0].numel()`` (the weights of one channel), and
+    the bin statistics are ``(C, 3, K)``: each channel's bins on its own grid ``α[c]·[Qn, Qp]``.
+    The fused CPU kernels take one α, so a per-channel quantizer runs the PyTorch ops.
+    A state of the other kind (per tensor / per channel) is refused by ``load_state_dict``.
+
     Raises:
-        ValueError: ``num_bits`` not in 2..8 and below 32; unknown ``grad_count``.
+        ValueError: ``num_bits`` not in 1..8 and below 32; unknown ``grad_count``; ``channels``
+            below 1 or given with ``grad_count="per_sample"``.
     """
 
-    def __init__(self, num_bits: int, signed: bool, grad_count: str = "numel"):
+    def __init__(self, num_bits: int, signed: bool, grad_count: str = "numel", channels: int | None = None):
         super().__init__()
         check_num_bits(num_bits)
         if grad_count not in ("numel", "per_sample"):
             raise ValueError(f"grad_count must be 'numel' or 'per_sample', got {grad_count!r}")
+        if channels is not None and (grad_count != "numel" or channels < 1):
+            raise ValueError(f"channels (one step size per output channel) needs grad_count='numel' (weights) "
+                             f"and channels >= 1, got channels={channels!r}, grad_count={grad_count!r}")
         self.num_bits = num_bits
         self.signed = signed
         self.grad_count = grad_count
+        self.channels = channels
         self.enabled = num_bits < FULL_PRECISION_BITS
         if self.enabled:
             self.quant_min, self.quant_max = integer_range(num_bits, signed)
-            self.alpha = nn.Parameter(torch.tensor(1.0))
+            self.alpha = nn.Parameter(torch.ones(channels) if channels is not None else torch.tensor(1.0))
         else:
             self.quant_min = self.quant_max = None
             self.register_parameter("alpha", None)
+        self.binary = self.enabled and is_binary(self.quant_min, self.quant_max)
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("grid", torch.tensor([num_bits, int(signed)]))
         # Python mirror of the buffer, so that forward never reads a device value.
@@ -294,7 +338,9 @@ class LSQQuantizer(nn.Module):
         if not self.enabled:
             return f"num_bits={self.num_bits} (identity)"
         relu = ", input_relu=True (fused ReLU)" if self.input_relu else ""
-        return f"num_bits={self.num_bits}, signed={self.signed}, range=[{self.quant_min}, {self.quant_max}]{relu}"
+        channels = f", per channel ({self.channels})" if self.channels is not None else ""
+        return (f"num_bits={self.num_bits}, signed={self.signed}, range=[{self.quant_min}, {self.quant_max}]"
+                f"{channels}{relu}")
 
     def pre_quantization(self, x: torch.Tensor) -> torch.Tensor:
         """The real values this quantizer quantizes given its input ``x``: ``relu(x)`` with a fused
@@ -312,6 +358,14 @@ class LSQQuantizer(nn.Module):
                                   f"{describe_grid(bits, bool(signed))} quantizer, this one is "
                                   f"{describe_grid(self.num_bits, self.signed)}")
                 return
+        alpha = state_dict.get(prefix + "alpha")
+        if alpha is not None and self.alpha is not None and alpha.shape != self.alpha.shape:
+            def kind(shape):
+                return f"per output channel ({shape[0]})" if len(shape) else "per tensor"
+            error_msgs.append(f"{prefix.rstrip('.') or 'LSQQuantizer'}: the state has one step size "
+                              f"{kind(alpha.shape)}, this quantizer one {kind(self.alpha.shape)} "
+                              f"(--per-channel-weights makes one per output channel)")
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if grid is None and prefix + "grid" in missing_keys:  # a state saved before the grid was recorded
@@ -323,7 +377,8 @@ class LSQQuantizer(nn.Module):
     @torch.no_grad()
     def initialize_from(self, x: torch.Tensor) -> bool:
         """Set α = 2·mean(|x|)/sqrt(quant_max) in place and mark the quantizer initialised,
-        if ``x`` is usable (LSQ section 2.1).
+        if ``x`` is usable (LSQ section 2.1); on the binary grid α = mean(|x|) (the L2-optimal
+        binary scale, XNOR-Net eq. 4; see ``quant.grid``).
 
         ``x`` is not used when it is empty, holds a NaN or an inf, or is all zeros (α would be
         NaN, inf or 0, and stay so): the quantizer then stays uninitialised and warns once.
@@ -331,21 +386,37 @@ class LSQQuantizer(nn.Module):
         Reads one value back to the host (a sync on GPUs), once per quantizer. With
         ``init_reduce`` the mean is over every process's ``x`` (and so is the decision to use it).
 
+        Per channel: α[c] from ``x[c]``; the usability test is on the whole tensor, and a channel
+        whose mean magnitude is 0 takes the tensor-wide value.
+
         Args:
-            x: a tensor of any shape in the units of the values to quantize.
+            x: a tensor of any shape in the units of the values to quantize (per channel: its
+                first dimension has ``channels`` entries).
 
         Returns:
             whether the quantizer is initialised now (True for a full-precision one).
+
+        Raises:
+            ValueError: per channel, when ``x.shape[0]`` is not ``channels``.
         """
         if not self.enabled:
             return True
+        if self.channels is not None and (x.dim() == 0 or x.shape[0] != self.channels):
+            raise ValueError(f"LSQQuantizer ({self.extra_repr()}): expected a tensor with {self.channels} output "
+                             f"channels in its first dimension, got shape {tuple(x.shape)}")
+
+        def rule(mean_magnitude):
+            # Binary grid: mean|x|, the scale minimising Σ(x - α·sign(x))² (Rastegari et al., XNOR-Net,
+            # ECCV 2016, eq. 4). LSQ's rule would give 2·mean|x|, which puts both levels beyond most weights.
+            return mean_magnitude if self.binary else 2 * mean_magnitude / math.sqrt(self.quant_max)
+
         magnitudes = x.detach().abs().float()
         if self.init_reduce is None:
             mean = magnitudes.mean()  # NaN when x is empty
-        else:  # the mean over every process's input, the same on all of them
+        else:  # the mean over every process's input, the same on all of them (activations: never per channel)
             total, count = self.init_reduce(magnitudes.sum(), x.numel())
             mean = total / count
-        value = 2 * mean / math.sqrt(self.quant_max)
+        value = rule(mean)
         magnitude = float(value)
         if not (math.isfinite(magnitude) and magnitude > 0):
             if not self._warned_uninitialized:
@@ -353,10 +424,14 @@ class LSQQuantizer(nn.Module):
                 reason = ("is empty" if x.numel() == 0 else "is all zeros" if magnitude == 0
                           else "holds NaN or inf values")
                 warnings.warn(f"LSQQuantizer ({self.extra_repr()}): its first input {reason}, so its step size "
-                              f"is not initialised from it; it quantizes with alpha = {float(self.alpha.detach()):g} "
+                              f"is not initialised from it; it quantizes with alpha = "
+                              f"{float(self.alpha.detach().mean()):g}{' (mean over channels)' if self.channels else ''} "
                               f"until an input with finite values and a non-zero mean magnitude arrives",
                               RuntimeWarning, stacklevel=3)
             return False
+        if self.channels is not None:  # each channel its own; one without magnitude the tensor's
+            per_channel = rule(magnitudes.reshape(self.channels, -1).mean(1))
+            value = torch.where(per_channel > 0, per_channel, value)
         floor = max(min_step_size(x.dtype), min_step_size(self.alpha.dtype))
         self.alpha.copy_(value.clamp(min=floor))
         self.initialized.fill_(True)
@@ -364,8 +439,9 @@ class LSQQuantizer(nn.Module):
         return True
 
     def grad_scale(self, x: torch.Tensor) -> float:
-        """LSQ's gradient scale g = 1/sqrt(N · quant_max) for the input ``x``."""
-        n = x.numel() if self.grad_count == "numel" or x.dim() == 0 else x.numel() // max(x.shape[0], 1)
+        """LSQ's gradient scale g = 1/sqrt(N · quant_max) for the input ``x`` (N: see the class docstring)."""
+        per_slice = self.grad_count == "per_sample" or self.channels is not None  # N of one sample / channel
+        n = x.numel() // max(x.shape[0], 1) if per_slice and x.dim() > 0 else x.numel()
         return 1.0 / math.sqrt(max(n, 1) * self.quant_max)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import torch
 
+from quant.grid import level_spacing, num_levels, round_to_grid
+
+
+def _broadcast(alpha: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """α as float32, shaped to broadcast over ``v``: ``()``, or ``(C, 1, ..., 1)`` for one α per output channel."""
+    alpha = alpha.float()
+    return alpha.view(-1, *([1] * (v.dim() - 1))) if alpha.dim() > 0 else alpha
+
 
 def bin_indices(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int) -> torch.Tensor:
-    """Bin of each value, ``clamp(round(v/α), quant_min, quant_max) - quant_min``, as int16, shape of ``v``."""
-    return (torch.clamp(torch.round(v.float() / alpha.float()), quant_min, quant_max) - quant_min).to(torch.int16)
+    """Bin of each value, ``clamp(round(v/α), quant_min, quant_max) - quant_min``, as int16, shape of ``v``
+    (binary grid, ``quant.grid``: 0 for ``v < 0``, 1 for ``v >= 0``; ``alpha`` of shape ``(C,)``: one
+    per output channel, ``v[c]`` on ``alpha[c]``'s grid)."""
+    levels = round_to_grid(v.float() / _broadcast(alpha, v), quant_min, quant_max)
+    return ((levels - quant_min) / level_spacing(quant_min, quant_max)).to(torch.int16)
 
 
 @torch.no_grad()
@@ -21,7 +32,8 @@ def weight_bin_stats(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant
     """Distance to level, bin flips and occupancy of one quantized tensor.
 
     Args:
-        v: values (weights), any shape. alpha: step size, shape ``()``.
+        v: values (weights), any shape. alpha: step size, shape ``()``, or ``(C,)`` with
+            ``v.shape[0] == C`` (per channel; distances in each channel's steps).
         quant_min, quant_max: the integer range.
         previous: the bins returned by the previous call for this tensor, or None.
 
@@ -29,13 +41,14 @@ def weight_bin_stats(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant
         ``(stats, bins)``. ``stats`` holds Python floats: ``dist_alpha`` (mean
         ``|v - kα| / α``, 0 means every value sits on its level), ``flips`` (fraction of
         values whose bin differs from ``previous``; None without it) and ``occupancy``
-        (fraction of values per bin, ``quant_max - quant_min + 1`` entries, from
+        (fraction of values per bin, one entry per level (``quant.grid.num_levels``), from
         ``quant_min`` up). ``bins`` is the int16 tensor to pass as ``previous`` next time.
     """
     bins = bin_indices(v, alpha, quant_min, quant_max)
-    levels = (bins.float() + quant_min) * alpha.float()
-    dist = ((v.float() - levels).abs().mean() / alpha.float()).item()
-    counts = torch.bincount(bins.flatten().long(), minlength=quant_max - quant_min + 1).float()
+    step = _broadcast(alpha, v)
+    levels = (bins.float() * level_spacing(quant_min, quant_max) + quant_min) * step
+    dist = ((v.float() - levels).abs() / step).mean().item()
+    counts = torch.bincount(bins.flatten().long(), minlength=num_levels(quant_min, quant_max)).float()
     occupancy = (counts / max(v.numel(), 1)).tolist()
     flips = None
     if previous is not None and previous.shape == bins.shape:

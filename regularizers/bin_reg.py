@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from quant.bins import BinStats, bin_statistics
+from quant.bins import BinStats, bin_statistics, check_step_sizes
 from quant.lsq import integer_range
 
 #: Order of the per-tensor statistics returned by ``bin_regularization``.
@@ -56,13 +56,41 @@ def loss_from_bin_stats(stats: torch.Tensor, abs_sum: torch.Tensor, numel,
     return loss, info
 
 
+def _sum_over_channels(losses: torch.Tensor, infos: torch.Tensor,
+                       counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses ``(M,)`` and infos ``(M, 4)`` of ``len(counts)`` tensors, tensor ``i`` having
+    ``counts[i]`` rows (1 per tensor, C for per-channel step sizes), reduced to one per tensor:
+    the loss, mean and variance terms and non-empty bins summed over the rows, the mean distance
+    (in steps) averaged."""
+    if max(counts) == 1:
+        return losses, infos
+    return (torch.stack([rows.sum() for rows in losses.split(counts)]),
+            torch.stack([torch.cat([rows[:, :3].sum(0), rows[:, 3:].mean(0)]) for rows in infos.split(counts)]))
+
+
+def _tensor_losses(items: list[BinStats]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BR loss ``(L,)`` and info ``(L, 4)`` of L tensors' statistics, each of one step size
+    (``(3, K)``) or one per output channel (``(C, 3, K)``: summed by ``_sum_over_channels``)."""
+    rows = [item.stats.reshape(-1, *item.stats.shape[-2:]) for item in items]
+    counts = [r.shape[0] for r in rows]
+    losses, infos = loss_from_bin_stats(torch.cat(rows), torch.cat([item.abs_sum.reshape(-1) for item in items]),
+                                        [item.numel // c for item, c in zip(items, counts) for _ in range(c)],
+                                        torch.cat([item.alpha.reshape(-1) for item in items]))
+    return _sum_over_channels(losses, infos, counts)
+
+
 def bin_regularization(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int,
                        backprop_to_alpha: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """BR loss of one tensor (Han et al. 2021, eq. 5), vectorised over bins.
 
+    Per channel (``alpha`` of shape ``(C,)``, ``v.shape[0] == C``) the loss is the sum over
+    channels of each channel's BR on its own grid ``α[c]·[Qn, Qp]`` (the bins of every channel,
+    summed as the bins of a tensor are), and ``info`` sums the mean and variance terms and the
+    non-empty bins over channels and averages the mean distance (in each channel's steps).
+
     Args:
         v: real values, any shape, any float dtype (computed in at least float32).
-        alpha: step size α, shape ``()``, in the units of ``v``.
+        alpha: step size α, shape ``()`` or ``(C,)``, in the units of ``v``.
         quant_min, quant_max: the integer range of the quantizer.
         backprop_to_alpha: if False α is a constant for this loss (no gradient to α).
 
@@ -74,14 +102,15 @@ def bin_regularization(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, qua
         ValueError: α is not a finite number > 0.
     """
     stats, abs_sums = bin_statistics([v], [alpha], quant_min, quant_max, backprop_to_alpha)
-    return loss_from_bin_stats(stats[0], abs_sums[0], v.numel(), alpha)
+    losses, infos = _tensor_losses([BinStats(stats[0], abs_sums[0], v.numel(), alpha.detach(), quant_min)])
+    return losses[0], infos[0]
 
 
 class BinRegularizer:
     """Bin Regularization for tensors quantized on one integer grid (Han et al. 2021, eq. 5).
 
     Args:
-        num_bits: 2..8, as the quantizer's.
+        num_bits: 1..8, as the quantizer's (1 bit signed: the binary grid, ``quant.grid``).
         signed: as the quantizer's; gives ``quant_min``, ``quant_max`` as in ``LSQQuantizer``.
 
     Raises:
@@ -106,8 +135,8 @@ class BinRegularizer:
 
         Args:
             values: name -> tensor of real values (weights, or pre-quantization activations).
-            alphas: name -> step size α of shape ``()``; the raw parameter (BR does not
-                use LSQ's gradient scale).
+            alphas: name -> step size α of shape ``()`` (or ``(C,)``, one per output channel);
+                the raw parameter (BR does not use LSQ's gradient scale).
             backprop_to_alpha: whether the targets ``k·α`` carry gradient to α.
 
         Returns:
@@ -124,22 +153,22 @@ class BinRegularizer:
             only_v = sorted(values.keys() - alphas.keys())
             only_a = sorted(alphas.keys() - values.keys())
             raise KeyError(f"BR keys do not match: values without alpha {only_v}, alphas without values {only_a}")
-        stats, abs_sums = (bin_statistics(list(values.values()), [alphas[n] for n in values], self.quant_min,
-                                          self.quant_max, backprop_to_alpha) if values else ((), ()))
-        return self.total_from_stats({n: BinStats(s, a, v.numel(), alphas[n].detach(), self.quant_min)
-                                      for (n, v), s, a in zip(values.items(), stats, abs_sums)})
+        check_step_sizes([alphas[name] for name in values])
+        stats = {}
+        for name, v in values.items():  # one at a time: per-channel tensors have (C, 3, K) statistics
+            s, a = bin_statistics([v], [alphas[name]], self.quant_min, self.quant_max, backprop_to_alpha)
+            stats[name] = BinStats(s[0], a[0], v.numel(), alphas[name].detach(), self.quant_min)
+        return self.total_from_stats(stats)
 
     def total_from_stats(self, stats: dict[str, BinStats]) -> tuple[torch.Tensor, dict]:
         """As ``compute_total_loss``, from name -> ``BinStats`` (in training: the quantizers' own statistics).
 
         Whether the gradient reaches α was decided when the statistics were computed
-        (``LSQQuantizer.bin_stats_grad_to_alpha``).
+        (``LSQQuantizer.bin_stats_grad_to_alpha``). A tensor with one step size per output channel
+        (statistics ``(C, 3, K)``) contributes the sum of its channels' losses (``bin_regularization``).
         """
         if not stats:
             return torch.zeros(()), {"per_tensor": {}, "total": torch.zeros(len(INFO_FIELDS))}
-        items = list(stats.values())
-        losses, infos = loss_from_bin_stats(torch.stack([s.stats for s in items]),
-                                            torch.stack([s.abs_sum for s in items]), [s.numel for s in items],
-                                            torch.stack([s.alpha for s in items]))
+        losses, infos = _tensor_losses(list(stats.values()))
         summary = torch.cat([infos[:, :3].sum(0), infos[:, 3:].mean(0)])  # the distance: a mean over tensors
         return losses.sum(), {"per_tensor": dict(zip(stats, infos.unbind())), "total": summary}

@@ -25,7 +25,8 @@ from quant.lsq import LSQQuantizer
 def _tiny_trainer(extra_flags):
     torch.manual_seed(0)
     cfg = cfgmod.build_parser().parse_args(["--device", "cpu", "--compile", "off"] + extra_flags)
-    model = quantize_model(CifarResNet((1, 1), (4, 8), "A"), 2, 2, 8).double()
+    model = quantize_model(CifarResNet((1, 1), (4, 8), "A"), 2, 2, 8,
+                           per_channel_weights=cfg.per_channel_weights).double()
     return engine.Trainer(cfg, model, None, None, torch.device("cpu"), log=lambda *_: None)
 
 
@@ -46,6 +47,7 @@ def _step(trainer, losses, x, y, use_br):
     ([], True),                               # W-BR + A-BR, detached target
     (["--lambda-br", "0"], True),             # A-only
     ([], False),                              # stage 1: LSQ only
+    (["--per-channel-weights"], True),        # W-BR per channel (one α per output channel)
 ])
 def test_training_forward_compiles_whole_and_matches_eager(flags, use_br):
     trainer = _tiny_trainer(flags)

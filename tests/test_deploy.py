@@ -75,6 +75,7 @@ def test_evaluate_refuses_bad_input_with_one_line(runs, shared_folder, tmp_path,
     cases = [
         ((q, "--num-bits", "4"), "holds resnet20 W2A2, first/last 8-bit; --num-bits 4 contradicts it"),
         ((q, "--arch", "resnet32"), "--arch resnet32 contradicts it"),
+        ((q, "--per-channel-weights"), "holds resnet20 W2A2, first/last 8-bit; --per-channel-weights contradicts it"),
         ((f, "--num-bits", "2"), "to quantize a float network use --ptq --pretrained"),
         ((truncated,), "is not a readable checkpoint"),
         ((tmp_path / "missing.pt",), "no checkpoint at"),

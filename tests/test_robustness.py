@@ -246,11 +246,12 @@ def test_atomic_write_keeps_the_previous_file_on_a_crash(tmp_path, monkeypatch):
 # -- bad input: one line, non-zero exit, before any work --------------------------------------
 
 BAD_FLAGS = [
-    (["--num-bits", "9"], "--num-bits must be 2-8, or 32"),
-    (["--num-bits", "1"], "--num-bits must be 2-8, or 32"),
-    (["--num-bits-weight", "16"], "--num-bits-weight must be 2-8, or 32"),
-    (["--num-bits-act", "0"], "--num-bits-act must be 2-8, or 32"),
+    (["--num-bits", "9"], "--num-bits must be 1-8, or 32"),
+    (["--num-bits", "0"], "--num-bits must be 1-8, or 32"),
+    (["--num-bits-weight", "16"], "--num-bits-weight must be 1-8, or 32"),
+    (["--num-bits-act", "0"], "--num-bits-act must be 1-8, or 32"),
     (["--first-last-bits", "12"], "--first-last-bits must be 2-8, or 32"),
+    (["--first-last-bits", "1"], "--first-last-bits must be 2-8, or 32"),
     (["--lambda-br", "-1"], "--lambda-br must be a finite number >= 0"),
     (["--lambda-br-act", "nan"], "--lambda-br-act must be a finite number"),
     (["--lambda-br", "inf"], "--lambda-br must be a finite number"),

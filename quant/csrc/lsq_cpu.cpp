@@ -11,6 +11,10 @@
 // which keeps -0 and NaN; its gradient is 0 where relu(x) <= 0, as threshold_backward),
 // so a ReLU whose only consumer is a quantizer costs no pass of its own either way.
 //
+// Binary grid (quant/grid.py): the range [qmin, qmax] = [-1, 1] has the levels -1 and +1 only
+// (spacing 2): a value goes to +1 where v/a >= 0, to -1 where v/a < 0, NaN stays NaN; bin k holds
+// level qmin + k * spacing. Everything else (STE, LSQ eq. 3, BR) is the same code on that grid.
+//
 // Exactness: the quotient is computed as x / a (a true division, as the eager ops do) and
 // rounded half-to-even, so the output equals round(clamp(x / a, lo, hi)) * a to the bit
 // (signed zeros included). Sums are not bit-identical to PyTorch's (another order).
@@ -65,6 +69,14 @@ inline float clamp_round(float c, float lo, float hi) {
   t = t > hi ? hi : t;
   return std::copysign((t + kRound) - kRound, t);
 }
+// The level of the binary grid: +1 for c >= 0, -1 for c < 0, NaN for NaN.
+inline vf binary_level(vf c) { const vf one = splat(1.0f); return c < 0.0f ? -one : (c >= 0.0f ? one : c); }
+inline float binary_level(float c) { return c < 0.0f ? -1.0f : (c >= 0.0f ? 1.0f : c); }
+
+// The level of c on the grid: clamp_round, or binary_level on the binary grid.
+inline vf to_level(vf c, vf lo, vf hi, bool binary) { return binary ? binary_level(c) : clamp_round(c, lo, hi); }
+inline float to_level(float c, float lo, float hi, bool binary) { return binary ? binary_level(c) : clamp_round(c, lo, hi); }
+
 inline vf vabs(vf v) { return (vf)((vi)v & 0x7fffffff); }  // clear the sign bit: one instruction
 
 // torch.relu to the bit: x < 0 ? 0 : x keeps -0 and NaN as they are.
@@ -77,6 +89,8 @@ struct ForwardArgs {
   float* out;
   float a, lo, hi;
   bool input_relu;
+  bool binary;          // the binary grid [-1, 1]: levels -1 and +1 (spacing 2)
+  float spacing;        // distance between levels: 2 on the binary grid, else 1
 };
 
 // Quantizes x[begin, begin + len) and adds its statistics to part (K bins x (count, sum d,
@@ -84,11 +98,11 @@ struct ForwardArgs {
 void forward_scalar(const ForwardArgs& p, int64_t begin, int64_t len, int nb, double* part) {
   for (int64_t i = begin; i < begin + len; ++i) {
     const float v = p.input_relu ? relu(p.x[i]) : p.x[i];
-    float q = clamp_round(v / p.a, p.lo, p.hi), y = q * p.a;
+    float q = to_level(v / p.a, p.lo, p.hi, p.binary), y = q * p.a;
     p.out[i] = y;
     float d = v - y;
     part[3 * nb] += std::fabs(d);
-    int k = std::isnan(q) ? 0 : static_cast<int>(q - p.lo);  // a NaN value makes its bin's sums NaN
+    int k = std::isnan(q) ? 0 : static_cast<int>((q - p.lo) / p.spacing);  // a NaN value makes its bin's sums NaN
     part[3 * k] += 1; part[3 * k + 1] += d; part[3 * k + 2] += static_cast<double>(d) * d;
   }
 }
@@ -101,14 +115,15 @@ void forward_chunk(const ForwardArgs& p, int64_t begin, int64_t len, double* par
   const vf av = splat(p.a), lov = splat(p.lo), hiv = splat(p.hi);
   constexpr int nb = NB > 0 ? NB : 1;
   vf level[nb], cnt[nb] = {}, sum[nb] = {}, sq[nb] = {}, absd = {};
-  for (int k = 0; k < nb; ++k) level[k] = splat(p.lo + k);
+  for (int k = 0; k < nb; ++k) level[k] = splat(p.lo + k * p.spacing);
+  const bool binary = p.binary;
   const float* __restrict x = p.x + begin;
   float* __restrict out = p.out + begin;
   int64_t i = 0;
   for (; i + W <= len; i += W) {
     vf xv = load(x + i);
     if constexpr (RELU) xv = relu(xv);
-    vf q = clamp_round(xv / av, lov, hiv);
+    vf q = to_level(xv / av, lov, hiv, binary);
     vf y = q * av;
     store(out + i, y);
     if constexpr (NB > 0) {
@@ -134,7 +149,7 @@ void forward_chunk(const ForwardArgs& p, int64_t begin, int64_t len, double* par
     }
     part[3 * NB] = lane_sum(absd) + tail[3 * NB];
   } else {
-    for (; i < len; ++i) out[i] = clamp_round((RELU ? relu(x[i]) : x[i]) / p.a, p.lo, p.hi) * p.a;
+    for (; i < len; ++i) out[i] = to_level((RELU ? relu(x[i]) : x[i]) / p.a, p.lo, p.hi, binary) * p.a;
   }
 }
 
@@ -160,6 +175,10 @@ float step_size(const torch::Tensor& a) {
   return a.item<float>();
 }
 
+// The binary grid (quant/grid.py BINARY_RANGE) and the number of levels (bins) of a grid.
+bool is_binary(int64_t qmin, int64_t qmax) { return qmin == -1 && qmax == 1; }
+int num_levels(int64_t qmin, int64_t qmax) { return is_binary(qmin, qmax) ? 2 : static_cast<int>(qmax - qmin + 1); }
+
 void check_input(const torch::Tensor& x, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_non_overlapping_and_dense(),
               what, ": expected a dense float32 CPU tensor");
@@ -175,16 +194,19 @@ std::vector<torch::Tensor> lsq_forward(const torch::Tensor& x, const torch::Tens
                                        bool with_stats, bool input_relu) {
   check_input(x, "lsq_forward");
   TORCH_CHECK(qmin < qmax && qmax - qmin < 256, "lsq_forward: need qmin < qmax, at most 256 levels");
-  const int nb = with_stats ? static_cast<int>(qmax - qmin + 1) : 0;
+  const bool binary = is_binary(qmin, qmax);
+  const int nb = with_stats ? num_levels(qmin, qmax) : 0;
   torch::Tensor out = torch::empty_like(x);  // the layout of x (the memory format is preserved)
   ForwardArgs p{x.data_ptr<float>(), out.data_ptr<float>(),
-                step_size(a), static_cast<float>(qmin), static_cast<float>(qmax), input_relu};
+                step_size(a), static_cast<float>(qmin), static_cast<float>(qmax), input_relu,
+                binary, binary ? 2.0f : 1.0f};
   std::vector<double> totals(3 * nb + 1, 0.0);
   const int64_t n = x.numel();
   auto run = [&](auto relu) {  // relu: std::true_type or std::false_type, a template argument
     constexpr bool R = decltype(relu)::value;
     switch (nb) {
       case 0: run_forward<0, R>(p, n, 0, nullptr); break;
+      case 2: run_forward<2, R>(p, n, nb, totals.data()); break;
       case 4: run_forward<4, R>(p, n, nb, totals.data()); break;
       case 8: run_forward<8, R>(p, n, nb, totals.data()); break;
       case 16: run_forward<16, R>(p, n, nb, totals.data()); break;
@@ -205,6 +227,8 @@ struct BackwardArgs {
   const float* grad_out;
   float* grad_x;
   float a, lo, hi;
+  bool binary;          // the binary grid [-1, 1] (levels -1, +1)
+  float spacing;        // distance between levels: 2 on the binary grid, else 1
   int nb;
   const float* t_sum;  // BR table row 1 per bin, or nullptr without BR
   const float* t_sq2;  // 2 x BR table row 2 per bin
@@ -214,11 +238,12 @@ struct BackwardArgs {
 template <bool RELU>
 double backward_chunk(const BackwardArgs& p, int64_t begin, int64_t end) {
   const bool br = p.t_sum != nullptr, vector_bins = p.nb <= kMaxVectorBins, by_permute = p.nb <= W;
-  const vf av = splat(p.a), lov = splat(p.lo), hiv = splat(p.hi);
+  const vf av = splat(p.a), lov = splat(p.lo), hiv = splat(p.hi), inv_spacing = splat(1.0f / p.spacing);
+  const bool binary = p.binary;
   vf level[kMaxVectorBins], table_sum[kMaxVectorBins], table_sq2[kMaxVectorBins];  // hoisted out of the loop
   vf lanes_sum = {}, lanes_sq2 = {};  // the tables in one register each, for a permute when nb <= W
   for (int k = 0; k < p.nb && br && vector_bins; ++k) {
-    level[k] = splat(p.lo + k); table_sum[k] = splat(p.t_sum[k]); table_sq2[k] = splat(p.t_sq2[k]);
+    level[k] = splat(p.lo + k * p.spacing); table_sum[k] = splat(p.t_sum[k]); table_sq2[k] = splat(p.t_sq2[k]);
     if (k < W) { lanes_sum[k] = p.t_sum[k]; lanes_sq2[k] = p.t_sq2[k]; }
   }
   const float* __restrict x = p.x;
@@ -231,13 +256,13 @@ double backward_chunk(const BackwardArgs& p, int64_t begin, int64_t end) {
     if constexpr (RELU) xv = relu(xv);
     vf cv = xv / av;
     vi inside = (cv > lov) & (cv < hiv);
-    vf q = clamp_round(cv, lov, hiv);
+    vf q = to_level(cv, lov, hiv, binary);
     acc += inside ? g * (q - cv) : g * q + cv * 0.0f;  // cv * 0 is NaN for an infinite x/a, as in the plain form
     vf gx = inside ? g : vf{};
     if (br) {
       vf d = xv - q * av, ts = {}, tq = {};
       if (by_permute) {  // one vpermps per table (a NaN q gives some entry; its d is NaN anyway)
-        vi bin = __builtin_convertvector(q == q ? q - lov : vf{}, vi);  // NaN -> bin 0 (no UB)
+        vi bin = __builtin_convertvector(q == q ? (q - lov) * inv_spacing : vf{}, vi);  // NaN -> bin 0 (no UB)
         ts = __builtin_shuffle(lanes_sum, bin);
         tq = __builtin_shuffle(lanes_sq2, bin);
       } else {
@@ -257,11 +282,11 @@ double backward_chunk(const BackwardArgs& p, int64_t begin, int64_t end) {
     const float v = RELU ? relu(x[i]) : x[i], g = g_in[i];
     float cv = v / p.a;
     bool inside = cv > p.lo && cv < p.hi;
-    float q = clamp_round(cv, p.lo, p.hi);
+    float q = to_level(cv, p.lo, p.hi, binary);
     tail += inside ? g * (q - cv) : g * q + cv * 0.0f;
     float gx = inside ? g : 0.0f;
     if (br) {
-      int k = std::isnan(q) ? 0 : static_cast<int>(q - p.lo);
+      int k = std::isnan(q) ? 0 : static_cast<int>((q - p.lo) / p.spacing);
       gx += p.t_sum[k] + p.t_sq2[k] * (v - q * p.a);
     }
     g_x[i] = RELU && v <= 0.0f ? 0.0f : gx;
@@ -283,7 +308,7 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
   TORCH_CHECK(qmin < qmax && qmax - qmin < 256, "lsq_backward: need qmin < qmax, at most 256 levels");
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.strides() == x.strides(),
               "lsq_backward: grad_out must have the shape and strides of x");
-  const int nb = static_cast<int>(qmax - qmin + 1);
+  const int nb = num_levels(qmin, qmax);
   std::vector<float> t_sum, t_sq2;
   if (br_table && br_table->defined()) {
     TORCH_CHECK(br_table->scalar_type() == at::kFloat && br_table->dim() == 2 && br_table->size(0) == 2 &&
@@ -294,7 +319,8 @@ std::vector<torch::Tensor> lsq_backward(const torch::Tensor& grad_out, const tor
   }
   torch::Tensor grad_x = torch::empty_like(x);  // the layout of x (the memory format is preserved)
   const BackwardArgs p{x.data_ptr<float>(), grad_out.data_ptr<float>(), grad_x.data_ptr<float>(),
-                       step_size(a), static_cast<float>(qmin), static_cast<float>(qmax), nb,
+                       step_size(a), static_cast<float>(qmin), static_cast<float>(qmax), is_binary(qmin, qmax),
+                       is_binary(qmin, qmax) ? 2.0f : 1.0f, nb,
                        t_sum.empty() ? nullptr : t_sum.data(), t_sq2.data()};
   const int64_t n = x.numel(), chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> parts(chunks, 0.0);

@@ -1,0 +1,60 @@
+"""The integer grids of the LSQ quantizers, including the 1-bit binary grid.
+
+A quantizer's grid is given by its integer range ``(quant_min, quant_max)`` (``quant.lsq.integer_range``).
+Every grid of 2..8 bits, and the 1-bit unsigned grid ``[0, 1]``, is the LSQ grid of Esser et al.
+(ICLR 2020, eq. 1): the levels are the integers ``quant_min .. quant_max`` and a value ``c = x/α``
+goes to ``clamp(round(c), quant_min, quant_max)`` (round half to even).
+
+The 1-bit signed grid is **binary**: range ``BINARY_RANGE = (-1, 1)`` with the two levels ``-1`` and
+``+1`` only (the signed LSQ grid ``[-1, 0]`` of one bit would be useless: it cannot represent a positive
+weight). It is LSQ's grid with level spacing 2 (the levels are the odd integers in the range; in
+units of ``2α`` the odd half-integers ``±1/2``). A value goes to the nearest level, ``+1`` for
+``c >= 0`` (so ``x = 0`` and ``x = -0.0`` map to ``+α``: no third level) and ``-1`` for ``c < 0``;
+NaN stays NaN. Everything else is LSQ's rule on that grid: the clip range is ``[-α, α]``, the STE
+passes the gradient where ``-1 < c < 1``, and the gradient to α (LSQ eq. 3) is ``level - c`` inside,
+``-1`` / ``+1`` outside, i.e. ``∂x̂/∂α = x̂/α - x/α`` inside and ``sign(x)`` outside. The bins of
+Bin Regularization are the two levels: bin 0 holds ``c < 0`` (level ``-1``), bin 1 holds ``c >= 0``
+(level ``+1``).
+
+No other width has the range ``(-1, 1)`` (there is no ternary grid here), so the range alone
+identifies the binary grid, in Python and in the C++ kernels (quant/csrc/lsq_cpu.cpp) alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: The integer range of the 1-bit signed (binary) grid: levels -1 and +1 only.
+BINARY_RANGE = (-1, 1)
+
+
+def is_binary(quant_min: int, quant_max: int) -> bool:
+    """Whether ``[quant_min, quant_max]`` is the binary grid (levels ``-1, +1``, spacing 2)."""
+    return (quant_min, quant_max) == BINARY_RANGE
+
+
+def level_spacing(quant_min: int, quant_max: int) -> int:
+    """Distance between neighbouring levels, in steps: 2 on the binary grid, else 1."""
+    return 2 if is_binary(quant_min, quant_max) else 1
+
+
+def num_levels(quant_min: int, quant_max: int) -> int:
+    """Number of levels (= bins of Bin Regularization): ``(quant_max - quant_min) / spacing + 1``."""
+    return (quant_max - quant_min) // level_spacing(quant_min, quant_max) + 1
+
+
+def round_to_grid(c: torch.Tensor, quant_min: int, quant_max: int) -> torch.Tensor:
+    """The level of each value ``c = x/α`` (a new tensor, dtype and shape of ``c``; no gradient).
+
+    LSQ grids: ``clamp(round(c), quant_min, quant_max)`` (round half to even, LSQ eq. 1). Binary grid:
+    ``+1`` where ``c >= 0``, ``-1`` where ``c < 0``, NaN where ``c`` is NaN.
+    """
+    clamped = torch.clamp(c, quant_min, quant_max)
+    if is_binary(quant_min, quant_max):
+        return torch.where(clamped < 0, -1.0, torch.where(clamped >= 0, 1.0, clamped))
+    return clamped.round_()
+
+
+def grid_levels(quant_min: int, quant_max: int, **tensor_kwargs) -> torch.Tensor:
+    """The levels of the grid, lowest first, shape ``(num_levels,)``: bin ``j`` holds level ``[j]``."""
+    return torch.arange(quant_min, quant_max + 1, level_spacing(quant_min, quant_max), **tensor_kwargs)
