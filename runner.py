@@ -261,11 +261,13 @@ class RunFolderLock:
         self._fd = fd
 
     def release(self) -> None:
-        """Remove the lock file and unlock (nothing to do when not held)."""
+        """Remove the lock file and unlock (nothing to do when not held). A lock file that is not
+        this one any more (the folder was deleted and a new run made its own) is left alone."""
         if self._fd is None:
             return
         try:
-            os.unlink(self.path)
+            if os.path.samestat(os.fstat(self._fd), os.stat(self.path)):
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
         os.close(self._fd)

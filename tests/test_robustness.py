@@ -190,6 +190,21 @@ def test_a_folder_held_by_another_process_is_refused_naming_it(shared_folder, tm
     second.release()
 
 
+def test_releasing_a_lock_leaves_another_runs_lock_file_alone(tmp_path):
+    import runner
+    old = runner.RunFolderLock(str(tmp_path))
+    old.acquire()
+    os.unlink(tmp_path / ".lock")  # the folder was emptied (rm -rf) while the old run still held it,
+    new = runner.RunFolderLock(str(tmp_path))  # and a new run took its own lock there
+    new.acquire()
+    old.release()  # the old run ends
+    assert os.listdir(tmp_path) == [".lock"]  # the new run's lock file is still there,
+    with pytest.raises(runner.ConfigError, match="in use by another run"):
+        runner.RunFolderLock(str(tmp_path)).acquire()  # and still refuses a third run
+    new.release()
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, capsys):
     import errno
     import runner
