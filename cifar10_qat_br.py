@@ -188,6 +188,8 @@ def set_up(cfg, source, ckpt, group=None):
             cpu_kernels = kernels.describe()
         except RuntimeError as exc:  # QATBR_KERNELS=cpp and no build
             raise cfgmod.ConfigError(str(exc)) from None
+        if cfg.per_channel_weights:  # the kernels take one α: per-channel weight quantizers run the PyTorch ops
+            cpu_kernels += "; weights per channel: PyTorch ops"
         print(f"Kernels: {cpu_kernels}", flush=True)
     workers = cfgmod.decode_workers(cfg)
     train_split, val_split, val_index, available = training_images(source, cfg, workers, write_cache=is_main)
