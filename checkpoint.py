@@ -95,8 +95,19 @@ def atomic_copy(source: str, path: str) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save(obj, path)``, atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save(obj, path)``, atomically (``WriteError`` as ``_atomic_write``)."""
+    _atomic_write(path, lambda f: _torch_save(obj, f))
+
+
+def _torch_save(obj, f) -> None:
+    """``torch.save``, raising the ``OSError`` of a failed write: on a disk that fills up mid-file,
+    torch's zip writer replaces it by a ``RuntimeError`` ("unexpected pos") when it closes."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise
 
 
 def atomic_write_json(obj, path: str, sort_keys: bool = True) -> None:

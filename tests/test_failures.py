@@ -137,6 +137,41 @@ def test_a_failed_tensorboard_write_exits_4_naming_its_folder(shared_folder, tmp
     assert not (out / "last.pt").exists()
 
 
+def test_a_disk_that_fills_up_inside_torch_save_is_a_write_error(tmp_path, monkeypatch):
+    """A real full disk takes part of a checkpoint, then fails: torch's zip writer then raises
+    "unexpected pos" (RuntimeError) on close, hiding the OSError; it must still be a WriteError
+    naming the file, the old file intact and no temporary file left."""
+    path = tmp_path / "last.pt"
+    torch.save({"epoch": 1}, path)
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    class FillsUp:  # takes 1,000 bytes, then fails as a full disk does
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, data):
+            if self.n + len(data) > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.n += len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FillsUp(real_fdopen(fd, mode)))
+    with pytest.raises(checkpoint.WriteError) as caught:
+        checkpoint.atomic_torch_save({"epoch": 2, "w": torch.zeros(10000)}, str(path))
+    assert str(caught.value) == f"cannot write {path}: No space left on device"
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
+
+
 def test_a_full_disk_through_the_real_command_line(shared_folder, tmp_path):
     """The script run as a program, its epoch-2 checkpoint failing as on a full disk: exit status 4,
     one line on stderr, and the printed resume command finishes the run."""
