@@ -53,6 +53,9 @@ EXIT_WRITE_FAILED = 4
 #: Exit status of a non-finite loss or parameter.
 EXIT_NON_FINITE = 3
 
+#: Exit status of a rank other than 0 whose collective failed because another rank ended (torchrun).
+EXIT_LOST_RANK = 1
+
 
 def build_quantized_model(cfg, pretrained: bool = True) -> torch.nn.Module:
     """The float model (with --pretrained weights unless ``pretrained`` is false: a resumed run's
@@ -141,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         if group is None or group.is_main:
             print(f"\nInterrupted by {exc}; {_kept(cfg, group)}", file=sys.stderr)
         return 128 + exc.signum
+    except RuntimeError as exc:  # under torchrun: rank 0 ended (a failed write) and printed why
+        if group is None or group.is_main or not distributed.lost_rank(exc):
+            raise
+        return EXIT_LOST_RANK
     finally:  # the run folder is held until the process is done with it
         for s, handler in previous.items():
             signal.signal(s, handler)
