@@ -316,6 +316,10 @@ WRONG = {
     "flags a list": ({"model": {}, "config": {"flags": ["arch"]}}, "'config'/'flags' is a list"),
     "arch a number": ({"model": {}, "config": {"flags": {"arch": 20}}}, "flag 'arch' is an int (20), expected str"),
     "epoch a string": ({"model": {}, "config": {"flags": {}}, "epoch": "3"}, "'epoch' is a str"),
+    "unknown optimizer": ({"model": {}, "config": {"flags": {"optimizer": "rmsprop"}}},
+                          "flag 'optimizer' is 'rmsprop', expected one of sgd, adam"),
+    "val_index a string": ({"model": {}, "config": {"flags": {}}, "val_index": "0 1 2"},
+                           "'val_index' is a str, not a tensor"),
 }
 
 
