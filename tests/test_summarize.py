@@ -206,6 +206,18 @@ def test_sweep_rejects_bad_settings(tmp_path):
     assert out.stderr.strip().startswith("error: SCENARIOS: unknown scenario 'nonsense'")
 
 
+@pytest.mark.parametrize("extra,variable", [("--optimizer adam", "OPTIMIZERS"), ("--optim=adam", "OPTIMIZERS"),
+                                            ("--clip-value 6", "CLIPS"), ("--seed 1", "SEEDS"),
+                                            ("--num-bits-act 4", "BITS")])
+def test_sweep_refuses_extra_flags_that_the_grid_sets(extra, variable, tmp_path):
+    """An extra flag would run another experiment than the folder's name says (lsq_w2a2_s42 with Adam)."""
+    env = dict(os.environ, RUNS_DIR=str(tmp_path / "s"), SCENARIOS="lsq", SEEDS="42", BITS="2")
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), "-n", "--", "--no-download",
+                          *extra.split()], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"error: extra flag {extra.split()[0]}: the grid sets ") and f"(use {variable})" in out.stderr
+
+
 def test_how_to_run_flags_never_split_configurations():
     # Flags that may change on --resume (config.RUN_FLAGS) say how a run ran, not what it is.
     assert cfgmod.RUN_FLAGS <= summarize.IGNORED_FLAGS
