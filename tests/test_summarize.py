@@ -218,6 +218,16 @@ def test_sweep_refuses_extra_flags_that_the_grid_sets(extra, variable, tmp_path)
     assert out.stderr.startswith(f"error: extra flag {extra.split()[0]}: the grid sets ") and f"(use {variable})" in out.stderr
 
 
+def test_a_run_whose_last_pt_is_ahead_of_its_log_is_not_called_empty(tmp_path):
+    """A failed write after last.pt of epoch 1 and before its metrics line (exit 4): the epoch is kept."""
+    root = tmp_path / "runs"
+    _write_run(root / "a_s1", seed=1, lambda_br=1, lambda_br_act=0, exit_code=4)
+    (root / "a_s1" / "last.pt").write_bytes(b"")
+    run = summarize.read_run(str(root), "a_s1")
+    assert run.status == "failed" and "no epoch finished" not in run.reason
+    assert "no epoch logged, but last.pt holds one (--resume logs it)" in run.reason
+
+
 def test_how_to_run_flags_never_split_configurations():
     # Flags that may change on --resume (config.RUN_FLAGS) say how a run ran, not what it is.
     assert cfgmod.RUN_FLAGS <= summarize.IGNORED_FLAGS
