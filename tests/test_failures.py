@@ -291,11 +291,25 @@ def test_a_folder_without_a_finished_epoch_counts_as_empty(shared_folder, tmp_pa
     assert rc == 0 and _files(out) == RUN_CONTENT  # the stopped run's leftovers (tensorboard/) are gone
 
 
+def _wait_until_it_catches(pid: int, signum: int, timeout: float = 60.0) -> None:
+    """Wait until process ``pid`` has a handler for ``signum`` (its first lines install one): a signal
+    before that, while the interpreter itself starts, is the operating system's to handle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+        if caught & (1 << (signum - 1)):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} installed no handler for signal {signum} in {timeout} s")
+
+
 def test_a_signal_during_start_up_ends_with_one_line(shared_folder, tmp_path):
     for delay in (1.0, 4.0):  # during the imports, then (on most machines) while the data is read
         proc = subprocess.Popen([sys.executable, os.path.join(REPO, "cifar10_qat_br.py"), "--data-dir", shared_folder,
                                  "--output-dir", tmp_path / f"run{delay}", *TINY], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
+        _wait_until_it_catches(proc.pid, signal.SIGTERM)  # a loaded machine can take over a second to get there
         time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
