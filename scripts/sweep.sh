@@ -149,6 +149,7 @@ for seed in $SEEDS; do
 done
 for clip in $CLIPS; do
     [[ $clip == none || $clip =~ ^[0-9]*\.?[0-9]+$ ]] || die "CLIPS: '$clip' is not 'none' or a number (e.g. 1 or 6)"
+    [[ $clip == none || $clip =~ [1-9] ]] || die "CLIPS: '$clip' must be > 0 (--clip-value clips to [0, c])"
 done
 for opt in $OPTIMIZERS; do
     [[ $opt == sgd || $opt == adam ]] || die "OPTIMIZERS: '$opt' is not sgd or adam"

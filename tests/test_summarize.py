@@ -329,6 +329,8 @@ def test_sweep_grid_of_clips_and_optimizers_locally_and_on_slurm(tmp_path):
     assert task.stdout.splitlines()[-1].split() == commands[5].split()[1:]
     bad = _sweep(["-n"], dict(env, CLIPS="none relu6", OPTIMIZERS="sgd"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: CLIPS: 'relu6' is not 'none' or a number")
+    bad = _sweep(["-n"], dict(env, CLIPS="6 0.0"))  # every such run would fail at its start
+    assert bad.returncode == 2 and bad.stderr.startswith("error: CLIPS: '0.0' must be > 0")
     bad = _sweep(["-n"], dict(env, OPTIMIZERS="rmsprop"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: OPTIMIZERS: 'rmsprop' is not sgd or adam")
 
