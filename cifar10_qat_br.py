@@ -146,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nInterrupted by {exc}; {_kept(cfg, group)}", file=sys.stderr)
         return 128 + exc.signum
     except RuntimeError as exc:  # under torchrun: a collective failed because another rank ended
+        # torchrun now ends this process too (SIGTERM): ignore it first (SIGTERM first, no call before),
+        # so that its handler cannot raise while the line below is printed
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if group is None or not distributed.lost_rank(exc):
             raise
         if group.is_main:  # another rank died (killed, out of memory); else rank 0 ended and said why
-            print(f"error: another process of this torchrun run ended during training. Stopped; "
+            print(f"error: another process of this torchrun run ended. Stopped; "
                   f"{_kept(cfg, group)}", file=sys.stderr)
         return EXIT_LOST_RANK
     finally:  # the run folder is held until the process is done with it

@@ -192,7 +192,7 @@ def test_a_rank_that_dies_ends_rank_0_with_one_error_line(shared_folder, tmp_pat
                              TEST_KILL_RANK1_IN_EPOCH=2)
     errors = _error_lines(out + err)
     assert rc != 0 and len(errors) == 1, out + err
-    assert errors[0].startswith(f"error: another process of this torchrun run ended during training. Stopped; "
+    assert errors[0].startswith(f"error: another process of this torchrun run ended. Stopped; "
                                 f"finished epochs are saved in {run}/last.pt (epoch 1). Resume with: cd ")
     assert "[rank0]: Traceback" not in err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
