@@ -95,8 +95,19 @@ def atomic_copy(source: str, path: str) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save(obj, path)``, atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save(obj, path)``, atomically (``WriteError`` as ``_atomic_write``)."""
+    _atomic_write(path, lambda f: _torch_save(obj, f))
+
+
+def _torch_save(obj, f) -> None:
+    """``torch.save``, raising the ``OSError`` of a failed write: on a disk that fills up mid-file,
+    torch's zip writer replaces it by a ``RuntimeError`` ("unexpected pos") when it closes."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise
 
 
 def atomic_write_json(obj, path: str, sort_keys: bool = True) -> None:
@@ -264,11 +275,18 @@ def _flag_types() -> dict:
     return types
 
 
+def _flag_choices() -> dict:
+    """Flag name -> the values it may take (flags with argparse ``choices``: ``--optimizer``)."""
+    from config import build_parser
+    return {action.dest: tuple(action.choices) for action in build_parser()._actions if action.choices}
+
+
 def checkpoint_problem(obj, resumable: bool = False) -> str | None:
     """Why ``obj`` (a loaded file) is not a checkpoint written by this tool, or None if it is one.
 
     A checkpoint is a dict with ``model`` (parameter name -> tensor) and ``config`` (a dict whose
-    ``flags``, when present, are the run's flags with their types); ``resumable`` also asks for
+    ``flags``, when present, are the run's flags with their types and allowed values), and a
+    tensor or None as ``val_index`` when it has one; ``resumable`` also asks for
     the training state ``--resume`` needs (``RESUME_KEYS``) and ``config["flags"]``.
     """
     if not isinstance(obj, dict):
@@ -287,10 +305,14 @@ def checkpoint_problem(obj, resumable: bool = False) -> str | None:
     flags = config.get("flags", {})
     if not isinstance(flags, dict):
         return f"'config'/'flags' is {type_phrase(flags)}, not a dict"
-    types = _flag_types()
+    types, choices = _flag_types(), _flag_choices()
     for key, value in flags.items():
         if value is not None and key in types and not isinstance(value, types[key]):
             return f"flag '{key}' is {type_phrase(value)} ({value!r}), expected {types[key][0].__name__}"
+        if value is not None and key in choices and value not in choices[key]:
+            return f"flag '{key}' is {value!r}, expected one of {', '.join(map(str, choices[key]))}"
+    if obj.get("val_index") is not None and not isinstance(obj["val_index"], torch.Tensor):
+        return f"'val_index' is {type_phrase(obj['val_index'])}, not a tensor of image indices"
     for key, kinds in RESUME_KEYS.items():  # checked wherever present: --evaluate reads epoch and last_acc
         if key in obj and (not isinstance(obj[key], kinds) or (kinds is int and isinstance(obj[key], bool))):
             return f"'{key}' is {type_phrase(obj[key])}"

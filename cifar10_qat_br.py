@@ -10,7 +10,8 @@ it is shared (data, α, BR, BatchNorm, evaluation) and how the ranks agree on er
 
 Exit status: 0 finished (also: ``--resume auto`` found the run finished); 2 bad flag, data or checkpoint; 3 non-finite values;
 4 an output file could not be written (disk full, ...: the last good last.pt is kept); 128+signal when interrupted, at
-any moment (finished epochs are kept; the message says how to resume). Each failure prints one ``error:`` line.
+any moment (finished epochs are kept; the message says how to resume); under torchrun, 1 when another process of
+the run ended (``distributed.lost_rank``). Each failure prints one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ EXIT_WRITE_FAILED = 4
 
 #: Exit status of a non-finite loss or parameter.
 EXIT_NON_FINITE = 3
+
+#: Exit status of a rank whose collective failed because another rank ended (torchrun).
+EXIT_LOST_RANK = 1
 
 
 def build_quantized_model(cfg, pretrained: bool = True) -> torch.nn.Module:
@@ -141,6 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         if group is None or group.is_main:
             print(f"\nInterrupted by {exc}; {_kept(cfg, group)}", file=sys.stderr)
         return 128 + exc.signum
+    except RuntimeError as exc:  # under torchrun: a collective failed because another rank ended
+        # torchrun now ends this process too (SIGTERM): ignore it first (SIGTERM first, no call before),
+        # so that its handler cannot raise while the line below is printed
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if group is None or not distributed.lost_rank(exc):
+            raise
+        if group.is_main:  # another rank died (killed, out of memory); else rank 0 ended and said why
+            print(f"error: another process of this torchrun run ended. Stopped; "
+                  f"{_kept(cfg, group)}", file=sys.stderr)
+        return EXIT_LOST_RANK
     finally:  # the run folder is held until the process is done with it
         for s, handler in previous.items():
             signal.signal(s, handler)

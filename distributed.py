@@ -42,7 +42,10 @@ The one-process run is the specification; the N-process run differs from it only
   error on every rank, and rank 0 prints it as one ``error:`` line (exit status 2). During
   training the ranks agree, at every checked step (every step on the CPU, every
   ``engine.CUDA_CHECK_EVERY`` on CUDA), on a non-finite loss and on a stop signal, so that all
-  stop at the same step (``Trainer._agree_on_step``).
+  stop at the same step (``Trainer._agree_on_step``). A failed write (rank 0's alone: it writes
+  every file) ends rank 0 with its one ``error:`` line (exit status 4); the other ranks, whose
+  next collective then fails, exit quietly with status 1 (``lost_rank``), no traceback. A rank
+  that dies (killed, out of memory) ends rank 0 with one line saying so and what is kept (status 1).
 * ``torch.compile``: ``--compile auto`` does not compile under DDP (on CUDA it would use CUDA
   graphs, which are untested with DDP here); an explicit ``--compile MODE`` compiles the local
   step, DDP's own graph splitting included (untested: no GPU here). The fused C++ CPU kernels
@@ -71,6 +74,16 @@ ENV_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 #: Errors of bad input: a rank that meets one ends the stage of the set-up, and every rank with it.
 INPUT_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+#: How gloo's collectives fail when another process of the group has ended.
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer")
+
+
+def lost_rank(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank ended (gloo's messages):
+    rank 0 ends alone on a failed write, which only it sees; any rank may be killed."""
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _LOST_PEER)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ SWEEP_PLAN = "sweep_plan.tsv"
 #: Flags that describe how a run was executed, not the experiment (never table columns).
 IGNORED_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
                            "no_download", "tensorboard", "compile", "eval_batch_size", "progress_interval", "seed",
-                           "num_bits", "num_bits_weight", "num_bits_act", "first_last_bits", "evaluate", "ptq", "sync_bn"})
+                           "num_bits", "num_bits_weight", "num_bits_act", "first_last_bits", "evaluate", "ptq",
+                           "sync_bn"})
 
 #: Flags of post-training quantization only (``cifar10_qat_br.py --ptq``).
 PTQ_FLAGS = ("calib_batches", "bn_recalib")
@@ -221,6 +222,8 @@ def read_run(root: str, folder: str) -> Run:
         progress = f"{run.epochs_done}/{run.epochs if run.epochs is not None else '?'} epochs done"
         if run.final_acc is not None:
             progress += f", last test top-1 {run.final_acc:.2f}%"
+    elif os.path.exists(os.path.join(full, "last.pt")):  # a write failed after it, before its log line
+        progress = "no epoch logged, but last.pt holds one (--resume logs it)"
     else:
         progress = "no epoch finished"
     code = None

@@ -113,5 +113,6 @@ def restore(path: str, what: str, cli_flags: dict, explicit: set[str]) -> tuple[
 
 
 def step_size_count(model: nn.Module) -> int:
-    """Number of step sizes α (enabled quantizers) in ``model``."""
-    return len(step_size_quantizers(model))
+    """Number of step sizes α of the enabled quantizers in ``model`` (one per output channel of a
+    ``--per-channel-weights`` weight quantizer)."""
+    return sum(q.alpha.numel() for q in step_size_quantizers(model).values())

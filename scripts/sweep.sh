@@ -58,7 +58,8 @@
 # same grid are interchangeable, and either finishes the other's runs. A run's folder
 # name is all the sweep knows of it: after changing EPOCHS, WARMUP, PRETRAINED or the
 # extra flags, use a new RUNS_DIR (resuming a run with other experiment flags is refused
-# by cifar10_qat_br.py, and counts as a failure).
+# by cifar10_qat_br.py, and counts as a failure). Extra flags that the grid sets (--seed,
+# --num-bits*, --lambda-br*, --clip-value, --optimizer, --ptq, --output-dir) are refused.
 #
 # Each run's console output is appended to <run folder>/train.log, its command line is
 # in <run folder>/sweep_command, <run folder>/sweep_running names the host and process
@@ -148,9 +149,23 @@ for seed in $SEEDS; do
 done
 for clip in $CLIPS; do
     [[ $clip == none || $clip =~ ^[0-9]*\.?[0-9]+$ ]] || die "CLIPS: '$clip' is not 'none' or a number (e.g. 1 or 6)"
+    [[ $clip == none || $clip =~ [1-9] ]] || die "CLIPS: '$clip' must be > 0 (--clip-value clips to [0, c])"
 done
 for opt in $OPTIMIZERS; do
     [[ $opt == sgd || $opt == adam ]] || die "OPTIMIZERS: '$opt' is not sgd or adam"
+done
+# The grid sets these flags and names the run folders by them: an extra flag must not change
+# them behind the folder's name (argparse also takes an unambiguous prefix, as --optim).
+GRID_FLAGS="SEEDS:--seed BITS:--num-bits BITS:--num-bits-weight BITS:--num-bits-act LAMBDAS:--lambda-br
+    LAMBDAS:--lambda-br-act SCENARIOS:--br-backprop-to-alpha-act SCENARIOS:--ptq CLIPS:--clip-value
+    OPTIMIZERS:--optimizer RUNS_DIR:--output-dir"
+for arg in "${EXTRA[@]}"; do
+    name=${arg%%=*}
+    [[ $name == --?* ]] || continue
+    for entry in $GRID_FLAGS; do
+        [[ ${entry#*:} == "$name"* ]] &&
+            die "extra flag $arg: the grid sets ${entry#*:} (use ${entry%%:*}), and names the run folders by it"
+    done
 done
 if [[ $MODE == slurm ]]; then
     [[ $GPUS =~ ^[0-9]+$ ]] || die "GPUS: '$GPUS' is not a number of GPUs"

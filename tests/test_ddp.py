@@ -46,6 +46,21 @@ if os.environ.get("TEST_STOP_RANK1_IN_EPOCH") and rank == 1:  # SIGTERM reaches 
             self._stop_signal = signal.SIGTERM
         return step(self, x, y, use_br, check)
     engine.Trainer.train_step = stopped_step
+if os.environ.get("TEST_FULL_DISK_AT") and rank == 0:  # this file cannot be written (rank 0 writes them all)
+    import errno
+    fsync = os.fsync
+    def full_fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{{fd}}")).startswith("." + os.environ["TEST_FULL_DISK_AT"]):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fsync(fd)
+    os.fsync = full_fsync
+if os.environ.get("TEST_KILL_RANK1_IN_EPOCH") and rank == 1:  # rank 1 dies (out of memory, kill -9)
+    step = engine.Trainer.train_step
+    def killed_step(self, x, y, use_br, check=None):
+        if check is not None and check[0] == int(os.environ["TEST_KILL_RANK1_IN_EPOCH"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, x, y, use_br, check)
+    engine.Trainer.train_step = killed_step
 argv = sys.argv[1:]
 if os.environ.get("TEST_RANK1_DATA_DIR") and rank == 1:  # this rank's machine lacks the data
     argv[argv.index("--data-dir") + 1] = os.environ["TEST_RANK1_DATA_DIR"]
@@ -155,6 +170,32 @@ def test_bad_input_on_one_rank_ends_both_with_one_error_line(shared_folder, tmp_
     assert errors[0].startswith(f"error: rank 1 of 2 (torchrun): --data-dir {tmp_path / 'missing'}: no CIFAR-10")
     assert "exitcode  : 2 (" in err and "exitcode  : 1 (" not in err  # an error status, no crash
     assert not run.exists()  # rank 0 stopped before making the run folder
+
+
+def test_a_failed_write_on_rank_0_ends_both_with_one_error_line(shared_folder, tmp_path):
+    """best.pt of epoch 1 cannot be written: rank 0 exits 4 with its one line, rank 1 (in its next
+    collective, which rank 0 left) exits 1 without a traceback; last.pt of epoch 1 is kept."""
+    run = tmp_path / "run"
+    rc, out, err = _torchrun(tmp_path, ["--data-dir", shared_folder, *RUN, "--output-dir", run],
+                             TEST_FULL_DISK_AT="best.pt")
+    errors = _error_lines(out + err)
+    assert rc != 0 and len(errors) == 1, out + err
+    assert errors[0].startswith(f"error: cannot write {run}/best.pt: No space left on device. Stopped; finished "
+                                f"epochs are saved in {run}/last.pt (epoch 1).")
+    assert "[rank1]: Traceback" not in err and "exitcode  : 4 (" in err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_rank_that_dies_ends_rank_0_with_one_error_line(shared_folder, tmp_path):
+    run = tmp_path / "run"
+    rc, out, err = _torchrun(tmp_path, ["--data-dir", shared_folder, *RUN, "--output-dir", run],
+                             TEST_KILL_RANK1_IN_EPOCH=2)
+    errors = _error_lines(out + err)
+    assert rc != 0 and len(errors) == 1, out + err
+    assert errors[0].startswith(f"error: another process of this torchrun run ended. Stopped; "
+                                f"finished epochs are saved in {run}/last.pt (epoch 1). Resume with: cd ")
+    assert "[rank0]: Traceback" not in err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
 
 
 # -- without processes ----------------------------------------------------------------------------

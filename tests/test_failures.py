@@ -137,6 +137,41 @@ def test_a_failed_tensorboard_write_exits_4_naming_its_folder(shared_folder, tmp
     assert not (out / "last.pt").exists()
 
 
+def test_a_disk_that_fills_up_inside_torch_save_is_a_write_error(tmp_path, monkeypatch):
+    """A real full disk takes part of a checkpoint, then fails: torch's zip writer then raises
+    "unexpected pos" (RuntimeError) on close, hiding the OSError; it must still be a WriteError
+    naming the file, the old file intact and no temporary file left."""
+    path = tmp_path / "last.pt"
+    torch.save({"epoch": 1}, path)
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    class FillsUp:  # takes 1,000 bytes, then fails as a full disk does
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, data):
+            if self.n + len(data) > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.n += len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FillsUp(real_fdopen(fd, mode)))
+    with pytest.raises(checkpoint.WriteError) as caught:
+        checkpoint.atomic_torch_save({"epoch": 2, "w": torch.zeros(10000)}, str(path))
+    assert str(caught.value) == f"cannot write {path}: No space left on device"
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
+
+
 def test_a_full_disk_through_the_real_command_line(shared_folder, tmp_path):
     """The script run as a program, its epoch-2 checkpoint failing as on a full disk: exit status 4,
     one line on stderr, and the printed resume command finishes the run."""
@@ -256,11 +291,25 @@ def test_a_folder_without_a_finished_epoch_counts_as_empty(shared_folder, tmp_pa
     assert rc == 0 and _files(out) == RUN_CONTENT  # the stopped run's leftovers (tensorboard/) are gone
 
 
+def _wait_until_it_catches(pid: int, signum: int, timeout: float = 60.0) -> None:
+    """Wait until process ``pid`` has a handler for ``signum`` (its first lines install one): a signal
+    before that, while the interpreter itself starts, is the operating system's to handle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+        if caught & (1 << (signum - 1)):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} installed no handler for signal {signum} in {timeout} s")
+
+
 def test_a_signal_during_start_up_ends_with_one_line(shared_folder, tmp_path):
     for delay in (1.0, 4.0):  # during the imports, then (on most machines) while the data is read
         proc = subprocess.Popen([sys.executable, os.path.join(REPO, "cifar10_qat_br.py"), "--data-dir", shared_folder,
                                  "--output-dir", tmp_path / f"run{delay}", *TINY], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
+        _wait_until_it_catches(proc.pid, signal.SIGTERM)  # a loaded machine can take over a second to get there
         time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
@@ -281,6 +330,10 @@ WRONG = {
     "flags a list": ({"model": {}, "config": {"flags": ["arch"]}}, "'config'/'flags' is a list"),
     "arch a number": ({"model": {}, "config": {"flags": {"arch": 20}}}, "flag 'arch' is an int (20), expected str"),
     "epoch a string": ({"model": {}, "config": {"flags": {}}, "epoch": "3"}, "'epoch' is a str"),
+    "unknown optimizer": ({"model": {}, "config": {"flags": {"optimizer": "rmsprop"}}},
+                          "flag 'optimizer' is 'rmsprop', expected one of sgd, adam"),
+    "val_index a string": ({"model": {}, "config": {"flags": {}}, "val_index": "0 1 2"},
+                           "'val_index' is a str, not a tensor"),
 }
 
 

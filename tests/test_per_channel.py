@@ -123,6 +123,16 @@ def test_layers_and_conversion_give_one_step_size_per_output_channel():
     assert [m.weight_quant.alpha.shape for m in model if isinstance(m, QConv2d)] == [(4,), (6,)]
 
 
+def test_step_size_count_counts_each_channels_step_size():
+    """--evaluate's "N step sizes (α)" of a per-channel ResNet-20: by hand, one weight α per output channel of
+    the stem (16), 6 convs each of widths 16, 32, 64 and the classifier (10), plus 20 activation α."""
+    from deploy.restore import step_size_count
+    from models import build_model
+    model = quantize_model(build_model("resnet20"), 2, 2, 8, per_channel_weights=True)
+    assert step_size_count(model) == 16 + 6 * (16 + 32 + 64) + 10 + 20
+    assert step_size_count(quantize_model(build_model("resnet20"), 2, 2, 8)) == 40  # per tensor: 2 per layer
+
+
 def test_a_state_of_the_other_kind_is_refused_naming_both():
     per_tensor = QConv2d(3, 4, 1, weight_bits=2, act_bits=2)
     per_channel = QConv2d(3, 4, 1, weight_bits=2, act_bits=2, per_channel_weights=True)

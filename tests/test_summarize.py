@@ -206,6 +206,28 @@ def test_sweep_rejects_bad_settings(tmp_path):
     assert out.stderr.strip().startswith("error: SCENARIOS: unknown scenario 'nonsense'")
 
 
+@pytest.mark.parametrize("extra,variable", [("--optimizer adam", "OPTIMIZERS"), ("--optim=adam", "OPTIMIZERS"),
+                                            ("--clip-value 6", "CLIPS"), ("--seed 1", "SEEDS"),
+                                            ("--num-bits-act 4", "BITS")])
+def test_sweep_refuses_extra_flags_that_the_grid_sets(extra, variable, tmp_path):
+    """An extra flag would run another experiment than the folder's name says (lsq_w2a2_s42 with Adam)."""
+    env = dict(os.environ, RUNS_DIR=str(tmp_path / "s"), SCENARIOS="lsq", SEEDS="42", BITS="2")
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), "-n", "--", "--no-download",
+                          *extra.split()], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"error: extra flag {extra.split()[0]}: the grid sets ") and f"(use {variable})" in out.stderr
+
+
+def test_a_run_whose_last_pt_is_ahead_of_its_log_is_not_called_empty(tmp_path):
+    """A failed write after last.pt of epoch 1 and before its metrics line (exit 4): the epoch is kept."""
+    root = tmp_path / "runs"
+    _write_run(root / "a_s1", seed=1, lambda_br=1, lambda_br_act=0, exit_code=4)
+    (root / "a_s1" / "last.pt").write_bytes(b"")
+    run = summarize.read_run(str(root), "a_s1")
+    assert run.status == "failed" and "no epoch finished" not in run.reason
+    assert "no epoch logged, but last.pt holds one (--resume logs it)" in run.reason
+
+
 def test_how_to_run_flags_never_split_configurations():
     # Flags that may change on --resume (config.RUN_FLAGS) say how a run ran, not what it is.
     assert cfgmod.RUN_FLAGS <= summarize.IGNORED_FLAGS
@@ -307,6 +329,8 @@ def test_sweep_grid_of_clips_and_optimizers_locally_and_on_slurm(tmp_path):
     assert task.stdout.splitlines()[-1].split() == commands[5].split()[1:]
     bad = _sweep(["-n"], dict(env, CLIPS="none relu6", OPTIMIZERS="sgd"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: CLIPS: 'relu6' is not 'none' or a number")
+    bad = _sweep(["-n"], dict(env, CLIPS="6 0.0"))  # every such run would fail at its start
+    assert bad.returncode == 2 and bad.stderr.startswith("error: CLIPS: '0.0' must be > 0")
     bad = _sweep(["-n"], dict(env, OPTIMIZERS="rmsprop"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: OPTIMIZERS: 'rmsprop' is not sgd or adam")
 
