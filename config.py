@@ -504,7 +504,11 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
                  "Model selection: none (no --val-split): the result is the final epoch's test top-1; best.pt is "
                  "the best test epoch (selected on the test set, optimistic)")
     mode = compile_mode(cfg)
-    lines.append(f"Device: {resolve_device(cfg.device)}" + (" (bf16 autocast)" if cfg.amp else "")
+    device = resolve_device(cfg.device)
+    # one thread per core by default: several processes on one machine must share it (README "Speed")
+    n = torch.get_num_threads()
+    threads = f" with {n} thread{'s' if n != 1 else ''} (OMP_NUM_THREADS)" if device.type == "cpu" else ""
+    lines.append(f"Device: {device}{threads}" + (" (bf16 autocast)" if cfg.amp else "")
                  + (f"; torch.compile mode {mode}" if mode != "off" else "; eager (not compiled)"))
     if processes:
         lines.append(processes)

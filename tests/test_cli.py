@@ -86,6 +86,16 @@ BR Configuration:
     assert "random initialisation" in out
 
 
+def test_cpu_banner_says_how_many_threads_torch_uses(capsys):
+    before = torch.get_num_threads()
+    try:
+        for n, words in ((1, "1 thread"), (2, "2 threads")):
+            torch.set_num_threads(n)  # as OMP_NUM_THREADS=n would
+            assert f"Device: cpu with {words} (OMP_NUM_THREADS)" in _banner(capsys, "--device", "cpu")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("bits,w_state,a_state", [  # (a float run's banner has no BR block at all)
     (["--num-bits-weight", "2", "--num-bits-act", "32"], "[ENABLED]",
      "[NO EFFECT: activations are not quantized (32 bits)]"),

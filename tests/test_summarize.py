@@ -276,6 +276,13 @@ def test_slurm_script_runs_each_grid_point_as_a_task(tmp_path):
                  "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", f"export RUNS_DIR={runs}", "export EPOCHS=5"):
         assert line in script
     assert script[-1].endswith('--task "$SLURM_ARRAY_TASK_ID" -- --no-download --device cpu')
+    # each task's torch uses the task's CPUs, not every core of the node (unless OMP_NUM_THREADS is set)
+    threads = next(line for line in script if "OMP_NUM_THREADS" in line) + '; echo "$OMP_NUM_THREADS"'
+    for env_in, expected in (({"SLURM_CPUS_PER_TASK": "2"}, "2"), ({"SLURM_CPUS_PER_TASK": "2", "OMP_NUM_THREADS": "3"}, "3"),
+                             ({}, "1")):
+        shell = subprocess.run(["bash", "-c", threads], env={"PATH": os.environ["PATH"], **env_in},
+                               capture_output=True, text=True)
+        assert shell.stdout.strip() == expected, (env_in, shell)
     assert f"sbatch {runs}/sweep.sbatch" in out.stdout
     assert (runs / "sweep_plan.tsv").read_text().splitlines()[3].startswith("lsq_w2a2_s8\t")
     no_gpu = _sweep(["-n", "--slurm"], dict(env, GPUS="0", MAX_RUNNING="2"))
