@@ -19,6 +19,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or not one this tool wrote; the message names the file."""
 
 
+#: Exit status of every command (training, export.py, plots.py) when an output file cannot be written.
+EXIT_WRITE_FAILED = 4
+
+
 class WriteError(OSError):
     """An output file could not be written (disk full, read-only, quota, ...).
 

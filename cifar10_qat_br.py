@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import config as cfgmod  # noqa: E402
 import distributed  # noqa: E402
 import runner  # noqa: E402
-from checkpoint import CheckpointError, WriteError, atomic_write_json  # noqa: E402
+from checkpoint import EXIT_WRITE_FAILED, CheckpointError, WriteError, atomic_write_json  # noqa: E402
 from data import DataError, DeviceLoader, find_source, load_split, shard, training_images  # noqa: E402
 from engine import Interrupted, NonFiniteError, Trainer, seed_everything  # noqa: E402
 from models import build_model  # noqa: E402
@@ -47,9 +47,6 @@ AUTO_ACTIONS = {"resume": "continuing the run from last.pt",
                 "restart": "starting the run again (it never finished an epoch)",
                 "new": "starting a new run"}
 
-
-#: Exit status when an output file cannot be written (disk full, read-only, ...).
-EXIT_WRITE_FAILED = 4
 
 #: Exit status of a non-finite loss or parameter.
 EXIT_NON_FINITE = 3
@@ -120,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         with distributed.agreement(group):  # stage 2: the run folder (rank 0), the data, the model
             old_run = []  # the files of the run this one replaces, removed once every check has passed
-            if group is None or group.is_main:
+            if distributed.is_main(group):
                 created_output_dir, lock, old_run = runner.prepare_output_dir(cfg, resuming=ckpt is not None)
             if cfg.ptq:
                 print("\n".join(ptq.banner(cfg, source.describe(), ptq_warnings)), flush=True)
@@ -130,19 +127,19 @@ def main(argv: list[str] | None = None) -> int:
             trainer, run_config = set_up(cfg, source, ckpt, group)
         return train(cfg, trainer, run_config, ckpt, old_run, group)
     except (cfgmod.ConfigError, DataError, CheckpointError) as exc:
-        if group is None or group.is_main:  # every rank has the same error (distributed.agreement)
+        if distributed.is_main(group):  # every rank has the same error (distributed.agreement)
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except WriteError as exc:  # rank 0 only: the other ranks are ended by torchrun
         print(f"error: {exc}. Stopped; {_kept(cfg, group, 'Make room (or fix the folder)')}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     except NonFiniteError as exc:  # every rank at the same step (Trainer._agree_on_step)
-        if group is None or group.is_main:
+        if distributed.is_main(group):
             print(f"error: {exc}. Stopped (no metrics were written for the failed epoch); {_kept(cfg, group)}",
                   file=sys.stderr)
         return EXIT_NON_FINITE
     except Interrupted as exc:
-        if group is None or group.is_main:
+        if distributed.is_main(group):
             print(f"\nInterrupted by {exc}; {_kept(cfg, group)}", file=sys.stderr)
         return 128 + exc.signum
     except RuntimeError as exc:  # under torchrun: a collective failed because another rank ended
@@ -194,7 +191,7 @@ def set_up(cfg, source, ckpt, group=None):
         ConfigError, DataError, CheckpointError: the kernels, the data or ``--pretrained``.
     """
     device = cfgmod.resolve_device(cfg.device)
-    is_main = group is None or group.is_main
+    is_main = distributed.is_main(group)
     if group is not None:
         device = group.device(device)
     cpu_kernels = None
@@ -277,7 +274,7 @@ def train(cfg, trainer, run_config: dict, ckpt, old_run: list[str], group=None) 
     Raises:
         WriteError, NonFiniteError, Interrupted: the run stopped (finished epochs are in last.pt).
     """
-    is_main = group is None or group.is_main
+    is_main = distributed.is_main(group)
     if is_main:
         open_run_files(cfg, trainer, run_config, ckpt, old_run)
     if ckpt is not None:

@@ -123,6 +123,11 @@ def launch_from_environment(environ=os.environ) -> Launch | None:
     return launch
 
 
+def is_main(group: "Group | None") -> bool:
+    """Whether this process prints and writes the run's files: one process, or rank 0 of a group."""
+    return group is None or group.is_main
+
+
 def start() -> "Group | None":
     """Join the process group of a torchrun launch (None outside one).
 

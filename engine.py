@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from checkpoint import append_jsonl, atomic_torch_save, numpy_rng_from_plain, numpy_rng_to_plain
 from config import act_bits, compile_mode, frozen_kinds, learning_rate, weight_bits
+from distributed import is_main
 from hooks import ActivationHookManager, BinStatsCollector
 from progress import EpochProgress
 from quant import FULL_PRECISION_BITS, keep_step_sizes_positive, quantized_layers, step_size_quantizers
@@ -364,7 +365,7 @@ class Trainer:
         check_every = 1 if self.device.type == "cpu" else CUDA_CHECK_EVERY
         out = {}
         bar = tqdm(self.train_loader.batches(epoch), total=len(self.train_loader), leave=False,
-                   desc=f"epoch {epoch}", disable=None if self.group is None or self.group.is_main else True)
+                   desc=f"epoch {epoch}", disable=None if is_main(self.group) else True)
         # Plain progress lines when the console is a file (a SLURM log): tqdm is silent there.
         progress = EpochProgress(epoch, self.cfg.epochs, len(self.train_loader),
                                  self.elapsed / (epoch - 1) if epoch > 1 else None,

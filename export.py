@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError, WriteError, atomic_write_json, writing
+from checkpoint import EXIT_WRITE_FAILED, CheckpointError, WriteError, atomic_write_json, writing
 from data import DataError, DeviceLoader, find_source, load_split
 from deploy.integer import load_integer_model, save_integer_model
 from deploy.onnx_qdq import ExportError, export_onnx, quantizer_steps, run_session, session
@@ -102,10 +102,6 @@ def compare(model, sess, reference, loader) -> dict:
             **{f"{k}_prediction_agreement": v / n for k, v in agree.items()}, **first}
 
 
-#: Exit status when an output file cannot be written (as cifar10_qat_br.py's).
-EXIT_WRITE_FAILED = 4
-
-
 def main(argv: list[str] | None = None) -> int:
     """Export and check (see the module docstring); returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -125,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         loader = DeviceLoader(test, args.eval_batch_size, torch.device("cpu"), train=False)
         example = next(loader.batches())[0]
         started = time.perf_counter()
-        onnx_model = export_onnx(model, example)
+        steps = quantizer_steps(model, example)  # one forward pass for both formats
+        onnx_model = export_onnx(model, example, steps)
         existing = [f for f in EXPORT_FILES if os.path.exists(os.path.join(args.out, f))]
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ExportError(f"--out {args.out} is a file, not a folder")
@@ -141,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         with writing(onnx_path), open(onnx_path, "wb") as f:
             f.write(onnx_model.SerializeToString())
         with writing(int_path):
-            save_integer_model(model, quantizer_steps(model, example), model_cfg, int_path)
+            save_integer_model(model, steps, model_cfg, int_path)
     except WriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_WRITE_FAILED

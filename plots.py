@@ -48,11 +48,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from checkpoint import CheckpointError, WriteError, load_checkpoint, read_jsonl, writing  # noqa: E402
+from checkpoint import EXIT_WRITE_FAILED, CheckpointError, WriteError, load_checkpoint, read_jsonl, writing  # noqa: E402
 from data import MEAN, STD, DataError, find_source, load_split  # noqa: E402
 from models import build_model  # noqa: E402
 from quant import quantize_model, quantized_layers  # noqa: E402
-from quant.grid import grid_levels, level_spacing, num_levels  # noqa: E402
+from quant.grid import grid_levels, level_spacing, num_levels, per_channel_view  # noqa: E402
 from regularizers import weight_bin_stats  # noqa: E402
 
 #: Above this many levels the levels and bin edges are not drawn (only the clip range).
@@ -560,7 +560,7 @@ def make_plots(run_dir: str, out_dir: str | None = None, layers: list[str] | Non
             wq, aq = layer.weight_quant, layer.act_quant
             weights, weight_step, unit = layer.weight.detach().float(), None, ""
             if wq.enabled and wq.channels is not None:  # one grid per channel: every weight in its channel's steps
-                steps = wq.alpha.detach().float().view(-1, *[1] * (weights.dim() - 1))
+                steps = per_channel_view(wq.alpha.detach().float(), weights)
                 weights, weight_step, unit = weights / steps, 1.0, " (in α of its channel)"
             elif wq.enabled:
                 weight_step = float(wq.alpha.detach())
@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = make_plots(args.run_dir, args.out, args.layers, args.data_dir, args.images, not args.no_activations)
     except WriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 4
+        return EXIT_WRITE_FAILED
     except (PlotError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deploy.onnx_qdq import ExportError, per_channel_view, weight_codes
+from deploy.onnx_qdq import ExportError, weight_codes
 from deploy.restore import build_network
 from quant import QuantizedLayer, quantized_layers
-from quant.grid import round_to_grid
+from quant.grid import per_channel_view, round_to_grid
 
 FORMAT = 1
 

@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 from torch import fx, nn
 
 from quant import LSQQuantizer, QuantizedLayer, step_size_quantizers
-from quant.grid import round_to_grid
+from quant.grid import per_channel_view, round_to_grid
 
 #: ONNX opset of the export (int2/uint2 arrived in opset 25).
 OPSET = 25
@@ -100,11 +100,6 @@ def quantizer_steps(model: nn.Module, example: torch.Tensor) -> dict[LSQQuantize
     if missing:
         raise ExportError(f"quantizers never used in the forward pass: {', '.join(missing)}")
     return {q: step_used(q, shapes[q]) for q in quantizers.values()}
-
-
-def per_channel_view(step: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A step of shape ``()``, or ``(C,)`` (one per output channel) shaped to broadcast over ``weight``."""
-    return step.view(-1, *[1] * (weight.dim() - 1)) if step.dim() > 0 else step
 
 
 def weight_codes(layer: QuantizedLayer, step: torch.Tensor) -> torch.Tensor:
@@ -255,13 +250,14 @@ class _GraphBuilder:
         raise ExportError(f"no ONNX translation for {node.format_node()}")
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+def export_onnx(model: nn.Module, example: torch.Tensor, steps: dict | None = None) -> onnx.ModelProto:
     """The ONNX (opset 25, QDQ) translation of a (fake-quantized) CIFAR network.
 
     Args:
         model: a network of ``models`` after ``quant.quantize_model`` (or float), weights loaded.
         example: an input batch ``(N, 3, H, W)``, to fix the input's image shape and the step
             sizes' gradient scales; the batch dimension stays symbolic (``N``).
+        steps: ``quantizer_steps(model, example)`` when the caller has them already.
 
     Returns:
         the model, checked with ``onnx.checker`` (input ``input``, output ``logits``).
@@ -270,9 +266,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
         ExportError: an operation or quantizer the exporter cannot translate.
     """
     model = model.eval()
-    steps = quantizer_steps(model, example)
+    steps = quantizer_steps(model, example) if steps is None else steps
     with torch.no_grad():
-        out_shape = model(example).shape
+        out_shape = model(example[:1]).shape  # only the logits' shape after N is used
     graph = _Tracer().trace(model)
     modules = dict(model.named_modules())
     builder = _GraphBuilder(steps)

@@ -125,7 +125,10 @@ def _residuals(x: torch.Tensor, step: torch.Tensor, quant_min: int,
     levels = round_to_grid(scaled, quant_min, quant_max)
     # int32 on the CPU (bincount and index_select take it; half the memory traffic of int64)
     index_dtype = torch.int32 if scaled.device.type == "cpu" else torch.int64
-    bins = (levels - quant_min).div_(level_spacing(quant_min, quant_max))
+    bins = levels - quant_min
+    spacing = level_spacing(quant_min, quant_max)
+    if spacing != 1:  # the binary grid; on every other grid the division would be one more pass for nothing
+        bins.div_(spacing)
     num_bins = num_levels(quant_min, quant_max)
     index = bins.to(index_dtype).clamp_(0, num_bins - 1)  # in range for NaN too
     if per_channel:

@@ -55,6 +55,12 @@ def round_to_grid(c: torch.Tensor, quant_min: int, quant_max: int) -> torch.Tens
     return clamped.round_()
 
 
+def per_channel_view(step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A step size of shape ``()``, or ``(C,)`` (one per output channel), shaped to broadcast over
+    ``like`` (first dimension C): ``()`` or ``(C, 1, ..., 1)``."""
+    return step.view(-1, *[1] * (like.dim() - 1)) if step.dim() > 0 else step
+
+
 def grid_levels(quant_min: int, quant_max: int, **tensor_kwargs) -> torch.Tensor:
     """The levels of the grid, lowest first, shape ``(num_levels,)``: bin ``j`` holds level ``[j]``."""
     return torch.arange(quant_min, quant_max + 1, level_spacing(quant_min, quant_max), **tensor_kwargs)

@@ -16,7 +16,7 @@ from torch import nn
 
 from quant.bins import (BinStats, bin_alpha_gradient, eager_bin_gradient, eager_bin_statistics,
                         flat_view)
-from quant.grid import BINARY_RANGE, is_binary, round_to_grid
+from quant.grid import BINARY_RANGE, is_binary, per_channel_view, round_to_grid
 from quant.kernels import cpu_kernels, kernels_apply
 
 #: Smallest step size the optimiser may leave behind (see ``keep_step_sizes_positive``); in
@@ -146,8 +146,7 @@ class _LSQFakeQuantize(torch.autograd.Function):
         # clamp: an α that would be 0 (0/0 = NaN) or subnormal in the dtype of x (float16) is raised
         # to min_step_size; a no-op for every α the optimiser leaves in float32 (>= MIN_STEP_SIZE).
         a = ((alpha - scaled) + scaled).to(x.dtype).clamp_min(min_step_size(x.dtype))
-        if alpha.dim() > 0:  # one α per output channel: shape (C, 1, ..., 1), broadcast over x
-            a = a.view(-1, *([1] * (x.dim() - 1)))
+        a = per_channel_view(a, x)  # one α per output channel: shape (C, 1, ..., 1), broadcast over x
         with_stats = bin_stats is not None
         # backward takes the same path (it saved what that path needs); the kernels take one α
         ctx.kernels = alpha.dim() == 0 and kernels_apply(x)

@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from quant.grid import level_spacing, num_levels, round_to_grid
-
-
-def _broadcast(alpha: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """α as float32, shaped to broadcast over ``v``: ``()``, or ``(C, 1, ..., 1)`` for one α per output channel."""
-    alpha = alpha.float()
-    return alpha.view(-1, *([1] * (v.dim() - 1))) if alpha.dim() > 0 else alpha
+from quant.grid import level_spacing, num_levels, per_channel_view, round_to_grid
 
 
 def bin_indices(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int) -> torch.Tensor:
     """Bin of each value, ``clamp(round(v/α), quant_min, quant_max) - quant_min``, as int16, shape of ``v``
     (binary grid, ``quant.grid``: 0 for ``v < 0``, 1 for ``v >= 0``; ``alpha`` of shape ``(C,)``: one
     per output channel, ``v[c]`` on ``alpha[c]``'s grid)."""
-    levels = round_to_grid(v.float() / _broadcast(alpha, v), quant_min, quant_max)
+    levels = round_to_grid(v.float() / per_channel_view(alpha.float(), v), quant_min, quant_max)
     return ((levels - quant_min) / level_spacing(quant_min, quant_max)).to(torch.int16)
 
 
@@ -45,7 +39,7 @@ def weight_bin_stats(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant
         ``quant_min`` up). ``bins`` is the int16 tensor to pass as ``previous`` next time.
     """
     bins = bin_indices(v, alpha, quant_min, quant_max)
-    step = _broadcast(alpha, v)
+    step = per_channel_view(alpha.float(), v)
     levels = (bins.float() * level_spacing(quant_min, quant_max) + quant_min) * step
     dist = ((v.float() - levels).abs() / step).mean().item()
     counts = torch.bincount(bins.flatten().long(), minlength=num_levels(quant_min, quant_max)).float()

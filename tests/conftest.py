@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import numpy as np
@@ -51,3 +52,18 @@ def run_cli(argv, capsys=None):
 
 
 TINY = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16", "--workers", "0", "--no-download"]
+
+
+def signal_in_epoch(monkeypatch, epoch: int, signum: int = signal.SIGINT):
+    """Make the run receive ``signum`` during its first step of ``epoch`` (its ``Trainer.train_step``
+    patched through ``monkeypatch``, which undoes it)."""
+    import engine
+    real = engine.Trainer.train_step
+
+    def step(self, x, y, use_br, check=None):
+        out = real(self, x, y, use_br, check)
+        if check is not None and check[0] == epoch:
+            self._stop_signal = signum
+        return out
+
+    monkeypatch.setattr(engine.Trainer, "train_step", step)

@@ -18,7 +18,7 @@ import torch
 
 import checkpoint
 import export
-from conftest import TINY, make_image_folder, run_cli
+from conftest import TINY, make_image_folder, run_cli, signal_in_epoch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CONTENT = ["best.pt", "config.json", "last.pt", "metrics.jsonl", "summary.json", "timing.jsonl", "warmup_end.pt"]
@@ -362,20 +362,11 @@ def test_a_checkpoint_of_the_wrong_shape_is_refused_on_every_path(kind, shared_f
 
 
 def test_resume_does_not_need_the_pretrained_file(shared_folder, tmp_path, monkeypatch, capsys):
-    import engine
     pretrained = tmp_path / "fp32.pt"
     torch.save({"model": _float_state(), "config": {"flags": {"arch": "resnet20"}}}, pretrained)
     out = tmp_path / "run"
-    real = engine.Trainer.train_step
-
-    def stop_in_epoch_2(self, x, y, use_br, check=None):
-        result = real(self, x, y, use_br, check)
-        if check is not None and check[0] == 2:
-            self._stop_signal = signal.SIGTERM
-        return result
-
     with monkeypatch.context() as m:
-        m.setattr(engine.Trainer, "train_step", stop_in_epoch_2)
+        signal_in_epoch(m, 2, signal.SIGTERM)
         rc, _, _ = run_cli(["--data-dir", shared_folder, "--output-dir", out, "--pretrained", pretrained, *TINY],
                            capsys)
     assert rc == 128 + signal.SIGTERM

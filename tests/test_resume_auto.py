@@ -3,8 +3,7 @@
 import json
 import signal
 
-import engine
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, signal_in_epoch
 
 
 def _epochs(out):
@@ -33,19 +32,11 @@ def test_restarts_a_run_without_an_epoch_then_skips_it_once_finished(shared_fold
 def test_continues_an_interrupted_run(shared_folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     argv = ["--resume", "auto", "--output-dir", out, "--data-dir", shared_folder, *TINY]
-    real = engine.Trainer.train_step
-
-    def interrupted_in_epoch_2(self, x, y, use_br, check=None):
-        result = real(self, x, y, use_br, check)
-        if check is not None and check[0] == 2:
-            self._stop_signal = signal.SIGTERM
-        return result
-
-    monkeypatch.setattr(engine.Trainer, "train_step", interrupted_in_epoch_2)
-    rc, stdout, _ = run_cli(argv, capsys)
+    with monkeypatch.context() as m:
+        signal_in_epoch(m, 2, signal.SIGTERM)
+        rc, stdout, _ = run_cli(argv, capsys)
     assert rc == 128 + signal.SIGTERM and "--resume auto: starting a new run" in stdout
     assert _epochs(out) == [1] and not (out / "summary.json").exists()
-    monkeypatch.setattr(engine.Trainer, "train_step", real)
 
     rc, stdout, _ = run_cli(argv, capsys)  # the same command: a requeued job
     assert rc == 0

@@ -8,33 +8,19 @@ import subprocess
 
 import pytest
 
-import engine
 import runner
 from config import build_parser
-from conftest import make_image_folder, run_cli
+from conftest import make_image_folder, run_cli, signal_in_epoch
 
 FLOAT = ["--num-bits", "32", "--lambda-br", "0", "--lambda-br-act", "0"]
 TWO_EPOCHS = ["--epochs", "2", "--warmup-epochs", "0", "--batch-size", "16", "--workers", "0"]
-
-
-def _interrupt_in_epoch(monkeypatch, epoch):
-    """Make the run receive SIGINT during its first step of ``epoch``."""
-    real = engine.Trainer.train_step
-
-    def step(self, x, y, use_br, check=None):
-        out = real(self, x, y, use_br, check)
-        if check is not None and check[0] == epoch:
-            self._stop_signal = signal.SIGINT
-        return out
-
-    monkeypatch.setattr(engine.Trainer, "train_step", step)
 
 
 def test_printed_resume_command_works_as_printed(tmp_path, monkeypatch, capsys):
     # data in a folder with a space in its name, not the default ./data, never downloaded
     data = make_image_folder(tmp_path / "my data", train_per_class=2, test_per_class=1)
     out = tmp_path / "run dir"
-    _interrupt_in_epoch(monkeypatch, 2)
+    signal_in_epoch(monkeypatch, 2)
     rc, _, err = run_cli(["--data-dir", data, "--no-download", "--output-dir", out, *FLOAT, *TWO_EPOCHS], capsys)
     assert rc == 128 + signal.SIGINT
     command = err.split("Resume with: ", 1)[1].strip()
@@ -83,7 +69,7 @@ def test_tensorboard_added_on_resume_gets_the_earlier_epochs_from_metrics(shared
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        _interrupt_in_epoch(m, 2)
+        signal_in_epoch(m, 2)
         rc, _, _ = run_cli(["--data-dir", shared_folder, "--no-download", "--output-dir", out, *FLOAT,
                             *TWO_EPOCHS], capsys)
     assert rc == 128 + signal.SIGINT and not (out / "tensorboard").exists()
