@@ -22,8 +22,11 @@ import sys
 
 
 def _interrupted_while_importing(signum, _frame):
-    print(f"Interrupted by {signal.Signals(signum).name} during start-up: nothing was written", file=sys.stderr)
-    sys.exit(128 + signum)
+    print(f"Interrupted by {signal.Signals(signum).name} during start-up: nothing was written", file=sys.stderr,
+          flush=True)
+    # os._exit, not sys.exit: a SystemExit raised inside an import (numpy's, torch's) leaves half-imported
+    # modules whose teardown then fails (measured: a RecursionError traceback, or an abort); nothing is written yet
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":  # the imports take seconds: a signal then ends with one line too (main() takes over)
