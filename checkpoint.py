@@ -145,10 +145,14 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+def write_jsonl(rows: list[dict], path: str) -> None:
+    """Write ``rows`` as the JSON-lines file ``path``, atomically (``WriteError`` as ``_atomic_write``)."""
+    _atomic_write(path, lambda f: f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()))
+
+
 def truncate_jsonl(path: str, keep) -> None:
     """Atomically keep only the rows of ``path`` for which ``keep(row)`` is true."""
-    rows = [r for r in read_jsonl(path) if keep(r)]
-    _atomic_write(path, lambda f: f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()))
+    write_jsonl([r for r in read_jsonl(path) if keep(r)], path)
 
 
 #: What a checkpoint of an older version of this tool holds besides tensors and containers: the

@@ -91,10 +91,16 @@ def main(argv: list[str] | None = None) -> int:
                 return evaluate_checkpoint(cfg, argv)
             if cfg.resume == "" and cfg.overwrite:  # --resume PATH may replace another run (runner.prepare_output_dir)
                 raise cfgmod.ConfigError("--resume and --overwrite contradict each other: pass one")
+            if cfg.from_warmup and cfg.resume not in (None, "auto"):
+                raise cfgmod.ConfigError("--from-warmup starts a new run from a warmup and --resume continues a run: "
+                                         "pass one (or --resume auto: it continues the run if there is one, else "
+                                         "branches)")
             auto = runner.resolve_auto_resume(cfg) if cfg.resume == "auto" else None
             ckpt = runner.resolve_resume(cfg, argv)  # first: flags not given come from the run
             defaulted = cfgmod.resolve_defaults(cfg)
             cfgmod.validate(cfg)
+            if cfg.from_warmup and ckpt is None:  # after the defaults: the warmup's flags are resolved ones
+                ckpt = runner.branch_from_warmup(cfg)
             if group is not None:  # after --resume, which may take --batch-size, --device, --sync-bn from the run
                 group.check(cfg, cfgmod.resolve_device(cfg.device))
             if auto == "finished":
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         with distributed.agreement(group):  # stage 2: the run folder (rank 0), the data, the model
             old_run = []  # the files of the run this one replaces, removed once every check has passed
             if distributed.is_main(group):
-                created_output_dir, lock, old_run = runner.prepare_output_dir(cfg, resuming=ckpt is not None)
+                created_output_dir, lock, old_run = runner.prepare_output_dir(cfg, resuming=cfg.resume is not None)
             if cfg.ptq:
                 print("\n".join(ptq.banner(cfg, source.describe(), ptq_warnings)), flush=True)
                 return ptq.run(cfg, source, old_run)
@@ -237,10 +243,12 @@ def set_up(cfg, source, ckpt, group=None):
     run_config = runner.run_config(cfg, source.describe(), cpu_kernels, val_split, world_size,
                                    group.backend(device) if group is not None else None)
     if ckpt is not None:
+        run_config["derived"]["warmup_source"] = runner.warmup_source(cfg, ckpt)
         try:
             trainer.load_state_dict(ckpt)
         except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"--resume {runner.resume_path(cfg)}: its training state cannot be restored "
+            flag = f"--resume {runner.resume_path(cfg)}" if cfg.resume is not None else f"--from-warmup {cfg.from_warmup}"
+            raise CheckpointError(f"{flag}: its training state cannot be restored "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return trainer, run_config
 
@@ -258,7 +266,13 @@ def open_run_files(cfg, trainer, run_config: dict, ckpt, old_run: list[str]) -> 
         from tb_logging import TensorBoardLogger
         trainer.tb = TensorBoardLogger(os.path.join(cfg.output_dir, "tensorboard"))
         trainer.tb.attach(trainer.model)
-    if ckpt is not None:
+    if ckpt is not None and cfg.resume is None:  # --from-warmup: a new run, complete up to the warmup's end
+        for line in runner.write_branch_start(cfg, ckpt, run_config):
+            print(line, flush=True)
+        if trainer.tb is not None:
+            for row in ckpt["warmup_logs"]["metrics.jsonl"]:
+                trainer.tb.log_scalars(row)
+    elif ckpt is not None:
         for line in runner.restore_checkpoint_set(cfg, ckpt, quantized=bool(trainer.layers)):
             print(line, flush=True)
         runner.restore_logs(cfg.output_dir, ckpt)
@@ -281,7 +295,8 @@ def train(cfg, trainer, run_config: dict, ckpt, old_run: list[str], group=None) 
     if is_main:
         open_run_files(cfg, trainer, run_config, ckpt, old_run)
     if ckpt is not None:
-        print(f"Resumed from epoch {ckpt['epoch']} of {cfg.epochs}", flush=True)
+        print(f"{'Resumed' if cfg.resume is not None else 'Branched'} from epoch {ckpt['epoch']} of {cfg.epochs}",
+              flush=True)
     try:
         summary = trainer.fit(run_config)
     finally:

@@ -29,6 +29,11 @@ RUN_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite",
 #: other flag not given is, so that the printed resume command works as printed).
 INVOCATION_FLAGS = frozenset({"output_dir", "resume", "overwrite", "dry_run"})
 
+#: Flags that act only after the warmup (stage 2): every other experiment flag shapes epochs 1..W,
+#: so runs that differ only in these share their warmup (``--from-warmup``).
+STAGE2_FLAGS = frozenset({"lambda_br", "lambda_br_act", "br_backprop_to_alpha_act", "freeze_alpha",
+                          "freeze_weight_alpha", "freeze_act_alpha"})
+
 #: The five ablation scenarios of the README, as (name, λ_w, λ_a, backprop A-BR to α).
 SCENARIOS = (
     ("W-only", 1.0, 0.0, False),
@@ -136,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "are the run's. 'auto': continue it if there is one, exit 0 if it is finished, "
                         "else start it (again, if it never finished an epoch): a command to repeat")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    r.add_argument("--from-warmup", default=None, metavar="PATH",
+                   help="start at stage 2 from PATH, the warmup_end.pt of a run whose stage 1 is this run's (every "
+                        "flag equal but the stage-2 ones: the λs, --br-backprop-to-alpha-act, the freeze flags); "
+                        "its epochs 1..W are copied into this run's folder, which is then as complete as a run "
+                        "from scratch [off]")
     r.add_argument("--dry-run", action="store_true", help="print the banner and the resolved config, then exit")
     d = p.add_argument_group("evaluation and post-training quantization (no training)")
     d.add_argument("--evaluate", default=None, metavar="CKPT",
@@ -441,7 +451,8 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
             "True (--br-backprop-to-alpha-act; the default, and the recommended setting, is False)"
             if cfg.br_backprop_to_alpha_act else "False (a detached target k·α: the default, and recommended)"))
         if cfg.br_backprop_to_alpha_act and freeze_a and E > W:
-            lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot change it")
+            lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot change "
+                         "it: the target k·α cannot move, and the run is the one without --br-backprop-to-alpha-act")
     lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {cfg.freeze_alpha}"]
     lines.append("    └─> If True: NO updates to alpha from ANY loss (CE or BR)")
     lines.append("    └─> If False: CE can update alpha, A-BR respects --br-backprop-to-alpha-act flag")
@@ -492,6 +503,9 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     elif cfg.arch == "mobilenetv2":
         lines.append("Activations: ReLU6 (MobileNetV2's own; --clip-value c clips to [0, c] instead)")
     lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
+    if getattr(cfg, "from_warmup", None):
+        lines.append(f"Warmup: epochs 1-{cfg.warmup_epochs} are those of {cfg.from_warmup} (--from-warmup: the same "
+                     f"stage 1; this run trains from epoch {cfg.warmup_epochs + 1})")
     lines.append(f"Optimiser: {optimizer_line(cfg, defaulted)}, cosine over {E} epoch{'s' if E != 1 else ''}, "
                  f"batch {cfg.batch_size}, seed {cfg.seed}")
     lines.append(f"Data: {source_line}" + (f"; {cfg.val_split} training images held out for validation "

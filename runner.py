@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import filecmp
 import json
 import os
 import platform
@@ -20,10 +21,10 @@ import time
 
 import torch
 
-from checkpoint import (CheckpointError, append_jsonl, atomic_copy, atomic_write_json, load_checkpoint, load_data,
-                        read_jsonl, remove_temporaries, truncate_jsonl, writing)
-from config import (INVOCATION_FLAGS, RUN_FLAGS, ConfigError, build_parser, default_output_dir, explicit_flags,
-                    is_float_run, resolve_device)
+from checkpoint import (CheckpointError, append_jsonl, atomic_copy, atomic_torch_save, atomic_write_json,
+                        load_checkpoint, load_data, read_jsonl, remove_temporaries, truncate_jsonl, write_jsonl, writing)
+from config import (INVOCATION_FLAGS, RUN_FLAGS, STAGE2_FLAGS, ConfigError, build_parser, default_output_dir,
+                    explicit_flags, is_float_run, resolve_device)
 
 #: Files that make a folder "hold a run".
 RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json",
@@ -119,6 +120,118 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     if differences:
         raise ConfigError(f"--resume: refusing to change the experiment of {path}: {'; '.join(differences)}")
     return ckpt
+
+
+#: The logs a branched run copies from its warmup's folder, epochs 1..W.
+LOG_FILES = ("metrics.jsonl", "timing.jsonl")
+
+
+def branch_from_warmup(cfg) -> dict:
+    """Load ``--from-warmup PATH`` (the ``warmup_end.pt`` of another run) for a run that starts at stage 2.
+
+    Stage 1 of runs that differ only in ``STAGE2_FLAGS`` is one experiment, so a run may take it
+    from another: this run then continues from PATH at epoch W+1, as ``--resume`` would, with its
+    own stage-2 flags. Every other experiment flag (resolved: ``--warmup-epochs`` and ``--lr``
+    filled in) must equal the warmup's; a flag newer than the warmup counts as its default there.
+    ``--pretrained`` must be given when the warmup had one, but its path may differ (the same
+    float network on another machine); two files that both exist here must be the same bytes.
+    The warmup's ``metrics.jsonl`` and ``timing.jsonl`` rows of epochs 1..W, from PATH's folder,
+    are returned under ``ckpt["warmup_logs"]`` (name -> rows), for ``write_branch_start``.
+
+    Returns:
+        the checkpoint (epoch W).
+
+    Raises:
+        ConfigError: ``--ptq`` given too; flags that would change stage 1 (each named with both values).
+        CheckpointError: PATH is not a checkpoint of this tool, not the end of a warmup, or its
+            folder lacks the log rows of epochs 1..W.
+    """
+    path = cfg.from_warmup
+    if cfg.ptq:
+        raise ConfigError("--from-warmup trains stage 2; --ptq trains nothing: pass one")
+    ckpt = load_checkpoint(path, "--from-warmup", resumable=True)
+    saved = ckpt["config"]["flags"]
+    warmup = saved.get("warmup_epochs")
+    if ckpt["config"].get("derived", {}).get("float_run") or not warmup or ckpt["epoch"] != warmup:
+        raise CheckpointError(f"--from-warmup {path}: not the end of a warmup (it is epoch {ckpt['epoch']} of a run "
+                              f"with --warmup-epochs {warmup}); pass the warmup_end.pt of a quantized run")
+    defaults = build_parser()
+    differences = []
+    for key in sorted(set(vars(cfg)) | set(saved)):
+        if key in RUN_FLAGS | INVOCATION_FLAGS | STAGE2_FLAGS | {"from_warmup", "pretrained"}:
+            continue
+        ours = getattr(cfg, key, defaults.get_default(key))
+        theirs = saved.get(key, defaults.get_default(key))
+        if ours != theirs:
+            differences.append(f"--{key.replace('_', '-')} {ours} (warmup: {theirs})")
+    ours, theirs = cfg.pretrained, saved.get("pretrained")
+    if (ours is None) != (theirs is None) or (
+            ours and ours != theirs and os.path.isfile(ours) and os.path.isfile(theirs)
+            and not filecmp.cmp(ours, theirs, shallow=False)):
+        differences.append(f"--pretrained {ours} (warmup: {theirs})")
+    if differences:
+        raise ConfigError(f"--from-warmup {path}: this run's stage 1 would not be the warmup's: "
+                          f"{'; '.join(differences)}. Only the stage-2 flags may differ "
+                          f"({', '.join(sorted('--' + k.replace('_', '-') for k in STAGE2_FLAGS))})")
+    folder = os.path.dirname(os.path.abspath(path))
+    ckpt["warmup_logs"] = {}
+    for name in LOG_FILES:
+        rows = [r for r in read_jsonl(os.path.join(folder, name)) if r.get("epoch", 0) <= warmup]
+        if [r.get("epoch") for r in rows] != list(range(1, warmup + 1)):
+            raise CheckpointError(f"--from-warmup {path}: {os.path.join(folder, name)} does not hold one row for "
+                                  f"each of epochs 1-{warmup}, which this run's {name} starts with; keep the "
+                                  f"warmup's logs beside its warmup_end.pt")
+        ckpt["warmup_logs"][name] = rows
+    logged = ckpt.get("log_rows", {}).get("metrics.jsonl")
+    if logged is not None and logged != ckpt["warmup_logs"]["metrics.jsonl"][-1]:
+        raise CheckpointError(f"--from-warmup {path}: the metrics.jsonl beside it is not this checkpoint's run "
+                              f"(its epoch {warmup} row differs from the one the checkpoint holds)")
+    return ckpt
+
+
+def warmup_source(cfg, ckpt: dict) -> dict | None:
+    """config.json's account of where a ``--from-warmup`` run's epochs 1..W come from (the warmup's
+    checkpoint, its commit and its ``--pretrained``), carried over when such a run is resumed;
+    None for a run that trained its own warmup."""
+    if cfg.resume is not None:  # resumed: the run's own account, if it was branched
+        return ckpt["config"].get("derived", {}).get("warmup_source")
+    config = ckpt["config"]
+    return {"checkpoint": os.path.abspath(cfg.from_warmup), "epochs": ckpt["epoch"],
+            "git_commit": config.get("git_commit"), "pretrained": config["flags"].get("pretrained")}
+
+
+def write_branch_start(cfg, ckpt: dict, config: dict) -> list[str]:
+    """Make a branched run's folder what a run from scratch holds after its warmup (epoch W).
+
+    ``ckpt`` is ``branch_from_warmup``'s. The logs of epochs 1..W first, then ``last.pt`` and
+    ``warmup_end.pt``: the warmup's training state with this run's ``config`` (so that
+    ``--resume`` continues this run, with its stage-2 flags), and ``best.pt`` of the warmup's best
+    epoch the same way (from the warmup's folder when that epoch is not W). Returns the console
+    lines saying what was written.
+
+    Raises:
+        WriteError: a file cannot be written.
+    """
+    out, warmup = cfg.output_dir, ckpt["epoch"]
+    for name, rows in ckpt["warmup_logs"].items():
+        write_jsonl(rows, os.path.join(out, name))
+    state = {k: v for k, v in ckpt.items() if k != "warmup_logs"}
+    state["config"] = config
+    state["log_rows"] = {name: rows[-1] for name, rows in ckpt["warmup_logs"].items()}
+    for name in ("last.pt", "warmup_end.pt"):
+        atomic_torch_save(state, os.path.join(out, name))
+    lines = [f"Branched from {cfg.from_warmup}: epochs 1-{warmup} (logs, last.pt, warmup_end.pt) written to {out}"]
+    best = ckpt["best_epoch"]
+    best_there = os.path.join(os.path.dirname(os.path.abspath(cfg.from_warmup)), "best.pt")
+    if best == warmup:
+        atomic_torch_save(state, os.path.join(out, "best.pt"))
+    elif best >= 1 and saved_epoch(best_there) == best:
+        atomic_torch_save(dict(load_data(best_there, "best.pt"), config=config), os.path.join(out, "best.pt"))
+        lines.append(f"best.pt: copied from {best_there} (epoch {best})")
+    elif best >= 1:
+        lines.append(f"WARNING: best.pt of epoch {best} is missing and cannot be made again ({best_there} does "
+                     f"not hold that epoch)")
+    return lines
 
 
 def _why_no_last_pt(out: str) -> str:

@@ -1,0 +1,110 @@
+"""--from-warmup: a scenario branched from another scenario's warmup is the run from scratch, bit for bit."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+from conftest import TINY, run_cli, signal_in_epoch
+
+# The seed's scenarios by their stage-2 flags (config.STAGE2_FLAGS); everything else is shared.
+W_ONLY = ["--lambda-br", "1", "--lambda-br-act", "0", "--freeze-alpha"]
+WA_STABLE = ["--lambda-br", "1", "--lambda-br-act", "1", "--freeze-alpha"]
+WA_MOVING = WA_STABLE + ["--br-backprop-to-alpha-act"]
+LSQ = ["--lambda-br", "0", "--lambda-br-act", "0"]
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def scratch(shared_folder, tmp_path_factory):
+    """Three scenarios run from scratch: name -> run folder."""
+    root = tmp_path_factory.mktemp("scratch")
+    runs = {}
+    for name, flags in (("lsq", LSQ), ("w-only", W_ONLY), ("wa-stable", WA_STABLE)):
+        runs[name] = root / name
+        rc, _, _ = run_cli(["--data-dir", shared_folder, "--output-dir", runs[name], *TINY, *flags])
+        assert rc == 0
+    return runs
+
+
+@pytest.mark.parametrize("name, flags, source", [("w-only", W_ONLY, "lsq"), ("wa-stable", WA_STABLE, "lsq"),
+                                                 ("lsq", LSQ, "wa-stable")])
+def test_a_branched_run_is_the_run_from_scratch(scratch, shared_folder, tmp_path, capsys, name, flags, source):
+    out = tmp_path / name
+    warmup = scratch[source] / "warmup_end.pt"
+    rc, stdout, _ = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY, *flags,
+                             "--from-warmup", warmup], capsys)
+    assert rc == 0
+    assert f"Warmup: epochs 1-1 are those of {warmup} (--from-warmup" in stdout
+    assert "Branched from epoch 1 of 2" in stdout
+    assert _rows(scratch[source])[0] == _rows(scratch[name])[0]  # stage 1 is one experiment
+    assert _rows(out) == _rows(scratch[name])  # every field of every epoch, BR and bins included
+    assert [json.loads(line)["epoch"] for line in (out / "timing.jsonl").read_text().splitlines()] == [1, 2]
+    for f in ("last.pt", "best.pt", "warmup_end.pt", "summary.json"):
+        assert (out / f).exists()
+    mine = torch.load(out / "last.pt", weights_only=True)
+    theirs = torch.load(scratch[name] / "last.pt", weights_only=True)
+    assert all(torch.equal(mine["model"][k], theirs["model"][k]) for k in theirs["model"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["flags"]["from_warmup"] == str(warmup)
+    assert config["derived"]["warmup_source"]["epochs"] == 1
+    # warmup_end.pt holds this run's flags, so that it evaluates and plots as this run's
+    assert torch.load(out / "warmup_end.pt", weights_only=True)["config"]["flags"]["lambda_br_act"] == \
+        float(flags[flags.index("--lambda-br-act") + 1])
+
+
+def test_moving_target_with_frozen_alpha_is_the_stable_run(scratch, shared_folder, tmp_path, capsys):
+    """With every α frozen after warmup, A-BR's gradient to α has nothing to move: W+A moving = W+A stable."""
+    out = tmp_path / "wa-moving"
+    rc, stdout, _ = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY, *WA_MOVING,
+                             "--from-warmup", scratch["lsq"] / "warmup_end.pt"], capsys)
+    assert rc == 0
+    assert "the target k·α cannot move, and the run is the one without --br-backprop-to-alpha-act" in stdout
+    assert _rows(out) == _rows(scratch["wa-stable"])
+
+
+def test_a_branched_run_resumes_like_any_other(scratch, shared_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "w-only"
+    argv = ["--data-dir", shared_folder, "--output-dir", out, *TINY, *W_ONLY,
+            "--from-warmup", scratch["lsq"] / "warmup_end.pt", "--resume", "auto"]
+    with monkeypatch.context() as m:
+        signal_in_epoch(m, 2, signal.SIGTERM)
+        rc, stdout, _ = run_cli(argv, capsys)
+    assert rc == 128 + signal.SIGTERM and "--resume auto: starting a new run" in stdout
+    assert [r["epoch"] for r in _rows(out)] == [1] and not (out / "summary.json").exists()
+    rc, stdout, _ = run_cli(argv, capsys)  # the same command: continues from this run's last.pt (epoch 1)
+    assert rc == 0 and "continuing the run from last.pt" in stdout and "Resumed from epoch 1 of 2" in stdout
+    assert _rows(out) == _rows(scratch["w-only"])
+    rc, stdout, _ = run_cli(argv, capsys)
+    assert rc == 0 and "this run is finished" in stdout
+    rc, _, err = run_cli(["--resume", "--output-dir", out, "--lambda-br-act", "1"], capsys)  # its own experiment
+    assert rc == 2 and "--lambda-br-act 1.0 (run: 0.0)" in err
+
+
+def test_a_different_stage_1_is_refused(scratch, shared_folder, tmp_path, capsys):
+    warmup = scratch["lsq"] / "warmup_end.pt"
+    base = ["--data-dir", shared_folder, "--output-dir", tmp_path / "run", *TINY, *W_ONLY, "--from-warmup", warmup]
+    rc, _, err = run_cli(base + ["--epochs", "3", "--seed", "7"], capsys)  # later flags win in argparse
+    assert rc == 2
+    assert f"--from-warmup {warmup}: this run's stage 1 would not be the warmup's: " in err
+    assert "--epochs 3 (warmup: 2); --seed 7 (warmup: 42)" in err
+    rc, _, err = run_cli(base + ["--num-bits", "3"], capsys)
+    assert rc == 2 and "--num-bits 3 (warmup: 2)" in err
+    rc, _, err = run_cli(base[:-1] + [scratch["lsq"] / "last.pt"], capsys)  # epoch 2 of 2: not a warmup's end
+    assert rc == 2 and "not the end of a warmup (it is epoch 2 of a run with --warmup-epochs 1)" in err
+    rc, _, err = run_cli(base + ["--resume"], capsys)
+    assert rc == 2 and "--from-warmup starts a new run from a warmup and --resume continues a run" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_warmup_without_its_logs_is_refused(scratch, shared_folder, tmp_path, capsys):
+    lonely = tmp_path / "elsewhere"
+    lonely.mkdir()
+    (lonely / "warmup_end.pt").write_bytes((scratch["lsq"] / "warmup_end.pt").read_bytes())
+    rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", tmp_path / "run", *TINY, *W_ONLY,
+                          "--from-warmup", lonely / "warmup_end.pt"], capsys)
+    assert rc == 2 and f"{lonely / 'metrics.jsonl'} does not hold one row for each of epochs 1-1" in err
