@@ -29,6 +29,10 @@ RUN_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite",
 #: other flag not given is, so that the printed resume command works as printed).
 INVOCATION_FLAGS = frozenset({"output_dir", "resume", "overwrite", "dry_run"})
 
+#: Flags that say how a run started, not what it is: on --resume always the run's (given or not), so a
+#: run that trained its own warmup stays one when resumed with --from-warmup (--resume auto, a sweep).
+HISTORY_FLAGS = frozenset({"from_warmup"})
+
 #: Flags that act only after the warmup (stage 2): every other experiment flag shapes epochs 1..W,
 #: so runs that differ only in these share their warmup (``--from-warmup``).
 STAGE2_FLAGS = frozenset({"lambda_br", "lambda_br_act", "br_backprop_to_alpha_act", "freeze_alpha",

@@ -23,7 +23,7 @@ import torch
 
 from checkpoint import (CheckpointError, append_jsonl, atomic_copy, atomic_torch_save, atomic_write_json,
                         load_checkpoint, load_data, read_jsonl, remove_temporaries, truncate_jsonl, write_jsonl, writing)
-from config import (INVOCATION_FLAGS, RUN_FLAGS, STAGE2_FLAGS, ConfigError, build_parser, default_output_dir,
+from config import (HISTORY_FLAGS, INVOCATION_FLAGS, RUN_FLAGS, STAGE2_FLAGS, ConfigError, build_parser, default_output_dir,
                     explicit_flags, is_float_run, resolve_device)
 
 #: Files that make a folder "hold a run".
@@ -79,7 +79,8 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     ``INVOCATION_FLAGS``; run flags given override the run's, experiment flags given with
     another value are refused with one line listing the differences (an experiment flag
     newer than the run, absent from its config, ran at its default: ``--optimizer adam`` on a
-    run from before ``--optimizer`` is refused too). ``cfg`` is updated in place.
+    run from before ``--optimizer`` is refused too); ``HISTORY_FLAGS`` are always the run's.
+    ``cfg`` is updated in place.
 
     Returns:
         the checkpoint, or None without ``--resume``.
@@ -106,11 +107,14 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     given = explicit_flags(argv)
     differences = []
     defaults = build_parser()
-    for key in given - set(saved) - RUN_FLAGS - INVOCATION_FLAGS:  # a flag newer than the run: it ran with the default
+    for key in HISTORY_FLAGS:
+        setattr(cfg, key, saved.get(key))
+    newer = given - set(saved) - RUN_FLAGS - INVOCATION_FLAGS - HISTORY_FLAGS
+    for key in newer:  # a flag newer than the run: it ran with the default
         if getattr(cfg, key) != defaults.get_default(key):
             differences.append(f"{_flag(key)} {getattr(cfg, key)} (run: {defaults.get_default(key)}, the default)")
     for key, value in saved.items():
-        if key in INVOCATION_FLAGS or not hasattr(cfg, key):
+        if key in INVOCATION_FLAGS | HISTORY_FLAGS or not hasattr(cfg, key):
             continue
         if key in given and key in RUN_FLAGS:
             continue  # given now: how to run may change
@@ -158,7 +162,7 @@ def branch_from_warmup(cfg) -> dict:
     defaults = build_parser()
     differences = []
     for key in sorted(set(vars(cfg)) | set(saved)):
-        if key in RUN_FLAGS | INVOCATION_FLAGS | STAGE2_FLAGS | {"from_warmup", "pretrained"}:
+        if key in RUN_FLAGS | INVOCATION_FLAGS | HISTORY_FLAGS | STAGE2_FLAGS or key == "pretrained":
             continue
         ours = getattr(cfg, key, defaults.get_default(key))
         theirs = saved.get(key, defaults.get_default(key))

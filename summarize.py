@@ -55,7 +55,7 @@ SWEEP_PLAN = "sweep_plan.tsv"
 IGNORED_FLAGS = frozenset({"workers", "device", "output_dir", "resume", "overwrite", "dry_run", "data_dir",
                            "no_download", "tensorboard", "compile", "eval_batch_size", "progress_interval", "seed",
                            "num_bits", "num_bits_weight", "num_bits_act", "first_last_bits", "evaluate", "ptq",
-                           "sync_bn"})
+                           "sync_bn", "from_warmup"})
 
 #: Flags of post-training quantization only (``cifar10_qat_br.py --ptq``).
 PTQ_FLAGS = ("calib_batches", "bn_recalib")

@@ -108,3 +108,16 @@ def test_a_warmup_without_its_logs_is_refused(scratch, shared_folder, tmp_path, 
     rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", tmp_path / "run", *TINY, *W_ONLY,
                           "--from-warmup", lonely / "warmup_end.pt"], capsys)
     assert rc == 2 and f"{lonely / 'metrics.jsonl'} does not hold one row for each of epochs 1-1" in err
+
+
+def test_a_run_that_trained_its_own_warmup_stays_one(scratch, shared_folder, tmp_path, monkeypatch, capsys):
+    """A sweep's run started before its warmup existed, then resumed by a command with --from-warmup."""
+    out = tmp_path / "w-only"
+    argv = ["--data-dir", shared_folder, "--output-dir", out, *TINY, *W_ONLY, "--resume", "auto"]
+    with monkeypatch.context() as m:
+        signal_in_epoch(m, 2, signal.SIGTERM)
+        assert run_cli(argv, capsys)[0] == 128 + signal.SIGTERM
+    rc, stdout, _ = run_cli(argv + ["--from-warmup", scratch["lsq"] / "warmup_end.pt"], capsys)
+    assert rc == 0 and "Resumed from epoch 1 of 2" in stdout
+    assert json.loads((out / "config.json").read_text())["flags"]["from_warmup"] is None
+    assert _rows(out) == _rows(scratch["w-only"])

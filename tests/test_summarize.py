@@ -230,7 +230,8 @@ def test_a_run_whose_last_pt_is_ahead_of_its_log_is_not_called_empty(tmp_path):
 
 def test_how_to_run_flags_never_split_configurations():
     # Flags that may change on --resume (config.RUN_FLAGS) say how a run ran, not what it is.
-    assert cfgmod.RUN_FLAGS <= summarize.IGNORED_FLAGS
+    # --from-warmup says where epochs 1..W came from: a branched run is the run from scratch (test_from_warmup)
+    assert cfgmod.RUN_FLAGS | cfgmod.HISTORY_FLAGS <= summarize.IGNORED_FLAGS
 
 
 def test_running_pending_and_stale_runs(tmp_path):
