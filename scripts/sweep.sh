@@ -16,7 +16,8 @@
 #
 #   RUNS_DIR    folder of the run folders                           [runs/sweep]
 #   DATA_DIR    --data-dir                                          [./data]
-#   SCENARIOS   rows of the scenario table below, by key            [the five QAT ones]
+#   SCENARIOS   rows of the scenario table below, by key            [w-only wa-stable wa-moving a-only lsq]
+#               (the seed's five; also lsq-frozen, wa-stable-free, wa-moving-free, ptq)
 #   BITS        widths: "2" (W2A2) or "w2a4" (W2, A4); space separated  [2]
 #   LAMBDAS     λ of the BR terms a scenario enables                [1]
 #   CLIPS       --clip-value c (activations clipped to [0, c]: "1" ReLU1-, "6" ReLU6-style);
@@ -27,6 +28,11 @@
 #   WARMUP      --warmup-epochs   (empty: the tool's default, 30 % of EPOCHS)  []
 #   PRETRAINED  --pretrained float checkpoint (empty: none)         []
 #   PYTHON      the interpreter                                     [python]
+#   BRANCH      1: the runs of one seed, width, clip and optimizer share one warmup: the
+#               first of them trains it, the others start at stage 2 from its warmup_end.pt
+#               (--from-warmup; the same runs bit for bit, without W of their E epochs);
+#               0: every run trains its own warmup                  [1]
+#   JOBS        local runs at once; each gets OMP_NUM_THREADS = CPUs / JOBS unless set  [1]
 #
 # and, with --slurm, the resources of each array task (SBATCH_* variables, such as
 # SBATCH_PARTITION or SBATCH_ACCOUNT, are read by sbatch itself and override these):
@@ -46,7 +52,8 @@
 # The ptq scenario quantizes PRETRAINED after training (cifar10_qat_br.py --ptq: no λ, no
 # epochs; EPOCHS and WARMUP do not apply to it) and needs PRETRAINED.
 #
-# Run folders are named <scenario>_w<W>a<A>[_lam<λ>][_clip<c>][_<optimizer>]_s<seed>: the LSQ
+# Run folders are named <scenario>_w<W>a<A>[_lam<λ>][_frz][_clip<c>][_<optimizer>]_s<seed>: _frz
+# when the scenario freezes every step size after warmup (--freeze-alpha); the LSQ
 # baseline has no λ (run once per width, clip, optimizer and seed), no clip adds no _clip part
 # and SGD no optimizer part (so the folders of a grid without CLIPS and OPTIMIZERS keep the names
 # they always had); PTQ trains nothing, so it runs once per width, clip and seed, without an
@@ -67,7 +74,10 @@
 # <run folder>/sweep_exit_code (summarize.py lists such runs as failed). The grid is
 # kept in RUNS_DIR/sweep_plan.tsv (summarize.py lists runs not started yet as pending).
 # A failed run does not stop the sweep; Ctrl-C does (the interrupted run resumes on
-# the next call).
+# the next call). With JOBS > 1 a branch waits until its group's first run has written its
+# warmup_end.pt, and the console shows when each run starts and ends. A SLURM task branches
+# when the warmup exists as it starts, else trains its own (tasks start together: submit the
+# array again after the warmups, or set MAX_RUNNING, to share them).
 #
 # On SLURM each array task requeues itself (--requeue) when its time limit is near:
 # the script's --signal=B:USR1@120 makes the task stop its run at the next step (the
@@ -79,14 +89,20 @@
 
 set -u -o pipefail
 
-# Scenario table (the README's ablations): key, λ_w on, λ_a on, extra flags, name.
+# Scenario table (the README's ablations): key, λ_w on, λ_a on, extra flags (comma-separated), name.
+# The seed's five rows first: its four BR scenarios freeze every step size after warmup, its
+# baseline does not. lsq-frozen separates freezing from BR; the -free pair lets α train in
+# stage 2, where a moving target can move (with α frozen, wa-moving is wa-stable bit for bit).
 SCENARIO_TABLE="
-w-only     1 0 -                          W-only
-wa-stable  1 1 -                          W+A stable
-wa-moving  1 1 --br-backprop-to-alpha-act W+A moving target
-a-only     0 1 -                          A-only
-lsq        0 0 -                          LSQ baseline
-ptq        0 0 --ptq                      PTQ (post-training quantization)
+w-only          1 0 --freeze-alpha                            W-only
+wa-stable       1 1 --freeze-alpha                            W+A stable
+wa-moving       1 1 --freeze-alpha,--br-backprop-to-alpha-act W+A moving target
+a-only          0 1 --freeze-alpha                            A-only
+lsq             0 0 -                                         LSQ baseline
+lsq-frozen      0 0 --freeze-alpha                            LSQ, α frozen after warmup
+wa-stable-free  1 1 -                                         W+A stable, α trained in stage 2
+wa-moving-free  1 1 --br-backprop-to-alpha-act                W+A moving target, α trained in stage 2
+ptq             0 0 --ptq                                     PTQ (post-training quantization)
 "
 
 RUNS_DIR=${RUNS_DIR:-runs/sweep}
@@ -95,6 +111,8 @@ SCENARIOS=${SCENARIOS:-w-only wa-stable wa-moving a-only lsq}
 BITS=${BITS:-2}
 LAMBDAS=${LAMBDAS:-1}
 SEEDS=${SEEDS:-42 43 44}
+BRANCH=${BRANCH:-1}
+JOBS=${JOBS:-1}
 CLIPS=${CLIPS:-none}
 OPTIMIZERS=${OPTIMIZERS:-sgd}
 EPOCHS=${EPOCHS:-}
@@ -136,7 +154,7 @@ EXTRA=("$@")
 # Check the settings before running anything.
 for key in $SCENARIOS; do
     grep -q "^$key " <<<"$SCENARIO_TABLE" ||
-        die "SCENARIOS: unknown scenario '$key' (choose from: w-only wa-stable wa-moving a-only lsq ptq)"
+        die "SCENARIOS: unknown scenario '$key' (choose from: $(awk 'NF {print $1}' <<<"$SCENARIO_TABLE" | paste -sd' '))"
 done
 for b in $BITS; do
     [[ $b =~ ^[0-9]+$ || $b =~ ^w[0-9]+a[0-9]+$ ]] || die "BITS: '$b' is not N or wNaM (e.g. 2 or w2a4)"
@@ -147,6 +165,8 @@ done
 for seed in $SEEDS; do
     [[ $seed =~ ^[0-9]+$ ]] || die "SEEDS: '$seed' is not an integer"
 done
+[[ $BRANCH == 0 || $BRANCH == 1 ]] || die "BRANCH: '$BRANCH' is not 0 or 1"
+[[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "JOBS: '$JOBS' is not a number of runs at once (1, 2, ...)"
 for clip in $CLIPS; do
     [[ $clip == none || $clip =~ ^[0-9]*\.?[0-9]+$ ]] || die "CLIPS: '$clip' is not 'none' or a number (e.g. 1 or 6)"
     [[ $clip == none || $clip =~ [1-9] ]] || die "CLIPS: '$clip' must be > 0 (--clip-value clips to [0, c])"
@@ -157,8 +177,9 @@ done
 # The grid sets these flags and names the run folders by them: an extra flag must not change
 # them behind the folder's name (argparse also takes an unambiguous prefix, as --optim).
 GRID_FLAGS="SEEDS:--seed BITS:--num-bits BITS:--num-bits-weight BITS:--num-bits-act LAMBDAS:--lambda-br
-    LAMBDAS:--lambda-br-act SCENARIOS:--br-backprop-to-alpha-act SCENARIOS:--ptq CLIPS:--clip-value
-    OPTIMIZERS:--optimizer RUNS_DIR:--output-dir"
+    LAMBDAS:--lambda-br-act SCENARIOS:--br-backprop-to-alpha-act SCENARIOS:--ptq SCENARIOS:--freeze-alpha
+    SCENARIOS:--freeze-weight-alpha SCENARIOS:--freeze-act-alpha CLIPS:--clip-value OPTIMIZERS:--optimizer
+    RUNS_DIR:--output-dir BRANCH:--from-warmup"
 for arg in "${EXTRA[@]}"; do
     name=${arg%%=*}
     [[ $name == --?* ]] || continue
@@ -173,8 +194,11 @@ if [[ $MODE == slurm ]]; then
     [[ -z $MAX_RUNNING || $MAX_RUNNING =~ ^[1-9][0-9]*$ ]] || die "MAX_RUNNING: '$MAX_RUNNING' is not a number"
 fi
 
-# Build the list of runs: one line per run, "folder<TAB>flags".
+# Build the list of runs: one line per run, "folder<TAB>flags". SOURCE[i]: the grid point whose
+# warmup point i branches from (empty: it trains its own), the first training run of its group.
 PLAN=()
+SOURCE=()
+declare -A GROUP_SOURCE=()
 for seed in $SEEDS; do
     for b in $BITS; do
         if [[ $b =~ ^w([0-9]+)a([0-9]+)$ ]]; then
@@ -201,12 +225,22 @@ for seed in $SEEDS; do
                         fi
                         flags="--num-bits-weight $w --num-bits-act $a --seed $seed"
                         [[ $key != ptq ]] && flags+=" --lambda-br $lam_w --lambda-br-act $lam_a"
-                        [[ $extra != "-" ]] && flags+=" $extra"
+                        [[ $extra != "-" ]] && flags+=" ${extra//,/ }"
+                        [[ $extra == *--freeze-alpha* ]] && name+="_frz"
                         if [[ $clip != none ]]; then
                             name+="_clip${clip}"; flags+=" --clip-value $clip"
                         fi
                         if [[ $key != ptq && $opt != sgd ]]; then
                             name+="_${opt}"; flags+=" --optimizer $opt"
+                        fi
+                        group="$seed $w $a $clip $opt"  # what stage 1 depends on; λ and freezing do not
+                        if [[ $key == ptq || $BRANCH == 0 ]]; then
+                            SOURCE+=("")
+                        elif [[ -n ${GROUP_SOURCE[$group]:-} ]]; then
+                            SOURCE+=("${GROUP_SOURCE[$group]}")
+                        else
+                            GROUP_SOURCE[$group]=${#PLAN[@]}
+                            SOURCE+=("")
                         fi
                         PLAN+=("${name}_s${seed}"$'\t'"$flags")
                     done
@@ -251,9 +285,16 @@ action_of() {
     else echo "new"; fi
 }
 
-# Set name, dir and cmd (the run's command line) for grid point $1 (0-based).
+# The run folder of grid point $1.
+folder_of() { local entry=${PLAN[$1]}; echo "$RUNS_DIR/${entry%%$'\t'*}"; }
+
+# Set name, dir, cmd (the run's command line) and warmup (the warmup_end.pt it branches from, or
+# "") for grid point $1 (0-based). A branch gets --from-warmup only once that file exists: until
+# then it trains its own warmup, the same epochs bit for bit (a run that started so stays so).
 point() {
     local entry=${PLAN[$1]} flags
+    warmup=""
+    [[ -n ${SOURCE[$1]} ]] && warmup="$(folder_of "${SOURCE[$1]}")/warmup_end.pt"
     name=${entry%%$'\t'*}
     read -r -a flags <<<"${entry#*$'\t'}"
     dir="$RUNS_DIR/$name"
@@ -263,6 +304,7 @@ point() {
         [[ -n $WARMUP ]] && cmd+=(--warmup-epochs "$WARMUP")
     fi
     [[ -n $PRETRAINED ]] && cmd+=(--pretrained "$PRETRAINED")
+    [[ -n $warmup && -f $warmup ]] && cmd+=(--from-warmup "$warmup")
     cmd+=("${EXTRA[@]}" --resume auto)
 }
 
@@ -383,29 +425,99 @@ fi
 echo "Sweep: $total run(s) into $RUNS_DIR ($GRID)"
 [[ $DRY_RUN == 1 ]] || write_plan
 failed=()
+
+# After run $1 (grid point index) ended with status $2: record it; a stop signal ends the sweep.
+ended() {
+    point "$1"
+    end_point "$2"
+    [[ $2 == 0 ]] && return 0
+    failed+=("$name (exit $2)")
+    [[ $2 == 130 || $2 == 143 ]] && return 0
+    echo "[$(($1 + 1))/$total] $name FAILED (exit $2); see $dir/train.log. Continuing." >&2
+}
+
+# The runs to do, in plan order; each is "todo", "running" or "done" in STATE.
+declare -A STATE=()
+todo=()
 for ((i = 0; i < total; i++)); do
     point "$i"
     action=$(action_of "$dir")
-    echo "[$((i + 1))/$total] $name: $action"
-    [[ $action == *skipped ]] && continue
-    echo "    ${cmd[*]}"
-    [[ $DRY_RUN == 1 ]] && continue
-    start_point "$action"
-    # tee -i ignores Ctrl-C, so the run can still print how to resume.
-    "${cmd[@]}" 2>&1 | tee -i -a "$dir/train.log"
-    rc=${PIPESTATUS[0]}
-    end_point "$rc"
-    if [[ $rc != 0 ]]; then
-        failed+=("$name (exit $rc)")
+    if [[ $action == *skipped || $DRY_RUN == 1 ]]; then
+        echo "[$((i + 1))/$total] $name: $action"
+        [[ $action == *skipped ]] && continue
+        echo "    ${cmd[*]}"
+        [[ -n $warmup && ! -f $warmup ]] && echo "    (--from-warmup $warmup once it exists; else its own warmup)"
+        continue
+    fi
+    STATE[$i]=todo
+    todo+=("$i")
+done
+[[ $DRY_RUN == 1 ]] && exit 0
+
+if [[ $JOBS == 1 ]]; then  # one run after the other, its output on this console too
+    for i in "${todo[@]}"; do
+        point "$i"  # now: a branch's warmup may have appeared since the list was made
+        action=$(action_of "$dir")
+        echo "[$((i + 1))/$total] $name: $action"
+        echo "    ${cmd[*]}"
+        start_point "$action"
+        # tee -i ignores Ctrl-C, so the run can still print how to resume.
+        "${cmd[@]}" 2>&1 | tee -i -a "$dir/train.log"
+        rc=${PIPESTATUS[0]}
+        ended "$i" "$rc"
         if [[ $rc == 130 || $rc == 143 ]]; then
             echo "Sweep interrupted during $name; run the same command again to resume it." >&2
             exit "$rc"
         fi
-        echo "[$((i + 1))/$total] $name FAILED (exit $rc); see $dir/train.log. Continuing." >&2
+    done
+else
+    # JOBS runs side by side, each on its share of the CPUs (one thread per run on two cores: busy
+    # threads of several runs on one core spin against each other; README "Speed"). A branch waits
+    # while its group's first run, in this sweep, has not reached the end of its warmup.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
+    echo "Running $JOBS at once, OMP_NUM_THREADS=$OMP_NUM_THREADS each; each run's output is in its train.log"
+    waiting() {  # grid point $1 waits for its warmup
+        local src=${SOURCE[$1]}
+        [[ -n $src && ! -f $(folder_of "$src")/warmup_end.pt && ${STATE[$src]:-done} != done ]]
+    }
+    declare -A RUNNING=()  # pid -> grid point
+    stop=""
+    trap 'stop=130' INT  # Ctrl-C reaches the runs themselves (they stop at the next step)
+    trap 'stop=143; kill -TERM "${!RUNNING[@]}" 2>/dev/null' TERM
+    while :; do
+        while [[ -z $stop && ${#RUNNING[@]} -lt $JOBS ]]; do
+            next=""
+            for i in "${todo[@]}"; do
+                [[ ${STATE[$i]} == todo ]] && ! waiting "$i" && { next=$i; break; }
+            done
+            [[ -n $next ]] || break
+            point "$next"
+            action=$(action_of "$dir")
+            echo "[$((next + 1))/$total] $name: $action, started $(date '+%F %T')"
+            echo "    ${cmd[*]}"
+            start_point "$action"
+            "${cmd[@]}" >>"$dir/train.log" 2>&1 &
+            RUNNING[$!]=$next
+            STATE[$next]=running
+        done
+        [[ ${#RUNNING[@]} == 0 ]] && break
+        sleep 2
+        for pid in "${!RUNNING[@]}"; do
+            kill -0 "$pid" 2>/dev/null && continue
+            wait "$pid"; rc=$?
+            i=${RUNNING[$pid]}
+            unset "RUNNING[$pid]"
+            STATE[$i]=done
+            ended "$i" "$rc"
+            echo "[$((i + 1))/$total] $name: ended $(date '+%F %T'), exit $rc"
+        done
+    done
+    if [[ -n $stop ]]; then
+        echo "Sweep interrupted; run the same command again to resume its runs." >&2
+        exit "$stop"
     fi
-done
+fi
 
-[[ $DRY_RUN == 1 ]] && exit 0
 echo
 "$PYTHON" "$REPO/summarize.py" "$RUNS_DIR"
 if [[ ${#failed[@]} -gt 0 ]]; then

@@ -72,7 +72,7 @@ def test_job_array_and_a_requeued_task(slurm_env, tmp_path):
                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     job = re.search(r"Submitted job array (\d+)", out.stdout).group(1)
-    w_only, lsq = runs / "w-only_w2a2_lam1_s1", runs / "lsq_w2a2_s1"  # tasks 0 and 1
+    w_only, lsq = runs / "w-only_w2a2_lam1_frz_s1", runs / "lsq_w2a2_s1"  # tasks 0 and 1
 
     def logs():
         folder = runs / "slurm_logs"

@@ -6,6 +6,7 @@ import math
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -156,11 +157,11 @@ def test_bad_runs_dir_is_one_error_line(tmp_path, capsys, make):
 
 def test_sweep_dry_run_skips_finished_resumes_and_restarts(tmp_path):
     runs = tmp_path / "sweep"
-    _write_run(runs / "w-only_w2a2_lam1_s1", seed=1, lambda_br=1, lambda_br_act=0, summary=(90.0, 91.0, 1.0))
-    os.makedirs(runs / "wa-stable_w2a2_lam1_s1")
-    open(runs / "wa-stable_w2a2_lam1_s1" / "last.pt", "w").close()
-    os.makedirs(runs / "a-only_w2a2_lam1_s1")
-    open(runs / "a-only_w2a2_lam1_s1" / "config.json", "w").close()
+    _write_run(runs / "w-only_w2a2_lam1_frz_s1", seed=1, lambda_br=1, lambda_br_act=0, summary=(90.0, 91.0, 1.0))
+    os.makedirs(runs / "wa-stable_w2a2_lam1_frz_s1")
+    open(runs / "wa-stable_w2a2_lam1_frz_s1" / "last.pt", "w").close()
+    os.makedirs(runs / "a-only_w2a2_lam1_frz_s1")
+    open(runs / "a-only_w2a2_lam1_frz_s1" / "config.json", "w").close()
     env = dict(os.environ, RUNS_DIR=str(runs), DATA_DIR="/data", SEEDS="1", BITS="2 w2a4", LAMBDAS="1 0.5")
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), "-n", "--", "--no-download"],
                          env=env, capture_output=True, text=True, timeout=60)
@@ -172,18 +173,29 @@ def test_sweep_dry_run_skips_finished_resumes_and_restarts(tmp_path):
             status[name] = what
     # 2 widths x (4 scenarios x 2 λ + 1 baseline) = 18 runs.
     assert len(status) == 18
-    assert status["w-only_w2a2_lam1_s1"] == "finished, skipped"
-    assert status["wa-stable_w2a2_lam1_s1"] == "resume"
-    assert status["a-only_w2a2_lam1_s1"].startswith("restart")
+    assert status["w-only_w2a2_lam1_frz_s1"] == "finished, skipped"
+    assert status["wa-stable_w2a2_lam1_frz_s1"] == "resume"
+    assert status["a-only_w2a2_lam1_frz_s1"].startswith("restart")
     assert status["lsq_w2a4_s1"] == "new" and "lsq_w2a4_lam0.5_s1" not in status
-    assert status["wa-moving_w2a4_lam0.5_s1"] == "new"
-    cmd = next(l for l in out.stdout.splitlines() if "--output-dir " + str(runs / "wa-moving_w2a4_lam0.5_s1") in l)
+    assert status["wa-moving_w2a4_lam0.5_frz_s1"] == "new"
+    lines = out.stdout.splitlines()
+    at = next(i for i, l in enumerate(lines) if "--output-dir " + str(runs / "wa-moving_w2a4_lam0.5_frz_s1") in l)
     for piece in ("--num-bits-weight 2", "--num-bits-act 4", "--lambda-br 0.5", "--lambda-br-act 0.5",
-                  "--br-backprop-to-alpha-act", "--seed 1", "--data-dir /data", "--no-download"):
-        assert piece in cmd
-    resume = next(l for l in out.stdout.splitlines() if "wa-stable_w2a2_lam1_s1 " in l + " " and "--resume" in l)
+                  "--freeze-alpha", "--br-backprop-to-alpha-act", "--seed 1", "--data-dir /data", "--no-download"):
+        assert piece in lines[at]
+    # the seed's four BR rows freeze α, its baseline does not; every run of a width shares one warmup
+    assert "--freeze-alpha" not in next(l for l in lines if "lsq_w2a4_s1 " in l + " " and "--resume" in l)
+    assert lines[at + 1] == (f"    (--from-warmup {runs / 'w-only_w2a4_lam1_frz_s1' / 'warmup_end.pt'} once it "
+                             f"exists; else its own warmup)")
+    # w-only_w2a2's warmup exists (a finished run keeps it): its branches take it now
+    open(runs / "w-only_w2a2_lam1_frz_s1" / "warmup_end.pt", "w").close()
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), "-n", "--", "--no-download"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    lsq = next(l for l in out.stdout.splitlines() if "lsq_w2a2_s1 " in l + " " and "--resume" in l)
+    assert f"--from-warmup {runs / 'w-only_w2a2_lam1_frz_s1' / 'warmup_end.pt'} --no-download --resume auto" in lsq
+    resume = next(l for l in lines if "wa-stable_w2a2_lam1_frz_s1 " in l + " " and "--resume" in l)
     assert resume.rstrip().endswith("--resume auto")  # the same command for every run: cifar10_qat_br.py decides
-    assert not os.path.exists(runs / "wa-moving_w2a4_lam0.5_s1")  # a dry run creates nothing
+    assert not os.path.exists(runs / "wa-moving_w2a4_lam0.5_frz_s1")  # a dry run creates nothing
 
 
 @pytest.mark.parametrize("flag", ["-h", "--help"])
@@ -265,7 +277,7 @@ def _sweep(args, env, cwd=None):
 
 def test_slurm_script_runs_each_grid_point_as_a_task(tmp_path):
     runs = tmp_path / "grid"
-    _write_run(runs / "w-only_w2a2_lam1_s7", seed=7, lambda_br=1, lambda_br_act=0, summary=(90.0, 91.0, 1.0))
+    _write_run(runs / "w-only_w2a2_lam1_frz_s7", seed=7, lambda_br=1, lambda_br_act=0, summary=(90.0, 91.0, 1.0))
     env = {"RUNS_DIR": str(runs), "SEEDS": "7 8", "SCENARIOS": "w-only lsq", "EPOCHS": "5",
            "CPUS": "2", "TIME": "30", "PARTITION": "gpu-short"}
     out = _sweep(["--slurm", "--", "--no-download", "--device", "cpu"], env)
@@ -302,13 +314,13 @@ def test_slurm_script_runs_each_grid_point_as_a_task(tmp_path):
 
 def test_sweep_skips_a_run_that_another_sweep_is_running(tmp_path):
     runs = tmp_path / "sweep"
-    for name, pid in (("w-only_w2a2_lam1_s1", os.getpid()), ("lsq_w2a2_s1", 999999999)):
+    for name, pid in (("w-only_w2a2_lam1_frz_s1", os.getpid()), ("lsq_w2a2_s1", 999999999)):
         os.makedirs(runs / name)
         (runs / name / "sweep_running").write_text(f"host={socket.gethostname()} pid={pid} since=2026-01-01T10:00:00\n")
     out = _sweep(["-n"], {"RUNS_DIR": str(runs), "SEEDS": "1", "SCENARIOS": "w-only lsq"})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert f"[1/2] w-only_w2a2_lam1_s1: running elsewhere (host={socket.gethostname()} pid={os.getpid()} " \
+    assert f"[1/2] w-only_w2a2_lam1_frz_s1: running elsewhere (host={socket.gethostname()} pid={os.getpid()} " \
            f"since=2026-01-01T10:00:00), skipped" in lines
     assert "[2/2] lsq_w2a2_s1: new" in lines  # a marker whose process is gone does not hold the run
 
@@ -322,8 +334,8 @@ def test_sweep_grid_of_clips_and_optimizers_locally_and_on_slurm(tmp_path):
     lines = local.stdout.splitlines()
     names = [line.split("] ", 1)[1].split(":")[0] for line in lines if line.startswith("[")]
     # the default clip and optimizer keep the old names; PTQ has no optimizer: once per clip
-    assert names == ["w-only_w2a2_lam1_s7", "ptq_w2a2_s7", "w-only_w2a2_lam1_adam_s7", "w-only_w2a2_lam1_clip6_s7",
-                     "ptq_w2a2_clip6_s7", "w-only_w2a2_lam1_clip6_adam_s7"]
+    assert names == ["w-only_w2a2_lam1_frz_s7", "ptq_w2a2_s7", "w-only_w2a2_lam1_frz_adam_s7",
+                     "w-only_w2a2_lam1_frz_clip6_s7", "ptq_w2a2_clip6_s7", "w-only_w2a2_lam1_frz_clip6_adam_s7"]
     commands = [line for line in lines if line.startswith("    ")]
     assert "--clip-value" not in commands[0] and "--optimizer" not in commands[0]
     assert "--clip-value 6 --optimizer adam" in commands[5] and "--optimizer" not in commands[4]
@@ -357,3 +369,27 @@ def test_optimizer_and_clip_are_columns_and_old_runs_count_as_sgd(tmp_path):
     markdown, rows, _ = summarize.build_tables(summarize.find_runs(str(root)))
     assert "| scenario | clip | optimizer | seeds |" in markdown
     assert sorted((r["optimizer"], r["seeds"]) for r in rows) == [("adam", "1"), ("sgd", "1 2")]
+
+
+def test_jobs_run_side_by_side_and_branches_wait_for_their_warmup(shared_folder, tmp_path):
+    """JOBS=2: the group's first run trains the warmup; the other two start from its warmup_end.pt."""
+    runs = tmp_path / "runs"
+    env = {"RUNS_DIR": str(runs), "DATA_DIR": shared_folder, "SEEDS": "1", "SCENARIOS": "w-only lsq wa-moving",
+           "EPOCHS": "2", "WARMUP": "1", "JOBS": "2", "PYTHON": sys.executable}
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), "--", "--batch-size", "16",
+                          "--workers", "0", "--no-download", "--device", "cpu"],
+                         env={k: v for k, v in dict(os.environ, **env).items() if k != "OMP_NUM_THREADS"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"Running 2 at once, OMP_NUM_THREADS={max(len(os.sched_getaffinity(0)) // 2, 1)} each" in out.stdout
+    source = runs / "w-only_w2a2_lam1_frz_s1"
+    for name in ("lsq_w2a2_s1", "wa-moving_w2a2_lam1_frz_s1"):
+        config = json.loads((runs / name / "config.json").read_text())
+        assert config["flags"]["from_warmup"] == str(source / "warmup_end.pt")
+        assert "Branched from epoch 1 of 2" in (runs / name / "train.log").read_text()
+        assert [json.loads(line)["epoch"] for line in open(runs / name / "metrics.jsonl")] == [1, 2]
+    assert json.loads((source / "config.json").read_text())["flags"]["from_warmup"] is None
+    # the warmup waited for: lsq (point 2) started after w-only's first epoch, not beside it
+    started = [line for line in out.stdout.splitlines() if ", started " in line]
+    assert [line.split("] ")[1].split(":")[0] for line in started][0] == "w-only_w2a2_lam1_frz_s1"
+    assert "3 run(s), 3 finished, 3 configuration(s)." in out.stdout
