@@ -38,14 +38,23 @@ HISTORY_FLAGS = frozenset({"from_warmup"})
 STAGE2_FLAGS = frozenset({"lambda_br", "lambda_br_act", "br_backprop_to_alpha_act", "freeze_alpha",
                           "freeze_weight_alpha", "freeze_act_alpha"})
 
-#: The five ablation scenarios of the README, as (name, λ_w, λ_a, backprop A-BR to α).
-SCENARIOS = (
-    ("W-only", 1.0, 0.0, False),
-    ("W+A stable", 1.0, 1.0, False),
-    ("W+A moving target", 1.0, 1.0, True),
-    ("A-only", 0.0, 1.0, False),
-    ("LSQ baseline", 0.0, 0.0, False),
-)
+#: The ablation's scenarios: key (as scripts/sweep.sh's SCENARIO_TABLE keys them, tested) -> (name, flags).
+#: The seed's five first: its four BR scenarios freeze every step size after warmup, its baseline
+#: does not. With α frozen the moving target cannot move (W+A moving = W+A stable, bit for bit), so
+#: ``lsq-frozen`` separates freezing from BR and the ``-free`` pair trains α in stage 2.
+SCENARIOS = {
+    "w-only": ("W-only", "--lambda-br 1 --lambda-br-act 0 --freeze-alpha"),
+    "wa-stable": ("W+A stable", "--lambda-br 1 --lambda-br-act 1 --freeze-alpha"),
+    "wa-moving": ("W+A moving target", "--lambda-br 1 --lambda-br-act 1 --freeze-alpha --br-backprop-to-alpha-act"),
+    "a-only": ("A-only", "--lambda-br 0 --lambda-br-act 1 --freeze-alpha"),
+    "lsq": ("LSQ baseline", "--lambda-br 0 --lambda-br-act 0"),
+    "lsq-frozen": ("LSQ, α frozen after warmup", "--lambda-br 0 --lambda-br-act 0 --freeze-alpha"),
+    "wa-stable-free": ("W+A stable, α trained", "--lambda-br 1 --lambda-br-act 1"),
+    "wa-moving-free": ("W+A moving target, α trained", "--lambda-br 1 --lambda-br-act 1 --br-backprop-to-alpha-act"),
+}
+
+#: The seed's five scenarios (the default grid of scripts/sweep.sh and benchmarks/gpu_study.py).
+SEED_SCENARIOS = ("w-only", "wa-stable", "wa-moving", "a-only", "lsq")
 
 
 #: ``--optimizer`` choices and the learning rate of each when ``--lr`` is not given: SGD's is this

@@ -17,8 +17,10 @@ compiling, training, evaluation, the results. Each run is an ordinary run of
    (scaled to the number of QAT runs: an upper bound), and compile every graph the QAT runs
    will need (inductor's on-disk cache then serves them).
 4. **QAT runs**: the scenarios x seeds at W2A2 from the float run's ``last.pt`` (its final
-   epoch, not its best), all at once on the one GPU, one schedule for all (warmup 30 % of
-   the epochs, as the default 30 of 100), sized to what is left.
+   epoch, not its best), on the one GPU, one schedule for all (warmup 30 % of the epochs, as
+   the default 30 of 100), sized to what is left (as if all ran at once throughout). The
+   first scenario's runs start first; the others branch from their seed's warmup_end.pt
+   (``--from-warmup``) once it is written, as scripts/sweep.sh does, and then all run at once.
 5. **results** in ``--out`` (8 files at most): ``study.json`` (protocol, measurements,
    per-run speed and accuracy, the summary rows), ``summary.md`` and ``summary_runs.csv``
    (summarize.py: mean ± sample std over seeds of the FINAL test top-1), ``curves.png``
@@ -58,13 +60,8 @@ from data import DataError, find_source, load_split  # noqa: E402
 
 ENTRY = os.path.join(ROOT, "cifar10_qat_br.py")
 
-#: The README's scenarios (``config.SCENARIOS``), keyed as scripts/sweep.sh keys them.
-SCENARIO_KEYS = {"lsq": "LSQ baseline", "w-only": "W-only", "wa-stable": "W+A stable",
-                 "wa-moving": "W+A moving target", "a-only": "A-only"}
-_BY_NAME = {name: (lam_w, lam_a, backprop) for name, lam_w, lam_a, backprop in cfgmod.SCENARIOS}
-SCENARIOS = {key: (name, ["--lambda-br", f"{_BY_NAME[name][0]:g}", "--lambda-br-act", f"{_BY_NAME[name][1]:g}"]
-                   + (["--br-backprop-to-alpha-act"] if _BY_NAME[name][2] else []))
-             for key, name in SCENARIO_KEYS.items()}
+#: The README's scenarios (``config.SCENARIOS``): key -> (name, flags).
+SCENARIOS = {key: (name, flags.split()) for key, (name, flags) in cfgmod.SCENARIOS.items()}
 
 #: Share of the default recipe's epochs spent in the LSQ warmup (30 of 100).
 WARMUP_SHARE = 0.3
@@ -83,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cifar10_qat_br.py) [a new folder under the system's temp dir]")
     p.add_argument("--budget-s", type=float, default=540.0, help="wall time of everything [540]")
     p.add_argument("--device", default="cuda", help="cuda, or cpu to test the script [cuda]")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated keys [{','.join(SCENARIOS)}]")
+    p.add_argument("--scenarios", default=",".join(cfgmod.SEED_SCENARIOS),
+                   help=f"comma-separated keys of {', '.join(SCENARIOS)} [{','.join(cfgmod.SEED_SCENARIOS)}]")
     p.add_argument("--seeds", default="42,43", help="comma-separated seeds of the QAT runs [42,43]")
     p.add_argument("--bits", type=int, default=2, help="weight and activation bits of the QAT runs [2]")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size of every run [128]")
@@ -310,8 +308,11 @@ def float_flags(epochs: int) -> list[str]:
 
 
 def qat_name(key: str, bits: int, seed: int) -> str:
-    """Folder name of a QAT run, as scripts/sweep.sh names it."""
-    return f"lsq_w{bits}a{bits}_s{seed}" if key == "lsq" else f"{key}_w{bits}a{bits}_lam1_s{seed}"
+    """Folder name of a QAT run, as scripts/sweep.sh names it (λ = 1)."""
+    flags = SCENARIOS[key][1]
+    with_br = any(flags[i + 1] != "0" for i, f in enumerate(flags) if f.startswith("--lambda-br"))
+    return (f"{key}_w{bits}a{bits}" + ("_lam1" if with_br else "") + ("_frz" if "--freeze-alpha" in flags else "")
+            + f"_s{seed}")
 
 
 def qat_flags(args, key: str, seed: int, epochs: int, pretrained: str | None) -> list[str]:
@@ -456,7 +457,7 @@ def run_study(study: Study, result: dict, runs: dict) -> None:
     since = study.elapsed()
     float_run = runs["float"] = Run(study, "float", "resnet20_fp32",
                                     float_flags(float_epochs) + ["--lr", str(args.float_lr)], data_dir)
-    grid = [(key, i, seed) for key in args.scenarios for i, seed in enumerate(args.seeds)]
+    grid = [(key, i, seed) for key in args.scenarios for i, seed in enumerate(args.seeds)]  # first scenario first
     # One probe per scenario (its first seed): the seeds of a scenario compile the same graphs,
     # so that is every graph for inductor's cache, at half the compiling of one probe per run.
     probe_grid = [(key, seed) for key, i, seed in grid if i == 0]
@@ -499,10 +500,24 @@ def run_study(study: Study, result: dict, runs: dict) -> None:
     study.log(f"protocol: float {float_epochs} epochs (lr {args.float_lr:g}); QAT W{args.bits}A{args.bits} "
               f"{qat_epochs} epochs ({warmup} LSQ warmup + {qat_epochs - warmup} BR, lr {args.qat_lr:g}), "
               f"{len(args.scenarios)} scenarios x {len(args.seeds)} seeds at once")
-    qat_runs = runs["qat"] = {(key, i): Run(study, "qat", qat_name(key, args.bits, seed),
-                              qat_flags(args, key, seed, qat_epochs, pretrained), data_dir, concurrent=len(grid))
-                for key, i, seed in grid}
-    wait_all(study, list(qat_runs.values()), deadline=study.deadline - RESERVE_S)  # 15 s grace, 10 s for results
+    # The scenarios of one seed share its warmup (stage 1 is LSQ only in each): the first scenario's
+    # runs train it, the others start at stage 2 from their warmup_end.pt (--from-warmup: the same
+    # runs bit for bit), so W of every E epochs run once per seed instead of once per run.
+    deadline = study.deadline - RESERVE_S  # 15 s grace, 10 s for results
+    qat_runs = runs["qat"] = {}
+    for key, i, seed in grid:
+        if key != args.scenarios[0] and warmup > 0:
+            source = qat_runs[(args.scenarios[0], i)]
+            warmup_end = os.path.join(source.dir, "warmup_end.pt")
+            while not os.path.exists(warmup_end) and source.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            branch = ["--from-warmup", warmup_end] if os.path.exists(warmup_end) else []
+        else:
+            branch = []
+        qat_runs[(key, i)] = Run(study, "qat", qat_name(key, args.bits, seed),
+                                 qat_flags(args, key, seed, qat_epochs, pretrained) + branch, data_dir,
+                                 concurrent=len(grid))
+    wait_all(study, list(qat_runs.values()), deadline=deadline)
     study.phase("qat_runs", since)
 
     result["measured"] = {"float_probe": float_measure, "float_epoch_s_predicted": float_epoch_s,

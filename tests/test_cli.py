@@ -50,10 +50,13 @@ def _banner(capsys, *flags):
     return out
 
 
-@pytest.mark.parametrize("name,lam_w,lam_a,backprop", SCENARIOS)
-def test_dry_run_banners_for_the_five_scenarios(capsys, name, lam_w, lam_a, backprop):
-    flags = ["--lambda-br", lam_w, "--lambda-br-act", lam_a] + (["--br-backprop-to-alpha-act"] if backprop else [])
-    out = _banner(capsys, *map(str, flags))
+@pytest.mark.parametrize("key", SCENARIOS)
+def test_dry_run_banners_for_the_scenarios(capsys, key):
+    flags = SCENARIOS[key][1].split()
+    scenario = build_parser().parse_args(flags)
+    lam_w, lam_a, backprop = scenario.lambda_br, scenario.lambda_br_act, scenario.br_backprop_to_alpha_act
+    out = _banner(capsys, *flags)
+    assert f"  - Freeze alpha after warmup: {scenario.freeze_alpha}" in out.splitlines()
     assert "Starting 2-Stage QAT+BR Training" in out
     assert "Stage 1 (Warmup): Epochs 1-30 (LSQ only; 30 % of 100 epochs, as --warmup-epochs was not given)" in out
     w_line = f"  - W-BR (weights): λ={lam_w} [{'ENABLED' if lam_w else 'DISABLED'}]"

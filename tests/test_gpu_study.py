@@ -41,14 +41,16 @@ def test_tiny_study_on_the_cpu(tmp_path, capsys):
     assert result["protocol"]["float"]["epochs"] == 1
     assert result["protocol"]["qat"]["epochs"] == 2 and result["protocol"]["qat"]["warmup_epochs"] == 1  # 30 % of 2
     runs = tmp_path / "work" / "runs" / "qat"
-    assert set(result["runs"]) == {"lsq_w2a2_s42", "wa-stable_w2a2_lam1_s42"}
+    assert set(result["runs"]) == {"lsq_w2a2_s42", "wa-stable_w2a2_lam1_frz_s42"}
+    branched = json.loads((runs / "wa-stable_w2a2_lam1_frz_s42" / "config.json").read_text())
+    assert branched["flags"]["from_warmup"] == str(runs / "lsq_w2a2_s42" / "warmup_end.pt")  # the seed's warmup
     for name, report in result["runs"].items():
         metrics = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
         assert report["exit"] == 0 and report["epochs_done"] == 2
         assert report["final_test_acc"] == metrics[-1]["test_acc"]  # the final epoch, not the best
         config = json.loads((runs / name / "config.json").read_text())
         assert config["flags"]["pretrained"].endswith(os.path.join("float", "resnet20_fp32", "last.pt"))
-    stable = [json.loads(line) for line in (runs / "wa-stable_w2a2_lam1_s42" / "metrics.jsonl").read_text().splitlines()]
+    stable = [json.loads(line) for line in (runs / "wa-stable_w2a2_lam1_frz_s42" / "metrics.jsonl").read_text().splitlines()]
     assert stable[0]["br_w"] == 0 and stable[1]["br_w"] > 0 and stable[1]["br_a"] > 0
     table = (out / "summary.md").read_text()
     assert "LSQ baseline" in table and "W+A stable" in table

@@ -393,3 +393,16 @@ def test_jobs_run_side_by_side_and_branches_wait_for_their_warmup(shared_folder,
     started = [line for line in out.stdout.splitlines() if ", started " in line]
     assert [line.split("] ")[1].split(":")[0] for line in started][0] == "w-only_w2a2_lam1_frz_s1"
     assert "3 run(s), 3 finished, 3 configuration(s)." in out.stdout
+
+
+def test_the_sweeps_scenarios_are_configs():
+    """scripts/sweep.sh's SCENARIO_TABLE (bash) runs exactly config.SCENARIOS' flags, and names _frz what freezes."""
+    out = _sweep(["-n"], {"RUNS_DIR": "/nonexistent/s", "SEEDS": "1", "BITS": "2", "SCENARIOS": " ".join(cfgmod.SCENARIOS)})
+    assert out.returncode == 0, out.stderr
+    commands = [line.split() for line in out.stdout.splitlines() if line.startswith("    python")]
+    assert len(commands) == len(cfgmod.SCENARIOS)
+    for key, command in zip(cfgmod.SCENARIOS, commands):
+        folder = os.path.basename(command[command.index("--output-dir") + 1])
+        flags = command[command.index("--seed") + 2:command.index("--resume")]
+        assert folder.startswith(key + "_w2a2") and flags == cfgmod.SCENARIOS[key][1].split(), key
+        assert ("_frz_" in folder) == ("--freeze-alpha" in flags), folder
