@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import filecmp
 import json
 import os
 import platform
@@ -138,7 +137,7 @@ def branch_from_warmup(cfg) -> dict:
     own stage-2 flags. Every other experiment flag (resolved: ``--warmup-epochs`` and ``--lr``
     filled in) must equal the warmup's; a flag newer than the warmup counts as its default there.
     ``--pretrained`` must be given when the warmup had one, but its path may differ (the same
-    float network on another machine); two files that both exist here must be the same bytes.
+    float network elsewhere); when the warmup's file exists here too, both must hold the same weights.
     The warmup's ``metrics.jsonl`` and ``timing.jsonl`` rows of epochs 1..W, from PATH's folder,
     are returned under ``ckpt["warmup_logs"]`` (name -> rows), for ``write_branch_start``.
 
@@ -169,9 +168,8 @@ def branch_from_warmup(cfg) -> dict:
         if ours != theirs:
             differences.append(f"--{key.replace('_', '-')} {ours} (warmup: {theirs})")
     ours, theirs = cfg.pretrained, saved.get("pretrained")
-    if (ours is None) != (theirs is None) or (
-            ours and ours != theirs and os.path.isfile(ours) and os.path.isfile(theirs)
-            and not filecmp.cmp(ours, theirs, shallow=False)):
+    if (ours is None) != (theirs is None) or (ours and ours != theirs and os.path.isfile(theirs)
+                                              and not _same_weights(ours, theirs)):
         differences.append(f"--pretrained {ours} (warmup: {theirs})")
     if differences:
         raise ConfigError(f"--from-warmup {path}: this run's stage 1 would not be the warmup's: "
@@ -191,6 +189,12 @@ def branch_from_warmup(cfg) -> dict:
         raise CheckpointError(f"--from-warmup {path}: the metrics.jsonl beside it is not this checkpoint's run "
                               f"(its epoch {warmup} row differs from the one the checkpoint holds)")
     return ckpt
+
+
+def _same_weights(path: str, other: str) -> bool:
+    """Whether two checkpoints hold the same model tensors (a copy without the optimizer state counts)."""
+    mine, theirs = (load_checkpoint(p, "--pretrained")["model"] for p in (path, other))
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def warmup_source(cfg, ckpt: dict) -> dict | None:

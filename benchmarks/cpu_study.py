@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""The W2A2 study on the CPU: the seed's ablation at a real schedule, one shared warmup per seed.
+
+    python benchmarks/cpu_study.py --data-dir /tmp/cifar10 --jobs 2 --commit   # run / continue it
+    python benchmarks/cpu_study.py --report                                   # table and curves
+    python benchmarks/cpu_study.py -n                                         # what it would do
+
+Protocol (docs/results.md, "W2A2 study on the CPU"): ResNet-20, W2A2, first and last layer
+8-bit, from the float network ``pretrained/resnet20_fp32_e40`` (87.62 %), 30 epochs of which
+9 are the LSQ warmup, SGD lr 0.01 (momentum 0.9, weight decay 5e-4) with one cosine, batch
+128, all 50,000 training images; the result is the final epoch's test top-1. Every QAT row of
+a seed starts at epoch 10 from that seed's committed warmup
+(``pretrained/w2a2_e30_warmup9_s<seed>/warmup_end.pt``, ``--from-warmup``): its run folder
+is the run from scratch, bit for bit (tests/test_from_warmup.py). PTQ rows quantize the float
+network (``--ptq``) as references.
+
+One command runs the study and continues it on any machine, row by row in plan order: a row
+whose result is committed (``RESULTS/<row>/summary.json``) is skipped; a row whose run folder
+is on this machine (``--runs-dir``, outside the repository) is resumed, or skipped while
+another process runs it; the rest start. ``--jobs`` rows run at once, each with
+``OMP_NUM_THREADS`` = CPUs / jobs unless set. A finished row's config.json, metrics.jsonl,
+timing.jsonl and summary.json (never a checkpoint) are copied to ``RESULTS/<row>/``, and with
+``--commit`` committed at once (that folder only), since a session may end at any moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from checkpoint import read_jsonl  # noqa: E402
+from config import SCENARIOS, ConfigError  # noqa: E402
+from runner import RunFolderLock  # noqa: E402
+
+ENTRY = os.path.join(ROOT, "cifar10_qat_br.py")
+RESULTS = os.path.join(ROOT, "docs", "cpu_study")
+FLOAT = os.path.join("pretrained", "resnet20_fp32_e40", "model.pt")
+PROTOCOL = ["--num-bits", "2", "--epochs", "30", "--warmup-epochs", "9", "--lr", "0.01", "--pretrained", FLOAT]
+
+#: The study's rows per seed, in the order they run. W+A moving target with α frozen is W+A stable
+#: bit for bit (tests/test_from_warmup.py), so it does not run; the moving target is studied α-free.
+ROWS = ("wa-stable", "lsq", "w-only", "a-only", "lsq-frozen", "wa-stable-free", "wa-moving-free")
+SEEDS = (42, 43)
+#: The seed's "different lambda values": W+A stable of seed 42 at these λ_a as well.
+LAMBDA_ACT = ("0.1", "0.01")
+#: The files of a finished run that are committed.
+RESULT_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "summary.json")
+
+
+@dataclass
+class Row:
+    """One run of the study: its folder name, its flags, and the warmup it branches from (or None)."""
+
+    name: str
+    flags: list[str]
+    warmup: str | None = None
+
+
+def plan() -> list[Row]:
+    """Every run of the study, in the order they run: the PTQ references (minutes), seed 42's rows,
+    seed 43's, then seed 42's W+A stable at the other λ_a."""
+    rows = [Row(f"ptq_w{b}a{b}", ["--ptq", "--num-bits", str(b), "--pretrained", FLOAT]) for b in (2, 4)]
+
+    def qat(seed: int, key: str, extra=(), suffix="") -> Row:
+        warmup = os.path.join("pretrained", f"w2a2_e30_warmup9_s{seed}", "warmup_end.pt")
+        return Row(f"w2a2_s{seed}_{key}{suffix}", PROTOCOL + ["--seed", str(seed)] + SCENARIOS[key][1].split()
+                   + list(extra), warmup)
+
+    rows += [qat(seed, key) for seed in SEEDS for key in ROWS]
+    rows += [qat(42, "wa-stable", ["--lambda-br-act", lam], f"_lama{lam}") for lam in LAMBDA_ACT]
+    return rows
+
+
+def state(row: Row, runs_dir: str) -> str:
+    """``committed``, ``busy`` (another process holds its run folder), ``resume`` or ``new``."""
+    if os.path.exists(os.path.join(RESULTS, row.name, "summary.json")):
+        return "committed"
+    folder = os.path.join(runs_dir, row.name)
+    if not os.path.isdir(folder):
+        return "new"
+    lock = RunFolderLock(folder)
+    try:
+        lock.acquire()
+    except ConfigError:
+        return "busy"
+    lock.release()
+    return "resume" if os.path.exists(os.path.join(folder, "last.pt")) else "new"
+
+
+def command(row: Row, args) -> list[str]:
+    """The row's command line: the same for a new and a resumed run (``--resume auto``)."""
+    cmd = [sys.executable, ENTRY, "--data-dir", args.data_dir, "--no-download",
+           "--output-dir", os.path.join(args.runs_dir, row.name), *row.flags, "--resume", "auto"]
+    return cmd + (["--from-warmup", row.warmup] if row.warmup else [])
+
+
+def keep_result(row: Row, args) -> str | None:
+    """Copy a finished run's results into the repository (and commit them); returns its final top-1."""
+    folder = os.path.join(args.runs_dir, row.name)
+    try:
+        with open(os.path.join(folder, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") != "finished":
+        return None
+    target = os.path.join(RESULTS, row.name)
+    os.makedirs(target, exist_ok=True)
+    for name in RESULT_FILES:
+        if os.path.exists(os.path.join(folder, name)):
+            shutil.copyfile(os.path.join(folder, name), os.path.join(target, name))
+    acc = summary.get("final_test_acc")
+    if args.commit:
+        message = f"CPU study: {row.name} finished, final test top-1 {acc:.2f} % (docs/cpu_study/{row.name})"
+        for attempt in range(5):  # another git command (a developer's) may hold the index for a moment
+            added = subprocess.run(["git", "-C", ROOT, "add", "--", target], capture_output=True, text=True)
+            done = added.returncode == 0 and subprocess.run(
+                ["git", "-C", ROOT, "commit", "-q", "-m", message, "--", target], capture_output=True).returncode == 0
+            if done:
+                break
+            time.sleep(2 + attempt)
+        else:
+            print(f"WARNING: could not commit {target}; commit it by hand", flush=True)
+    return acc
+
+
+def run(args) -> int:
+    rows = plan()
+    todo = []
+    for row in rows:
+        what = state(row, args.runs_dir)
+        print(f"{row.name}: {what}", flush=True)
+        if what in ("resume", "new"):
+            todo.append(row)
+        if args.dry_run and what != "committed":
+            print("    " + " ".join(command(row, args)))
+    if args.dry_run or not todo:
+        return 0
+    os.makedirs(args.runs_dir, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // args.jobs)))
+    print(f"{len(todo)} run(s) to do, {args.jobs} at once, OMP_NUM_THREADS={env['OMP_NUM_THREADS']} each; "
+          f"logs in {args.runs_dir}/<row>.log", flush=True)
+    running: dict[str, tuple[Row, subprocess.Popen]] = {}
+    stopping = []
+    handler = lambda signum, _frame: stopping.append(signum)  # noqa: E731
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+    failed = 0
+    while todo or running:
+        while todo and len(running) < args.jobs and not stopping:
+            row = todo.pop(0)
+            with open(os.path.join(args.runs_dir, row.name + ".log"), "a") as log:
+                process = subprocess.Popen(command(row, args), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                           cwd=ROOT, start_new_session=True)
+            running[row.name] = (row, process)
+            print(f"{time.strftime('%F %T')} started {row.name}", flush=True)
+        if stopping:
+            todo.clear()
+            for _, process in running.values():
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)  # stops at the next step, finished epochs kept
+        time.sleep(5)
+        for name, (row, process) in list(running.items()):
+            rc = process.poll()
+            if rc is None:
+                continue
+            del running[name]
+            acc = keep_result(row, args) if rc == 0 else None
+            failed += acc is None and not stopping
+            print(f"{time.strftime('%F %T')} {name}: exit {rc}"
+                  + (f", final test top-1 {acc:.2f} %, kept in {os.path.relpath(RESULTS, ROOT)}/{name}"
+                     if acc is not None else f"; see {args.runs_dir}/{name}.log"), flush=True)
+    if stopping:
+        print("Stopped; the same command continues the study.", flush=True)
+        return 128 + stopping[0]
+    return 1 if failed else 0
+
+
+# -- the report ------------------------------------------------------------------------------
+def row_key(name: str) -> str:
+    """The study row of a run folder name: ``w2a2_s42_wa-stable`` -> ``wa-stable``."""
+    return name.split("_", 2)[2] if name.startswith("w2a2_s") else name
+
+
+def last_epoch_figures(metrics: list[dict]) -> dict:
+    """The final epoch's CE, BR_w, BR_a and, over the low-bit layers (not the 8-bit first and last),
+    the mean distance of a weight to its level (in steps α) and the fraction of weights whose
+    bin changed in that epoch."""
+    last = metrics[-1]
+    low_bit = [v for k, v in last["bins"].items() if k not in ("conv1", "linear")]
+    return {"ce": last["ce"], "br_w": last["br_w"], "br_a": last["br_a"],
+            "dist": statistics.fmean(v["dist_alpha"] for v in low_bit),
+            "flips": statistics.fmean(v["flips"] for v in low_bit if v["flips"] is not None)}
+
+
+def _mean_std(values: list[float], fmt: str = "{:.2f}") -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def report() -> int:
+    """RESULTS/study.md (one line per row: mean ± std over seeds) and RESULTS/curves.png."""
+    runs = {}
+    for name in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
+        summary = os.path.join(RESULTS, name, "summary.json")
+        if os.path.exists(summary):
+            with open(summary) as f:
+                runs[name] = (json.load(f), read_jsonl(os.path.join(RESULTS, name, "metrics.jsonl")),
+                              read_jsonl(os.path.join(RESULTS, name, "timing.jsonl")))
+    if not runs:
+        print(f"no finished run in {RESULTS}")
+        return 2
+    order = [r.name for r in plan()]
+    keys = list(dict.fromkeys(row_key(n) for n in sorted(runs, key=order.index)))
+    lines = ["| row | flags (stage 2) | seeds | final test top-1 (%) | CE | BR_w | BR_a | distance to level (α) "
+             "| bin flips / epoch | wall time of its own epochs |", "|" + "---|" * 10]
+    for key in keys:
+        names = [n for n in runs if row_key(n) == key]
+        figures = [last_epoch_figures(runs[n][1]) for n in names if runs[n][1] and "bins" in runs[n][1][-1]]
+        seeds = ", ".join(n.split("_")[1][1:] if n.startswith("w2a2_s") else "–" for n in names)
+        accs = [runs[n][0]["final_test_acc"] for n in names]
+        own = [sum(t["seconds"] for t in runs[n][2] if t["epoch"] > 9 or n.startswith("ptq")) for n in names]
+        flags = next((r.flags for r in plan() if r.name == names[0]), [])
+        stage2 = " ".join(f for f in flags[flags.index("--seed") + 2:]) if "--seed" in flags else " ".join(flags)
+        cells = [key, f"`{stage2}`", seeds, _mean_std(accs)]
+        cells += [_mean_std([f[k] for f in figures], "{:.4f}") for k in ("ce", "br_w", "br_a", "dist", "flips")]
+        cells.append(_mean_std([s / 60 for s in own], "{:.0f}") + " min")
+        lines.append("| " + " | ".join(cells) + " |")
+    with open(os.path.join(RESULTS, "study.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_curves(runs, keys)
+    return 0
+
+
+def plot_curves(runs: dict, keys: list[str]) -> None:
+    """Test top-1 per epoch of every QAT run, one colour per row, one line style per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = dict(zip(keys, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    for name, (_, metrics, _) in runs.items():
+        if not name.startswith("w2a2_s") or not metrics:
+            continue
+        seed = name.split("_")[1]
+        ax.plot([m["epoch"] for m in metrics], [m["test_acc"] for m in metrics], color=colors[row_key(name)],
+                linestyle="-" if seed == "s42" else "--", label=f"{row_key(name)} ({seed})")
+    for name, (summary, _, _) in runs.items():
+        if name.startswith("ptq"):
+            ax.axhline(summary["final_test_acc"], color="gray", linestyle=":", linewidth=1)
+            ax.annotate(f"PTQ {name[4:].upper()}", (1, summary["final_test_acc"]), fontsize=8, color="gray")
+    ax.axvline(9.5, color="black", linewidth=0.8)
+    ax.set_xlabel("epoch (1-9 LSQ warmup, shared; 10-30 stage 2)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylim(60, 90)
+    ax.set_title("ResNet-20 W2A2 on CIFAR-10 (JPEG copy), CPU study")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "curves.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--data-dir", default="/tmp/cifar10", help="the CIFAR-10 copy (image folder) [/tmp/cifar10]")
+    p.add_argument("--runs-dir", default=os.path.expanduser("~/qat-study"),
+                   help="the run folders, outside the repository [~/qat-study]")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once [2]")
+    p.add_argument("--commit", action="store_true", help="git-commit each finished row's results at once")
+    p.add_argument("-n", "--dry-run", action="store_true", help="say what each row needs, run nothing")
+    p.add_argument("--report", action="store_true", help="write RESULTS/study.md and curves.png, run nothing")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.report:
+        return report()
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""benchmarks/cpu_study.py: its plan branches validly from the committed warmups; its report's figures."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from tests.conftest import run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import cpu_study  # noqa: E402
+
+
+def test_the_plan_is_the_issues_table():
+    names = [row.name for row in cpu_study.plan()]
+    # 2 PTQ references, 7 rows x 2 seeds (seed 42 first), W+A stable of seed 42 at two more λ_a
+    assert names[:2] == ["ptq_w2a2", "ptq_w4a4"] and len(names) == 2 + 7 * 2 + 2
+    assert names[2:9] == [f"w2a2_s42_{k}" for k in ("wa-stable", "lsq", "w-only", "a-only", "lsq-frozen",
+                                                     "wa-stable-free", "wa-moving-free")]
+    assert names[-2:] == ["w2a2_s42_wa-stable_lama0.1", "w2a2_s42_wa-stable_lama0.01"]
+    lam = next(r for r in cpu_study.plan() if r.name.endswith("lama0.1")).flags
+    assert lam[-2:] == ["--lambda-br-act", "0.1"]  # argparse: the last value given wins
+
+
+@pytest.mark.parametrize("name", ["w2a2_s42_lsq", "w2a2_s43_wa-moving-free", "w2a2_s42_wa-stable_lama0.01"])
+def test_each_row_branches_from_its_committed_warmup(name, shared_folder, tmp_path, capsys, monkeypatch):
+    """The row's command, as the study runs it, passes every check of --from-warmup (a dry run)."""
+    row = next(r for r in cpu_study.plan() if r.name == name)
+    monkeypatch.chdir(ROOT)  # the study runs from the repository: its paths are relative to it
+    rc, out, err = run_cli(["--data-dir", shared_folder, "--no-download", "--output-dir", tmp_path / name,
+                            *row.flags, "--from-warmup", row.warmup, "--dry-run"], capsys)
+    assert rc == 0, err
+    assert f"Warmup: epochs 1-9 are those of {row.warmup}" in out
+
+
+def test_last_epoch_figures_by_hand():
+    """Means over the low-bit layers only: conv1 and linear (8-bit) are left out."""
+    row = {"ce": 0.5, "br_w": 0.04, "br_a": 0.6, "bins": {
+        "conv1": {"dist_alpha": 9.0, "flips": 9.0},
+        "layers.0.0.conv1": {"dist_alpha": 0.2, "flips": 0.01},
+        "layers.0.0.conv2": {"dist_alpha": 0.3, "flips": 0.03},
+        "linear": {"dist_alpha": 9.0, "flips": 9.0}}}
+    figures = cpu_study.last_epoch_figures([{"bins": {}}, row])
+    assert figures == pytest.approx({"ce": 0.5, "br_w": 0.04, "br_a": 0.6, "dist": 0.25, "flips": 0.02})
