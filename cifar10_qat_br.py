@@ -247,7 +247,8 @@ def set_up(cfg, source, ckpt, group=None):
         try:
             trainer.load_state_dict(ckpt)
         except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:
-            flag = f"--resume {runner.resume_path(cfg)}" if cfg.resume is not None else f"--from-warmup {cfg.from_warmup}"
+            flag = (f"--resume {runner.resume_path(cfg)}" if cfg.resume is not None
+                    else f"--from-warmup {cfg.from_warmup}")
             raise CheckpointError(f"{flag}: its training state cannot be restored "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return trainer, run_config

@@ -464,8 +464,9 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
             "True (--br-backprop-to-alpha-act; the default, and the recommended setting, is False)"
             if cfg.br_backprop_to_alpha_act else "False (a detached target k·α: the default, and recommended)"))
         if cfg.br_backprop_to_alpha_act and freeze_a and E > W:
-            lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot change "
-                         "it: the target k·α cannot move, and the run is the one without --br-backprop-to-alpha-act")
+            lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot "
+                         "change it: the target k·α cannot move, and the run is the one without "
+                         "--br-backprop-to-alpha-act")
     lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {cfg.freeze_alpha}"]
     lines.append("    └─> If True: NO updates to alpha from ANY loss (CE or BR)")
     lines.append("    └─> If False: CE can update alpha, A-BR respects --br-backprop-to-alpha-act flag")

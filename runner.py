@@ -21,9 +21,10 @@ import time
 import torch
 
 from checkpoint import (CheckpointError, append_jsonl, atomic_copy, atomic_torch_save, atomic_write_json,
-                        load_checkpoint, load_data, read_jsonl, remove_temporaries, truncate_jsonl, write_jsonl, writing)
-from config import (HISTORY_FLAGS, INVOCATION_FLAGS, RUN_FLAGS, STAGE2_FLAGS, ConfigError, build_parser, default_output_dir,
-                    explicit_flags, is_float_run, resolve_device)
+                        load_checkpoint, load_data, read_jsonl, remove_temporaries, truncate_jsonl, write_jsonl,
+                        writing)
+from config import (HISTORY_FLAGS, INVOCATION_FLAGS, RUN_FLAGS, STAGE2_FLAGS, ConfigError, build_parser,
+                    default_output_dir, explicit_flags, is_float_run, resolve_device)
 
 #: Files that make a folder "hold a run".
 RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json",

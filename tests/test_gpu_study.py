@@ -50,7 +50,8 @@ def test_tiny_study_on_the_cpu(tmp_path, capsys):
         assert report["final_test_acc"] == metrics[-1]["test_acc"]  # the final epoch, not the best
         config = json.loads((runs / name / "config.json").read_text())
         assert config["flags"]["pretrained"].endswith(os.path.join("float", "resnet20_fp32", "last.pt"))
-    stable = [json.loads(line) for line in (runs / "wa-stable_w2a2_lam1_frz_s42" / "metrics.jsonl").read_text().splitlines()]
+    stable = [json.loads(line)
+              for line in (runs / "wa-stable_w2a2_lam1_frz_s42" / "metrics.jsonl").read_text().splitlines()]
     assert stable[0]["br_w"] == 0 and stable[1]["br_w"] > 0 and stable[1]["br_a"] > 0
     table = (out / "summary.md").read_text()
     assert "LSQ baseline" in table and "W+A stable" in table

@@ -397,7 +397,8 @@ def test_jobs_run_side_by_side_and_branches_wait_for_their_warmup(shared_folder,
 
 def test_the_sweeps_scenarios_are_configs():
     """scripts/sweep.sh's SCENARIO_TABLE (bash) runs exactly config.SCENARIOS' flags, and names _frz what freezes."""
-    out = _sweep(["-n"], {"RUNS_DIR": "/nonexistent/s", "SEEDS": "1", "BITS": "2", "SCENARIOS": " ".join(cfgmod.SCENARIOS)})
+    out = _sweep(["-n"], {"RUNS_DIR": "/nonexistent/s", "SEEDS": "1", "BITS": "2",
+                          "SCENARIOS": " ".join(cfgmod.SCENARIOS)})
     assert out.returncode == 0, out.stderr
     commands = [line.split() for line in out.stdout.splitlines() if line.startswith("    python")]
     assert len(commands) == len(cfgmod.SCENARIOS)
