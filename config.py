@@ -52,10 +52,29 @@ class ConfigError(ValueError):
     """A flag combination that cannot run; the message names the flag and what was expected."""
 
 
+#: The one line for ``--br-backprop-to-alpha``, a flag that does not exist (the seed's document says so;
+#: its authors' alpha-control guide uses it): W-BR's gradient always reaches the weight step sizes.
+NO_BR_BACKPROP_TO_ALPHA = ("error: there is no --br-backprop-to-alpha: W-BR's gradient always reaches the weight "
+                           "step sizes (unless frozen); for A-BR's gradient to the activation step sizes use "
+                           "--br-backprop-to-alpha-act\n")
+
+
+class _NoSuchFlag(argparse.Action):
+    """A flag that is refused with its own one-line ``error:`` message (exit status 2), with or
+    without a value, instead of argparse's usage text."""
+
+    def __init__(self, option_strings, dest, message: str, **kwargs):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(2, self.message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``cifar10_qat_br.py``."""
     p = argparse.ArgumentParser(
-        prog="cifar10_qat_br.py",
+        prog="cifar10_qat_br.py", allow_abbrev=False,
         description="Two-stage quantization-aware training of a CIFAR-10 ResNet or MobileNetV2: LSQ warmup, then "
                     "LSQ + Bin Regularization. Loss = CE + λ_w·BR_w + λ_a·BR_a.")
     q = p.add_argument_group("quantization")
@@ -76,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of A-BR on pre-quantization activations; 0 disables [1.0]")
     b.add_argument("--br-backprop-to-alpha-act", action="store_true",
                    help="let A-BR's gradient reach the activation step sizes (default: detached)")
+    b.add_argument("--br-backprop-to-alpha", nargs="?", action=_NoSuchFlag, help=argparse.SUPPRESS,
+                   message=NO_BR_BACKPROP_TO_ALPHA)
     a = p.add_argument_group("step sizes")
     a.add_argument("--freeze-alpha", action="store_true",
                    help="freeze every step size (weights and activations) after warmup")
@@ -447,7 +468,9 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     lines.append("    └─> If False: CE can update alpha, A-BR respects --br-backprop-to-alpha-act flag")
     if not cfg.freeze_alpha and (freeze_w or freeze_a):
         kinds = " and ".join(k for k, f in (("weight", freeze_w), ("activation", freeze_a)) if f)
-        lines.append(f"  - Frozen after warmup anyway: {kinds} alpha (--freeze-{'weight' if freeze_w else 'act'}-alpha)")
+        flags = " ".join(f for f, given in (("--freeze-weight-alpha", cfg.freeze_weight_alpha),
+                                             ("--freeze-act-alpha", cfg.freeze_act_alpha)) if given)
+        lines.append(f"  - Frozen after warmup anyway: {kinds} alpha ({flags})")
     return lines
 
 

@@ -510,8 +510,11 @@ class Trainer:
                "train_acc": train["train_acc"], "test_acc": test_acc, "val_acc": val_acc, **self.best_keys(),
                "best_epoch": self.best_epoch, "alpha": alphas, "bins": bins,
                "br_w_info": self._info_dict(train["w_info"]), "br_a_info": self._info_dict(train["a_info"])}
+        # a float run has no BR at all (its banner says so): its loss is the cross-entropy alone
+        parts = (f" (CE {row['ce']:.4f}, BR_w {row['br_w']:.4f}, BR_a {row['br_a']:.4f})" if self.layers
+                 else " (CE)")
         self.log(f"Epoch {epoch}/{self.cfg.epochs} [{self.stage_label(epoch)}] lr {lr:.5f} | "
-                 f"loss {row['loss']:.4f} (CE {row['ce']:.4f}, BR_w {row['br_w']:.4f}, BR_a {row['br_a']:.4f}) | "
+                 f"loss {row['loss']:.4f}{parts} | "
                  f"train {row['train_acc']:.2f}% | {self._accuracy_text(test_acc, val_acc)} | "
                  f"{seconds:.1f}s (train {train['images'] / train_seconds:.0f} img/s)")
         if self.tb is not None:

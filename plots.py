@@ -582,7 +582,7 @@ def make_plots(run_dir: str, out_dir: str | None = None, layers: list[str] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="plots.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="plots.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("run_dir", help="a run folder (config.json, metrics.jsonl, last.pt, warmup_end.pt)")
     parser.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                         help="quantized layers to plot (module names, e.g. layers.0.0.conv1), or 'all' "

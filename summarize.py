@@ -488,7 +488,7 @@ def _write_csv(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="summarize.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="summarize.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("runs_dir", help="folder holding the run folders (e.g. the sweep's RUNS_DIR)")
     parser.add_argument("--out", default=None, metavar="PREFIX",
                         help="write PREFIX.md, PREFIX.csv and PREFIX_runs.csv [RUNS_DIR/summary]")

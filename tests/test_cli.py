@@ -232,6 +232,9 @@ def test_float_baseline_then_pretrained_qat(shared_folder, tmp_path, capsys):
                           "--lambda-br", "0", "--lambda-br-act", "0", *TINY], capsys)
     assert rc == 0
     assert "Bits: full precision" in out and "[float]" in out
+    # its banner says it has no BR: its epoch lines have no BR fields either
+    epoch_lines = [x for x in out.splitlines() if x.startswith("Epoch ")]
+    assert len(epoch_lines) == 2 and all(" (CE) | " in x and "BR" not in x for x in epoch_lines)
     state = torch.load(fp / "best.pt", weights_only=True)["model"]
     assert not any("_quant" in k for k in state)
     qat = tmp_path / "qat"
