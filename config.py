@@ -429,12 +429,10 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     w_br = cfg.lambda_br > 0 and w_bits < FULL_PRECISION_BITS
     a_br = cfg.lambda_br_act > 0 and a_bits < FULL_PRECISION_BITS
     lines = [RULE, "Starting 2-Stage QAT+BR Training", RULE]
-    rule = (f"30 % of {E} epoch{'s' if E != 1 else ''}, as --warmup-epochs was not given"
-            if "warmup_epochs" in defaulted else "")
-    if W > 0:
-        lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only" + (f"; {rule})" if rule else ")"))
-    else:
-        lines.append(f"Stage 1 (Warmup): none ({rule or '--warmup-epochs 0'})")
+    if W > 0:  # the seed's line; how W was chosen is said below the block (warmup_line)
+        lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only)")
+    else:  # "--warmup-epochs 0" would be untrue when the 30 % rule gave 0 (a run of 1 epoch)
+        lines.append(f"Stage 1 (Warmup): none ({_warmup_rule(E) if 'warmup_epochs' in defaulted else '--warmup-epochs 0'})")
     if E > W:
         if cfg.lambda_br == 0 and cfg.lambda_br_act == 0:
             what = " (both λ = 0: LSQ only, no BR)"
@@ -458,9 +456,7 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     lines.append(f"  - A-BR (activations): λ={float(cfg.lambda_br_act)} "
                  f"{state(cfg.lambda_br_act, a_br, 'activations')}")
     if a_br:
-        lines.append("    └─> Gradients to alpha: " + (
-            "True (--br-backprop-to-alpha-act; the default, and the recommended setting, is False)"
-            if cfg.br_backprop_to_alpha_act else "False (a detached target k·α: the default, and recommended)"))
+        lines.append(f"    └─> Gradients to alpha: {bool(cfg.br_backprop_to_alpha_act)} (default: False, recommended)")
         if cfg.br_backprop_to_alpha_act and freeze_a and E > W:
             lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot change it")
     lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {cfg.freeze_alpha}"]
@@ -472,6 +468,18 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
                                              ("--freeze-act-alpha", cfg.freeze_act_alpha)) if given)
         lines.append(f"  - Frozen after warmup anyway: {kinds} alpha ({flags})")
     return lines
+
+
+def _warmup_rule(epochs: int) -> str:
+    return f"30 % of {epochs} epoch{'s' if epochs != 1 else ''}, as --warmup-epochs was not given"
+
+
+def warmup_line(cfg, defaulted: set[str] = frozenset()) -> str | None:
+    """The line below the banner's block that says how a warmup of W > 0 epochs was chosen when
+    ``--warmup-epochs`` was not given (the block's own Stage 1 line is the seed's), else None."""
+    if "warmup_epochs" not in defaulted or cfg.warmup_epochs == 0 or is_float_run(cfg):
+        return None
+    return f"Warmup: epochs 1-{cfg.warmup_epochs}, {_warmup_rule(cfg.epochs)}"
 
 
 def optimizer_line(cfg, defaulted: set[str] = frozenset()) -> str:
@@ -486,6 +494,10 @@ def optimizer_line(cfg, defaulted: set[str] = frozenset()) -> str:
 def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = frozenset(),
            processes: str = "") -> list[str]:
     """The run banner (lines), in the wording researchers grep for.
+
+    A quantized run's block, from the title to the closing rule, holds the seed's lines for the
+    seed's commands, exactly and in the seed's order (tests/test_seed_banner.py); whatever this tool
+    says beyond them (how the warmup was chosen, the optimiser, ...) is on lines below the block.
 
     ``defaulted``: the flags ``resolve_defaults`` filled in, which the banner says.
     ``processes``: a line about the processes of a torchrun run (``distributed.Group.describe``).
@@ -517,6 +529,9 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
     lines.append(f"Optimiser: {optimizer_line(cfg, defaulted)}, cosine over {E} epoch{'s' if E != 1 else ''}, "
                  f"batch {cfg.batch_size}, seed {cfg.seed}")
+    warmup = warmup_line(cfg, defaulted)
+    if warmup:
+        lines.append(warmup)
     lines.append(f"Data: {source_line}" + (f"; {cfg.val_split} training images held out for validation "
                                            f"(--val-split, class-balanced, seed {cfg.seed})" if cfg.val_split else "")
                  + (f"; training on a class-balanced subset of {cfg.train_subset} images "
