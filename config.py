@@ -44,6 +44,10 @@ SCENARIOS = (
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LR = {"sgd": 0.01, "adam": 0.001}
 
+#: ``--lr-schedule`` choices (``engine.lr_factor``): one cosine over all epochs, or ``--lr`` constant through
+#: the warmup and a cosine over the BR epochs (the seed authors' public script).
+LR_SCHEDULES = ("cosine", "warmup-constant")
+
 #: The ``mode`` values of ``torch.compile`` that ``--compile`` accepts.
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -109,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                    help="sgd (with --momentum) or adam (torch.optim.Adam, betas (0.9, 0.999)) [sgd]")
     s.add_argument("--lr", type=float, default=None,
-                   help="learning rate, cosine decay over all epochs [0.01 with SGD, 0.001 with Adam]")
+                   help="learning rate (at its start, see --lr-schedule) [0.01 with SGD, 0.001 with Adam]")
+    s.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
+                   help="cosine: cosine decay over all epochs; warmup-constant: --lr constant through the warmup, "
+                        "then a cosine over the BR epochs (the seed authors' script) [cosine]")
     s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (no effect with Adam) [0.9]")
     s.add_argument("--weight-decay", type=float, default=5e-4,
                    help="weight decay (L2, added to the gradient, with Adam too) on network parameters, never on "
@@ -232,8 +239,8 @@ def _fmt(x: float) -> str:
 
 
 def default_output_dir(cfg) -> str:
-    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_clip<c>][_pcw][_adam][_val<N>][_sub<N>]_s<seed>``;
-    ``results/<arch>_fp32[_adam][_val<N>][_sub<N>]_s<seed>`` for float."""
+    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_clip<c>][_pcw][_lrwc][_adam][_val<N>][_sub<N>]_s<seed>``;
+    ``results/<arch>_fp32[_lrwc][_adam][_val<N>][_sub<N>]_s<seed>`` for float."""
     if is_float_run(cfg):
         return os.path.join("results", f"{cfg.arch}_fp32{_subset_suffix(cfg)}_s{cfg.seed}")
     name = (f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{first_last_bits(cfg)}"
@@ -247,9 +254,11 @@ def default_output_dir(cfg) -> str:
 
 
 def _subset_suffix(cfg) -> str:
-    """The optimiser (when not SGD), validation split and training subset parts of a folder name."""
-    return ("_adam" if cfg.optimizer == "adam" else "") + (f"_val{cfg.val_split}" if cfg.val_split else "") + (
-        f"_sub{cfg.train_subset}" if cfg.train_subset is not None else "")
+    """The learning-rate schedule and optimiser (when not the defaults), validation split and training
+    subset parts of a folder name."""
+    return (("_lrwc" if cfg.lr_schedule == "warmup-constant" else "") + ("_adam" if cfg.optimizer == "adam" else "")
+            + (f"_val{cfg.val_split}" if cfg.val_split else "") + (
+        f"_sub{cfg.train_subset}" if cfg.train_subset is not None else ""))
 
 
 def _check_bits(value: int, flag: str, lowest: int = 1) -> None:
@@ -401,6 +410,9 @@ def warnings_for(cfg) -> list[str]:
         out.append("--freeze-weight-alpha / --freeze-act-alpha are implied by --freeze-alpha")
     if is_float_run(cfg) and (cfg.freeze_alpha or cfg.freeze_weight_alpha or cfg.freeze_act_alpha):
         out.append("the freeze flags have no effect: a float run has no step sizes")
+    if cfg.lr_schedule == "warmup-constant" and cfg.warmup_epochs == 0:
+        out.append("--lr-schedule warmup-constant has no effect: there is no warmup, so it is one cosine over all "
+                   "epochs, as the default")
     if cfg.sync_bn and torchrun_world_size() == 1:
         out.append("--sync-bn has no effect in one process (it applies under torchrun --nproc-per-node N)")
     if cfg.per_channel_weights and min(w_bits, first_last_bits(cfg)) >= FULL_PRECISION_BITS:
@@ -482,6 +494,18 @@ def warmup_line(cfg, defaulted: set[str] = frozenset()) -> str | None:
     return f"Warmup: epochs 1-{cfg.warmup_epochs}, {_warmup_rule(cfg.epochs)}"
 
 
+def schedule_text(cfg) -> str:
+    """The learning-rate schedule in words (``--lr-schedule``), for the banner's Optimiser line."""
+    E, W = cfg.epochs, cfg.warmup_epochs
+    epochs = lambda n: f"{n} epoch{'s' if n != 1 else ''}"  # noqa: E731
+    if cfg.lr_schedule == "warmup-constant" and W > 0:
+        return (f"lr constant through the warmup (epochs 1-{W}), then cosine over the {epochs(E - W)} with BR "
+                f"(--lr-schedule warmup-constant)" if E > W else
+                f"lr constant over all {epochs(E)} (--lr-schedule warmup-constant; every epoch is warmup)")
+    return f"cosine over {epochs(E)}" + (" (--lr-schedule warmup-constant: no warmup, so one cosine)"
+                                         if cfg.lr_schedule == "warmup-constant" else "")
+
+
 def optimizer_line(cfg, defaulted: set[str] = frozenset()) -> str:
     """The optimiser, its learning rate (saying when it is ``--optimizer``'s default) and weight decay."""
     name = {"sgd": "SGD", "adam": "Adam"}[cfg.optimizer]
@@ -527,7 +551,7 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     elif cfg.arch == "mobilenetv2":
         lines.append("Activations: ReLU6 (MobileNetV2's own; --clip-value c clips to [0, c] instead)")
     lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
-    lines.append(f"Optimiser: {optimizer_line(cfg, defaulted)}, cosine over {E} epoch{'s' if E != 1 else ''}, "
+    lines.append(f"Optimiser: {optimizer_line(cfg, defaulted)}, {schedule_text(cfg)}, "
                  f"batch {cfg.batch_size}, seed {cfg.seed}")
     warmup = warmup_line(cfg, defaulted)
     if warmup:

@@ -8,6 +8,8 @@ resumes bit-exactly on the CPU.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import random
 import signal
@@ -78,6 +80,34 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         optimizer = torch.optim.SGD(groups, lr=learning_rate(cfg), momentum=cfg.momentum)
     keep_step_sizes_positive(optimizer, model)
     return optimizer
+
+
+def lr_factor(schedule: str, epochs: int, warmup_epochs: int, finished: int) -> float:
+    """The learning rate of epoch ``finished + 1`` as a multiple of ``--lr`` (``finished`` epochs done).
+
+    ``cosine`` (not used by ``build_scheduler``, which keeps torch's ``CosineAnnealingLR`` so that runs
+    resume bit for bit as before): ``(1 + cos(π·finished/E)) / 2``. ``warmup-constant`` (the seed
+    authors' script): 1 through the warmup (epochs 1..W) and a cosine over the BR epochs W+1..E,
+    ``(1 + cos(π·(finished - W)/(E - W))) / 2``, so epoch W+1 starts at ``--lr`` again.
+    """
+    if schedule == "warmup-constant":
+        if finished < warmup_epochs:
+            return 1.0
+        finished, epochs = finished - warmup_epochs, epochs - warmup_epochs
+    return (1 + math.cos(math.pi * finished / max(epochs, 1))) / 2
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg):
+    """The per-epoch learning-rate scheduler of ``--lr-schedule`` (stepped after each epoch).
+
+    ``cosine``: ``torch.optim.lr_scheduler.CosineAnnealingLR`` over all epochs (as before the flag).
+    ``warmup-constant``: a ``LambdaLR`` of ``lr_factor`` (without a warmup, the cosine scheduler: the
+    same schedule); its state (the epochs done) resumes with ``load_state_dict`` like the cosine's.
+    """
+    if cfg.lr_schedule == "warmup-constant" and cfg.warmup_epochs > 0:  # without a warmup: the cosine
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_factor, "warmup-constant", cfg.epochs, cfg.warmup_epochs))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
 
 
 def seed_everything(seed: int) -> None:
@@ -178,7 +208,7 @@ class Trainer:
             self.hooks = ActivationHookManager(model, self.br_layers,
                                                bin_stats_grad_to_alpha=cfg.br_backprop_to_alpha_act)
         self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
         self.use_amp = cfg.amp and device.type == "cuda"
         # --compile: the whole training forward pass (network, LSQ, BR's statistics and losses) in
         # one graph, and evaluation; state (checkpoints, α, hooks) lives on ``model`` either way.
