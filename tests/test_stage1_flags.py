@@ -38,10 +38,9 @@ def _drop_flags(folder, dests):
 
 @pytest.fixture(scope="module")
 def old_run(shared_folder, tmp_path_factory):
-    """A run stopped after its warmup (epoch 1 of 2) whose checkpoints predate the stage-1 flags."""
+    """A run (epoch 1 warmup, epoch 2 BR) whose checkpoints predate the stage-1 flags."""
     out = tmp_path_factory.mktemp("old") / "run"
-    rc, _, _ = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY, "--epochs", "1",
-                        "--warmup-epochs", "1"])
+    rc, _, _ = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY])
     assert rc == 0
     _drop_flags(out, [f[2:].replace("-", "_") for f, _, _ in STAGE1_FLAGS])
     return out
@@ -50,11 +49,18 @@ def old_run(shared_folder, tmp_path_factory):
 @pytest.mark.parametrize("flag,default,other", STAGE1_FLAGS)
 def test_resuming_with_another_value_is_refused_and_the_default_is_what_an_old_run_had(
         old_run, tmp_path, capsys, flag, default, other):
-    rc, _, err = run_cli(["--resume", old_run / "last.pt", "--output-dir", tmp_path / "r", "--epochs", "1", flag,
-                          other], capsys)
+    warmup = old_run / "warmup_end.pt"
+    rc, _, err = run_cli(["--resume", warmup, "--output-dir", tmp_path / "r", flag, other], capsys)
     assert rc == 2 and f"{flag} {other} (run: {default}, the default)" in err
-    rc, _, err = run_cli(["--resume", old_run / "last.pt", "--output-dir", tmp_path / "r", flag, default], capsys)
-    assert rc == 0, err  # finished already: nothing to train, but accepted
+    rc, stdout, err = run_cli(["--resume", warmup, "--output-dir", tmp_path / "r", flag, default], capsys)
+    assert rc == 0, err
+    assert "Resumed from epoch 1 of 2" in stdout
+
+    def epoch2(folder):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in rows if r["epoch"] == 2)
+    assert epoch2(tmp_path / "r") == epoch2(old_run)  # epoch 2 again, exactly as the old run trained it
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["flags"][flag[2:].replace("-", "_")] == default
 
 
 needs_from_warmup = pytest.mark.skipif("from_warmup" not in vars(config.build_parser().parse_args([])),
