@@ -14,6 +14,7 @@ import torch
 
 from models import ARCHITECTURES
 from quant import kernels
+from quant.convert import ACT_QUANT_AT
 from quant.lsq import FULL_PRECISION_BITS
 
 RULE = "=" * 80
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-channel-weights", action="store_true",
                    help="one weight step size α per output channel (LSQ init, gradient scale and W-BR per "
                         "channel) instead of one per tensor; activations keep one per tensor [off]")
+    q.add_argument("--act-quant-at", default="conv-input", choices=ACT_QUANT_AT,
+                   help="where activations are quantized: conv-input, at the input of every conv and linear (LSQ; "
+                        "identity shortcuts carry float activations); relu-output, at the output of every "
+                        "activation (ReLU, clip, ReLU6), each block's output after its residual add included, so "
+                        "that what flows between blocks is on the grid (the seed authors' script) [conv-input]")
     q.add_argument("--clip-value", type=float, default=None,
                    help="clip activations to [0, c] (ReLU6/ReLU1-style networks) [none: ReLU; mobilenetv2: ReLU6]")
     b = p.add_argument_group("bin regularization (stage 2)")
@@ -239,7 +245,7 @@ def _fmt(x: float) -> str:
 
 
 def default_output_dir(cfg) -> str:
-    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_clip<c>][_pcw][_lrwc][_adam][_val<N>][_sub<N>]_s<seed>``;
+    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_clip<c>][_pcw][_aqro][_lrwc][_adam][_val<N>][_sub<N>]_s<seed>``;
     ``results/<arch>_fp32[_lrwc][_adam][_val<N>][_sub<N>]_s<seed>`` for float."""
     if is_float_run(cfg):
         return os.path.join("results", f"{cfg.arch}_fp32{_subset_suffix(cfg)}_s{cfg.seed}")
@@ -250,6 +256,7 @@ def default_output_dir(cfg) -> str:
         "_frza" if cfg.freeze_act_alpha else "")
     name += f"_clip{_fmt(cfg.clip_value)}" if cfg.clip_value is not None else ""
     name += "_pcw" if cfg.per_channel_weights else ""
+    name += "_aqro" if cfg.act_quant_at == "relu-output" else ""
     return os.path.join("results", name + _subset_suffix(cfg) + f"_s{cfg.seed}")
 
 
@@ -413,6 +420,8 @@ def warnings_for(cfg) -> list[str]:
     if cfg.lr_schedule == "warmup-constant" and cfg.warmup_epochs == 0:
         out.append("--lr-schedule warmup-constant has no effect: there is no warmup, so it is one cosine over all "
                    "epochs, as the default")
+    if cfg.act_quant_at != "conv-input" and a_bits >= FULL_PRECISION_BITS:
+        out.append(f"--act-quant-at {cfg.act_quant_at} has no effect: activations are not quantized (32 bits)")
     if cfg.sync_bn and torchrun_world_size() == 1:
         out.append("--sync-bn has no effect in one process (it applies under torchrun --nproc-per-node N)")
     if cfg.per_channel_weights and min(w_bits, first_last_bits(cfg)) >= FULL_PRECISION_BITS:
@@ -482,6 +491,17 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     return lines
 
 
+def act_quant_line(cfg) -> str:
+    """The banner line that says where activations are quantized (``--act-quant-at``)."""
+    if cfg.act_quant_at == "relu-output":
+        block = ("each block's output after its residual add (signed: a linear bottleneck)"
+                 if cfg.arch == "mobilenetv2" else "each block's output after its residual add")
+        return (f"Activation quantizers: at every activation's output and {block} (--act-quant-at relu-output: "
+                f"what flows between blocks is on the grid), and at the first conv's and the last linear's inputs")
+    return ("Activation quantizers: at the input of every conv and linear (--act-quant-at conv-input; identity "
+            "shortcuts carry float activations)")
+
+
 def _warmup_rule(epochs: int) -> str:
     return f"30 % of {epochs} epoch{'s' if epochs != 1 else ''}, as --warmup-epochs was not given"
 
@@ -543,6 +563,8 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
         a_grid = " {0, α}" if a_bits == 1 else ""
         lines.append(f"Bits: W{w_bits}A{a_bits} (weights {bits(w_bits)}{w_grid}, activations {bits(a_bits)}{a_grid}); "
                      f"first/last layers {bits(first_last_bits(cfg))}")
+        if a_bits < FULL_PRECISION_BITS:
+            lines.append(act_quant_line(cfg))
         if w_bits < FULL_PRECISION_BITS or first_last_bits(cfg) < FULL_PRECISION_BITS:
             lines.append("Weight step sizes: " + ("one α per output channel (--per-channel-weights)"
                                                   if cfg.per_channel_weights else "one α per tensor"))

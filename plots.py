@@ -100,7 +100,8 @@ def build_run_model(config: dict) -> torch.nn.Module:
     try:
         model = build_model(flags["arch"], clip_value=flags.get("clip_value"))
         return quantize_model(model, derived["weight_bits"], derived["act_bits"], derived["first_last_bits"],
-                              per_channel_weights=bool(flags.get("per_channel_weights")))
+                              per_channel_weights=bool(flags.get("per_channel_weights")),
+                              act_quant_at=flags.get("act_quant_at", "conv-input"))
     except (KeyError, ValueError) as exc:
         raise PlotError(f"config.json does not describe a network this tool builds ({exc})") from None
 

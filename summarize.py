@@ -67,11 +67,11 @@ COLUMN_NAMES = {
     "freeze_alpha": "freeze α", "freeze_weight_alpha": "freeze W α", "freeze_act_alpha": "freeze A α",
     "clip_value": "clip", "optimizer": "optimizer", "val_split": "val split", "warmup_epochs": "warmup", "lr": "lr",
     "weight_decay": "wd", "momentum": "momentum", "batch_size": "batch", "pretrained": "pretrained", "amp": "amp",
-    "per_channel_weights": "W α per channel", "lr_schedule": "lr schedule",
+    "per_channel_weights": "W α per channel", "lr_schedule": "lr schedule", "act_quant_at": "A quantized at",
 }
 
 #: Values of experiment flags newer than some runs: a run whose config.json lacks one ran with this.
-LEGACY_SETTINGS = {"optimizer": "sgd", "val_split": 0, "lr_schedule": "cosine"}
+LEGACY_SETTINGS = {"optimizer": "sgd", "val_split": 0, "lr_schedule": "cosine", "act_quant_at": "conv-input"}
 
 #: Scenario names, in the order of the README's table (config.SCENARIOS).
 SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "PTQ", "float")

@@ -11,7 +11,7 @@ import config
 from conftest import TINY, run_cli
 
 #: (flag, its default, another value)
-STAGE1_FLAGS = [("--lr-schedule", "cosine", "warmup-constant")]
+STAGE1_FLAGS = [("--lr-schedule", "cosine", "warmup-constant"), ("--act-quant-at", "conv-input", "relu-output")]
 
 
 def test_they_are_not_stage2_flags():
