@@ -509,7 +509,8 @@ def _warmup_rule(epochs: int) -> str:
 def warmup_line(cfg, defaulted: set[str] = frozenset()) -> str | None:
     """The line below the banner's block that says how a warmup of W > 0 epochs was chosen when
     ``--warmup-epochs`` was not given (the block's own Stage 1 line is the seed's), else None."""
-    if "warmup_epochs" not in defaulted or cfg.warmup_epochs == 0 or is_float_run(cfg):
+    if ("warmup_epochs" not in defaulted or cfg.warmup_epochs == 0 or is_float_run(cfg)
+            or getattr(cfg, "from_warmup", None)):  # a branch's warmup line says where its warmup comes from
         return None
     return f"Warmup: epochs 1-{cfg.warmup_epochs}, {_warmup_rule(cfg.epochs)}"
 
