@@ -65,7 +65,7 @@ def build_quantized_model(cfg, pretrained: bool = True) -> torch.nn.Module:
     if cfg.pretrained and pretrained:
         runner.load_pretrained(model, cfg)
     return quantize_model(model, cfgmod.weight_bits(cfg), cfgmod.act_bits(cfg), cfgmod.first_last_bits(cfg),
-                          per_channel_weights=cfg.per_channel_weights)
+                          per_channel_weights=cfg.per_channel_weights, act_quant_at=cfg.act_quant_at)
 
 
 def _raise_interrupted(signum, _frame):

@@ -14,6 +14,7 @@ import torch
 
 from models import ARCHITECTURES
 from quant import kernels
+from quant.convert import ACT_QUANT_AT
 from quant.lsq import FULL_PRECISION_BITS
 
 RULE = "=" * 80
@@ -62,6 +63,10 @@ SEED_SCENARIOS = ("w-only", "wa-stable", "wa-moving", "a-only", "lsq")
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LR = {"sgd": 0.01, "adam": 0.001}
 
+#: ``--lr-schedule`` choices (``engine.lr_factor``): one cosine over all epochs, or ``--lr`` constant through
+#: the warmup and a cosine over the BR epochs (the seed authors' public script).
+LR_SCHEDULES = ("cosine", "warmup-constant")
+
 #: The ``mode`` values of ``torch.compile`` that ``--compile`` accepts.
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -70,10 +75,29 @@ class ConfigError(ValueError):
     """A flag combination that cannot run; the message names the flag and what was expected."""
 
 
+#: The one line for ``--br-backprop-to-alpha``, a flag that does not exist (the seed's document says so;
+#: its authors' alpha-control guide uses it): W-BR's gradient always reaches the weight step sizes.
+NO_BR_BACKPROP_TO_ALPHA = ("error: there is no --br-backprop-to-alpha: W-BR's gradient always reaches the weight "
+                           "step sizes (unless frozen); for A-BR's gradient to the activation step sizes use "
+                           "--br-backprop-to-alpha-act\n")
+
+
+class _NoSuchFlag(argparse.Action):
+    """A flag that is refused with its own one-line ``error:`` message (exit status 2), with or
+    without a value, instead of argparse's usage text."""
+
+    def __init__(self, option_strings, dest, message: str, **kwargs):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(2, self.message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``cifar10_qat_br.py``."""
     p = argparse.ArgumentParser(
-        prog="cifar10_qat_br.py",
+        prog="cifar10_qat_br.py", allow_abbrev=False,
         description="Two-stage quantization-aware training of a CIFAR-10 ResNet or MobileNetV2: LSQ warmup, then "
                     "LSQ + Bin Regularization. Loss = CE + λ_w·BR_w + λ_a·BR_a.")
     q = p.add_argument_group("quantization")
@@ -86,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-channel-weights", action="store_true",
                    help="one weight step size α per output channel (LSQ init, gradient scale and W-BR per "
                         "channel) instead of one per tensor; activations keep one per tensor [off]")
+    q.add_argument("--act-quant-at", default="conv-input", choices=ACT_QUANT_AT,
+                   help="where activations are quantized: conv-input, at the input of every conv and linear (LSQ; "
+                        "identity shortcuts carry float activations); relu-output, at the output of every "
+                        "activation (ReLU, clip, ReLU6), each block's output after its residual add included, so "
+                        "that what flows between blocks is on the grid (the seed authors' script) [conv-input]")
     q.add_argument("--clip-value", type=float, default=None,
                    help="clip activations to [0, c] (ReLU6/ReLU1-style networks) [none: ReLU; mobilenetv2: ReLU6]")
     b = p.add_argument_group("bin regularization (stage 2)")
@@ -94,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of A-BR on pre-quantization activations; 0 disables [1.0]")
     b.add_argument("--br-backprop-to-alpha-act", action="store_true",
                    help="let A-BR's gradient reach the activation step sizes (default: detached)")
+    b.add_argument("--br-backprop-to-alpha", nargs="?", action=_NoSuchFlag, help=argparse.SUPPRESS,
+                   message=NO_BR_BACKPROP_TO_ALPHA)
     a = p.add_argument_group("step sizes")
     a.add_argument("--freeze-alpha", action="store_true",
                    help="freeze every step size (weights and activations) after warmup")
@@ -106,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                    help="sgd (with --momentum) or adam (torch.optim.Adam, betas (0.9, 0.999)) [sgd]")
     s.add_argument("--lr", type=float, default=None,
-                   help="learning rate, cosine decay over all epochs [0.01 with SGD, 0.001 with Adam]")
+                   help="learning rate (at its start, see --lr-schedule) [0.01 with SGD, 0.001 with Adam]")
+    s.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
+                   help="cosine: cosine decay over all epochs; warmup-constant: --lr constant through the warmup, "
+                        "then a cosine over the BR epochs (the seed authors' script) [cosine]")
     s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (no effect with Adam) [0.9]")
     s.add_argument("--weight-decay", type=float, default=5e-4,
                    help="weight decay (L2, added to the gradient, with Adam too) on network parameters, never on "
@@ -234,8 +268,8 @@ def _fmt(x: float) -> str:
 
 
 def default_output_dir(cfg) -> str:
-    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_clip<c>][_pcw][_adam][_val<N>][_sub<N>]_s<seed>``;
-    ``results/<arch>_fp32[_adam][_val<N>][_sub<N>]_s<seed>`` for float."""
+    """``results/<arch>_w<W>a<A>_fl<F>_lbr<λw>_lbra<λa>[_abp][_frz...][_clip<c>][_pcw][_aqro][_lrwc][_adam][_val<N>][_sub<N>]_s<seed>``;
+    ``results/<arch>_fp32[_lrwc][_adam][_val<N>][_sub<N>]_s<seed>`` for float."""
     if is_float_run(cfg):
         return os.path.join("results", f"{cfg.arch}_fp32{_subset_suffix(cfg)}_s{cfg.seed}")
     name = (f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{first_last_bits(cfg)}"
@@ -245,13 +279,16 @@ def default_output_dir(cfg) -> str:
         "_frza" if cfg.freeze_act_alpha else "")
     name += f"_clip{_fmt(cfg.clip_value)}" if cfg.clip_value is not None else ""
     name += "_pcw" if cfg.per_channel_weights else ""
+    name += "_aqro" if cfg.act_quant_at == "relu-output" else ""
     return os.path.join("results", name + _subset_suffix(cfg) + f"_s{cfg.seed}")
 
 
 def _subset_suffix(cfg) -> str:
-    """The optimiser (when not SGD), validation split and training subset parts of a folder name."""
-    return ("_adam" if cfg.optimizer == "adam" else "") + (f"_val{cfg.val_split}" if cfg.val_split else "") + (
-        f"_sub{cfg.train_subset}" if cfg.train_subset is not None else "")
+    """The learning-rate schedule and optimiser (when not the defaults), validation split and training
+    subset parts of a folder name."""
+    return (("_lrwc" if cfg.lr_schedule == "warmup-constant" else "") + ("_adam" if cfg.optimizer == "adam" else "")
+            + (f"_val{cfg.val_split}" if cfg.val_split else "") + (
+        f"_sub{cfg.train_subset}" if cfg.train_subset is not None else ""))
 
 
 def _check_bits(value: int, flag: str, lowest: int = 1) -> None:
@@ -403,6 +440,11 @@ def warnings_for(cfg) -> list[str]:
         out.append("--freeze-weight-alpha / --freeze-act-alpha are implied by --freeze-alpha")
     if is_float_run(cfg) and (cfg.freeze_alpha or cfg.freeze_weight_alpha or cfg.freeze_act_alpha):
         out.append("the freeze flags have no effect: a float run has no step sizes")
+    if cfg.lr_schedule == "warmup-constant" and cfg.warmup_epochs == 0:
+        out.append("--lr-schedule warmup-constant has no effect: there is no warmup, so it is one cosine over all "
+                   "epochs, as the default")
+    if cfg.act_quant_at != "conv-input" and a_bits >= FULL_PRECISION_BITS:
+        out.append(f"--act-quant-at {cfg.act_quant_at} has no effect: activations are not quantized (32 bits)")
     if cfg.sync_bn and torchrun_world_size() == 1:
         out.append("--sync-bn has no effect in one process (it applies under torchrun --nproc-per-node N)")
     if cfg.per_channel_weights and min(w_bits, first_last_bits(cfg)) >= FULL_PRECISION_BITS:
@@ -431,12 +473,10 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     w_br = cfg.lambda_br > 0 and w_bits < FULL_PRECISION_BITS
     a_br = cfg.lambda_br_act > 0 and a_bits < FULL_PRECISION_BITS
     lines = [RULE, "Starting 2-Stage QAT+BR Training", RULE]
-    rule = (f"30 % of {E} epoch{'s' if E != 1 else ''}, as --warmup-epochs was not given"
-            if "warmup_epochs" in defaulted else "")
-    if W > 0:
-        lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only" + (f"; {rule})" if rule else ")"))
-    else:
-        lines.append(f"Stage 1 (Warmup): none ({rule or '--warmup-epochs 0'})")
+    if W > 0:  # the seed's line; how W was chosen is said below the block (warmup_line)
+        lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only)")
+    else:  # "--warmup-epochs 0" would be untrue when the 30 % rule gave 0 (a run of 1 epoch)
+        lines.append(f"Stage 1 (Warmup): none ({_warmup_rule(E) if 'warmup_epochs' in defaulted else '--warmup-epochs 0'})")
     if E > W:
         if cfg.lambda_br == 0 and cfg.lambda_br_act == 0:
             what = " (both λ = 0: LSQ only, no BR)"
@@ -460,9 +500,7 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     lines.append(f"  - A-BR (activations): λ={float(cfg.lambda_br_act)} "
                  f"{state(cfg.lambda_br_act, a_br, 'activations')}")
     if a_br:
-        lines.append("    └─> Gradients to alpha: " + (
-            "True (--br-backprop-to-alpha-act; the default, and the recommended setting, is False)"
-            if cfg.br_backprop_to_alpha_act else "False (a detached target k·α: the default, and recommended)"))
+        lines.append(f"    └─> Gradients to alpha: {bool(cfg.br_backprop_to_alpha_act)} (default: False, recommended)")
         if cfg.br_backprop_to_alpha_act and freeze_a and E > W:
             lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot "
                          "change it: the target k·α cannot move, and the run is the one without "
@@ -472,8 +510,49 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     lines.append("    └─> If False: CE can update alpha, A-BR respects --br-backprop-to-alpha-act flag")
     if not cfg.freeze_alpha and (freeze_w or freeze_a):
         kinds = " and ".join(k for k, f in (("weight", freeze_w), ("activation", freeze_a)) if f)
-        lines.append(f"  - Frozen after warmup anyway: {kinds} alpha (--freeze-{'weight' if freeze_w else 'act'}-alpha)")
+        flags = " ".join(f for f, given in (("--freeze-weight-alpha", cfg.freeze_weight_alpha),
+                                             ("--freeze-act-alpha", cfg.freeze_act_alpha)) if given)
+        lines.append(f"  - Frozen after warmup anyway: {kinds} alpha ({flags})")
     return lines
+
+
+def act_quant_line(cfg) -> str:
+    """The banner line that says where activations are quantized (``--act-quant-at``)."""
+    if cfg.act_quant_at == "relu-output":
+        block = ("each block's output after its residual add (signed: a linear bottleneck)"
+                 if cfg.arch == "mobilenetv2" else "each block's output after its residual add")
+        return (f"Activation quantizers: at every activation's output and {block} (--act-quant-at relu-output: "
+                f"what flows between blocks is on the grid), and at the first conv's and the last linear's inputs")
+    return ("Activation quantizers: at the input of every conv and linear (--act-quant-at conv-input; identity "
+            "shortcuts carry float activations)")
+
+
+def _warmup_rule(epochs: int) -> str:
+    return f"30 % of {epochs} epoch{'s' if epochs != 1 else ''}, as --warmup-epochs was not given"
+
+
+def warmup_line(cfg, defaulted: set[str] = frozenset()) -> str | None:
+    """The line below the banner's block that says where a ``--from-warmup`` run's epochs 1..W come
+    from, or how a warmup of W > 0 epochs was chosen when ``--warmup-epochs`` was not given (the
+    block's own Stage 1 line is the seed's); else None."""
+    if getattr(cfg, "from_warmup", None):
+        return (f"Warmup: epochs 1-{cfg.warmup_epochs} are those of {cfg.from_warmup} (--from-warmup: the same "
+                f"stage 1; this run trains from epoch {cfg.warmup_epochs + 1})")
+    if "warmup_epochs" not in defaulted or cfg.warmup_epochs == 0 or is_float_run(cfg):
+        return None
+    return f"Warmup: epochs 1-{cfg.warmup_epochs}, {_warmup_rule(cfg.epochs)}"
+
+
+def schedule_text(cfg) -> str:
+    """The learning-rate schedule in words (``--lr-schedule``), for the banner's Optimiser line."""
+    E, W = cfg.epochs, cfg.warmup_epochs
+    epochs = lambda n: f"{n} epoch{'s' if n != 1 else ''}"  # noqa: E731
+    if cfg.lr_schedule == "warmup-constant" and W > 0:
+        return (f"lr constant through the warmup (epochs 1-{W}), then cosine over the {epochs(E - W)} with BR "
+                f"(--lr-schedule warmup-constant)" if E > W else
+                f"lr constant over all {epochs(E)} (--lr-schedule warmup-constant; every epoch is warmup)")
+    return f"cosine over {epochs(E)}" + (" (--lr-schedule warmup-constant: no warmup, so one cosine)"
+                                         if cfg.lr_schedule == "warmup-constant" else "")
 
 
 def optimizer_line(cfg, defaulted: set[str] = frozenset()) -> str:
@@ -488,6 +567,10 @@ def optimizer_line(cfg, defaulted: set[str] = frozenset()) -> str:
 def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = frozenset(),
            processes: str = "") -> list[str]:
     """The run banner (lines), in the wording researchers grep for.
+
+    A quantized run's block, from the title to the closing rule, holds the seed's lines for the
+    seed's commands, exactly and in the seed's order (tests/test_seed_banner.py); whatever this tool
+    says beyond them (how the warmup was chosen, the optimiser, ...) is on lines below the block.
 
     ``defaulted``: the flags ``resolve_defaults`` filled in, which the banner says.
     ``processes``: a line about the processes of a torchrun run (``distributed.Group.describe``).
@@ -509,6 +592,8 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
         a_grid = " {0, α}" if a_bits == 1 else ""
         lines.append(f"Bits: W{w_bits}A{a_bits} (weights {bits(w_bits)}{w_grid}, activations {bits(a_bits)}{a_grid}); "
                      f"first/last layers {bits(first_last_bits(cfg))}")
+        if a_bits < FULL_PRECISION_BITS:
+            lines.append(act_quant_line(cfg))
         if w_bits < FULL_PRECISION_BITS or first_last_bits(cfg) < FULL_PRECISION_BITS:
             lines.append("Weight step sizes: " + ("one α per output channel (--per-channel-weights)"
                                                   if cfg.per_channel_weights else "one α per tensor"))
@@ -517,11 +602,11 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     elif cfg.arch == "mobilenetv2":
         lines.append("Activations: ReLU6 (MobileNetV2's own; --clip-value c clips to [0, c] instead)")
     lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
-    if getattr(cfg, "from_warmup", None):
-        lines.append(f"Warmup: epochs 1-{cfg.warmup_epochs} are those of {cfg.from_warmup} (--from-warmup: the same "
-                     f"stage 1; this run trains from epoch {cfg.warmup_epochs + 1})")
-    lines.append(f"Optimiser: {optimizer_line(cfg, defaulted)}, cosine over {E} epoch{'s' if E != 1 else ''}, "
+    lines.append(f"Optimiser: {optimizer_line(cfg, defaulted)}, {schedule_text(cfg)}, "
                  f"batch {cfg.batch_size}, seed {cfg.seed}")
+    warmup = warmup_line(cfg, defaulted)
+    if warmup:
+        lines.append(warmup)
     lines.append(f"Data: {source_line}" + (f"; {cfg.val_split} training images held out for validation "
                                            f"(--val-split, class-balanced, seed {cfg.seed})" if cfg.val_split else "")
                  + (f"; training on a class-balanced subset of {cfg.train_subset} images "

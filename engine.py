@@ -8,6 +8,8 @@ resumes bit-exactly on the CPU.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import random
 import signal
@@ -25,7 +27,8 @@ from config import act_bits, compile_mode, frozen_kinds, learning_rate, weight_b
 from distributed import is_main
 from hooks import ActivationHookManager, BinStatsCollector
 from progress import EpochProgress
-from quant import FULL_PRECISION_BITS, keep_step_sizes_positive, quantized_layers, step_size_quantizers
+from quant import (FULL_PRECISION_BITS, activation_quantizers, keep_step_sizes_positive, quantized_layers,
+                   step_size_quantizers)
 from regularizers import INFO_FIELDS, BinRegularizer, weight_bin_stats
 
 #: How often (in steps) a CUDA run reads its non-finite flag; on the CPU reading is free, so every step.
@@ -78,6 +81,34 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         optimizer = torch.optim.SGD(groups, lr=learning_rate(cfg), momentum=cfg.momentum)
     keep_step_sizes_positive(optimizer, model)
     return optimizer
+
+
+def lr_factor(schedule: str, epochs: int, warmup_epochs: int, finished: int) -> float:
+    """The learning rate of epoch ``finished + 1`` as a multiple of ``--lr`` (``finished`` epochs done).
+
+    ``cosine`` (not used by ``build_scheduler``, which keeps torch's ``CosineAnnealingLR`` so that runs
+    resume bit for bit as before): ``(1 + cos(π·finished/E)) / 2``. ``warmup-constant`` (the seed
+    authors' script): 1 through the warmup (epochs 1..W) and a cosine over the BR epochs W+1..E,
+    ``(1 + cos(π·(finished - W)/(E - W))) / 2``, so epoch W+1 starts at ``--lr`` again.
+    """
+    if schedule == "warmup-constant":
+        if finished < warmup_epochs:
+            return 1.0
+        finished, epochs = finished - warmup_epochs, epochs - warmup_epochs
+    return (1 + math.cos(math.pi * finished / max(epochs, 1))) / 2
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg):
+    """The per-epoch learning-rate scheduler of ``--lr-schedule`` (stepped after each epoch).
+
+    ``cosine``: ``torch.optim.lr_scheduler.CosineAnnealingLR`` over all epochs (as before the flag).
+    ``warmup-constant``: a ``LambdaLR`` of ``lr_factor`` (without a warmup, the cosine scheduler: the
+    same schedule); its state (the epochs done) resumes with ``load_state_dict`` like the cosine's.
+    """
+    if cfg.lr_schedule == "warmup-constant" and cfg.warmup_epochs > 0:  # without a warmup: the cosine
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_factor, "warmup-constant", cfg.epochs, cfg.warmup_epochs))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
 
 
 def seed_everything(seed: int) -> None:
@@ -164,21 +195,25 @@ class Trainer:
         # BR regularises the low-bit layers; the first conv and last linear stay at
         # --first-last-bits, where the grid is fine and BR has nothing to gain.
         self.br_layers = {n: m for n, m in self.layers.items() if not m.is_first_or_last}
+        # A-BR's quantizers: the low-bit layers' inputs (--act-quant-at conv-input), or every
+        # activation's output (relu-output); never the first conv's or the last linear's input.
+        self.br_act_quantizers = {n: q for n, q in activation_quantizers(model).items()
+                                  if not (n in self.layers and self.layers[n].is_first_or_last)}
         self.w_reg = self.a_reg = self.hooks = self.weight_stats = None
         if cfg.lambda_br > 0 and weight_bits(cfg) < FULL_PRECISION_BITS and self.br_layers:
             self.w_reg = BinRegularizer(weight_bits(cfg), signed=True)
             # W-BR's gradient always reaches the weight α (unless frozen: then α has no grad).
             self.weight_stats = BinStatsCollector({n: m.weight_quant for n, m in self.br_layers.items()},
                                                   grad_to_alpha=True)
-        if cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS and self.br_layers:
+        if cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS and self.br_act_quantizers:
             # Each quantizer computes its bin statistics on its own grid: unsigned after a ReLU,
             # signed where the input can be negative (MobileNetV2's linear bottlenecks). Both grids
             # of one width have the same number of bins, and the loss needs nothing else of them.
             self.a_reg = BinRegularizer(act_bits(cfg), signed=False)
-            self.hooks = ActivationHookManager(model, self.br_layers,
+            self.hooks = ActivationHookManager(model, self.br_act_quantizers,
                                                bin_stats_grad_to_alpha=cfg.br_backprop_to_alpha_act)
         self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.epochs)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
         self.use_amp = cfg.amp and device.type == "cuda"
         # --compile: the whole training forward pass (network, LSQ, BR's statistics and losses) in
         # one graph, and evaluation; state (checkpoints, α, hooks) lives on ``model`` either way.
@@ -240,12 +275,12 @@ class Trainer:
         """
         freeze_w, freeze_a = frozen_kinds(self.cfg)
         stage2 = self.stage(epoch) == 2
-        for layer in self.layers.values():
-            for quantizer, frozen in ((layer.weight_quant, freeze_w), (layer.act_quant, freeze_a)):
-                if quantizer.alpha is not None:
-                    quantizer.alpha.requires_grad_(not (frozen and stage2))
-                    if frozen and stage2:
-                        quantizer.alpha.grad = None
+        activations = {id(q) for q in activation_quantizers(self.model).values()}
+        for quantizer in step_size_quantizers(self.model).values():  # weights', layers' inputs', QuantActs'
+            frozen = freeze_a if id(quantizer) in activations else freeze_w
+            quantizer.alpha.requires_grad_(not (frozen and stage2))
+            if frozen and stage2:
+                quantizer.alpha.grad = None
         if self.group is not None:
             trainable = tuple(p.requires_grad for p in self.model.parameters())
             if trainable != self._trainable:  # DDP reduces the parameters that required a gradient when built
@@ -407,8 +442,14 @@ class Trainer:
         """Per quantized layer: α values, and weight bin statistics (updates ``previous_bins``).
 
         Per-channel weight step sizes are logged as their mean (``weight``), ``weight_min`` and ``weight_max``.
+        With ``--act-quant-at relu-output`` each activation's quantizer (``quant.QuantAct``) is logged
+        under the activation's name, as ``{"act": α}``, and a layer whose input is such an output has no
+        ``act`` of its own.
         """
         alphas, bins = {}, {}
+        for name, quantizer in activation_quantizers(self.model).items():
+            if name not in self.layers:  # a QuantAct's
+                alphas[name] = {"act": float(quantizer.alpha.detach())}
         for name, layer in self.layers.items():
             alphas[name] = {kind: float(q.alpha.detach().mean()) for kind, q in (("weight", layer.weight_quant),
                                                                                   ("act", layer.act_quant))
@@ -510,8 +551,11 @@ class Trainer:
                "train_acc": train["train_acc"], "test_acc": test_acc, "val_acc": val_acc, **self.best_keys(),
                "best_epoch": self.best_epoch, "alpha": alphas, "bins": bins,
                "br_w_info": self._info_dict(train["w_info"]), "br_a_info": self._info_dict(train["a_info"])}
+        # a float run has no BR at all (its banner says so): its loss is the cross-entropy alone
+        parts = (f" (CE {row['ce']:.4f}, BR_w {row['br_w']:.4f}, BR_a {row['br_a']:.4f})" if self.layers
+                 else " (CE)")
         self.log(f"Epoch {epoch}/{self.cfg.epochs} [{self.stage_label(epoch)}] lr {lr:.5f} | "
-                 f"loss {row['loss']:.4f} (CE {row['ce']:.4f}, BR_w {row['br_w']:.4f}, BR_a {row['br_a']:.4f}) | "
+                 f"loss {row['loss']:.4f}{parts} | "
                  f"train {row['train_acc']:.2f}% | {self._accuracy_text(test_acc, val_acc)} | "
                  f"{seconds:.1f}s (train {train['images'] / train_seconds:.0f} img/s)")
         if self.tb is not None:

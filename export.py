@@ -52,7 +52,7 @@ EXPORT_FILES = ("model.onnx", "model_int.npz", "export.json")
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``export.py``."""
-    p = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("checkpoint", help="a quantized checkpoint of cifar10_qat_br.py (last.pt, best.pt, ptq.pt, ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for model.onnx, model_int.npz, export.json")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 for the checks [the checkpoint's --data-dir]")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from quant.bins import BinStats
-from quant.layers import QuantizedLayer
+from quant.convert import activation_quantizers
 from quant.lsq import LSQQuantizer
 
 
@@ -107,12 +107,14 @@ def _owner(quantizer: LSQQuantizer) -> BinStatsCollector | None:
 
 
 class ActivationHookManager:
-    """Record the input of each quantized layer's activation quantizer during training.
+    """Record the input of each activation quantizer during training.
 
-    Captures are keyed by the layer's module name (the same key as the layer's step
-    sizes: ``<layer>.act_quant.alpha``). Each capture is the tensor the quantizer
-    receives, shape ``(N, C, H, W)`` for convs and ``(N, F)`` for linears, not a copy:
-    the network keeps it for its own backward pass anyway. For a quantizer with a fused
+    The activation quantizers are those of ``quant.activation_quantizers``: a quantized layer's
+    input quantizer (``--act-quant-at conv-input``) or a ``quant.QuantAct``'s at an activation's
+    output (``relu-output``). Captures are keyed by the name of the module that holds the quantizer
+    (the same key as its step size: ``<name>.act_quant.alpha``). Each capture is the tensor the
+    quantizer receives, shape ``(N, C, H, W)`` after a conv and ``(N, F)`` at a linear's input, not
+    a copy: the network keeps it for its own backward pass anyway. For a quantizer with a fused
     ReLU (``LSQQuantizer.input_relu``) that is the ReLU's input; ``get_pre_quant_activations``
     applies the ReLU when asked, so it always returns the values that are quantized.
 
@@ -128,13 +130,13 @@ class ActivationHookManager:
 
     Args:
         model: the network.
-        layer_names: the layers to watch (default: every quantized layer with an
-            enabled activation quantizer).
+        layer_names: the holders (keys of ``quant.activation_quantizers``) of the quantizers to watch
+            (default: every enabled activation quantizer).
         bin_stats_grad_to_alpha: whether the statistics carry gradient to each layer's own
             activation α (``--br-backprop-to-alpha-act``); they always carry it to the input.
 
     Raises:
-        KeyError: a name in ``layer_names`` that is not a quantized layer of ``model``.
+        KeyError: a name in ``layer_names`` that holds no enabled activation quantizer of ``model``.
         RuntimeError: another live manager (or ``BinStatsCollector``) watches one of these
             quantizers; ``remove()`` it first.
 
@@ -143,14 +145,14 @@ class ActivationHookManager:
 
     def __init__(self, model: nn.Module, layer_names: Iterable[str] | None = None,
                  bin_stats_grad_to_alpha: bool = False):
-        layers = {name: m for name, m in model.named_modules()
-                  if isinstance(m, QuantizedLayer) and m.act_quant.enabled}
-        names = list(layers) if layer_names is None else list(layer_names)
-        unknown = [n for n in names if n not in layers]
+        available = activation_quantizers(model)
+        names = list(available) if layer_names is None else list(layer_names)
+        unknown = [n for n in names if n not in available]
         if unknown:
-            raise KeyError(f"ActivationHookManager: not quantized layers with an activation quantizer: {unknown}")
+            raise KeyError(f"ActivationHookManager: not quantized layers or QuantAct modules with an enabled "
+                           f"activation quantizer: {unknown}")
         self._captured: dict[str, torch.Tensor] = {}
-        quantizers = {name: layers[name].act_quant for name in names}
+        quantizers = {name: available[name] for name in names}
         self._quantizers = quantizers
         self._bin_stats = BinStatsCollector(quantizers, bin_stats_grad_to_alpha)
         self._handles = [model.register_forward_pre_hook(lambda _m, _a: self.clear())]

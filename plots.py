@@ -100,7 +100,8 @@ def build_run_model(config: dict) -> torch.nn.Module:
     try:
         model = build_model(flags["arch"], clip_value=flags.get("clip_value"))
         return quantize_model(model, derived["weight_bits"], derived["act_bits"], derived["first_last_bits"],
-                              per_channel_weights=bool(flags.get("per_channel_weights")))
+                              per_channel_weights=bool(flags.get("per_channel_weights")),
+                              act_quant_at=flags.get("act_quant_at", "conv-input"))
     except (KeyError, ValueError) as exc:
         raise PlotError(f"config.json does not describe a network this tool builds ({exc})") from None
 
@@ -582,7 +583,7 @@ def make_plots(run_dir: str, out_dir: str | None = None, layers: list[str] | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="plots.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="plots.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("run_dir", help="a run folder (config.json, metrics.jsonl, last.pt, warmup_end.pt)")
     parser.add_argument("--layers", nargs="+", default=None, metavar="NAME",
                         help="quantized layers to plot (module names, e.g. layers.0.0.conv1), or 'all' "

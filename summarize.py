@@ -67,11 +67,11 @@ COLUMN_NAMES = {
     "freeze_alpha": "freeze α", "freeze_weight_alpha": "freeze W α", "freeze_act_alpha": "freeze A α",
     "clip_value": "clip", "optimizer": "optimizer", "val_split": "val split", "warmup_epochs": "warmup", "lr": "lr",
     "weight_decay": "wd", "momentum": "momentum", "batch_size": "batch", "pretrained": "pretrained", "amp": "amp",
-    "per_channel_weights": "W α per channel",
+    "per_channel_weights": "W α per channel", "lr_schedule": "lr schedule", "act_quant_at": "A quantized at",
 }
 
 #: Values of experiment flags newer than some runs: a run whose config.json lacks one ran with this.
-LEGACY_SETTINGS = {"optimizer": "sgd", "val_split": 0}
+LEGACY_SETTINGS = {"optimizer": "sgd", "val_split": 0, "lr_schedule": "cosine", "act_quant_at": "conv-input"}
 
 #: Scenario names, in the order of the README's table (config.SCENARIOS).
 SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "PTQ", "float")
@@ -488,7 +488,7 @@ def _write_csv(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="summarize.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="summarize.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("runs_dir", help="folder holding the run folders (e.g. the sweep's RUNS_DIR)")
     parser.add_argument("--out", default=None, metavar="PREFIX",
                         help="write PREFIX.md, PREFIX.csv and PREFIX_runs.csv [RUNS_DIR/summary]")

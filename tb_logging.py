@@ -18,12 +18,13 @@ What is logged, once per epoch (step = epoch number):
   weights to their level, in α units) and ``bins_flips/<layer>`` (fraction of weights
   whose bin changed since the previous epoch);
 * histograms ``weights/<layer>`` (the float weights, before quantization) and
-  ``activations/<layer>`` (pre-quantization inputs of the layer's ``act_quant``).
+  ``activations/<name>`` (pre-quantization inputs of every activation quantizer: a layer's
+  ``act_quant``, or with ``--act-quant-at relu-output`` an activation's own, ``quant.QuantAct``).
 
 Activation histograms. The engine's ``ActivationHookManager`` drops its captures after
 every step (and records only in stage 2 with A-BR), so nothing is left of it when an
-epoch ends. The logger therefore registers its own forward pre-hook on each quantized
-layer's ``act_quant``: in training mode only, it keeps a detached copy of the first
+epoch ends. The logger therefore registers its own forward pre-hook on each activation
+quantizer (``quant.activation_quantizers``): in training mode only, it keeps a detached copy of the first
 ``ACT_SAMPLES`` samples of the latest input (a few small device copies per step, no
 host synchronisation). The histogram of an epoch is thus the last training batch of
 that epoch. The hooks are registered by ``attach(model)``, or at the first
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 
 from checkpoint import writing
-from quant import quantized_layers
+from quant import activation_quantizers, quantized_layers
 
 #: Samples of the latest training batch kept per layer for the activation histograms.
 ACT_SAMPLES = 8
@@ -72,16 +73,15 @@ class TensorBoardLogger:
 
     # -- activation samples ---------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
-        """Register the activation-sampling pre-hooks on every quantized layer's ``act_quant``.
+        """Register the activation-sampling pre-hooks on every activation quantizer.
 
         Idempotent for the same model; attaching to another model detaches the old hooks.
         """
         if self._attached_to is model:
             return
         self.detach()
-        for name, layer in quantized_layers(model).items():
-            if layer.act_quant.enabled:
-                self._handles.append(layer.act_quant.register_forward_pre_hook(self._make_hook(name)))
+        for name, quantizer in activation_quantizers(model).items():  # layers' inputs, QuantActs (relu-output)
+            self._handles.append(quantizer.register_forward_pre_hook(self._make_hook(name)))
         self._attached_to = model
 
     def _make_hook(self, name: str):
@@ -120,9 +120,8 @@ class TensorBoardLogger:
         step, w = int(row["epoch"]), self.writer
         for name, layer in quantized_layers(model).items():
             w.add_histogram(f"weights/{name}", layer.weight.detach().float().cpu(), step)
-            sample = self._samples.get(name)
-            if sample is not None:
-                w.add_histogram(f"activations/{name}", sample.float().cpu(), step)
+        for name, sample in self._samples.items():
+            w.add_histogram(f"activations/{name}", sample.float().cpu(), step)
         self._samples.clear()
         self.attach(model)
         w.flush()

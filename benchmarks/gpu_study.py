@@ -71,7 +71,7 @@ RESERVE_S = 25.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--data", required=True, help="CIFAR-10 image folder, or a .tar.gz of one")
     p.add_argument("--out", required=True, help="folder for the results (8 files at most)")
     p.add_argument("--workdir", default=None,

@@ -68,7 +68,7 @@ TARGETS = {"lsq_vs_float": 0.85, "wbr_abr_vs_lsq": 0.95, "abr_peak_memory_vs_lsq
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--mode", choices=("step", "epoch"), default="step")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     p.add_argument("--arch", default="resnet20")

@@ -4,11 +4,15 @@ File layout (``numpy.savez``, read with ``allow_pickle=False``):
 
 * ``meta``: JSON text: ``format``, the network (``deploy.restore.model_config``) and per
   quantized layer its grids (``weight_bits``, ``weight_min``/``weight_max``, ``weight_shape``,
-  ``act_bits``, ``act_min``/``act_max``, ``input_relu``).
+  ``act_bits``, ``act_min``/``act_max``, ``input_relu``; ``act_from``: the activation quantizer whose
+  output is the layer's input, with ``--act-quant-at relu-output``), and per activation quantizer at
+  an activation's output (``activations``, ``quant.QuantAct``; relu-output only) its grid
+  (``act_bits``, ``act_min``/``act_max``, ``input_relu``).
 * ``<layer>.weight_codes``: the weight's integer levels, packed (``pack_codes``: two's
   complement in 2-bit fields four to a byte (1-bit binary weights: codes -1 and +1, also in 2-bit fields), 4-bit fields (3-4 bit grids) two to a byte, bytes
   for 5-8 bits), row-major.
-* ``<layer>.weight_step``, ``<layer>.act_step``: float32 step sizes (``onnx_qdq.step_used``).
+* ``<layer>.weight_step``, ``<layer>.act_step``, ``<activation>.act_step``: float32 step sizes
+  (``onnx_qdq.step_used``).
 * ``float/<name>``: every other tensor in float32: BatchNorm, biases, layers at 32 bits.
 
 ``IntegerReference`` computes each layer whose weight and input are both quantized as
@@ -17,6 +21,11 @@ one float rescale per layer. The fake-quantized layer computes ``Σ (w_code·α_
 float32; the two differ only by float rounding (the scales factor out of the sum exactly in real
 arithmetic: LSQ eq. 1 with a per-tensor α, or one α per output channel, which factors out of
 that channel's sums: the rescale is then per output channel, ``<layer>.weight_step`` of shape ``(C,)``).
+
+With ``--act-quant-at relu-output`` every activation's output is put on its grid by an
+``IntegerActivation`` (``codes·α``, the fake quantizer's values), so residual adds add grid values and
+the next block receives them; a layer that takes such an output (``act_from``) reads its codes back
+exactly (``round(codes·α/α)``) and accumulates them as above, rescaled by ``α_w·α`` of that activation.
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from torch import nn
 
 from deploy.onnx_qdq import ExportError, weight_codes
 from deploy.restore import build_network
-from quant import QuantizedLayer, quantized_layers
+from quant import QuantAct, QuantizedLayer, quantized_layers
+from quant.convert import inputs_on_activation_grid
 from quant.grid import per_channel_view, round_to_grid
 
 FORMAT = 1
@@ -78,11 +88,20 @@ def save_integer_model(model: nn.Module, steps: dict, model_cfg: dict, path: str
         steps: ``onnx_qdq.quantizer_steps(model, example)``.
         model_cfg: its ``deploy.restore.model_config``.
     """
-    arrays, layers, skip = {}, {}, set()
+    arrays, layers, activations, skip = {}, {}, {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantAct) and module.act_quant.enabled:
+            q = module.act_quant
+            arrays[f"{name}.act_step"] = steps[q].numpy().astype(np.float32)
+            activations[name] = {"act_bits": q.num_bits, "act_min": q.quant_min, "act_max": q.quant_max,
+                                 "input_relu": bool(q.input_relu)}
+    sources = inputs_on_activation_grid(model) if activations else {}
     for name, layer in quantized_layers(model).items():
         wq, aq = layer.weight_quant, layer.act_quant
         entry = {"weight_bits": wq.num_bits, "act_bits": aq.num_bits, "input_relu": bool(aq.input_relu),
                  "weight_shape": list(layer.weight.shape)}
+        if not aq.enabled and name in sources:
+            entry["act_from"] = sources[name]
         if wq.enabled:
             arrays[f"{name}.weight_codes"] = pack_codes(weight_codes(layer, steps[wq]).numpy(), wq.num_bits)
             arrays[f"{name}.weight_step"] = steps[wq].numpy().astype(np.float32)
@@ -97,6 +116,8 @@ def save_integer_model(model: nn.Module, steps: dict, model_cfg: dict, path: str
             continue
         arrays[f"float/{key}"] = value.detach().float().cpu().numpy()
     meta = {"format": FORMAT, "model": model_cfg, "layers": layers}
+    if activations:
+        meta["activations"] = activations
     with open(path, "wb") as f:
         np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
 
@@ -166,6 +187,22 @@ class IntegerLayer(nn.Module):
         return out
 
 
+class IntegerActivation(nn.Module):
+    """A ``quant.QuantAct`` of the integer reference: the activation, then its output on the grid,
+    ``round_to_grid(x/α, Qn, Qp)·α`` (the codes times the step: the fake quantizer's values).
+    Input and output: any shape."""
+
+    def __init__(self, activation: nn.Module, step: torch.Tensor, act_range: tuple[int, int], input_relu: bool):
+        super().__init__()
+        self.activation, self.step, self.act_range, self.input_relu = activation, step, act_range, input_relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.activation(x)
+        if self.input_relu:
+            x = torch.relu(x)
+        return round_to_grid(x / self.step, *self.act_range) * self.step
+
+
 def load_integer_model(path: str) -> nn.Module:
     """The ``IntegerReference`` network of an integer file written by ``save_integer_model``.
 
@@ -191,6 +228,12 @@ def load_integer_model(path: str) -> nn.Module:
     if bad or unexpected:
         raise ExportError(f"{path} does not fit its network (missing {bad}, unexpected {list(unexpected)})")
     modules = dict(model.named_modules())
+    activations = meta.get("activations", {})
+    for name, entry in activations.items():
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child,
+                IntegerActivation(modules[name].activation, torch.from_numpy(arrays[f"{name}.act_step"]),
+                                  (entry["act_min"], entry["act_max"]), entry["input_relu"]))
     for name, layer in quantized_layers(model).items():
         entry = meta["layers"][name]
         codes = weight_step = act_step = act_range = None
@@ -202,6 +245,10 @@ def load_integer_model(path: str) -> nn.Module:
         if "act_min" in entry:
             act_step = torch.from_numpy(arrays[f"{name}.act_step"])
             act_range = (entry["act_min"], entry["act_max"])
+        elif "act_from" in entry:  # its input is on that activation's grid: its codes, read back exactly
+            source = entry["act_from"]
+            act_step = torch.from_numpy(arrays[f"{source}.act_step"])
+            act_range = (activations[source]["act_min"], activations[source]["act_max"])
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child,
                 IntegerLayer(layer, codes, weight_step, act_step, act_range, entry["input_relu"]))

@@ -119,6 +119,8 @@ class _Tracer(fx.Tracer):
 class _GraphBuilder:
     def __init__(self, steps: dict):
         self.steps, self.nodes, self.inits, self.count = steps, [], [], 0
+        #: DequantizeLinear output -> (the tensor its QuantizeLinear took, scale, zero point, hint)
+        self.dequantized: dict[str, tuple[str, str, str, str]] = {}
 
     def name(self, hint: str) -> str:
         self.count += 1
@@ -161,7 +163,25 @@ class _GraphBuilder:
             x = self.op("Clip", [x, self.float_tensor(f"{hint}_lo", q.quant_min * step),
                                  self.float_tensor(f"{hint}_hi", q.quant_max * step)], f"{hint}_clip")
         codes = self.op("QuantizeLinear", [x, scale, zero], f"{hint}_q")
-        return self.op("DequantizeLinear", [codes, scale, zero], f"{hint}_dq")
+        out = self.op("DequantizeLinear", [codes, scale, zero], f"{hint}_dq")
+        self.dequantized[out] = (x, scale, zero, hint)
+        return out
+
+    def slice_input(self, x: str) -> tuple[str, callable]:
+        """Where a Slice of ``x`` goes: onto a dequantized tensor's own QuantizeLinear input, then
+        quantized again with the same scale (returned as the function that does it), since
+        onnxruntime 1.32 moves a Slice that follows a DequantizeLinear onto the integer codes and
+        then rejects its 2-bit types (``--act-quant-at relu-output``: ResNet's option-A shortcut
+        subsamples a quantized block output). Slicing commutes with the elementwise quantization,
+        so the values are the same; any other ``x`` is sliced as it is."""
+        if x not in self.dequantized:
+            return x, lambda y: y
+        source, scale, zero, hint = self.dequantized[x]
+
+        def requantize(y: str) -> str:
+            codes = self.op("QuantizeLinear", [y, scale, zero], f"{hint}_slice_q")
+            return self.op("DequantizeLinear", [codes, scale, zero], f"{hint}_slice_dq")
+        return source, requantize
 
     def weight(self, layer: nn.Module, hint: str, transpose: bool = False) -> str:
         """The layer's weight (``transpose``: as ``(in, out)``): DQ of its integer codes, or float."""
@@ -245,8 +265,10 @@ class _GraphBuilder:
                     steps.append(1 if s.step is None else s.step)
             if not axes:
                 return args[0]
-            return self.op("Slice", [args[0]] + [self.const(n, np.array(v, np.int64)) for n, v in
-                                                 (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))])
+            source, requantize = self.slice_input(args[0])
+            return requantize(self.op("Slice", [source] + [self.const(n, np.array(v, np.int64)) for n, v in
+                                                           (("starts", starts), ("ends", ends), ("axes", axes),
+                                                            ("steps", steps))]))
         raise ExportError(f"no ONNX translation for {node.format_node()}")
 
 

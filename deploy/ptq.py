@@ -35,12 +35,13 @@ from torch import nn
 
 import runner
 from checkpoint import atomic_torch_save, atomic_write_json
-from config import (ConfigError, act_bits, explicit_flags, first_last_bits, is_float_run, resolve_device,
-                    weight_bits)
+from config import (ConfigError, act_bits, act_quant_line, explicit_flags, first_last_bits, is_float_run,
+                    resolve_device, weight_bits)
 from data import DeviceLoader, Split, load_split, training_images
 from engine import seed_everything, top1_accuracy
 from models import build_model
-from quant import MIN_STEP_SIZE, LSQQuantizer, quantize_model, quantized_layers
+from quant import MIN_STEP_SIZE, LSQQuantizer, activation_quantizers, quantize_model, quantized_layers
+from quant.convert import activation_outputs
 from quant.grid import round_to_grid
 
 #: Grid points over (0, 1.25·α_max] (α_max: the smallest step that clips nothing).
@@ -52,7 +53,7 @@ VALUES_PER_BATCH = 1 << 15
 
 #: Flags that only training uses: without effect in a PTQ run, and left out of its config.json.
 TRAINING_FLAGS = ("lambda_br", "lambda_br_act", "br_backprop_to_alpha_act", "freeze_alpha", "freeze_weight_alpha",
-                  "freeze_act_alpha", "epochs", "warmup_epochs", "optimizer", "lr", "momentum", "weight_decay",
+                  "freeze_act_alpha", "epochs", "warmup_epochs", "optimizer", "lr", "lr_schedule", "momentum", "weight_decay",
                   "amp", "compile", "tensorboard", "resume", "evaluate")
 
 
@@ -145,8 +146,10 @@ def calibration_batches(split: Split, batches: int, batch_size: int, seed: int,
 
 @torch.no_grad()
 def layer_inputs(model: nn.Module, batches: list[torch.Tensor], seed: int,
-                 per_batch: int = VALUES_PER_BATCH) -> dict[str, torch.Tensor]:
-    """The inputs of every ``nn.Conv2d`` / ``nn.Linear`` of the float ``model`` on ``batches``.
+                 per_batch: int = VALUES_PER_BATCH, outputs_of: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The inputs of every ``nn.Conv2d`` / ``nn.Linear`` of the float ``model`` on ``batches``, and the
+    outputs of the modules named in ``outputs_of`` (the activations that ``--act-quant-at relu-output``
+    quantizes: ``quant.convert.activation_outputs``).
 
     Returns:
         module name -> 1-D float32 CPU tensor: per batch all values, or a seeded random sample of
@@ -157,8 +160,8 @@ def layer_inputs(model: nn.Module, batches: list[torch.Tensor], seed: int,
     handles = []
 
     def keep(name):
-        def hook(_module, args):
-            flat = args[0].detach().reshape(-1).float().cpu()
+        def hook(_module, args, output=None):
+            flat = (args[0] if output is None else output).detach().reshape(-1).float().cpu()
             if flat.numel() > per_batch:
                 flat = flat[torch.randint(flat.numel(), (per_batch,), generator=gen)]
             found.setdefault(name, []).append(flat)
@@ -167,6 +170,8 @@ def layer_inputs(model: nn.Module, batches: list[torch.Tensor], seed: int,
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             handles.append(module.register_forward_pre_hook(keep(name)))
+        elif name in outputs_of:
+            handles.append(module.register_forward_hook(keep(name)))
     try:
         model.eval()
         for x in batches:
@@ -200,7 +205,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None
 
 def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, first_last_bits_: int,
                            batches: list[torch.Tensor], seed: int, bn_recalib: bool = True,
-                           per_channel_weights: bool = False) -> nn.Module:
+                           per_channel_weights: bool = False, act_quant_at: str = "conv-input") -> nn.Module:
     """PTQ of a trained float ``model`` (in place; returned): see the module docstring.
 
     Args:
@@ -211,33 +216,40 @@ def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, 
         bn_recalib: re-estimate BatchNorm statistics after quantizing.
         per_channel_weights: one weight step size per output channel, each the MSE-optimal one of
             that channel's weights.
+        act_quant_at: ``quant.ACT_QUANT_AT``; with ``relu-output`` each activation's quantizer is
+            calibrated on that activation's float output.
 
     Returns:
         ``model`` with ``QConv2d`` / ``QLinear`` layers whose step sizes are set, in eval mode.
     """
     # The float network's layer inputs are what the quantizers quantize (a ReLU the conversion
     # fuses into a quantizer has already been applied to them).
-    inputs = layer_inputs(model, batches, seed)
-    quantize_model(model, weight_bits_, act_bits_, first_last_bits_, per_channel_weights=per_channel_weights)
-    for name, layer in quantized_layers(model).items():
-        for quantizer, values in ((layer.weight_quant, layer.weight), (layer.act_quant, inputs[name])):
-            if not quantizer.enabled:
-                continue
-            values = values.detach().float().cpu()
-            if quantizer.channels is not None:
-                set_step_size(quantizer, [mse_step_size(channel.flatten(), quantizer.quant_min, quantizer.quant_max)
-                                          for channel in values])
-            else:
-                set_step_size(quantizer, mse_step_size(values, quantizer.quant_min, quantizer.quant_max))
+    outputs = tuple(activation_outputs(model)) if act_quant_at == "relu-output" else ()
+    inputs = layer_inputs(model, batches, seed, outputs_of=outputs)
+    quantize_model(model, weight_bits_, act_bits_, first_last_bits_, per_channel_weights=per_channel_weights,
+                   act_quant_at=act_quant_at)
+    pairs = [(layer.weight_quant, layer.weight) for layer in quantized_layers(model).values()]
+    # every enabled activation quantizer: a layer's input quantizer, or a QuantAct's (the activation's output)
+    pairs += [(q, inputs[name]) for name, q in activation_quantizers(model).items()]
+    for quantizer, values in pairs:
+        if not quantizer.enabled:
+            continue
+        values = values.detach().float().cpu()
+        if quantizer.channels is not None:
+            set_step_size(quantizer, [mse_step_size(channel.flatten(), quantizer.quant_min, quantizer.quant_max)
+                                      for channel in values])
+        else:
+            set_step_size(quantizer, mse_step_size(values, quantizer.quant_min, quantizer.quant_max))
     if bn_recalib:
         recalibrate_batchnorm(model, batches)
     return model.eval()
 
 
 def default_output_dir(cfg) -> str:
-    """``results/<arch>_w<W>a<A>_fl<F>_ptq[_pcw]_s<seed>``."""
+    """``results/<arch>_w<W>a<A>_fl<F>_ptq[_pcw][_aqro]_s<seed>``."""
     return os.path.join("results", f"{cfg.arch}_w{weight_bits(cfg)}a{act_bits(cfg)}_fl{first_last_bits(cfg)}"
-                                   f"_ptq{'_pcw' if cfg.per_channel_weights else ''}_s{cfg.seed}")
+                                   f"_ptq{'_pcw' if cfg.per_channel_weights else ''}"
+                                   f"{'_aqro' if cfg.act_quant_at == 'relu-output' else ''}_s{cfg.seed}")
 
 
 def check_flags(cfg, argv: list[str]) -> list[str]:
@@ -272,6 +284,7 @@ def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
              f"{cfg.batch_size} images, augmented as in training (seed {cfg.seed})"
              + (f", none of the {cfg.val_split} held out by --val-split" if cfg.val_split else ""),
              f"BatchNorm re-estimated on them: {'yes' if cfg.bn_recalib else 'no (--no-bn-recalib)'}",
+             *([act_quant_line(cfg)] if act_bits(cfg) < 32 else []),
              f"Data: {source_line}", f"Device: {resolve_device(cfg.device)}", f"Output: {cfg.output_dir}"]
     lines += [f"WARNING: {w}" for w in warnings]
     return lines + [RULE]
@@ -302,7 +315,7 @@ def run(cfg, source, old_run: list[str]) -> int:
         f" ({float_bn_acc:.2f}% with BatchNorm re-estimated on the calibration batches)" if cfg.bn_recalib else ""),
         flush=True)
     quantize_post_training(model, weight_bits(cfg), act_bits(cfg), first_last_bits(cfg), batches, cfg.seed,
-                           cfg.bn_recalib, per_channel_weights=cfg.per_channel_weights)
+                           cfg.bn_recalib, per_channel_weights=cfg.per_channel_weights, act_quant_at=cfg.act_quant_at)
     acc = top1_accuracy(model, test_loader, device)
     seconds = time.perf_counter() - started
     config = runner.run_config(cfg, source.describe(), None, val)

@@ -19,17 +19,20 @@ from quant import quantize_model, step_size_quantizers
 
 #: Flags that define the network (architecture and grids); a checkpoint fixes them.
 MODEL_FLAGS = ("arch", "num_bits", "num_bits_weight", "num_bits_act", "first_last_bits", "clip_value",
-               "per_channel_weights")
+               "per_channel_weights", "act_quant_at")
 
 
 def model_config(flags: dict) -> dict:
     """The network a set of flags describes: ``arch``, ``weight_bits``, ``act_bits``, ``first_last_bits``
-    (32 = float), ``clip_value``, ``per_channel_weights`` (False where no weight is quantized)."""
+    (32 = float), ``clip_value``, ``per_channel_weights`` (False where no weight is quantized),
+    ``act_quant_at`` (``conv-input`` where no activation is quantized: the same network). A flag
+    missing from ``flags`` (a checkpoint from before it existed) has its default."""
     ns = argparse.Namespace(**{**vars(build_parser().parse_args([])), **flags})
     quantized_weights = min(weight_bits(ns), first_last_bits(ns)) < 32
     return {"arch": ns.arch, "weight_bits": weight_bits(ns), "act_bits": act_bits(ns),
             "first_last_bits": first_last_bits(ns), "clip_value": ns.clip_value,
-            "per_channel_weights": bool(ns.per_channel_weights) and quantized_weights}
+            "per_channel_weights": bool(ns.per_channel_weights) and quantized_weights,
+            "act_quant_at": ns.act_quant_at if act_bits(ns) < 32 else "conv-input"}
 
 
 def describe(model_cfg: dict) -> str:
@@ -40,6 +43,8 @@ def describe(model_cfg: dict) -> str:
     else:
         text = f"{model_cfg['arch']} W{w}A{a}, first/last {'float' if fl >= 32 else f'{fl}-bit'}"
     text += ", one weight α per output channel" if model_cfg.get("per_channel_weights") else ""
+    text += ", activations quantized at every activation's output" if model_cfg.get(
+        "act_quant_at") == "relu-output" else ""
     return text + (f", activations clipped to [0, {model_cfg['clip_value']:g}]" if model_cfg["clip_value"] else "")
 
 
@@ -47,7 +52,8 @@ def build_network(model_cfg: dict) -> nn.Module:
     """The (fake-quantized) network of ``model_config``, freshly initialised."""
     model = build_model(model_cfg["arch"], clip_value=model_cfg["clip_value"])
     return quantize_model(model, model_cfg["weight_bits"], model_cfg["act_bits"], model_cfg["first_last_bits"],
-                          per_channel_weights=model_cfg.get("per_channel_weights", False))
+                          per_channel_weights=model_cfg.get("per_channel_weights", False),
+                          act_quant_at=model_cfg.get("act_quant_at", "conv-input"))
 
 
 def _is_state_dict(obj) -> bool:

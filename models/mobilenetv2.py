@@ -21,6 +21,12 @@ quantizer. Every other conv input comes straight from a ReLU6 (the stem's, the e
 the depthwise's) and is unsigned; so is the classifier's (the average pool of ReLU6 outputs).
 The image input of the stem is signed as in every network (``quantize_model``).
 
+With ``--act-quant-at relu-output`` every ReLU6 output gets its own (unsigned) quantizer, and so does
+each block's output, after the residual add, on a signed grid (``InvertedResidual.block_output``,
+a placeholder ``nn.Identity`` in the float network): a linear bottleneck has no activation to quantize
+after, yet what flows between blocks (and what the residual adds) is then on the activation grid,
+as between the ResNets' blocks, whose output is a ReLU's.
+
 Every model takes ``(N, 3, 32, 32)`` normalised images and returns ``(N, num_classes)``
 logits. Activations are ``nn.ReLU6``, or ``nn.Hardtanh(0, c)`` with ``clip_value=c`` (ReLU6
 is ``Hardtanh(0, 6)``), never in place, so that pre-quantization activations captured for
@@ -59,6 +65,10 @@ class InvertedResidual(nn.Module):
             ``signed_input_layers``.
     """
 
+    #: placeholders (``nn.Identity``) whose output ``--act-quant-at relu-output`` quantizes
+    #: (``quant.convert.activation_outputs``)
+    quantized_outputs = ("block_output",)
+
     def __init__(self, in_planes: int, out_planes: int, expansion: int, stride: int, clip_value: float | None,
                  input_signed: bool):
         super().__init__()
@@ -77,6 +87,9 @@ class InvertedResidual(nn.Module):
         first = "dw_conv" if self.expand_conv is None else "expand_conv"
         #: the layers whose input can be negative (for ``quant.convert.quantize_model``)
         self.signed_input_layers = (first,) if input_signed else ()
+        #: the block's output (after the residual add), a placeholder that ``--act-quant-at relu-output``
+        #: quantizes on a signed grid (``quantized_outputs``): no activation follows a linear bottleneck
+        self.block_output = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
@@ -84,7 +97,7 @@ class InvertedResidual(nn.Module):
             out = self.expand_act(self.expand_bn(self.expand_conv(out)))
         out = self.dw_act(self.dw_bn(self.dw_conv(out)))
         out = self.project_bn(self.project_conv(out))
-        return out + x if self.use_residual else out
+        return self.block_output(out + x if self.use_residual else out)
 
 
 class MobileNetV2(nn.Module):

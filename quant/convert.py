@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import fx, nn
 
-from quant.layers import QConv2d, QLinear, QuantizedLayer
-from quant.lsq import FULL_PRECISION_BITS, check_num_bits
+from quant.layers import QConv2d, QLinear, QuantAct, QuantizedLayer
+from quant.lsq import FULL_PRECISION_BITS, LSQQuantizer, check_num_bits
+
+#: Where the activation quantizers sit (``--act-quant-at``). ``conv-input``: at the input of every
+#: quantized conv and linear (LSQ's placement; an identity shortcut carries the float activation).
+#: ``relu-output``: at the output of every activation (ReLU, clip, ReLU6), each block's output after
+#: its residual add included, so that what flows between blocks is on the activation grid (the seed
+#: authors' script; an integer accelerator runs the network so); a layer whose input is such an output
+#: has no input quantizer of its own, the others (the first conv's image, the last linear's pooled
+#: input) keep theirs.
+ACT_QUANT_AT = ("conv-input", "relu-output")
 
 
 def _quantized_copy(layer: nn.Module, weight_bits: int, act_bits: int, act_signed: bool,
@@ -49,8 +58,63 @@ def fuse_relus(model: nn.Module) -> list[str]:
     return fused
 
 
+def activation_outputs(model: nn.Module) -> list[str]:
+    """The module names of what ``relu-output`` quantizes: every activation module (``nn.ReLU``,
+    ``nn.Hardtanh``: the clip and ReLU6) and every block output a module lists in its
+    ``quantized_outputs`` (attribute names of ``nn.Identity`` placeholders after a residual add that
+    no activation follows: MobileNetV2's linear bottleneck), in module order."""
+    names = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.ReLU or isinstance(child, nn.Hardtanh) or (
+                    child_name in getattr(module, "quantized_outputs", ()) and isinstance(child, nn.Identity)):
+                names.append(full)
+    return names
+
+
+def quantize_activation_outputs(model: nn.Module, act_bits: int) -> list[str]:
+    """Replace each module of ``activation_outputs`` by a ``QuantAct`` of ``act_bits`` under the same
+    name, in place (a ReLU is fused into its quantizer). Returns their names."""
+    modules = dict(model.named_modules())
+    names = activation_outputs(model)
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child_name, QuantAct.wrapping(modules[name], act_bits))
+    return names
+
+
+class _InputTracer(fx.Tracer):
+    """Traces a network down to its layers and activation quantizers (their insides are not needed)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QuantAct, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
+
+
+def inputs_on_activation_grid(model: nn.Module) -> dict[str, str]:
+    """Which conv / linear layers take as their whole input the output of an enabled ``QuantAct``:
+    layer name -> that ``QuantAct``'s name (found by tracing ``model`` with ``torch.fx``). Such an
+    input is on the activation grid already, so the layer needs no input quantizer.
+
+    Raises:
+        torch.fx's errors: a network ``torch.fx`` cannot trace (every network of ``models`` can).
+    """
+    graph = _InputTracer().trace(model)
+    modules = dict(model.named_modules())
+    found = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], (nn.Conv2d, nn.Linear)):
+            continue
+        source = node.args[0] if node.args else None
+        if (isinstance(source, fx.Node) and source.op == "call_module" and isinstance(modules[source.target], QuantAct)
+                and modules[source.target].act_quant.enabled):
+            found[node.target] = source.target
+    return found
+
+
 def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last_bits: int = 8,
-                   fuse_relu: bool = True, per_channel_weights: bool = False) -> nn.Module:
+                   fuse_relu: bool = True, per_channel_weights: bool = False,
+                   act_quant_at: str = "conv-input") -> nn.Module:
     """Replace every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by ``QConv2d`` / ``QLinear``, in place.
 
     Trained weights and biases are kept. The first conv and the last linear (in module
@@ -71,19 +135,29 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last
     With ``fuse_relu``, ReLUs that feed only a quantized layer are then fused into its
     input quantizer (``fuse_relus``): the same function, one pass fewer each way.
 
+    ``act_quant_at="relu-output"`` (``ACT_QUANT_AT``) moves the activation quantizers: every
+    activation (and every block output of a module's ``quantized_outputs``) becomes a ``QuantAct``
+    of ``act_bits`` (``quantize_activation_outputs``, a ReLU fused into it), and each layer whose
+    input is such an output (``inputs_on_activation_grid``) gets a 32-bit, disabled input quantizer;
+    the other layers keep theirs (the first conv's image; the last linear's input, an average of grid
+    values, which is not on the grid). With ``act_bits`` 32 both placements are the same network.
+
     Args:
         model: a float network; modified in place and returned.
         weight_bits, act_bits, first_last_bits: 1..8, or 32 for full precision (1 bit: ``quant.grid``).
         fuse_relu: fuse exclusive ReLUs into the following quantizer (default True).
         per_channel_weights: one weight step size per output channel in every quantized layer
             (the first and last included); activations keep one per tensor.
+        act_quant_at: ``conv-input`` (default) or ``relu-output``.
 
     Returns:
         ``model``.
 
     Raises:
-        ValueError: unsupported widths, or a network without conv/linear layers.
+        ValueError: unsupported widths or ``act_quant_at``, or a network without conv/linear layers.
     """
+    if act_quant_at not in ACT_QUANT_AT:
+        raise ValueError(f"act_quant_at must be one of {', '.join(ACT_QUANT_AT)}, got {act_quant_at!r}")
     check_num_bits(weight_bits, "weight_bits")
     check_num_bits(act_bits, "act_bits")
     check_num_bits(first_last_bits, "first_last_bits")
@@ -94,6 +168,10 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last
     if min(weight_bits, act_bits, first_last_bits) >= FULL_PRECISION_BITS:
         return model
     first_name, last_name = layers[0][0], layers[-1][0]
+    on_grid = {}
+    if act_quant_at == "relu-output" and act_bits < FULL_PRECISION_BITS:
+        quantize_activation_outputs(model, act_bits)
+        on_grid = inputs_on_activation_grid(model)
     modules = dict(model.named_modules())
     signed_inputs = {first_name} | {f"{name}.{child}" if name else child for name, module in modules.items()
                                     for child in getattr(module, "signed_input_layers", ())}
@@ -102,6 +180,8 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last
         if is_edge and first_last_bits >= FULL_PRECISION_BITS:
             continue
         w_bits, a_bits = (first_last_bits, first_last_bits) if is_edge else (weight_bits, act_bits)
+        if name in on_grid:  # its input is a QuantAct's output, on the activation grid already
+            a_bits = FULL_PRECISION_BITS
         new = _quantized_copy(layer, w_bits, a_bits, act_signed=name in signed_inputs,
                               per_channel_weights=per_channel_weights)
         new.is_first_or_last = is_edge
@@ -115,3 +195,11 @@ def quantize_model(model: nn.Module, weight_bits: int, act_bits: int, first_last
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     """Every ``QConv2d`` / ``QLinear`` of ``model``, keyed by module name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
+    """Every enabled activation quantizer of ``model``, keyed by the module that holds it, in module
+    order: a quantized layer's input quantizer (``<layer>.act_quant``, keyed ``<layer>``) and a
+    ``QuantAct``'s (keyed by the ``QuantAct``'s name, that of the activation it replaced)."""
+    return {name: m.act_quant for name, m in model.named_modules()
+            if isinstance(m, (QuantizedLayer, QuantAct)) and m.act_quant.enabled}

@@ -83,3 +83,51 @@ class QLinear(nn.Linear, QuantizedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act_quant(x), self.quantized_weight(), self.bias)
+
+
+class QuantAct(nn.Module):
+    """An activation followed by its own LSQ quantizer: ``act_quant(activation(x))``
+    (``--act-quant-at relu-output``, ``quant.convert.quantize_activation_outputs``).
+
+    It takes the place of an activation module (``nn.ReLU``, ``nn.Hardtanh``: the clip and ReLU6)
+    or of a block's output (``nn.Identity``, MobileNetV2's linear bottleneck after its residual
+    add), under the same module name, so that the tensor it hands on, to the next layer and to
+    any residual add, is on the activation grid ``α·[Qn, Qp]``. A ReLU is fused into the quantizer
+    (``activation`` is then ``nn.Identity`` and ``act_quant.input_relu`` is set: the same values and
+    gradients, one pass fewer; ``quant.convert.fuse_relus``).
+
+    Input and output: any shape, the output the shape of the input.
+
+    Attributes:
+        activation: the activation module, or ``nn.Identity`` (a fused ReLU, a block output).
+        act_quant: ``LSQQuantizer`` (N of the gradient scale: the features of one sample, as a layer's
+            input quantizer); unsigned after a ReLU or a clip to ``[0, c]``, signed for a block output
+            that can be negative.
+    """
+
+    def __init__(self, activation: nn.Module, num_bits: int, signed: bool):
+        super().__init__()
+        self.activation = activation
+        self.act_quant = LSQQuantizer(num_bits, signed=signed, grad_count="per_sample")
+
+    @classmethod
+    def wrapping(cls, module: nn.Module, num_bits: int) -> "QuantAct":
+        """The ``QuantAct`` that takes the place of ``module``: an ``nn.ReLU`` (fused into the
+        quantizer), an ``nn.Hardtanh`` with ``min_val >= 0`` (unsigned grid), or an ``nn.Identity``
+        block output (signed grid).
+
+        Raises:
+            ValueError: any other module.
+        """
+        if type(module) is nn.ReLU:
+            new = cls(nn.Identity(), num_bits, signed=False)
+            new.act_quant.input_relu = True
+            return new
+        if isinstance(module, nn.Hardtanh) and module.min_val >= 0:
+            return cls(module, num_bits, signed=False)
+        if isinstance(module, nn.Identity):
+            return cls(module, num_bits, signed=True)
+        raise ValueError(f"QuantAct: no activation grid for {type(module).__name__}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act_quant(self.activation(x))

@@ -26,7 +26,7 @@ def _tiny_trainer(extra_flags):
     torch.manual_seed(0)
     cfg = cfgmod.build_parser().parse_args(["--device", "cpu", "--compile", "off"] + extra_flags)
     model = quantize_model(CifarResNet((1, 1), (4, 8), "A"), 2, 2, 8,
-                           per_channel_weights=cfg.per_channel_weights).double()
+                           per_channel_weights=cfg.per_channel_weights, act_quant_at=cfg.act_quant_at).double()
     return engine.Trainer(cfg, model, None, None, torch.device("cpu"), log=lambda *_: None)
 
 
@@ -48,6 +48,7 @@ def _step(trainer, losses, x, y, use_br):
     (["--lambda-br", "0"], True),             # A-only
     ([], False),                              # stage 1: LSQ only
     (["--per-channel-weights"], True),        # W-BR per channel (one α per output channel)
+    (["--act-quant-at", "relu-output"], True),  # a quantizer at every ReLU's output, A-BR on those
 ])
 def test_training_forward_compiles_whole_and_matches_eager(flags, use_br):
     trainer = _tiny_trainer(flags)
@@ -56,7 +57,8 @@ def test_training_forward_compiles_whole_and_matches_eager(flags, use_br):
     y = torch.randint(0, 10, (6,), generator=gen)
     trainer.model.train()
     trainer.model(x)  # initialise every α from this batch, eagerly (as the Trainer does)
-    assert trainer.model.layers[0][0].conv2.act_quant.input_relu  # the fused ReLU is in the graph
+    fused = (trainer.model.layers[0][0].act1 if "relu-output" in flags else trainer.model.layers[0][0].conv2).act_quant
+    assert fused.input_relu  # the fused ReLU is in the graph
     start = copy.deepcopy(trainer.model.state_dict())
     eager = _step(trainer, trainer._losses, x, y, use_br)
     trainer.model.load_state_dict(start)

@@ -23,12 +23,17 @@ def _banner(capsys, *flags):
 
 def test_banner_says_where_the_warmup_comes_from(capsys):
     lines = _banner(capsys, "--epochs", "10")
-    assert "Stage 1 (Warmup): Epochs 1-3 (LSQ only; 30 % of 10 epochs, as --warmup-epochs was not given)" in lines
+    # the block keeps the seed's Stage 1 line; how the warmup was chosen is a line of its own below it
+    assert "Stage 1 (Warmup): Epochs 1-3 (LSQ only)" in lines
+    assert "Warmup: epochs 1-3, 30 % of 10 epochs, as --warmup-epochs was not given" in lines
+    assert lines.index("Warmup: epochs 1-3, 30 % of 10 epochs, as --warmup-epochs was not given") > lines.index(
+        "Alpha Control:")
     assert "Stage 2 (BR): Epochs 4-10" in lines and "  warmup_epochs: 3" in lines
     lines = _banner(capsys, "--epochs", "1")
     assert "Stage 1 (Warmup): none (30 % of 1 epoch, as --warmup-epochs was not given)" in lines
     lines = _banner(capsys, "--epochs", "10", "--warmup-epochs", "3")
     assert "Stage 1 (Warmup): Epochs 1-3 (LSQ only)" in lines
+    assert not any(x.startswith("Warmup:") for x in lines)
 
 
 def test_balanced_subset_is_seeded_and_even():
