@@ -53,6 +53,11 @@ SCENARIOS = {
     "lsq-frozen": ("LSQ, α frozen after warmup", "--lambda-br 0 --lambda-br-act 0 --freeze-alpha"),
     "wa-stable-free": ("W+A stable, α trained", "--lambda-br 1 --lambda-br-act 1"),
     "wa-moving-free": ("W+A moving target, α trained", "--lambda-br 1 --lambda-br-act 1 --br-backprop-to-alpha-act"),
+    # BR's nearest rival (Nagel et al., ICML 2022), with the seed's BR rows' --freeze-alpha, so that it is
+    # compared with them (and with lsq-frozen) on the same footing: λ_d 0.1 (every recipe of theirs) and the
+    # freezing thresholds of their 4-bit recipe (they publish none for 2 bits). No BN re-estimation: no BR row has it.
+    "dampen": ("Oscillation dampening", "--lambda-br 0 --lambda-br-act 0 --freeze-alpha --lambda-dampen 0.1"),
+    "freeze": ("Iterative freezing", "--lambda-br 0 --lambda-br-act 0 --freeze-alpha --freeze-oscillating 0.1:0.01"),
 }
 
 #: The seed's five scenarios (the default grid of scripts/sweep.sh and benchmarks/gpu_study.py).

@@ -67,14 +67,17 @@ COLUMN_NAMES = {
     "freeze_alpha": "freeze α", "freeze_weight_alpha": "freeze W α", "freeze_act_alpha": "freeze A α",
     "clip_value": "clip", "optimizer": "optimizer", "val_split": "val split", "warmup_epochs": "warmup", "lr": "lr",
     "weight_decay": "wd", "momentum": "momentum", "batch_size": "batch", "pretrained": "pretrained", "amp": "amp",
-    "per_channel_weights": "W α per channel",
+    "per_channel_weights": "W α per channel", "lambda_dampen": "λ_d", "freeze_oscillating": "freeze osc.",
+    "dampen_aggregation": "dampen agg.", "oscillation_momentum": "osc. momentum", "bn_reestimate": "BN re-est.",
 }
 
 #: Values of experiment flags newer than some runs: a run whose config.json lacks one ran with this.
-LEGACY_SETTINGS = {"optimizer": "sgd", "val_split": 0}
+LEGACY_SETTINGS = {"optimizer": "sgd", "val_split": 0, "lambda_dampen": 0.0, "dampen_aggregation": "kernel_mean",
+                   "freeze_oscillating": None, "oscillation_momentum": 0.001, "bn_reestimate": 0}
 
 #: Scenario names, in the order of the README's table (config.SCENARIOS).
-SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "PTQ", "float")
+SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "Oscillation dampening",
+                  "Iterative freezing", "PTQ", "float")
 
 #: What an exit status of cifar10_qat_br.py means (see its docstring).
 EXIT_MEANINGS = {1: "crashed", 2: "bad flag, data or checkpoint", 3: "non-finite values",
@@ -123,15 +126,26 @@ class Run:
 
 
 def scenario(settings: dict) -> str:
-    """The README scenario of a configuration, from its λ_w, λ_a and A-BR→α settings (or PTQ)."""
+    """The README scenario of a configuration, from its λ_w, λ_a and A-BR→α settings (or PTQ), with the
+    oscillation methods it uses (``Oscillation dampening``, ``Iterative freezing``; after a BR scenario's
+    name: ``W-only + dampening``)."""
     if settings.get("float_run"):
         return "float"
     if settings.get("method") == "ptq":  # post-training quantization: no λ, no training
         return "PTQ"
     w, a = settings.get("lambda_br", 0) > 0, settings.get("lambda_br_act", 0) > 0
     if w and a:
-        return "W+A moving target" if settings.get("br_backprop_to_alpha_act") else "W+A stable"
-    return "W-only" if w else ("A-only" if a else "LSQ baseline")
+        base = "W+A moving target" if settings.get("br_backprop_to_alpha_act") else "W+A stable"
+    else:
+        base = "W-only" if w else ("A-only" if a else "LSQ baseline")
+    methods = [m for key, m in (("lambda_dampen", "dampening"), ("freeze_oscillating", "iterative freezing"))
+               if settings.get(key)]
+    if not methods:
+        return base
+    if base == "LSQ baseline":
+        return {"dampening": "Oscillation dampening", "iterative freezing": "Iterative freezing"}[methods[0]] + "".join(
+            f" + {m}" for m in methods[1:])
+    return base + "".join(f" + {m}" for m in methods)
 
 
 def _read_json(path: str):

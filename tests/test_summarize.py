@@ -406,3 +406,13 @@ def test_the_sweeps_scenarios_are_configs():
         flags = command[command.index("--seed") + 2:command.index("--resume")]
         assert folder.startswith(key + "_w2a2") and flags == cfgmod.SCENARIOS[key][1].split(), key
         assert ("_frz_" in folder) == ("--freeze-alpha" in flags), folder
+
+
+def test_oscillation_scenarios_are_named_as_the_readme_names_them():
+    for key in ("dampen", "freeze"):
+        settings = vars(cfgmod.build_parser().parse_args(cfgmod.SCENARIOS[key][1].split()))
+        assert summarize.scenario(settings) == cfgmod.SCENARIOS[key][0]
+    assert summarize.scenario({"lambda_br": 1.0, "lambda_dampen": 0.1}) == "W-only + dampening"
+    assert summarize.scenario({"lambda_dampen": 0.1, "freeze_oscillating": "0.1:0.01"}) == \
+        "Oscillation dampening + iterative freezing"
+    assert summarize.scenario(vars(cfgmod.build_parser().parse_args([]))) == "W+A stable"
