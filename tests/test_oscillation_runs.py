@@ -153,3 +153,18 @@ def test_bn_reestimate_averages_the_batch_statistics(shared_folder, tmp_path, ca
     assert torch.allclose(saved[f"{name}.running_mean"], mean, atol=1e-5)
     assert torch.allclose(saved[f"{name}.running_var"], var, rtol=1e-4)
     assert not torch.equal(saved[f"{name}.running_mean"], last["model"][f"{name}.running_mean"])
+
+
+def test_binary_per_channel_weights(shared_folder, tmp_path):
+    """W1A2 with one α per output channel: frozen weights sit on ±α[c], never on 0."""
+    out = tmp_path / "w1"
+    assert run_cli(["--data-dir", shared_folder, "--output-dir", out, *SHAPE, *OSC, "--num-bits-weight", "1",
+                    "--per-channel-weights", "--lr", "0.1"])[0] == 0
+    rows = _rows(out)
+    assert rows[1]["dampen"] > 0 and rows[2]["frozen"] > 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    for name, state in ckpt["oscillation"].items():
+        w, alpha = ckpt["model"][f"{name}.weight"], ckpt["model"][f"{name}.weight_quant.alpha"]
+        mask = state["frozen"]
+        assert set(state["frozen_code"][mask].tolist()) <= {-1, 1}
+        assert torch.equal(w[mask], (state["frozen_code"].float() * alpha.view(-1, 1, 1, 1))[mask])
