@@ -92,6 +92,17 @@ def test_frozen_weights_sit_on_their_codes_in_the_checkpoint(runs):
         frozen += int(mask.sum())
         assert torch.equal(w[mask], (state["frozen_code"].float() * alpha)[mask])
     assert frozen > 0
+    # the codes export.py writes (deploy.onnx_qdq.weight_codes at the step the fake quantizer uses)
+    from deploy.onnx_qdq import step_used, weight_codes
+    from deploy.restore import build_network, model_config
+    from quant import quantized_layers
+    model = build_network(model_config(ckpt["config"]["flags"]))
+    model.load_state_dict(ckpt["model"])
+    layers = quantized_layers(model)
+    for name, state in states.items():
+        layer, mask = layers[name], state["frozen"]
+        codes = weight_codes(layer, step_used(layer.weight_quant, layer.weight.shape))
+        assert torch.equal(codes[mask], state["frozen_code"].to(torch.int32)[mask])
 
 
 def test_resume_mid_stage_2_is_bit_identical(runs, shared_folder, tmp_path, monkeypatch, capsys):
