@@ -94,9 +94,11 @@ class OscillationState:
     2. ``Δ = code - previous``; oscillated = ``Δ != 0`` and ``sign(Δ) = -direction`` (direction: the
        sign of the last non-zero Δ, 0 before the first change); direction updated where ``Δ != 0``;
     3. with ``threshold`` not None (freezing on, in stage 2): ``ema_osc = m·oscillated + (1-m)·ema_osc``
-       and ``ema_code = m·code + (1-m)·ema_code`` (``m``: ``momentum``; ``ema_osc`` starts at 0, ``ema_code``
-       at the code of ``start``); where ``ema_osc > threshold`` a weight not yet frozen is frozen at
-       ``round_to_grid(ema_code)`` (nearest level; binary grid: ±1 by sign). Nothing unfreezes.
+       (``m``: ``momentum``; ``ema_osc`` starts at 0); where ``ema_osc > threshold`` a weight not yet
+       frozen is frozen at ``round_to_grid(ema_code)`` (nearest level, half to even; binary grid: ±1 by
+       sign), the average of its codes before this step, as in the paper's code; then
+       ``ema_code = m·code + (1-m)·ema_code`` (it starts at the code of ``start``). Nothing unfreezes
+       (the paper's code may move a frozen weight's code while its average stays above the threshold).
 
     State (``state_dict``, all tensors of the codes' shape): ``previous`` and ``direction`` (int8),
     ``ema_osc``, ``ema_code`` (float32), ``frozen`` (bool), ``frozen_code`` (int8).
@@ -128,13 +130,13 @@ class OscillationState:
         if threshold is not None:
             m = self.momentum
             self.ema_osc = m * oscillated.float() + (1 - m) * self.ema_osc
-            self.ema_code = m * code.float() + (1 - m) * self.ema_code
-            if threshold > 0:
+            if threshold > 0:  # at the mean code of the steps before this one (as the paper's code)
                 new = (self.ema_osc > threshold) & ~self.frozen
                 level = round_to_grid(self.ema_code, self.quant_min, self.quant_max).to(torch.int8)
                 self.frozen_code = torch.where(new, level, self.frozen_code)
                 self.frozen = self.frozen | new
                 self.previous = torch.where(self.frozen, self.frozen_code, self.previous)
+            self.ema_code = m * code.float() + (1 - m) * self.ema_code
         return oscillated
 
     def state_dict(self) -> dict:

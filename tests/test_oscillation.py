@@ -55,10 +55,12 @@ def codes(*values):
 def test_tracker_on_a_hand_made_sequence():
     """3 weights of a 3-bit grid (levels -4..3), momentum 0.5 (ema = 0.5·x + 0.5·ema).
 
+    A weight freezes at the rounded mean of its codes before the step (ema_code before its update).
     w0: 0 -> 1 -> -1: its first change never counts, the second (opposite) does: ema_osc 0.5 > 0.4 at step 2,
-        frozen at round(ema_code) = round(0.5·-1 + 0.5·(0.5·1 + 0.5·0)) = round(-0.25) = 0 (not its code, -1).
+        frozen at round(ema_code) = round(0.5·1 + 0.5·0) = round(0.5) = 0 (half to even; not its code, -1).
     w1: 2 -> 3 -> 3 -> 2 -> 2 -> 3: a zero change is skipped, so steps 3 and 5 oscillate; ema_osc 0.5, 0.25,
-        0.625 > 0.6 at step 5: frozen at round(ema_code) = round(2.59375) = 3.
+        0.625 > 0.6 at step 5; ema_code 2.5, 2.75, 2.375, 2.1875 after steps 1-4: frozen at round(2.1875) = 2
+        (not its code, 3); then ema_code = 0.5·3 + 0.5·2.1875 = 2.59375.
     w2: never moves.
     """
     state = OscillationState(-4, 3, momentum=0.5)
@@ -73,7 +75,7 @@ def test_tracker_on_a_hand_made_sequence():
     for (code, threshold, oscillated), frozen in zip(steps, frozen_after):
         assert state.update(code, threshold).tolist() == oscillated
         assert state.frozen.tolist() == frozen
-    assert state.frozen_code.tolist()[:2] == [0, 3]
+    assert state.frozen_code.tolist()[:2] == [0, 2]
     assert state.ema_osc.tolist() == pytest.approx([0.0625, 0.625, 0.0])  # w0's decays: nothing unfreezes
     assert state.ema_code[1].item() == pytest.approx(2.59375)
 
@@ -85,9 +87,9 @@ def test_tracking_without_freezing_and_the_binary_grid():
     assert seen == [False, True, False, True]
     assert state.ema_osc.tolist() == [0.0] and not state.frozen.any()  # threshold None: no EMA, no freezing
     state.start(codes(1))  # a new stage: the first change does not count
-    assert state.update(codes(-1), 0.4).item() is False  # ema_code = 0.5·-1 + 0.5·1 = 0
-    assert state.update(codes(1), 0.4).item() is True  # ema_osc 0.5, ema_code 0.5
-    # frozen at the nearest binary level of 0.5: +1 (an integer grid would round 0.5 to 0)
+    assert state.update(codes(-1), 0.4).item() is False  # then ema_code = 0.5·-1 + 0.5·1 = 0
+    assert state.update(codes(1), 0.4).item() is True  # ema_osc 0.5 > 0.4: frozen at the level of ema_code 0
+    # frozen at the nearest binary level of 0: +1 (x >= 0 -> +1; an integer grid would give 0)
     assert state.frozen.tolist() == [True] and state.frozen_code.tolist() == [1]
 
 
