@@ -16,6 +16,7 @@ from models import ARCHITECTURES
 from quant import kernels
 from quant.convert import ACT_QUANT_AT
 from quant.lsq import FULL_PRECISION_BITS
+from regularizers.oscillation import AGGREGATIONS
 
 RULE = "=" * 80
 
@@ -37,7 +38,8 @@ HISTORY_FLAGS = frozenset({"from_warmup"})
 #: Flags that act only after the warmup (stage 2): every other experiment flag shapes epochs 1..W,
 #: so runs that differ only in these share their warmup (``--from-warmup``).
 STAGE2_FLAGS = frozenset({"lambda_br", "lambda_br_act", "br_backprop_to_alpha_act", "freeze_alpha",
-                          "freeze_weight_alpha", "freeze_act_alpha"})
+                          "freeze_weight_alpha", "freeze_act_alpha", "lambda_dampen", "dampen_aggregation",
+                          "freeze_oscillating", "oscillation_momentum", "bn_reestimate"})
 
 #: The ablation's scenarios: key (as scripts/sweep.sh's SCENARIO_TABLE keys them, tested) -> (name, flags).
 #: The seed's five first: its four BR scenarios freeze every step size after warmup, its baseline
@@ -52,6 +54,11 @@ SCENARIOS = {
     "lsq-frozen": ("LSQ, α frozen after warmup", "--lambda-br 0 --lambda-br-act 0 --freeze-alpha"),
     "wa-stable-free": ("W+A stable, α trained", "--lambda-br 1 --lambda-br-act 1"),
     "wa-moving-free": ("W+A moving target, α trained", "--lambda-br 1 --lambda-br-act 1 --br-backprop-to-alpha-act"),
+    # BR's nearest rival (Nagel et al., ICML 2022), with the seed's BR rows' --freeze-alpha, so that it is
+    # compared with them (and with lsq-frozen) on the same footing: λ_d 0.1 (every recipe of theirs) and the
+    # freezing thresholds of their 4-bit recipe (they publish none for 2 bits). No BN re-estimation: no BR row has it.
+    "dampen": ("Oscillation dampening", "--lambda-br 0 --lambda-br-act 0 --freeze-alpha --lambda-dampen 0.1"),
+    "freeze": ("Iterative freezing", "--lambda-br 0 --lambda-br-act 0 --freeze-alpha --freeze-oscillating 0.1:0.01"),
 }
 
 #: The seed's five scenarios (the default grid of scripts/sweep.sh and benchmarks/gpu_study.py).
@@ -125,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let A-BR's gradient reach the activation step sizes (default: detached)")
     b.add_argument("--br-backprop-to-alpha", nargs="?", action=_NoSuchFlag, help=argparse.SUPPRESS,
                    message=NO_BR_BACKPROP_TO_ALPHA)
+    o = p.add_argument_group("oscillations (stage 2; Nagel et al., ICML 2022; low-bit weights only, as BR)")
+    o.add_argument("--lambda-dampen", type=float, default=0.0, metavar="λ",
+                   help="final weight λ_d of oscillation dampening, Σ agg((sg(q(w)) - clip(w))²); it rises by a "
+                        "cosine from 0 over the stage-2 steps; 0 disables [0]")
+    o.add_argument("--dampen-aggregation", default="kernel_mean", choices=AGGREGATIONS,
+                   help="per tensor: sum over output channels of the mean over the rest (kernel_mean), sum or "
+                        "mean [kernel_mean]")
+    o.add_argument("--freeze-oscillating", default=None, metavar="START:FINAL",
+                   help="iterative freezing: a weight whose oscillation frequency (EMA) passes a threshold that "
+                        "falls by a cosine from START to FINAL over the stage-2 steps is frozen for good at its "
+                        "mean code, e.g. 0.1:0.01 [off]")
+    o.add_argument("--oscillation-momentum", type=float, default=0.001, metavar="M",
+                   help="momentum of the EMAs of --freeze-oscillating (ema = M·x + (1 - M)·ema) [0.001]")
+    o.add_argument("--bn-reestimate", type=int, default=0, metavar="N",
+                   help="after the last epoch, replace BatchNorm running statistics by the average of those of N "
+                        "training batches (augmented); summary.json gets the test top-1 before and after; 0: "
+                        "none [0]")
     a = p.add_argument_group("step sizes")
     a.add_argument("--freeze-alpha", action="store_true",
                    help="freeze every step size (weights and activations) after warmup")
@@ -277,10 +301,24 @@ def default_output_dir(cfg) -> str:
     name += "_abp" if cfg.br_backprop_to_alpha_act else ""
     name += "_frz" if cfg.freeze_alpha else ("_frzw" if cfg.freeze_weight_alpha else "") + (
         "_frza" if cfg.freeze_act_alpha else "")
+    name += _oscillation_suffix(cfg)
     name += f"_clip{_fmt(cfg.clip_value)}" if cfg.clip_value is not None else ""
     name += "_pcw" if cfg.per_channel_weights else ""
     name += "_aqro" if cfg.act_quant_at == "relu-output" else ""
     return os.path.join("results", name + _subset_suffix(cfg) + f"_s{cfg.seed}")
+
+
+def _oscillation_suffix(cfg) -> str:
+    """``_ld<λ_d>[_<aggregation>]``, ``_fo<START>-<FINAL>[_om<M>]``, ``_bnre<N>``: the oscillation flags in use."""
+    name = ""
+    if cfg.lambda_dampen > 0:
+        name += f"_ld{_fmt(cfg.lambda_dampen)}"
+        name += f"_{cfg.dampen_aggregation}" if cfg.dampen_aggregation != "kernel_mean" else ""
+    thresholds = freeze_thresholds(cfg)
+    if thresholds:
+        name += f"_fo{_fmt(thresholds[0])}-{_fmt(thresholds[1])}"
+        name += f"_om{_fmt(cfg.oscillation_momentum)}" if cfg.oscillation_momentum != 0.001 else ""
+    return name + (f"_bnre{cfg.bn_reestimate}" if cfg.bn_reestimate else "")
 
 
 def _subset_suffix(cfg) -> str:
@@ -378,6 +416,12 @@ def validate(cfg) -> None:
     _check_bits(cfg.first_last_bits, "--first-last-bits", lowest=2)
     _check_number(cfg.lambda_br, "--lambda-br")
     _check_number(cfg.lambda_br_act, "--lambda-br-act")
+    _check_number(cfg.lambda_dampen, "--lambda-dampen")
+    freeze_thresholds(cfg)
+    if not (math.isfinite(cfg.oscillation_momentum) and 0 < cfg.oscillation_momentum <= 1):
+        raise ConfigError(f"--oscillation-momentum must be a number in (0, 1], got {cfg.oscillation_momentum}")
+    if cfg.bn_reestimate < 0:
+        raise ConfigError(f"--bn-reestimate must be >= 0 training batches (0: none), got {cfg.bn_reestimate}")
     _check_number(learning_rate(cfg), "--lr", strict=True)
     if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
         raise ConfigError(f"--momentum must be a number in [0, 1), got {cfg.momentum}")
@@ -405,6 +449,26 @@ def validate(cfg) -> None:
         raise ConfigError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {cfg.arch!r}")
     resolve_device(cfg.device)
     compile_mode(cfg)
+
+
+def freeze_thresholds(cfg) -> tuple[float, float] | None:
+    """``--freeze-oscillating START:FINAL`` as ``(START, FINAL)``, or None when off.
+
+    Raises:
+        ConfigError: not two numbers with ``0 < FINAL <= START <= 1`` (oscillation frequencies per step).
+    """
+    value = getattr(cfg, "freeze_oscillating", None)
+    if value is None:
+        return None
+    parts = str(value).split(":")
+    try:
+        start, final = (float(x) for x in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        start = final = None
+    if start is None or not (math.isfinite(start) and math.isfinite(final) and 0 < final <= start <= 1):
+        raise ConfigError(f"--freeze-oscillating must be START:FINAL, two thresholds with 0 < FINAL <= START <= 1 "
+                          f"(oscillations per weight and step), e.g. 0.1:0.01; got {value!r}")
+    return start, final
 
 
 def usable_cpus() -> int:
@@ -445,6 +509,15 @@ def warnings_for(cfg) -> list[str]:
                    "epochs, as the default")
     if cfg.act_quant_at != "conv-input" and a_bits >= FULL_PRECISION_BITS:
         out.append(f"--act-quant-at {cfg.act_quant_at} has no effect: activations are not quantized (32 bits)")
+    freezing = getattr(cfg, "freeze_oscillating", None) is not None
+    if (cfg.lambda_dampen > 0 or freezing) and w_bits >= FULL_PRECISION_BITS:
+        out.append("--lambda-dampen / --freeze-oscillating have no effect: weights are not quantized (32 bits)")
+    elif (cfg.lambda_dampen > 0 or freezing) and not stage2:
+        out.append("--lambda-dampen / --freeze-oscillating have no effect: there is no stage 2")
+    if cfg.dampen_aggregation != defaults_of("dampen_aggregation") and cfg.lambda_dampen == 0:
+        out.append("--dampen-aggregation has no effect without --lambda-dampen")
+    if cfg.oscillation_momentum != defaults_of("oscillation_momentum") and not freezing:
+        out.append("--oscillation-momentum has no effect without --freeze-oscillating")
     if cfg.sync_bn and torchrun_world_size() == 1:
         out.append("--sync-bn has no effect in one process (it applies under torchrun --nproc-per-node N)")
     if cfg.per_channel_weights and min(w_bits, first_last_bits(cfg)) >= FULL_PRECISION_BITS:
@@ -457,6 +530,11 @@ def warnings_for(cfg) -> list[str]:
     if not cfg.ptq and (cfg.calib_batches != defaults.get_default("calib_batches") or not cfg.bn_recalib):
         out.append("--calib-batches / --no-bn-recalib have no effect without --ptq")
     return out
+
+
+def defaults_of(key: str):
+    """The parser's default of flag destination ``key``."""
+    return build_parser().get_default(key)
 
 
 def frozen_kinds(cfg) -> tuple[bool, bool]:
@@ -505,6 +583,7 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
             lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot "
                          "change it: the target k·α cannot move, and the run is the one without "
                          "--br-backprop-to-alpha-act")
+    lines += _oscillation_lines(cfg)
     lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {cfg.freeze_alpha}"]
     lines.append("    └─> If True: NO updates to alpha from ANY loss (CE or BR)")
     lines.append("    └─> If False: CE can update alpha, A-BR respects --br-backprop-to-alpha-act flag")
@@ -553,6 +632,37 @@ def schedule_text(cfg) -> str:
                 f"lr constant over all {epochs(E)} (--lr-schedule warmup-constant; every epoch is warmup)")
     return f"cosine over {epochs(E)}" + (" (--lr-schedule warmup-constant: no warmup, so one cosine)"
                                          if cfg.lr_schedule == "warmup-constant" else "")
+
+
+def _oscillation_lines(cfg) -> list[str]:
+    """The banner's block on oscillations (Nagel et al., ICML 2022): dampening, freezing, tracking, BN."""
+    quantized = weight_bits(cfg) < FULL_PRECISION_BITS
+    stage2 = cfg.epochs > cfg.warmup_epochs
+    if not (cfg.lambda_dampen > 0 or freeze_thresholds(cfg) or cfg.bn_reestimate):
+        return []  # the seed's commands: the seed's block, line for line (its banner issue)
+    lines = ["", "Oscillation Control (Nagel et al., ICML 2022; low-bit weights only, as W-BR):"]
+
+    def state(on: bool) -> str:
+        if not on:
+            return "[DISABLED]"
+        if not quantized:
+            return "[NO EFFECT: weights are not quantized (32 bits)]"
+        return "[ENABLED]" if stage2 else "[NO EFFECT: no stage 2]"
+
+    damp = cfg.lambda_dampen > 0
+    lines.append(f"  - Dampening: λ_d={float(cfg.lambda_dampen)} {state(damp)}")
+    if damp and quantized and stage2:
+        lines.append(f"    └─> (sg(q(w)) - clip(w))², aggregation {cfg.dampen_aggregation}; λ_d rises by a cosine from "
+                     f"0 to {cfg.lambda_dampen:g} over the stage-2 steps")
+    thresholds = freeze_thresholds(cfg)
+    lines.append("  - Iterative freezing: " + (f"threshold {thresholds[0]:g} -> {thresholds[1]:g} "
+                                               if thresholds else "") + state(thresholds is not None))
+    if thresholds and quantized and stage2:
+        lines.append(f"    └─> EMA momentum {cfg.oscillation_momentum:g}; the threshold falls by a cosine over the "
+                     f"stage-2 steps; a frozen weight keeps its code for good (no SGD step, no weight decay)")
+    lines.append(f"  - BN re-estimation after the last epoch: " + (
+        f"{cfg.bn_reestimate} training batches [ENABLED]" if cfg.bn_reestimate else "[DISABLED]"))
+    return lines
 
 
 def optimizer_line(cfg, defaulted: set[str] = frozenset()) -> str:

@@ -23,13 +23,14 @@ from torch import nn
 from tqdm import tqdm
 
 from checkpoint import append_jsonl, atomic_torch_save, numpy_rng_from_plain, numpy_rng_to_plain
-from config import act_bits, compile_mode, frozen_kinds, learning_rate, weight_bits
+from config import act_bits, compile_mode, freeze_thresholds, frozen_kinds, learning_rate, weight_bits
 from distributed import is_main
 from hooks import ActivationHookManager, BinStatsCollector
 from progress import EpochProgress
 from quant import (FULL_PRECISION_BITS, activation_quantizers, keep_step_sizes_positive, quantized_layers,
                    step_size_quantizers)
 from regularizers import INFO_FIELDS, BinRegularizer, weight_bin_stats
+from regularizers.oscillation import OscillationTracker, cosine_ramp
 
 #: How often (in steps) a CUDA run reads its non-finite flag; on the CPU reading is free, so every step.
 CUDA_CHECK_EVERY = 50
@@ -212,6 +213,13 @@ class Trainer:
             self.a_reg = BinRegularizer(act_bits(cfg), signed=False)
             self.hooks = ActivationHookManager(model, self.br_act_quantizers,
                                                bin_stats_grad_to_alpha=cfg.br_backprop_to_alpha_act)
+        # Oscillations (regularizers/oscillation.py) of the low-bit weights, tracked in every run that has
+        # them; dampening and freezing act in stage 2 (``_progress``: the stage-2 steps done / all of them).
+        self.tracker, self.freeze, self._progress, self.bn_reestimated = None, None, 0.0, None
+        if weight_bits(cfg) < FULL_PRECISION_BITS and self.br_layers:
+            self.freeze = freeze_thresholds(cfg)
+            self.tracker = OscillationTracker(self.br_layers, cfg.oscillation_momentum, self.freeze is not None)
+        self.dampen = cfg.lambda_dampen > 0 and self.tracker is not None
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.use_amp = cfg.amp and device.type == "cuda"
@@ -253,6 +261,7 @@ class Trainer:
                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "best_test_acc": self.best_test_acc,
                 "last_acc": self.last_acc, "elapsed": self.elapsed, "val_index": self.val_index,
                 "previous_bins": {k: v.cpu() for k, v in self.previous_bins.items()},
+                "oscillation": self.tracker.state_dict() if self.tracker is not None else None,
                 "rng": rng_state(), "config": config}
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -265,6 +274,8 @@ class Trainer:
         self.best_test_acc = ckpt.get("best_test_acc", ckpt["best_acc"])  # before --val-split: selected on test
         self.last_acc = ckpt["last_acc"]
         self.previous_bins = dict(ckpt["previous_bins"])
+        if self.tracker is not None:  # None in checkpoints from before tracking: it starts afresh
+            self.tracker.load_state_dict(ckpt.get("oscillation"))
         set_rng_state(ckpt["rng"])
 
     def set_alpha_trainable(self, epoch: int) -> None:
@@ -346,9 +357,16 @@ class Trainer:
         With ``check=(epoch, step)`` the loss is read before the update, and a non-finite
         one raises ``NonFiniteError`` while the parameters are still those that caused it.
         """
+        if self.tracker is not None and not self.tracker.started:  # a step outside train_epoch
+            self.tracker.start()
         loss, logits, ce, br_w, br_a, w_info, a_info = self.loss_terms(x, y, use_br)
+        dampen = torch.zeros((), device=self.device)
+        if use_br and self.dampen:  # λ_d rises by a cosine from 0 over stage 2 (Nagel et al. 2022)
+            dampen = self.tracker.dampening(self.cfg.dampen_aggregation)
+            loss = loss + self.cfg.lambda_dampen * cosine_ramp(self._progress, 0.0, 1.0) * dampen
         out = {"loss": loss.detach(), "ce": ce.detach(), "br_w": br_w.detach(), "br_a": br_a.detach(),
-               "correct": (logits.argmax(1) == y).sum(), "w_info": w_info, "a_info": a_info}
+               "dampen": dampen.detach(), "correct": (logits.argmax(1) == y).sum(), "w_info": w_info,
+               "a_info": a_info}
         if check is not None:
             if self.group is not None:
                 self._agree_on_step(out, *check)
@@ -357,6 +375,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.tracker is not None:  # frozen weights back to their level, oscillations counted, freezing
+            self.tracker.step(cosine_ramp(self._progress, *self.freeze) if use_br and self.freeze else None)
         return out
 
     # -- epochs ------------------------------------------------------------------------------
@@ -394,7 +414,13 @@ class Trainer:
         self.model.train()
         self.set_alpha_trainable(epoch)
         use_br = self.stage(epoch) == 2
-        sums = torch.zeros(4, device=self.device)  # loss, ce, br_w, br_a, summed over steps
+        if self.tracker is not None:
+            if not self.tracker.started or epoch in (1, self.cfg.warmup_epochs + 1):  # each stage starts afresh
+                self.tracker.start()
+            self.tracker.new_epoch()
+        stage2_steps = (self.cfg.epochs - self.cfg.warmup_epochs) * len(self.train_loader)
+        stage2_done = (epoch - self.cfg.warmup_epochs - 1) * len(self.train_loader)
+        sums = torch.zeros(5, device=self.device)  # loss, ce, br_w, br_a, dampen, summed over steps
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = steps = 0
         check_every = 1 if self.device.type == "cpu" else CUDA_CHECK_EVERY
@@ -407,8 +433,9 @@ class Trainer:
                                  0 if sys.stdout.isatty() else self.cfg.progress_interval, self.log, bar)
         for x, y in bar:
             steps += 1
+            self._progress = (stage2_done + steps - 1) / stage2_steps if use_br else 0.0
             out = self.train_step(x, y, use_br, check=(epoch, steps) if steps % check_every == 0 else None)
-            sums += torch.stack([out["loss"], out["ce"], out["br_w"], out["br_a"]])
+            sums += torch.stack([out["loss"], out["ce"], out["br_w"], out["br_a"], out["dampen"]])
             correct += out["correct"]
             seen += y.shape[0]
             progress.step(y.shape[0] * (self.group.world_size if self.group is not None else 1))
@@ -420,11 +447,11 @@ class Trainer:
         if self.group is not None:
             totals = self.group.sum(torch.tensor([*sums.tolist(), int(correct), seen], dtype=torch.float64,
                                                  device=self.device))
-            sums, correct, seen, terms = totals[:4], int(totals[4]), int(totals[5]), steps * self.group.world_size
+            sums, correct, seen, terms = totals[:5], int(totals[5]), int(totals[6]), steps * self.group.world_size
         if not bool(torch.isfinite(sums).all()):  # a NaN between two checks (CUDA)
             self._check_finite({"loss": sums[0], "ce": sums[1], "br_w": sums[2], "br_a": sums[3]}, epoch, steps)
         means = (sums / max(terms, 1)).tolist()
-        return {"loss": means[0], "ce": means[1], "br_w": means[2], "br_a": means[3],
+        return {"loss": means[0], "ce": means[1], "br_w": means[2], "br_a": means[3], "dampen": means[4],
                 "train_acc": 100.0 * int(correct) / max(seen, 1), "images": seen,
                 "w_info": w_info, "a_info": a_info}
 
@@ -497,6 +524,8 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, cfg.epochs + 1):
                 self.run_epoch(epoch, config)
+            if cfg.bn_reestimate:
+                self.bn_reestimated = self.reestimate_batchnorm(cfg.bn_reestimate, config)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -504,9 +533,44 @@ class Trainer:
 
     def summary(self) -> dict:
         """The content of summary.json: first the result, the final epoch's test top-1; then the
-        epoch that best.pt holds, named by what selected it (``best_keys``)."""
-        return {"status": "finished", "final_test_acc": self.last_acc, "val_split": self.cfg.val_split,
-                **self.best_keys(), "epochs": self.cfg.epochs, "wall_time_s": self.elapsed}
+        epoch that best.pt holds, named by what selected it (``best_keys``); with ``--bn-reestimate``,
+        ``bn_reestimate`` (``reestimate_batchnorm``)."""
+        out = {"status": "finished", "final_test_acc": self.last_acc, "val_split": self.cfg.val_split,
+               **self.best_keys(), "epochs": self.cfg.epochs, "wall_time_s": self.elapsed}
+        if self.bn_reestimated is not None:
+            out["bn_reestimate"] = self.bn_reestimated
+        return out
+
+    def reestimate_batchnorm(self, batches: int, config: dict) -> dict:
+        """BatchNorm re-estimation after the last epoch (Nagel et al., ICML 2022, section 5: their
+        ``reestimate_BN_stats``): every running mean and variance replaced by the average of the per-batch
+        statistics over the first ``batches`` training batches of a fresh draw (``train_loader`` epoch
+        E + 1: shuffled and augmented as in training, the same on every resume), with the network as
+        trained (quantized, frozen weights at their codes). Writes ``bn_reestimated.pt`` (the last
+        epoch's checkpoint with those statistics).
+
+        Returns:
+            ``{"batches", "test_acc_before", "test_acc_after"}`` (test top-1, %; before: the last
+            epoch's, ``final_test_acc``).
+        """
+        from deploy.ptq import recalibrate_batchnorm  # deploy imports the engine
+        for collector in (self.hooks, self.weight_stats):  # no BR statistics from these passes
+            if collector is not None:
+                collector.enabled = False
+        xs = []
+        for x, _ in self.train_loader.batches(self.cfg.epochs + 1):
+            if len(xs) == batches:
+                break
+            xs.append(x)
+        before = self.last_acc if self.last_acc is not None else self.evaluate()
+        recalibrate_batchnorm(self.model, xs)
+        after = self.evaluate()
+        self.log(f"BatchNorm re-estimated on {len(xs)} training batches (--bn-reestimate): test top-1 "
+                 f"{before:.2f}% -> {after:.2f}%")
+        if self.output_dir is not None:
+            atomic_torch_save(self.state_dict(self.cfg.epochs, config),
+                              os.path.join(self.output_dir, "bn_reestimated.pt"))
+        return {"batches": len(xs), "test_acc_before": before, "test_acc_after": after}
 
     def best_keys(self) -> dict:
         """The best epoch so far, in summary.json's and metrics.jsonl's words.
@@ -544,19 +608,27 @@ class Trainer:
         if selected > self.best_acc:
             self.best_acc, self.best_epoch, self.best_test_acc = selected, epoch, test_acc
         alphas, bins = self.layer_summaries()
+        osc_freq = frozen = None
+        if self.tracker is not None:  # next to the bin flips: oscillations per weight and step, fraction frozen
+            for name, stats in self.tracker.frequencies().items():
+                bins[name].update(stats)
+            osc_freq, frozen = self.tracker.totals()
         seconds = time.perf_counter() - start
         self.elapsed += seconds
         row = {"epoch": epoch, "epochs": self.cfg.epochs, "stage": self.stage(epoch), "lr": lr,
                "loss": train["loss"], "ce": train["ce"], "br_w": train["br_w"], "br_a": train["br_a"],
+               "dampen": train["dampen"], "osc_freq": osc_freq, "frozen": frozen,
                "train_acc": train["train_acc"], "test_acc": test_acc, "val_acc": val_acc, **self.best_keys(),
                "best_epoch": self.best_epoch, "alpha": alphas, "bins": bins,
                "br_w_info": self._info_dict(train["w_info"]), "br_a_info": self._info_dict(train["a_info"])}
         # a float run has no BR at all (its banner says so): its loss is the cross-entropy alone
-        parts = (f" (CE {row['ce']:.4f}, BR_w {row['br_w']:.4f}, BR_a {row['br_a']:.4f})" if self.layers
-                 else " (CE)")
+        parts = (f" (CE {row['ce']:.4f}, BR_w {row['br_w']:.4f}, BR_a {row['br_a']:.4f}"
+                 + (f", damp {row['dampen']:.4g}" if self.dampen else "") + ")" if self.layers else " (CE)")
         self.log(f"Epoch {epoch}/{self.cfg.epochs} [{self.stage_label(epoch)}] lr {lr:.5f} | "
                  f"loss {row['loss']:.4f}{parts} | "
-                 f"train {row['train_acc']:.2f}% | {self._accuracy_text(test_acc, val_acc)} | "
+                 + (f"osc {osc_freq:.2e}" + (f" frozen {100 * frozen:.3g}%" if self.freeze else "") + " | "
+                    if osc_freq is not None else "")
+                 + f"train {row['train_acc']:.2f}% | {self._accuracy_text(test_acc, val_acc)} | "
                  f"{seconds:.1f}s (train {train['images'] / train_seconds:.0f} img/s)")
         if self.tb is not None:
             self.tb.log_epoch(row, self.model)

@@ -28,7 +28,7 @@ from config import (HISTORY_FLAGS, INVOCATION_FLAGS, RUN_FLAGS, STAGE2_FLAGS, Co
 
 #: Files that make a folder "hold a run".
 RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json",
-             "ptq.pt")
+             "ptq.pt", "bn_reestimated.pt")
 
 #: The file a running process locks in its run folder (it says which process holds it).
 LOCK_FILE = ".lock"

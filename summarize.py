@@ -68,13 +68,18 @@ COLUMN_NAMES = {
     "clip_value": "clip", "optimizer": "optimizer", "val_split": "val split", "warmup_epochs": "warmup", "lr": "lr",
     "weight_decay": "wd", "momentum": "momentum", "batch_size": "batch", "pretrained": "pretrained", "amp": "amp",
     "per_channel_weights": "W α per channel", "lr_schedule": "lr schedule", "act_quant_at": "A quantized at",
+    "lambda_dampen": "λ_d", "freeze_oscillating": "freeze osc.", "dampen_aggregation": "dampen agg.",
+    "oscillation_momentum": "osc. momentum", "bn_reestimate": "BN re-est.",
 }
 
 #: Values of experiment flags newer than some runs: a run whose config.json lacks one ran with this.
-LEGACY_SETTINGS = {"optimizer": "sgd", "val_split": 0, "lr_schedule": "cosine", "act_quant_at": "conv-input"}
+LEGACY_SETTINGS = {"optimizer": "sgd", "val_split": 0, "lr_schedule": "cosine", "act_quant_at": "conv-input",
+                   "lambda_dampen": 0.0, "dampen_aggregation": "kernel_mean", "freeze_oscillating": None,
+                   "oscillation_momentum": 0.001, "bn_reestimate": 0}
 
 #: Scenario names, in the order of the README's table (config.SCENARIOS).
-SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "PTQ", "float")
+SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "Oscillation dampening",
+                  "Iterative freezing", "PTQ", "float")
 
 #: What an exit status of cifar10_qat_br.py means (see its docstring).
 EXIT_MEANINGS = {1: "crashed", 2: "bad flag, data or checkpoint", 3: "non-finite values",
@@ -104,6 +109,8 @@ class Run:
         best_epoch: the epoch of ``best.pt`` (best validation, else best test epoch).
         epochs_done, epochs: epoch numbers.
         wall_time_s: training time (s) from summary.json, or summed from timing.jsonl.
+        osc_freq: the last logged epoch's oscillations per low-bit weight and training step
+            (metrics.jsonl ``osc_freq``; None in runs from before it was logged, and float runs).
     """
 
     path: str
@@ -120,18 +127,30 @@ class Run:
     epochs_done: int | None = None
     epochs: int | None = None
     wall_time_s: float | None = None
+    osc_freq: float | None = None
 
 
 def scenario(settings: dict) -> str:
-    """The README scenario of a configuration, from its λ_w, λ_a and A-BR→α settings (or PTQ)."""
+    """The README scenario of a configuration, from its λ_w, λ_a and A-BR→α settings (or PTQ), with the
+    oscillation methods it uses (``Oscillation dampening``, ``Iterative freezing``; after a BR scenario's
+    name: ``W-only + dampening``)."""
     if settings.get("float_run"):
         return "float"
     if settings.get("method") == "ptq":  # post-training quantization: no λ, no training
         return "PTQ"
     w, a = settings.get("lambda_br", 0) > 0, settings.get("lambda_br_act", 0) > 0
     if w and a:
-        return "W+A moving target" if settings.get("br_backprop_to_alpha_act") else "W+A stable"
-    return "W-only" if w else ("A-only" if a else "LSQ baseline")
+        base = "W+A moving target" if settings.get("br_backprop_to_alpha_act") else "W+A stable"
+    else:
+        base = "W-only" if w else ("A-only" if a else "LSQ baseline")
+    methods = [m for key, m in (("lambda_dampen", "dampening"), ("freeze_oscillating", "iterative freezing"))
+               if settings.get(key)]
+    if not methods:
+        return base
+    if base == "LSQ baseline":
+        return {"dampening": "Oscillation dampening", "iterative freezing": "Iterative freezing"}[methods[0]] + "".join(
+            f" + {m}" for m in methods[1:])
+    return base + "".join(f" + {m}" for m in methods)
 
 
 def _read_json(path: str):
@@ -200,6 +219,7 @@ def read_run(root: str, folder: str) -> Run:
         run.epochs_done = last.get("epoch")
         run.epochs = run.epochs or last.get("epochs")
         _read_accuracies(run, {**last, "final_test_acc": last.get("test_acc")})
+        run.osc_freq = last.get("osc_freq")
     timing = _read_jsonl(os.path.join(full, "timing.jsonl"))
     if timing:
         run.wall_time_s = sum(r.get("seconds", 0.0) for r in timing)
@@ -349,6 +369,13 @@ def _fmt_acc(mean: float | None, std: float | None) -> str:
     return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
+def _fmt_sci(mean: float | None, std: float | None) -> str:
+    """``1.23e-04 ± 2.0e-05``: small rates (oscillations per weight and step); ``–`` for None."""
+    if mean is None:
+        return "–"
+    return f"{mean:.2e}" + (f" ± {std:.1e}" if std is not None else "")
+
+
 def fmt_duration(seconds: float | None) -> str:
     """``1h02m``, ``12m05s`` or ``42s``; ``–`` for None."""
     if seconds is None or not math.isfinite(seconds):
@@ -394,6 +421,7 @@ def group_runs(runs: list[Run]) -> list[dict]:
         g["final"] = _mean_std([r.final_acc for r in done if r.final_acc is not None])
         g["at_best_val"] = _mean_std([r.at_best_val_acc for r in done if r.at_best_val_acc is not None])
         g["best_test"] = _mean_std([r.best_test_acc for r in done if r.best_test_acc is not None])
+        g["osc_freq"] = _mean_std([r.osc_freq for r in done if r.osc_freq is not None])
         g["epochs"] = g["settings"].get("epochs")
         times = [r.wall_time_s for r in done if r.wall_time_s is not None]
         g["wall_time_s"] = statistics.fmean(times) if times else None
@@ -434,14 +462,17 @@ def build_tables(runs: list[Run]) -> tuple[str, list[dict], list[dict]]:
         accuracies.append(("test top-1 at best val epoch (%)", "at_best_val"))
     if any(r.best_test_acc is not None for r in runs):
         accuracies.append(("best test epoch top-1 (%; selected on test, optimistic)", "best_test"))
+    # Oscillations (Nagel et al. 2022) where some run logged them: the last epoch's, per weight and step.
+    osc = any(r.osc_freq is not None for r in runs)
     headers = ["scenario"] + [COLUMN_NAMES.get(k, "--" + k.replace("_", "-")) for k in columns] + [
-        "seeds"] + [h for h, _ in accuracies] + ["epochs", "wall time / run", "runs"]
+        "seeds"] + [h for h, _ in accuracies] + (["oscillations / weight / step (last epoch)"] if osc else []) + [
+        "epochs", "wall time / run", "runs"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     config_rows = []
     for g in groups:
         cells = [g["scenario"]] + [_fmt_value(g["settings"].get(k)) for k in columns] + [
-            ",".join(str(s) for s in g["seeds"]) or "–"] + [_fmt_acc(*g[key]) for _, key in accuracies] + [
-            _fmt_value(g["epochs"]), fmt_duration(g["wall_time_s"]), _runs_cell(g)]
+            ",".join(str(s) for s in g["seeds"]) or "–"] + [_fmt_acc(*g[key]) for _, key in accuracies] + (
+            [_fmt_sci(*g["osc_freq"])] if osc else []) + [_fmt_value(g["epochs"]), fmt_duration(g["wall_time_s"]), _runs_cell(g)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         config_rows.append({"scenario": g["scenario"], **{k: g["settings"].get(k) for k in columns},
                             "seeds": " ".join(str(s) for s in g["seeds"]), "n_finished": len(g["seeds"]),
@@ -451,6 +482,7 @@ def build_tables(runs: list[Run]) -> tuple[str, list[dict], list[dict]]:
                             "test_top1_at_best_val_std": g["at_best_val"][1],
                             "best_test_top1_optimistic_mean": g["best_test"][0],
                             "best_test_top1_optimistic_std": g["best_test"][1],
+                            "osc_freq_last_epoch_mean": g["osc_freq"][0], "osc_freq_last_epoch_std": g["osc_freq"][1],
                             "epochs": g["epochs"], "wall_time_s_mean": g["wall_time_s"]})
     n_done = sum(r.status == "finished" for r in runs)
     text = [f"{len(runs)} run(s), {n_done} finished, {len(groups)} configuration(s). "
@@ -473,6 +505,7 @@ def build_tables(runs: list[Run]) -> tuple[str, list[dict], list[dict]]:
                          "final_top1": r.final_acc, "val_split": r.val_split,
                          "test_top1_at_best_val": r.at_best_val_acc, "best_val_top1": r.best_val_acc,
                          "best_test_top1_optimistic": r.best_test_acc, "best_epoch": r.best_epoch,
+                         "osc_freq_last_epoch": r.osc_freq,
                          "epochs_done": r.epochs_done, "epochs": r.epochs, "wall_time_s": r.wall_time_s,
                          "reason": r.reason})
     return "\n".join(text) + "\n", config_rows, run_rows

@@ -16,7 +16,9 @@ What is logged, once per epoch (step = epoch number):
   weights / activations);
 * the bin metrics of ``metrics.jsonl``: ``bins_dist_alpha/<layer>`` (mean distance of the
   weights to their level, in α units) and ``bins_flips/<layer>`` (fraction of weights
-  whose bin changed since the previous epoch);
+  whose bin changed since the previous epoch), ``bins_osc_freq/<layer>`` (oscillations per weight
+  and training step, Nagel et al. 2022) and ``bins_frozen/<layer>`` (fraction frozen); ``loss/dampen``,
+  ``oscillation/freq`` and ``oscillation/frozen`` (over every low-bit weight);
 * histograms ``weights/<layer>`` (the float weights, before quantization) and
   ``activations/<name>`` (pre-quantization inputs of every activation quantizer: a layer's
   ``act_quant``, or with ``--act-quant-at relu-output`` an activation's own, ``quant.QuantAct``).
@@ -135,6 +137,7 @@ class TensorBoardLogger:
         step = int(row["epoch"])
         w = self.writer
         for tag, key in (("loss/total", "loss"), ("loss/ce", "ce"), ("loss/br_w", "br_w"), ("loss/br_a", "br_a"),
+                         ("loss/dampen", "dampen"), ("oscillation/freq", "osc_freq"), ("oscillation/frozen", "frozen"),
                          ("acc/train", "train_acc"), ("acc/test", "test_acc"), ("acc/val", "val_acc"),
                          ("acc/test_at_best_val", "test_acc_at_best_val"),
                          ("acc/best_test_optimistic", "best_test_acc_optimistic"),
@@ -146,7 +149,7 @@ class TensorBoardLogger:
             for kind, value in alphas.items():
                 w.add_scalar(f"alpha_{kind}/{layer}", float(value), step)
         for layer, stats in (row.get("bins") or {}).items():
-            for key in ("dist_alpha", "flips"):
+            for key in ("dist_alpha", "flips", "osc_freq", "frozen"):
                 if stats.get(key) is not None:
                     w.add_scalar(f"bins_{key}/{layer}", float(stats[key]), step)
 

@@ -53,8 +53,9 @@ VALUES_PER_BATCH = 1 << 15
 
 #: Flags that only training uses: without effect in a PTQ run, and left out of its config.json.
 TRAINING_FLAGS = ("lambda_br", "lambda_br_act", "br_backprop_to_alpha_act", "freeze_alpha", "freeze_weight_alpha",
-                  "freeze_act_alpha", "epochs", "warmup_epochs", "optimizer", "lr", "lr_schedule", "momentum", "weight_decay",
-                  "amp", "compile", "tensorboard", "resume", "evaluate")
+                  "freeze_act_alpha", "epochs", "warmup_epochs", "optimizer", "lr", "lr_schedule", "momentum",
+                  "weight_decay", "amp", "compile", "tensorboard", "resume", "evaluate", "lambda_dampen",
+                  "dampen_aggregation", "freeze_oscillating", "oscillation_momentum", "bn_reestimate")
 
 
 def quantization_mse(x: torch.Tensor, alphas, quant_min: int, quant_max: int) -> torch.Tensor:

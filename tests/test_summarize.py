@@ -407,3 +407,32 @@ def test_the_sweeps_scenarios_are_configs():
         flags = command[command.index("--seed") + 2:command.index("--resume")]
         assert folder.startswith(key + "_w2a2") and flags == cfgmod.SCENARIOS[key][1].split(), key
         assert ("_frz_" in folder) == ("--freeze-alpha" in flags), folder
+
+
+def test_oscillation_scenarios_are_named_as_the_readme_names_them():
+    for key in ("dampen", "freeze"):
+        settings = vars(cfgmod.build_parser().parse_args(cfgmod.SCENARIOS[key][1].split()))
+        assert summarize.scenario(settings) == cfgmod.SCENARIOS[key][0]
+    assert summarize.scenario({"lambda_br": 1.0, "lambda_dampen": 0.1}) == "W-only + dampening"
+    assert summarize.scenario({"lambda_dampen": 0.1, "freeze_oscillating": "0.1:0.01"}) == \
+        "Oscillation dampening + iterative freezing"
+    assert summarize.scenario(vars(cfgmod.build_parser().parse_args([]))) == "W+A stable"
+
+
+def test_the_oscillation_column_is_the_mean_of_the_last_epochs(tmp_path):
+    for seed, freqs in ((1, [9.0, 2e-4]), (2, [9.0, 4e-4])):
+        folder = tmp_path / f"dampen_s{seed}"
+        folder.mkdir()
+        flags = {**vars(cfgmod.build_parser().parse_args(cfgmod.SCENARIOS["dampen"][1].split())), "seed": seed,
+                 "epochs": 2}
+        (folder / "config.json").write_text(json.dumps({"flags": flags, "derived": {"weight_bits": 2}}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "epochs": 2, "test_acc": 50.0,
+                                                                   "osc_freq": f}) + "\n"
+                                                      for e, f in enumerate(freqs)))
+        (folder / "summary.json").write_text(json.dumps({"status": "finished", "final_test_acc": 50.0, "epochs": 2}))
+    text, config_rows, run_rows = summarize.build_tables(summarize.find_runs(str(tmp_path)))
+    assert "oscillations / weight / step (last epoch)" in text
+    # mean of 2e-4 and 4e-4; sample std sqrt(((1e-4)² + (1e-4)²) / 1) = 1.414e-4
+    assert "| Oscillation dampening |" in text and "3.00e-04 ± 1.4e-04" in text
+    assert config_rows[0]["osc_freq_last_epoch_mean"] == pytest.approx(3e-4)
+    assert sorted(r["osc_freq_last_epoch"] for r in run_rows) == [2e-4, 4e-4]
