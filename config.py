@@ -580,7 +580,7 @@ def _oscillation_lines(cfg) -> list[str]:
                      f"stage-2 steps; a frozen weight keeps its code for good (no SGD step, no weight decay)")
     if quantized:
         lines.append("  - Tracking: oscillation frequency per layer every epoch (training steps only), all stages")
-    lines.append(f"  - BN re-estimation after the last epoch: " + (
+    lines.append("  - BN re-estimation after the last epoch: " + (
         f"{cfg.bn_reestimate} training batches [ENABLED]" if cfg.bn_reestimate else "[DISABLED]"))
     return lines
 
