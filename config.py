@@ -660,7 +660,7 @@ def _oscillation_lines(cfg) -> list[str]:
     if thresholds and quantized and stage2:
         lines.append(f"    └─> EMA momentum {cfg.oscillation_momentum:g}; the threshold falls by a cosine over the "
                      f"stage-2 steps; a frozen weight keeps its code for good (no SGD step, no weight decay)")
-    lines.append(f"  - BN re-estimation after the last epoch: " + (
+    lines.append("  - BN re-estimation after the last epoch: " + (
         f"{cfg.bn_reestimate} training batches [ENABLED]" if cfg.bn_reestimate else "[DISABLED]"))
     return lines
 

@@ -542,7 +542,7 @@ class Trainer:
         return out
 
     def reestimate_batchnorm(self, batches: int, config: dict) -> dict:
-        """BatchNorm re-estimation after the last epoch (Nagel et al., ICML 2022, section 5: their
+        """BatchNorm re-estimation after the last epoch (Nagel et al., ICML 2022; their code's
         ``reestimate_BN_stats``): every running mean and variance replaced by the average of the per-batch
         statistics over the first ``batches`` training batches of a fresh draw (``train_loader`` epoch
         E + 1: shuffled and augmented as in training, the same on every resume), with the network as

@@ -1,18 +1,18 @@
 """Weight oscillations in QAT: tracking, dampening and iterative freezing.
 
 Nagel, Fournarakis, Bondarenko, Blankevoort, "Overcoming Oscillations in Quantization-Aware
-Training", ICML 2022 (section 4; public code Qualcomm-AI-research/oscillations-qat:
+Training", ICML 2022 (its "oscillation dampening" and "iterative weight freezing"; public code Qualcomm-AI-research/oscillations-qat:
 ``utils/qat_utils.py`` ``dampening_loss``, ``utils/oscillation_tracking_utils.py`` ``TrackOscillation``).
 Written here from the paper and that description, not copied.
 
-* **Oscillation** (eq. 5-6): per weight, the change Δ of its integer code between two training
+* **Oscillation**: per weight, the change Δ of its integer code between two training
   steps; an oscillation is a non-zero Δ whose sign is opposite to that of the last non-zero Δ (steps
   without a change are skipped; the first change never counts). On the binary grid (1 bit, levels
   -1 and +1, ``quant.grid``) every change is ±2 and the sign can only alternate, so every change
   but the first is an oscillation.
-* **Dampening** (eq. 7): ``Σ_tensors agg((sg(q(w)) - clip(w, Qmin·α, Qmax·α))²)``, pulling each
+* **Dampening** (``dampening_loss``): ``Σ_tensors agg((sg(q(w)) - clip(w, Qmin·α, Qmax·α))²)``, pulling each
   latent weight towards the level it is quantized to.
-* **Iterative freezing** (section 4.2): exponential moving averages of "oscillated" and of the code;
+* **Iterative freezing** (``TrackOscillation``): exponential moving averages of "oscillated" and of the code;
   a weight whose oscillation average passes the threshold is frozen for good at the rounded average
   of its code.
 
@@ -55,7 +55,7 @@ def integer_codes(w: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_ma
 
 def dampening_loss(w: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int,
                    aggregation: str = "kernel_mean") -> torch.Tensor:
-    """Oscillation dampening of one weight tensor (Nagel et al. 2022, eq. 7), a scalar (float32 or float64).
+    """Oscillation dampening of one weight tensor (Nagel et al. 2022, "oscillation dampening"), a scalar (float32 or float64).
 
     ``d = (sg(q(w)) - clip(w, quant_min·α, quant_max·α))²`` elementwise, with ``q(w) = round_to_grid(w/α)·α``
     (gradient stopped) and α detached (the clip keeps the term off the step size: no gradient to α).
@@ -84,7 +84,7 @@ def dampening_loss(w: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_m
 
 
 class OscillationState:
-    """Oscillation tracking and freezing of one tensor of integer codes (Nagel et al. 2022, section 4.2).
+    """Oscillation tracking and freezing of one tensor of integer codes (Nagel et al. 2022, "iterative weight freezing").
 
     ``start(code)`` begins (or begins again: each stage of a run starts afresh, as the paper's tracker
     starts when freezing does); ``update(code, threshold)`` takes the codes after one training step:
