@@ -7,7 +7,6 @@ import copy
 import json
 import signal
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -15,10 +14,9 @@ from torch import nn
 import quant.lsq
 from config import build_parser
 from conftest import TINY, run_cli, signal_in_epoch
-from data import DeviceLoader, Split
 from deploy.integer import IntegerActivation, IntegerLayer, load_integer_model, save_integer_model
 from deploy.onnx_qdq import export_onnx, quantizer_steps, run_session, session
-from deploy.ptq import layer_inputs, mse_step_size, quantize_post_training
+from deploy.ptq import mse_step_size, quantize_post_training
 from deploy.restore import build_network
 from engine import Trainer
 from models import build_model
