@@ -55,6 +55,8 @@ ROWS = ("wa-stable", "lsq", "w-only", "a-only", "lsq-frozen", "wa-stable-free", 
 SEEDS = (42, 43)
 #: The seed's "different lambda values": W+A stable of seed 42 at these λ_a as well.
 LAMBDA_ACT = ("0.1", "0.01")
+#: BR's nearest rivals (Nagel et al., ICML 2022), seed 42, once its table is committed.
+RIVALS = ("dampen", "freeze")
 #: The files of a finished run that are committed.
 RESULT_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "summary.json")
 
@@ -70,7 +72,7 @@ class Row:
 
 def plan() -> list[Row]:
     """Every run of the study, in the order they run: the PTQ references (minutes), seed 42's rows,
-    seed 43's, then seed 42's W+A stable at the other λ_a."""
+    seed 43's, then seed 42's W+A stable at the other λ_a and its dampening and freezing rows."""
     rows = [Row(f"ptq_w{b}a{b}", ["--ptq", "--num-bits", str(b), "--pretrained", FLOAT]) for b in (2, 4)]
 
     def qat(seed: int, key: str, extra=(), suffix="") -> Row:
@@ -80,6 +82,7 @@ def plan() -> list[Row]:
 
     rows += [qat(seed, key) for seed in SEEDS for key in ROWS]
     rows += [qat(42, "wa-stable", ["--lambda-br-act", lam], f"_lama{lam}") for lam in LAMBDA_ACT]
+    rows += [qat(42, key) for key in RIVALS]
     return rows
 
 
