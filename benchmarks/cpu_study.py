@@ -26,6 +26,7 @@ timing.jsonl and summary.json (never a checkpoint) are copied to ``RESULTS/<row>
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -140,7 +141,7 @@ def keep_result(row: Row, args) -> str | None:
 
 
 def run(args) -> int:
-    rows = plan()
+    rows = [row for row in plan() if any(fnmatch.fnmatch(row.name, pattern) for pattern in args.only)]
     todo = []
     for row in rows:
         what = state(row, args.runs_dir)
@@ -287,6 +288,8 @@ def main(argv=None) -> int:
                    help="the run folders, outside the repository [~/qat-study]")
     p.add_argument("--jobs", type=int, default=2, help="runs at once [2]")
     p.add_argument("--commit", action="store_true", help="git-commit each finished row's results at once")
+    p.add_argument("--only", nargs="+", default=["*"], metavar="PATTERN",
+                   help="the rows whose names match one of these shell patterns, e.g. 'ptq_*' 'w2a2_s42_*' [all]")
     p.add_argument("-n", "--dry-run", action="store_true", help="say what each row needs, run nothing")
     p.add_argument("--report", action="store_true", help="write RESULTS/study.md and curves.png, run nothing")
     args = p.parse_args(argv)

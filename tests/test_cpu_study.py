@@ -48,3 +48,9 @@ def test_last_epoch_figures_by_hand():
         "linear": {"dist_alpha": 9.0, "flips": 9.0}}}
     figures = cpu_study.last_epoch_figures([{"bins": {}}, row])
     assert figures == pytest.approx({"ce": 0.5, "br_w": 0.04, "br_a": 0.6, "dist": 0.25, "flips": 0.02})
+
+
+def test_only_picks_rows_by_pattern(tmp_path, capsys):
+    assert cpu_study.main(["-n", "--runs-dir", str(tmp_path), "--only", "ptq_*", "w2a2_s43_lsq"]) == 0
+    listed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert listed == ["ptq_w2a2", "ptq_w4a4", "w2a2_s43_lsq"]
