@@ -35,17 +35,17 @@ if __name__ == "__main__":  # the imports take seconds: a signal then ends with 
 
 import torch  # noqa: E402
 
-import config as cfgmod  # noqa: E402
-import distributed  # noqa: E402
-import runner  # noqa: E402
-from checkpoint import EXIT_WRITE_FAILED, CheckpointError, WriteError, atomic_write_json  # noqa: E402
-from data import DataError, DeviceLoader, find_source, load_split, shard, training_images  # noqa: E402
+from run import config  # noqa: E402
+from run import distributed  # noqa: E402
+from run import run_folder  # noqa: E402
+from run.checkpoint import EXIT_WRITE_FAILED, CheckpointError, WriteError, atomic_write_json  # noqa: E402
+from run.data import DataError, DeviceLoader, find_source, load_split, shard, training_images  # noqa: E402
 from engine import Interrupted, NonFiniteError, Trainer, seed_everything  # noqa: E402
 from models import build_model  # noqa: E402
 from quant import kernels, quantize_model, quantized_layers  # noqa: E402
 
 
-#: What ``--resume auto`` does, by ``runner.resolve_auto_resume``'s answer.
+#: What ``--resume auto`` does, by ``run_folder.resolve_auto_resume``'s answer.
 AUTO_ACTIONS = {"resume": "continuing the run from last.pt",
                 "restart": "starting the run again (it never finished an epoch)",
                 "new": "starting a new run"}
@@ -63,8 +63,8 @@ def build_quantized_model(cfg, pretrained: bool = True) -> torch.nn.Module:
     checkpoint holds its weights), converted to LSQ fake quantization."""
     model = build_model(cfg.arch, clip_value=cfg.clip_value)
     if cfg.pretrained and pretrained:
-        runner.load_pretrained(model, cfg)
-    return quantize_model(model, cfgmod.weight_bits(cfg), cfgmod.act_bits(cfg), cfgmod.first_last_bits(cfg),
+        run_folder.load_pretrained(model, cfg)
+    return quantize_model(model, config.weight_bits(cfg), config.act_bits(cfg), config.first_last_bits(cfg),
                           per_channel_weights=cfg.per_channel_weights, act_quant_at=cfg.act_quant_at)
 
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     rank then ends every rank with exit status 2 and one ``error:`` line (rank 0's).
     """
     argv = sys.argv[1:] if argv is None else argv
-    cfg = cfgmod.build_parser().parse_args(argv)
+    cfg = config.build_parser().parse_args(argv)
     created_output_dir, lock, group = False, None, None
     # SIGINT/SIGTERM stop the start-up at once (Trainer.fit stops its loop at the next step instead)
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -89,20 +89,20 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.evaluate is not None and group is None:  # no training, no output folder (torchrun: refused below)
                 from deploy.evaluate import evaluate_checkpoint
                 return evaluate_checkpoint(cfg, argv)
-            if cfg.resume == "" and cfg.overwrite:  # --resume PATH may replace another run (runner.prepare_output_dir)
-                raise cfgmod.ConfigError("--resume and --overwrite contradict each other: pass one")
+            if cfg.resume == "" and cfg.overwrite:  # --resume PATH may replace another run (run_folder.prepare_output_dir)
+                raise config.ConfigError("--resume and --overwrite contradict each other: pass one")
             if cfg.from_warmup and cfg.resume not in (None, "auto"):
-                raise cfgmod.ConfigError("--from-warmup starts a new run from a warmup and --resume continues a run: "
+                raise config.ConfigError("--from-warmup starts a new run from a warmup and --resume continues a run: "
                                          "pass one (or --resume auto: it continues the run if there is one, else "
                                          "branches)")
-            auto = runner.resolve_auto_resume(cfg) if cfg.resume == "auto" else None
-            ckpt = runner.resolve_resume(cfg, argv)  # first: flags not given come from the run
-            defaulted = cfgmod.resolve_defaults(cfg)
-            cfgmod.validate(cfg)
+            auto = run_folder.resolve_auto_resume(cfg) if cfg.resume == "auto" else None
+            ckpt = run_folder.resolve_resume(cfg, argv)  # first: flags not given come from the run
+            defaulted = config.resolve_defaults(cfg)
+            config.validate(cfg)
             if cfg.from_warmup and ckpt is None:  # after the defaults: the warmup's flags are resolved ones
-                ckpt = runner.branch_from_warmup(cfg)
+                ckpt = run_folder.branch_from_warmup(cfg)
             if group is not None:  # after --resume, which may take --batch-size, --device, --sync-bn from the run
-                group.check(cfg, cfgmod.resolve_device(cfg.device))
+                group.check(cfg, config.resolve_device(cfg.device))
             if auto == "finished":
                 print(f"{cfg.output_dir}: this run is finished (summary.json); nothing to do")
                 return 0
@@ -113,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                 ptq_warnings = ptq.check_flags(cfg, argv)
                 cfg.output_dir = cfg.output_dir or ptq.default_output_dir(cfg)
             if cfg.pretrained and ckpt is None:
-                runner.check_pretrained(runner.load_checkpoint(cfg.pretrained, "--pretrained"), cfg)
+                run_folder.check_pretrained(run_folder.load_checkpoint(cfg.pretrained, "--pretrained"), cfg)
             source = find_source(cfg.data_dir, download=not cfg.no_download)
-            processes = group.describe(cfg, cfgmod.resolve_device(cfg.device)) if group is not None else ""
+            processes = group.describe(cfg, config.resolve_device(cfg.device)) if group is not None else ""
             if cfg.dry_run:
-                cfg.output_dir = cfg.output_dir or cfgmod.default_output_dir(cfg)
+                cfg.output_dir = cfg.output_dir or config.default_output_dir(cfg)
                 print("\n".join(ptq.banner(cfg, source.describe(), ptq_warnings) if cfg.ptq
-                                else cfgmod.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)))
+                                else config.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)))
                 print("Resolved config:")
                 for key, value in sorted(vars(cfg).items()):
                     print(f"  {key}: {value}")
@@ -127,15 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         with distributed.agreement(group):  # stage 2: the run folder (rank 0), the data, the model
             old_run = []  # the files of the run this one replaces, removed once every check has passed
             if distributed.is_main(group):
-                created_output_dir, lock, old_run = runner.prepare_output_dir(cfg, resuming=cfg.resume is not None)
+                created_output_dir, lock, old_run = run_folder.prepare_output_dir(cfg, resuming=cfg.resume is not None)
             if cfg.ptq:
                 print("\n".join(ptq.banner(cfg, source.describe(), ptq_warnings)), flush=True)
                 return ptq.run(cfg, source, old_run)
-            print("\n".join(cfgmod.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)),
+            print("\n".join(config.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)),
                   flush=True)
             trainer, run_config = set_up(cfg, source, ckpt, group)
         return train(cfg, trainer, run_config, ckpt, old_run, group)
-    except (cfgmod.ConfigError, DataError, CheckpointError) as exc:
+    except (config.ConfigError, DataError, CheckpointError) as exc:
         if distributed.is_main(group):  # every rank has the same error (distributed.agreement)
             print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -168,18 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         if lock is not None:
             lock.release()
         if created_output_dir:  # refused or stopped before anything was written: leave no empty folder behind
-            runner.remove_if_empty(cfg.output_dir)
+            run_folder.remove_if_empty(cfg.output_dir)
         if group is not None:
             group.close()
 
 
 def _kept(cfg, group=None, fix: str = "") -> str:
     """What a stopped run kept and how to go on, for its one error line (``fix``: what to do first)."""
-    epoch = runner.saved_epoch(os.path.join(cfg.output_dir, "last.pt")) if cfg.output_dir else None
+    epoch = run_folder.saved_epoch(os.path.join(cfg.output_dir, "last.pt")) if cfg.output_dir else None
     resume, again = (f"{fix}, then resume", f"{fix}, then start again") if fix else ("Resume", "Start again")
     if epoch is not None:
         return (f"finished epochs are saved in {cfg.output_dir}/last.pt (epoch {epoch}). "
-                f"{resume} with: {runner.resume_command(cfg, group.launch if group is not None else None)}")
+                f"{resume} with: {run_folder.resume_command(cfg, group.launch if group is not None else None)}")
     if cfg.output_dir is None or not os.path.isdir(cfg.output_dir):
         return f"nothing was written. {again} with the same command"
     if cfg.ptq:
@@ -199,24 +199,24 @@ def set_up(cfg, source, ckpt, group=None):
     Raises:
         ConfigError, DataError, CheckpointError: the kernels, the data or ``--pretrained``.
     """
-    device = cfgmod.resolve_device(cfg.device)
+    device = config.resolve_device(cfg.device)
     is_main = distributed.is_main(group)
     if group is not None:
         device = group.device(device)
     cpu_kernels = None
-    if device.type == "cpu" and not cfgmod.is_float_run(cfg):  # load the kernels now: a failure shows before data work
+    if device.type == "cpu" and not config.is_float_run(cfg):  # load the kernels now: a failure shows before data work
         try:
             cpu_kernels = kernels.describe()
         except RuntimeError as exc:  # QATBR_KERNELS=cpp and no build
-            raise cfgmod.ConfigError(str(exc)) from None
+            raise config.ConfigError(str(exc)) from None
         if cfg.per_channel_weights:  # the kernels take one α: per-channel weight quantizers run the PyTorch ops
             cpu_kernels += "; weights per channel: PyTorch ops"
         print(f"Kernels: {cpu_kernels}", flush=True)
-    workers = cfgmod.decode_workers(cfg)
+    workers = config.decode_workers(cfg)
     train_split, val_split, val_index, available = training_images(source, cfg, workers, write_cache=is_main)
     test_split = load_split(source, train=False, download=not cfg.no_download, workers=workers, write_cache=is_main)
     if ckpt is not None:
-        runner.check_val_split(ckpt, val_index, cfg)
+        run_folder.check_val_split(ckpt, val_index, cfg)
     subset = f" (class-balanced subset of {available}, --train-subset)" if cfg.train_subset is not None else ""
     held_out = f" / {len(val_split.labels)} validation (held out, --val-split)" if val_split is not None else ""
     print(f"Data: {len(train_split.labels)} train{subset}{held_out} / {len(test_split.labels)} test images",
@@ -224,7 +224,7 @@ def set_up(cfg, source, ckpt, group=None):
     channels_last = device.type == "cuda"
     rank, world_size = (group.rank, group.world_size) if group is not None else (0, 1)
     train_loader = DeviceLoader(train_split, cfg.batch_size, device, train=True, seed=cfg.seed,
-                                channels_last=channels_last, drop_last=cfgmod.compile_mode(cfg) != "off",
+                                channels_last=channels_last, drop_last=config.compile_mode(cfg) != "off",
                                 shard=(rank, world_size))
     test_loader = DeviceLoader(shard(test_split, rank, world_size), cfg.eval_batch_size, device, train=False,
                                channels_last=channels_last)
@@ -240,14 +240,14 @@ def set_up(cfg, source, ckpt, group=None):
     print(f"Quantized layers: {len(quantized_layers(model))}", flush=True)
     trainer = Trainer(cfg, model, train_loader, test_loader, device, cfg.output_dir if is_main else None,
                       val_loader=val_loader, val_index=val_index, group=group)
-    run_config = runner.run_config(cfg, source.describe(), cpu_kernels, val_split, world_size,
+    run_config = run_folder.run_config(cfg, source.describe(), cpu_kernels, val_split, world_size,
                                    group.backend(device) if group is not None else None)
     if ckpt is not None:
-        run_config["derived"]["warmup_source"] = runner.warmup_source(cfg, ckpt)
+        run_config["derived"]["warmup_source"] = run_folder.warmup_source(cfg, ckpt)
         try:
             trainer.load_state_dict(ckpt)
         except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as exc:
-            flag = (f"--resume {runner.resume_path(cfg)}" if cfg.resume is not None
+            flag = (f"--resume {run_folder.resume_path(cfg)}" if cfg.resume is not None
                     else f"--from-warmup {cfg.from_warmup}")
             raise CheckpointError(f"{flag}: its training state cannot be restored "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -256,31 +256,31 @@ def set_up(cfg, source, ckpt, group=None):
 
 def open_run_files(cfg, trainer, run_config: dict, ckpt, old_run: list[str]) -> None:
     """Start writing the run folder once every check has passed: the old run this one replaces
-    (``old_run``, ``runner.prepare_output_dir``) removed, TensorBoard attached to the trainer, the
+    (``old_run``, ``run_folder.prepare_output_dir``) removed, TensorBoard attached to the trainer, the
     checkpoint set and the logs restored to the resumed epoch, config.json.
 
     Raises:
         WriteError: a file cannot be written.
     """
-    runner.replace_old_run(cfg.output_dir, old_run)
+    run_folder.replace_old_run(cfg.output_dir, old_run)
     if cfg.tensorboard:
-        from tb_logging import TensorBoardLogger
+        from run.tensorboard_log import TensorBoardLogger
         trainer.tb = TensorBoardLogger(os.path.join(cfg.output_dir, "tensorboard"))
         trainer.tb.attach(trainer.model)
     if ckpt is not None and cfg.resume is None:  # --from-warmup: a new run, complete up to the warmup's end
-        for line in runner.write_branch_start(cfg, ckpt, run_config):
+        for line in run_folder.write_branch_start(cfg, ckpt, run_config):
             print(line, flush=True)
         if trainer.tb is not None:
             for row in ckpt["warmup_logs"]["metrics.jsonl"]:
                 trainer.tb.log_scalars(row)
     elif ckpt is not None:
-        for line in runner.restore_checkpoint_set(cfg, ckpt, quantized=bool(trainer.layers)):
+        for line in run_folder.restore_checkpoint_set(cfg, ckpt, quantized=bool(trainer.layers)):
             print(line, flush=True)
-        runner.restore_logs(cfg.output_dir, ckpt)
-        note = runner.backfill_tensorboard(trainer.tb, cfg.output_dir, ckpt) if trainer.tb is not None else None
+        run_folder.restore_logs(cfg.output_dir, ckpt)
+        note = run_folder.backfill_tensorboard(trainer.tb, cfg.output_dir, ckpt) if trainer.tb is not None else None
         if note:
             print(note, flush=True)
-    runner.write_config(cfg, run_config)
+    run_folder.write_config(cfg, run_config)
 
 
 def train(cfg, trainer, run_config: dict, ckpt, old_run: list[str], group=None) -> int:

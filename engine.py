@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoint import append_jsonl, atomic_torch_save, numpy_rng_from_plain, numpy_rng_to_plain
-from config import act_bits, compile_mode, freeze_thresholds, frozen_kinds, learning_rate, weight_bits
-from distributed import is_main
+from run.checkpoint import append_jsonl, atomic_torch_save, numpy_rng_from_plain, numpy_rng_to_plain
+from run.config import act_bits, compile_mode, freeze_thresholds, frozen_kinds, learning_rate, weight_bits
+from run.distributed import is_main
 from hooks import ActivationHookManager, BinStatsCollector
-from progress import EpochProgress
+from run.progress import EpochProgress
 from quant import (FULL_PRECISION_BITS, activation_quantizers, keep_step_sizes_positive, quantized_layers,
                    step_size_quantizers)
 from regularizers import INFO_FIELDS, BinRegularizer, weight_bin_stats

@@ -33,8 +33,8 @@ import time
 
 import torch
 
-from checkpoint import EXIT_WRITE_FAILED, CheckpointError, WriteError, atomic_write_json, writing
-from data import DataError, DeviceLoader, find_source, load_split
+from run.checkpoint import EXIT_WRITE_FAILED, CheckpointError, WriteError, atomic_write_json, writing
+from run.data import DataError, DeviceLoader, find_source, load_split
 from deploy.integer import load_integer_model, save_integer_model
 from deploy.onnx_qdq import ExportError, export_onnx, quantizer_steps, run_session, session
 from deploy.restore import describe, restore

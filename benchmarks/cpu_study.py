@@ -41,9 +41,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from checkpoint import read_jsonl  # noqa: E402
-from config import SCENARIOS, ConfigError  # noqa: E402
-from runner import RunFolderLock  # noqa: E402
+from run.checkpoint import read_jsonl  # noqa: E402
+from run.config import SCENARIOS, ConfigError  # noqa: E402
+from run.run_folder import RunFolderLock  # noqa: E402
 
 ENTRY = os.path.join(ROOT, "cifar10_qat_br.py")
 RESULTS = os.path.join(ROOT, "docs", "cpu_study")

@@ -54,14 +54,14 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import config as cfgmod  # noqa: E402
-from checkpoint import load_checkpoint, read_jsonl  # noqa: E402
-from data import DataError, find_source, load_split  # noqa: E402
+from run import config  # noqa: E402
+from run.checkpoint import load_checkpoint, read_jsonl  # noqa: E402
+from run.data import DataError, find_source, load_split  # noqa: E402
 
 ENTRY = os.path.join(ROOT, "cifar10_qat_br.py")
 
 #: The README's scenarios (``config.SCENARIOS``): key -> (name, flags).
-SCENARIOS = {key: (name, flags.split()) for key, (name, flags) in cfgmod.SCENARIOS.items()}
+SCENARIOS = {key: (name, flags.split()) for key, (name, flags) in config.SCENARIOS.items()}
 
 #: Share of the default recipe's epochs spent in the LSQ warmup (30 of 100).
 WARMUP_SHARE = 0.3
@@ -80,8 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cifar10_qat_br.py) [a new folder under the system's temp dir]")
     p.add_argument("--budget-s", type=float, default=540.0, help="wall time of everything [540]")
     p.add_argument("--device", default="cuda", help="cuda, or cpu to test the script [cuda]")
-    p.add_argument("--scenarios", default=",".join(cfgmod.SEED_SCENARIOS),
-                   help=f"comma-separated keys of {', '.join(SCENARIOS)} [{','.join(cfgmod.SEED_SCENARIOS)}]")
+    p.add_argument("--scenarios", default=",".join(config.SEED_SCENARIOS),
+                   help=f"comma-separated keys of {', '.join(SCENARIOS)} [{','.join(config.SEED_SCENARIOS)}]")
     p.add_argument("--seeds", default="42,43", help="comma-separated seeds of the QAT runs [42,43]")
     p.add_argument("--bits", type=int, default=2, help="weight and activation bits of the QAT runs [2]")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size of every run [128]")
@@ -371,7 +371,7 @@ def plot_curves(float_run: Run | None, qat_runs: dict, warmup: int, path: str) -
 def write_results(study: Study, result: dict, float_run: Run | None, qat_runs: dict, warmup: int) -> None:
     """summary.md and summary_runs.csv (summarize.py), curves.png, study.json, pretrained/ in --out."""
     out = study.args.out
-    import summarize
+    from analysis import summarize
     if qat_runs and any(os.path.isdir(r.dir) for r in qat_runs.values()):
         qat_root = os.path.dirname(next(iter(qat_runs.values())).dir)
         prefix = os.path.join(study.workdir, "summary")

@@ -43,9 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import config as cfgmod  # noqa: E402
+from run import config  # noqa: E402
 from cifar10_qat_br import build_quantized_model  # noqa: E402
-from data import DeviceLoader, Split  # noqa: E402
+from run.data import DeviceLoader, Split  # noqa: E402
 from engine import Trainer  # noqa: E402
 
 #: The variants, as extra flags of cifar10_qat_br.py ({bits} is --bits).
@@ -142,8 +142,8 @@ def make_trainer(variant: str, args, device: torch.device, train_loader=None, te
               "--device", str(device), "--seed", str(args.seed)]
     flags += ["--amp"] if args.amp else []
     flags += ["--compile", args.compile]
-    cfg = cfgmod.build_parser().parse_args(flags)
-    cfgmod.validate(cfg)
+    cfg = config.build_parser().parse_args(flags)
+    config.validate(cfg)
     torch.manual_seed(args.seed)
     model = build_quantized_model(cfg).to(device)
     if args.channels_last:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from config import ConfigError, explicit_flags, resolve_device
-from data import DeviceLoader, find_source, load_split
+from run.config import ConfigError, explicit_flags, resolve_device
+from run.data import DeviceLoader, find_source, load_split
 from deploy.restore import MODEL_FLAGS, describe, restore, step_size_count
 from engine import top1_accuracy
 

@@ -33,11 +33,11 @@ import time
 import torch
 from torch import nn
 
-import runner
-from checkpoint import atomic_torch_save, atomic_write_json
-from config import (ConfigError, act_bits, act_quant_line, explicit_flags, first_last_bits, is_float_run,
+from run import run_folder
+from run.checkpoint import atomic_torch_save, atomic_write_json
+from run.config import (ConfigError, act_bits, act_quant_line, explicit_flags, first_last_bits, is_float_run,
                     resolve_device, weight_bits)
-from data import DeviceLoader, Split, load_split, training_images
+from run.data import DeviceLoader, Split, load_split, training_images
 from engine import seed_everything, top1_accuracy
 from models import build_model
 from quant import MIN_STEP_SIZE, LSQQuantizer, activation_quantizers, quantize_model, quantized_layers
@@ -274,7 +274,7 @@ def check_flags(cfg, argv: list[str]) -> list[str]:
 
 def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
     """The ``--ptq`` banner (lines): what is quantized from what, calibration, data, output."""
-    from config import RULE
+    from run.config import RULE
     bits = lambda b: "float" if b >= 32 else f"{b}-bit"  # noqa: E731
     lines = [RULE, "Post-Training Quantization (PTQ, no training)", RULE,
              f"Model: {cfg.arch}, float weights from {cfg.pretrained}",
@@ -294,14 +294,14 @@ def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
 def run(cfg, source, old_run: list[str]) -> int:
     """The ``--ptq`` run (flags checked, output folder prepared): writes ``config.json``, ``ptq.pt``
     and ``summary.json`` (``"method": "ptq"``) into ``cfg.output_dir``, replacing the files of the
-    run ``old_run`` (``runner.prepare_output_dir``) only then."""
+    run ``old_run`` (``run_folder.prepare_output_dir``) only then."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     train, val, _, _ = training_images(source, cfg, cfg.workers)  # never the --val-split images
     test = load_split(source, train=False, download=not cfg.no_download, workers=cfg.workers)
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, clip_value=cfg.clip_value)
-    runner.load_pretrained(model, cfg)
+    run_folder.load_pretrained(model, cfg)
     model.to(device)
     test_loader = DeviceLoader(test, cfg.eval_batch_size, device, train=False)
     float_acc = top1_accuracy(model.eval(), test_loader, device)
@@ -319,12 +319,12 @@ def run(cfg, source, old_run: list[str]) -> int:
                            cfg.bn_recalib, per_channel_weights=cfg.per_channel_weights, act_quant_at=cfg.act_quant_at)
     acc = top1_accuracy(model, test_loader, device)
     seconds = time.perf_counter() - started
-    config = runner.run_config(cfg, source.describe(), None, val)
+    config = run_folder.run_config(cfg, source.describe(), None, val)
     for key in TRAINING_FLAGS:
         config["flags"].pop(key, None)
     config["derived"].update(method="ptq", calibration_images=sum(len(b) for b in batches))
-    runner.replace_old_run(cfg.output_dir, old_run)
-    runner.write_config(cfg, config)
+    run_folder.replace_old_run(cfg.output_dir, old_run)
+    run_folder.write_config(cfg, config)
     atomic_torch_save({"model": model.state_dict(), "config": config, "method": "ptq", "epoch": 0,
                        "last_acc": acc, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc},
                       os.path.join(cfg.output_dir, "ptq.pt"))

@@ -12,8 +12,8 @@ import argparse
 import torch
 from torch import nn
 
-from checkpoint import CheckpointError, checkpoint_problem, load_data, not_this_tools, type_phrase
-from config import act_bits, build_parser, first_last_bits, weight_bits
+from run.checkpoint import CheckpointError, checkpoint_problem, load_data, not_this_tools, type_phrase
+from run.config import act_bits, build_parser, first_last_bits, weight_bits
 from models import build_model
 from quant import quantize_model, step_size_quantizers
 

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import CLASSES  # noqa: E402
+from run.data import CLASSES  # noqa: E402
 
 
 def make_image_folder(root, train_per_class: int = 4, test_per_class: int = 2, seed: int = 0) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import quant.lsq
-from config import build_parser
+from run.config import build_parser
 from conftest import TINY, run_cli, signal_in_epoch
 from deploy.integer import IntegerActivation, IntegerLayer, load_integer_model, save_integer_model
 from deploy.onnx_qdq import export_onnx, quantizer_steps, run_session, session

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import plots
+from run import checkpoint
+from analysis import plots
 from conftest import TINY, run_cli
 
 FLOAT = ["--num-bits", "32", "--lambda-br", "0", "--lambda-br-act", "0"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY, run_cli
-from config import SCENARIOS, build_parser
-from data import DeviceLoader, Split
+from run.config import SCENARIOS, build_parser
+from run.data import DeviceLoader, Split
 from engine import Trainer
 from models import build_model
 from quant import quantize_model

@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 
-import config as cfgmod
+from run import config as cfgmod
 import engine
 from models.resnet import CifarResNet
 from quant import quantize_model
@@ -106,7 +106,7 @@ def test_inductor_code_of_quantizer_and_bin_statistics_matches_eager():
 
 
 def test_loader_drop_last_gives_static_batches():
-    from data import DeviceLoader, Split
+    from run.data import DeviceLoader, Split
     split = Split(torch.zeros(41, 3, 32, 32, dtype=torch.uint8), torch.arange(41) % 10)
     shapes = lambda loader: [x.shape[0] for x, _ in loader.batches(1)]  # noqa: E731
     assert shapes(DeviceLoader(split, 16, torch.device("cpu"), train=True, drop_last=True)) == [16, 16]
@@ -129,7 +129,7 @@ def test_compile_flag_resolves_by_device():
 def test_compiled_training_epochs(tmp_path, monkeypatch):
     """Two epochs (LSQ, then LSQ + W-BR + A-BR) of the Trainer with --compile (aot_eager backend):
     the first step runs eagerly (it initialises α), the rest compiled; evaluation compiled."""
-    from data import DeviceLoader, Split
+    from run.data import DeviceLoader, Split
     modes, compiled_calls = [], []
     real_compile = torch.compile
 

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import config as cfgmod
+from run import config as cfgmod
 from conftest import TINY, run_cli
-from data import DeviceLoader, Split, balanced_subset, find_source, load_split, shard
-from distributed import Group, Launch, launch_from_environment
+from run.data import DeviceLoader, Split, balanced_subset, find_source, load_split, shard
+from run.distributed import Group, Launch, launch_from_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -174,13 +174,13 @@ def test_ptq_run_folder_evaluate_and_summary(runs, shared_folder, tmp_path, caps
     assert 0 <= summary["float_bn_recalib_test_acc"] <= 100
     rc, stdout, _ = _evaluate(capsys, out / "ptq.pt")
     assert rc == 0 and _printed_acc(stdout) == f"{summary['final_test_acc']:.2f}%" and "W4A4" in stdout
-    import summarize
+    from analysis import summarize
     markdown, rows, _ = summarize.build_tables(summarize.find_runs(str(tmp_path)))
     assert rows[0]["scenario"] == "PTQ" and rows[0]["final_top1_mean"] == summary["final_test_acc"]
 
 
 def test_ptq_calibrates_on_the_training_part_only(runs, shared_folder, tmp_path, capsys, monkeypatch):
-    from data import DataSource, load_split
+    from run.data import DataSource, load_split
     from deploy import ptq
     calibrated_on = []
     real = ptq.calibration_batches
@@ -252,7 +252,7 @@ def test_export_refuses_bad_input_and_writes_nothing(runs, tmp_path, capsys):
 
 
 def test_calibration_batches_are_seeded_training_batches():
-    from data import Split
+    from run.data import Split
     from deploy.ptq import calibration_batches
     split = Split(torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8), torch.zeros(40, dtype=torch.long))
     cpu = torch.device("cpu")

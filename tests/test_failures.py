@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-import checkpoint
+from run import checkpoint
 import export
 from conftest import TINY, make_image_folder, run_cli, signal_in_epoch
 
@@ -394,7 +394,7 @@ def test_export_that_cannot_write_exits_4_naming_the_file(reference, tmp_path, m
 
 
 def test_plots_that_cannot_write_exit_4_naming_the_file(reference, tmp_path, monkeypatch, capsys):
-    import plots
+    from analysis import plots
     from matplotlib.figure import Figure
 
     def full(self, path, **kwargs):

@@ -34,8 +34,8 @@ def test_abbreviated_flags_are_refused(abbreviation, capsys):
 
 def _entry_points():
     import export
-    import plots
-    import summarize
+    from analysis import plots
+    from analysis import summarize
     import gpu_study
     import throughput
     return {"export.py": lambda: export.build_parser().parse_args(["ckpt", "--out", "o", "--overw"]),

@@ -14,7 +14,7 @@ import quant.lsq
 from quant.lsq import _LSQFakeQuantize
 from hooks import ActivationHookManager, BinStatsCollector
 from models import build_model
-from plots import capture_activations
+from analysis.plots import capture_activations
 from quant import LSQQuantizer, integer_range, quantize_model, quantized_layers
 from regularizers import BinRegularizer
 from regularizers.bin_reg import loss_from_bin_stats

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from config import build_parser, default_output_dir, resolve_defaults
+from run.config import build_parser, default_output_dir, resolve_defaults
 from conftest import TINY, run_cli, signal_in_epoch
 from engine import build_scheduler
 

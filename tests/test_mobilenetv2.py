@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from conftest import run_cli
-from config import build_parser, resolve_defaults
+from run.config import build_parser, resolve_defaults
 from engine import Trainer
 from models import build_model
 from models.mobilenetv2 import MobileNetV2

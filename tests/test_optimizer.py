@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import config
+from run import config
 from conftest import TINY, run_cli
 from engine import build_optimizer
 from models.resnet import CifarResNet

@@ -134,7 +134,7 @@ def test_a_branch_from_a_plain_warmup_is_the_run_from_scratch(runs, shared_folde
 
 
 def test_bn_reestimate_averages_the_batch_statistics(shared_folder, tmp_path, capsys):
-    from data import DeviceLoader, find_source, load_split
+    from run.data import DeviceLoader, find_source, load_split
     from deploy.restore import build_network, model_config
     out = tmp_path / "bn"
     rc, stdout, _ = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY, *PLAIN, "--bn-reestimate", "2"],

@@ -7,8 +7,8 @@ import matplotlib
 import pytest
 import torch
 
-import config as cfgmod
-import plots
+from run import config as cfgmod
+from analysis import plots
 from conftest import make_image_folder
 from models import build_model
 from quant import quantize_model, quantized_layers

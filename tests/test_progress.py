@@ -7,7 +7,7 @@ import pytest
 from tqdm import tqdm
 
 from conftest import run_cli
-from progress import EpochProgress, format_duration
+from run.progress import EpochProgress, format_duration
 
 
 class FakeClock:

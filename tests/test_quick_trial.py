@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from config import default_warmup_epochs
+from run.config import default_warmup_epochs
 from conftest import run_cli
-from data import Split, balanced_subset
+from run.data import Split, balanced_subset
 
 
 @pytest.mark.parametrize("epochs,warmup", [(100, 30), (200, 60), (10, 3), (7, 2), (5, 2), (3, 1), (2, 1), (1, 0)])

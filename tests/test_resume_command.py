@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-import runner
-from config import build_parser
+from run import run_folder
+from run.config import build_parser
 from conftest import make_image_folder, run_cli, signal_in_epoch
 
 FLOAT = ["--num-bits", "32", "--lambda-br", "0", "--lambda-br-act", "0"]
@@ -38,13 +38,13 @@ def test_printed_resume_command_works_as_printed(tmp_path, monkeypatch, capsys):
 
 
 def _resolve(saved_flags, argv):
-    """``runner.resolve_resume`` on a fake checkpoint holding ``saved_flags``; returns the config."""
+    """``run_folder.resolve_resume`` on a fake checkpoint holding ``saved_flags``; returns the config."""
     cfg = build_parser().parse_args(argv)
     ckpt = {"config": {"flags": saved_flags}}
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(runner, "load_checkpoint", lambda path, what, **_: ckpt)
+    monkey.setattr(run_folder, "load_checkpoint", lambda path, what, **_: ckpt)
     try:
-        runner.resolve_resume(cfg, argv)
+        run_folder.resolve_resume(cfg, argv)
     finally:
         monkey.undo()
     return cfg

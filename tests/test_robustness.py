@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-import checkpoint
+from run import checkpoint
 from conftest import TINY, make_image_folder, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,10 +163,10 @@ def test_existing_run_is_refused_without_resume_or_overwrite(shared_folder, refe
 # -- a run folder belongs to one run -------------------------------------------------------------
 
 def test_a_folder_held_by_another_process_is_refused_naming_it(shared_folder, tmp_path, capsys):
-    import runner
+    from run import run_folder
     out = tmp_path / "held"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runner; runner.RunFolderLock(sys.argv[1])"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runner; run_folder.RunFolderLock(sys.argv[1])"
                                ".acquire(); print('held', flush=True); time.sleep(600)", str(out)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -179,10 +179,10 @@ def test_a_folder_held_by_another_process_is_refused_naming_it(shared_folder, tm
     finally:
         holder.kill()  # kill -9: the OS drops the lock with the process
         holder.wait()
-    lock = runner.RunFolderLock(str(out))
+    lock = run_folder.RunFolderLock(str(out))
     lock.acquire()  # free now, although the dead holder's file is still there
-    second = runner.RunFolderLock(str(out))
-    with pytest.raises(runner.ConfigError, match=f"in use by another run \\(pid {os.getpid()} on "):
+    second = run_folder.RunFolderLock(str(out))
+    with pytest.raises(run_folder.ConfigError, match=f"in use by another run \\(pid {os.getpid()} on "):
         second.acquire()  # a second lock in the same process is refused too
     lock.release()
     assert os.listdir(out) == []  # released: the lock file is gone
@@ -191,29 +191,29 @@ def test_a_folder_held_by_another_process_is_refused_naming_it(shared_folder, tm
 
 
 def test_releasing_a_lock_leaves_another_runs_lock_file_alone(tmp_path):
-    import runner
-    old = runner.RunFolderLock(str(tmp_path))
+    from run import run_folder
+    old = run_folder.RunFolderLock(str(tmp_path))
     old.acquire()
     os.unlink(tmp_path / ".lock")  # the folder was emptied (rm -rf) while the old run still held it,
-    new = runner.RunFolderLock(str(tmp_path))  # and a new run took its own lock there
+    new = run_folder.RunFolderLock(str(tmp_path))  # and a new run took its own lock there
     new.acquire()
     old.release()  # the old run ends
     assert os.listdir(tmp_path) == [".lock"]  # the new run's lock file is still there,
-    with pytest.raises(runner.ConfigError, match="in use by another run"):
-        runner.RunFolderLock(str(tmp_path)).acquire()  # and still refuses a third run
+    with pytest.raises(run_folder.ConfigError, match="in use by another run"):
+        run_folder.RunFolderLock(str(tmp_path)).acquire()  # and still refuses a third run
     new.release()
     assert os.listdir(tmp_path) == []
 
 
 def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch, capsys):
     import errno
-    import runner
+    from run import run_folder
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(runner.fcntl, "flock", no_locks)
-    runner.RunFolderLock(str(tmp_path)).acquire()
+    monkeypatch.setattr(run_folder.fcntl, "flock", no_locks)
+    run_folder.RunFolderLock(str(tmp_path)).acquire()
     assert "WARNING: cannot lock --output-dir" in capsys.readouterr().err
 
 
@@ -312,7 +312,7 @@ def test_extreme_valid_seed_and_momentum_are_accepted(capsys):
 
 
 def test_more_workers_than_cpus_are_capped_with_a_warning(capsys):
-    import config
+    from run import config
     cpus = len(os.sched_getaffinity(0))
     rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--workers", str(cpus + 61)], capsys)
     assert rc == 0
@@ -370,7 +370,7 @@ def test_image_folder_problems(tmp_path, capsys):
 
 
 def test_hidden_files_are_skipped_and_unusable_entries_give_one_line(tmp_path, capsys):
-    from data import CLASSES, DataSource, load_split
+    from run.data import CLASSES, DataSource, load_split
     root = make_image_folder(tmp_path / "c", train_per_class=1, test_per_class=1)
     cat = os.path.join(root, "train", "cat")
     with open(os.path.join(cat, "._0000.png"), "wb") as f:  # macOS metadata next to an image: not an image
@@ -460,8 +460,8 @@ def test_a_stop_before_the_first_finished_epoch_says_there_is_nothing_to_resume(
 
 def test_memory_does_not_grow_over_1000_steps():
     """Hooks keep nothing across steps: the live tensors and RSS stay flat over 1,000 A-BR steps."""
-    from config import build_parser
-    from data import DeviceLoader, Split
+    from run.config import build_parser
+    from run.data import DeviceLoader, Split
     from engine import Trainer
     from quant import quantize_model
     torch.manual_seed(0)
@@ -496,18 +496,18 @@ def test_memory_does_not_grow_over_1000_steps():
 
 
 def test_resume_restores_log_rows_lost_between_checkpoint_and_log(tmp_path):
-    import runner
-    from checkpoint import read_jsonl
+    from run import run_folder
+    from run.checkpoint import read_jsonl
     rows = {"metrics.jsonl": {"epoch": 2, "test_acc": 50.0}, "timing.jsonl": {"epoch": 2, "seconds": 1.5}}
     ckpt = {"epoch": 2, "log_rows": rows}
     # killed after last.pt of epoch 2 and before its log lines: metrics stop at epoch 1
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 40.0}\n')
-    runner.restore_logs(str(tmp_path), ckpt)
+    run_folder.restore_logs(str(tmp_path), ckpt)
     assert read_jsonl(str(tmp_path / "metrics.jsonl")) == [{"epoch": 1, "test_acc": 40.0}, rows["metrics.jsonl"]]
     assert read_jsonl(str(tmp_path / "timing.jsonl")) == [rows["timing.jsonl"]]
     # a log that ran ahead of the checkpoint is cut back, and nothing is written twice
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "test_acc": 50.0}\n{"epoch": 3}\n')
-    runner.restore_logs(str(tmp_path), ckpt)
+    run_folder.restore_logs(str(tmp_path), ckpt)
     assert [r["epoch"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [1, 2]
 
 
@@ -529,7 +529,7 @@ def test_config_records_which_kernels_ran(reference_run):
 
 def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
     # mkstemp creates 0600 files; results should be readable like the logs written by open()
-    from checkpoint import atomic_write_json
+    from run.checkpoint import atomic_write_json
     mask = os.umask(0o022)
     try:
         atomic_write_json({"a": 1}, str(tmp_path / "x.json"))

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-import summarize
+from analysis import summarize
 from conftest import make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import config
+from run import config
 from conftest import TINY, run_cli
 
 #: (flag, its default, another value)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-import config as cfgmod
-import summarize
+from run import config
+from analysis import summarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def _write_run(folder, *, seed, lambda_br, lambda_br_act, abp=False, epochs=10, 
                 "--output-dir", str(folder)]
         if abp:
             argv.append("--br-backprop-to-alpha-act")
-        flags = vars(cfgmod.build_parser().parse_args(argv))
+        flags = vars(config.build_parser().parse_args(argv))
         derived = {"weight_bits": 2, "act_bits": 2, "first_last_bits": 8, "float_run": False}
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump({"flags": flags, "derived": derived}, f)
@@ -243,7 +243,7 @@ def test_a_run_whose_last_pt_is_ahead_of_its_log_is_not_called_empty(tmp_path):
 def test_how_to_run_flags_never_split_configurations():
     # Flags that may change on --resume (config.RUN_FLAGS) say how a run ran, not what it is.
     # --from-warmup says where epochs 1..W came from: a branched run is the run from scratch (test_from_warmup)
-    assert cfgmod.RUN_FLAGS | cfgmod.HISTORY_FLAGS <= summarize.IGNORED_FLAGS
+    assert config.RUN_FLAGS | config.HISTORY_FLAGS <= summarize.IGNORED_FLAGS
 
 
 def test_running_pending_and_stale_runs(tmp_path):
@@ -398,32 +398,32 @@ def test_jobs_run_side_by_side_and_branches_wait_for_their_warmup(shared_folder,
 def test_the_sweeps_scenarios_are_configs():
     """scripts/sweep.sh's SCENARIO_TABLE (bash) runs exactly config.SCENARIOS' flags, and names _frz what freezes."""
     out = _sweep(["-n"], {"RUNS_DIR": "/nonexistent/s", "SEEDS": "1", "BITS": "2",
-                          "SCENARIOS": " ".join(cfgmod.SCENARIOS)})
+                          "SCENARIOS": " ".join(config.SCENARIOS)})
     assert out.returncode == 0, out.stderr
     commands = [line.split() for line in out.stdout.splitlines() if line.startswith("    python")]
-    assert len(commands) == len(cfgmod.SCENARIOS)
-    for key, command in zip(cfgmod.SCENARIOS, commands):
+    assert len(commands) == len(config.SCENARIOS)
+    for key, command in zip(config.SCENARIOS, commands):
         folder = os.path.basename(command[command.index("--output-dir") + 1])
         flags = command[command.index("--seed") + 2:command.index("--resume")]
-        assert folder.startswith(key + "_w2a2") and flags == cfgmod.SCENARIOS[key][1].split(), key
+        assert folder.startswith(key + "_w2a2") and flags == config.SCENARIOS[key][1].split(), key
         assert ("_frz_" in folder) == ("--freeze-alpha" in flags), folder
 
 
 def test_oscillation_scenarios_are_named_as_the_readme_names_them():
     for key in ("dampen", "freeze"):
-        settings = vars(cfgmod.build_parser().parse_args(cfgmod.SCENARIOS[key][1].split()))
-        assert summarize.scenario(settings) == cfgmod.SCENARIOS[key][0]
+        settings = vars(config.build_parser().parse_args(config.SCENARIOS[key][1].split()))
+        assert summarize.scenario(settings) == config.SCENARIOS[key][0]
     assert summarize.scenario({"lambda_br": 1.0, "lambda_dampen": 0.1}) == "W-only + dampening"
     assert summarize.scenario({"lambda_dampen": 0.1, "freeze_oscillating": "0.1:0.01"}) == \
         "Oscillation dampening + iterative freezing"
-    assert summarize.scenario(vars(cfgmod.build_parser().parse_args([]))) == "W+A stable"
+    assert summarize.scenario(vars(config.build_parser().parse_args([]))) == "W+A stable"
 
 
 def test_the_oscillation_column_is_the_mean_of_the_last_epochs(tmp_path):
     for seed, freqs in ((1, [9.0, 2e-4]), (2, [9.0, 4e-4])):
         folder = tmp_path / f"dampen_s{seed}"
         folder.mkdir()
-        flags = {**vars(cfgmod.build_parser().parse_args(cfgmod.SCENARIOS["dampen"][1].split())), "seed": seed,
+        flags = {**vars(config.build_parser().parse_args(config.SCENARIOS["dampen"][1].split())), "seed": seed,
                  "epochs": 2}
         (folder / "config.json").write_text(json.dumps({"flags": flags, "derived": {"weight_bits": 2}}))
         (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "epochs": 2, "test_acc": 50.0,

@@ -12,7 +12,7 @@ import cifar10_qat_br
 from conftest import make_image_folder
 from models import build_model
 from quant import quantize_model, quantized_layers
-from tb_logging import ACT_SAMPLES, TensorBoardLogger
+from run.tensorboard_log import ACT_SAMPLES, TensorBoardLogger
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

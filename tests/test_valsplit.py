@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-import summarize
-from config import build_parser
+from analysis import summarize
+from run.config import build_parser
 from conftest import TINY, run_cli
-from data import DataError, DataSource, DeviceLoader, Split, hold_out, training_images
+from run.data import DataError, DataSource, DeviceLoader, Split, hold_out, training_images
 from engine import Trainer
 from models.resnet import CifarResNet
 from quant import quantize_model

@@ -273,7 +273,7 @@ def type_phrase(value) -> str:
 
 def _flag_types() -> dict:
     """Flag name -> the types its value may have in a checkpoint's ``config["flags"]`` (None: any)."""
-    from config import build_parser
+    from run.config import build_parser
     types = {}
     for action in build_parser()._actions:
         kind = action.type or (type(action.default) if action.default is not None else None)
@@ -285,7 +285,7 @@ def _flag_types() -> dict:
 
 def _flag_choices() -> dict:
     """Flag name -> the values it may take (flags with argparse ``choices``: ``--optimizer``)."""
-    from config import build_parser
+    from run.config import build_parser
     return {action.dest: tuple(action.choices) for action in build_parser()._actions if action.choices}
 
 

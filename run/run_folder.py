@@ -20,10 +20,13 @@ import time
 
 import torch
 
-from checkpoint import (CheckpointError, append_jsonl, atomic_copy, atomic_torch_save, atomic_write_json,
+#: The checkout this code runs from (the folder that holds cifar10_qat_br.py).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from run.checkpoint import (CheckpointError, append_jsonl, atomic_copy, atomic_torch_save, atomic_write_json,
                         load_checkpoint, load_data, read_jsonl, remove_temporaries, truncate_jsonl, write_jsonl,
                         writing)
-from config import (HISTORY_FLAGS, INVOCATION_FLAGS, RUN_FLAGS, STAGE2_FLAGS, ConfigError, build_parser,
+from run.config import (HISTORY_FLAGS, INVOCATION_FLAGS, RUN_FLAGS, STAGE2_FLAGS, ConfigError, build_parser,
                     default_output_dir, explicit_flags, is_float_run, resolve_device)
 
 #: Files that make a folder "hold a run".
@@ -322,7 +325,7 @@ def resume_command(cfg, launch=None) -> str:
     your rendezvous flags.
     """
     cwd = os.getcwd()
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_qat_br.py")
+    script = os.path.join(REPO_ROOT, "cifar10_qat_br.py")
     relative = os.path.relpath(script, cwd)
     script = script if relative.startswith(os.pardir) else relative
     launcher = (sys.executable,)
@@ -556,8 +559,7 @@ def check_pretrained(ckpt: dict, cfg) -> None:
 def git_commit() -> str | None:
     """The commit of the code that runs, or None outside a git checkout."""
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -574,7 +576,7 @@ def run_config(cfg, data_source: str, cpu_kernels: str | None, val_split=None, w
     (1 and None: one process).
     """
     import torchvision
-    from config import act_bits, compile_mode, first_last_bits, weight_bits
+    from run.config import act_bits, compile_mode, first_last_bits, weight_bits
     return {"flags": dict(vars(cfg)),
             "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg),
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
@@ -592,7 +594,7 @@ def describe_val_split(cfg, val_split) -> dict | None:
     """config.json's account of the validation split: how it was drawn and its images per class."""
     if val_split is None:
         return None
-    from data import CLASSES
+    from run.data import CLASSES
     counts = torch.bincount(val_split.labels, minlength=len(CLASSES)).tolist()
     return {"images": len(val_split.labels), "seed": cfg.seed,
             "per_class": {CLASSES[c] if c < len(CLASSES) else str(c): n for c, n in enumerate(counts)},

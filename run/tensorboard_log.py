@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from checkpoint import writing
+from run.checkpoint import writing
 from quant import activation_quantizers, quantized_layers
 
 #: Samples of the latest training batch kept per layer for the activation histograms.

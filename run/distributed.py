@@ -64,9 +64,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from checkpoint import CheckpointError
-from config import ConfigError, torchrun_world_size
-from data import DataError
+from run.checkpoint import CheckpointError
+from run.config import ConfigError, torchrun_world_size
+from run.data import DataError
 from quant import step_size_quantizers
 
 #: The environment variables torchrun sets for each process.
