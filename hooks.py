@@ -1,12 +1,9 @@
-"""Capture pre-quantization activations for activation Bin Regularization (A-BR).
+"""Forward hooks for Bin Regularization: the bin statistics that LSQ quantizers compute in their own pass.
 
-A-BR (this project's extension of Han et al., ICCV 2021, to activations) regularises
-the input of each activation quantizer. ``ActivationHookManager`` records those inputs
-with forward pre-hooks, keeping their autograd history so that A-BR's gradient trains
-the network, and collects the bin statistics (``quant.bins.BinStats``) that each watched
-quantizer computes of its input in the same pass as the quantization: A-BR's loss is
-computed from those (``BinRegularizer.total_from_stats``), not from a second pass over
-the captured tensors.
+``BinStatsCollector`` takes them from given quantizers (W-BR: the weight quantizers);
+``ActivationHookManager`` from a model's activation quantizers (A-BR, this project's extension of
+Han et al., ICCV 2021, to the pre-quantization activations), dropping them at each new forward pass.
+BR's loss is computed from them (``BinRegularizer.total_from_stats``).
 """
 
 from __future__ import annotations
@@ -14,7 +11,6 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
 from quant.bins import BinStats
@@ -107,40 +103,23 @@ def _owner(quantizer: LSQQuantizer) -> BinStatsCollector | None:
 
 
 class ActivationHookManager:
-    """Record the input of each activation quantizer during training.
+    """The bin statistics of a model's activation quantizers (``quant.activation_quantizers``: a layer's
+    input quantizer, or a ``QuantAct``'s), keyed by the module that holds each (``<name>.act_quant.alpha``).
 
-    The activation quantizers are those of ``quant.activation_quantizers``: a quantized layer's
-    input quantizer (``--act-quant-at conv-input``) or a ``quant.QuantAct``'s at an activation's
-    output (``relu-output``). Captures are keyed by the name of the module that holds the quantizer
-    (the same key as its step size: ``<name>.act_quant.alpha``). Each capture is the tensor the
-    quantizer receives, shape ``(N, C, H, W)`` after a conv and ``(N, F)`` at a linear's input, not
-    a copy: the network keeps it for its own backward pass anyway. For a quantizer with a fused
-    ReLU (``LSQQuantizer.input_relu``) that is the ReLU's input; ``get_pre_quant_activations``
-    applies the ReLU when asked, so it always returns the values that are quantized.
-
-    A capture happens only when the manager is enabled, the quantizer is in training
-    mode and gradients are enabled: nothing is recorded under ``eval()``,
-    ``torch.no_grad()`` or ``torch.inference_mode()``. A new forward pass of the model
-    drops the previous captures, so nothing is kept from one step to the next even if
-    ``clear()`` is forgotten.
-
-    Bin statistics: while the manager is enabled, each watched quantizer also hands it the
-    ``BinStats`` of its input (``get_bin_stats``); the quantizers compute none while it is
-    disabled or removed.
+    A ``BinStatsCollector`` of those quantizers whose statistics a new forward pass of the model drops,
+    so that nothing is kept from one step to the next even if ``clear()`` is forgotten.
 
     Args:
         model: the network.
-        layer_names: the holders (keys of ``quant.activation_quantizers``) of the quantizers to watch
-            (default: every enabled activation quantizer).
-        bin_stats_grad_to_alpha: whether the statistics carry gradient to each layer's own
-            activation α (``--br-backprop-to-alpha-act``); they always carry it to the input.
+        layer_names: holders of the quantizers to watch (default: every enabled activation quantizer).
+        bin_stats_grad_to_alpha: whether the statistics carry gradient to each quantizer's own α
+            (``--br-backprop-to-alpha-act``); they always carry it to the input.
 
     Raises:
-        KeyError: a name in ``layer_names`` that holds no enabled activation quantizer of ``model``.
-        RuntimeError: another live manager (or ``BinStatsCollector``) watches one of these
-            quantizers; ``remove()`` it first.
+        KeyError: a name that holds no enabled activation quantizer of ``model``.
+        RuntimeError: another live collector watches one of these quantizers; ``remove()`` it first.
 
-    Use as a context manager, or call ``remove()`` to detach the hooks.
+    Use as a context manager, or call ``remove()``.
     """
 
     def __init__(self, model: nn.Module, layer_names: Iterable[str] | None = None,
@@ -151,45 +130,29 @@ class ActivationHookManager:
         if unknown:
             raise KeyError(f"ActivationHookManager: not quantized layers or QuantAct modules with an enabled "
                            f"activation quantizer: {unknown}")
-        self._captured: dict[str, torch.Tensor] = {}
-        quantizers = {name: available[name] for name in names}
-        self._quantizers = quantizers
-        self._bin_stats = BinStatsCollector(quantizers, bin_stats_grad_to_alpha)
+        self._quantizers = {name: available[name] for name in names}
+        self._bin_stats = BinStatsCollector(self._quantizers, bin_stats_grad_to_alpha)
         self._handles = [model.register_forward_pre_hook(lambda _m, _a: self.clear())]
-        for name, quantizer in quantizers.items():
-            self._handles.append(quantizer.register_forward_pre_hook(self._make_hook(name)))
 
     @property
     def enabled(self) -> bool:
-        """Whether forward passes are recorded (captures and bin statistics); False once removed."""
+        """Whether the quantizers compute and hand over statistics; False once removed."""
         return self._bin_stats.enabled
 
     @enabled.setter
     def enabled(self, value: bool) -> None:
         self._bin_stats.enabled = bool(value) and bool(self._handles)
 
-    def _make_hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple) -> None:
-            if self.enabled and module.training and torch.is_grad_enabled():
-                self._captured[name] = inputs[0]
-        return hook
-
-    def get_pre_quant_activations(self) -> dict[str, torch.Tensor]:
-        """The captures of the latest forward pass: layer name -> pre-quantization activation
-        (with autograd history; a new tensor where the quantizer has a fused ReLU)."""
-        return {name: self._quantizers[name].pre_quantization(x) for name, x in self._captured.items()}
-
     def get_bin_stats(self) -> dict[str, BinStats]:
         """The bin statistics of the latest forward pass: layer name -> ``BinStats`` of its input."""
         return self._bin_stats.get()
 
     def clear(self) -> None:
-        """Drop every capture (releases the references; autograd may still hold its own)."""
-        self._captured.clear()
+        """Drop the statistics (and with them the references into the autograd graph)."""
         self._bin_stats.clear()
 
     def remove(self) -> None:
-        """Detach every hook, stop the bin statistics and drop the captures."""
+        """Detach the hooks, stop the bin statistics and drop them."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

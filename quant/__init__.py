@@ -2,8 +2,8 @@
 
 from quant.convert import ACT_QUANT_AT, activation_quantizers, quantize_model, quantized_layers
 from quant.layers import QConv2d, QLinear, QuantAct, QuantizedLayer
-from quant.lsq import (FULL_PRECISION_BITS, MIN_STEP_SIZE, LSQQuantizer, check_num_bits, min_step_size,
-                       integer_range, keep_step_sizes_positive, step_size_quantizers)
+from quant.grid import FULL_PRECISION_BITS, MIN_STEP_SIZE, check_num_bits, integer_range, min_step_size
+from quant.lsq import LSQQuantizer, keep_step_sizes_positive, step_size_quantizers
 
 __all__ = [
     "ACT_QUANT_AT", "FULL_PRECISION_BITS", "MIN_STEP_SIZE", "LSQQuantizer", "QConv2d", "QLinear", "QuantAct",

@@ -1,28 +1,13 @@
-"""Bin statistics of a tensor on an LSQ grid: the sufficient statistics of Bin Regularization.
+"""The bin statistics of Bin Regularization that the fused LSQ quantizer node computes, and their gradients.
 
-Every value v falls in the bin of the level it rounds to, ``k = clamp(round(v/α), Qn, Qp)``
-(Han et al., "Improving Low-Precision Network Quantization via Bin Regularization", ICCV
-2021, section 3). With ``d = v - k·α``, BR's loss of a tensor (eq. 5) is a function of three
-sums per bin (see ``regularizers.bin_reg``):
-
-    stats[0, j] = n_j = #{v in bin j}     stats[1, j] = Σ_{v in bin j} d     stats[2, j] = Σ_{v in bin j} d²
-
-with bin ``j`` holding level ``Qn + j`` (``j = 0 .. Qp - Qn``; on the binary grid of ``quant.grid``
-the levels are -1 and +1, bins 0 and 1). ``stats`` is a ``(3, K)`` tensor, ``K`` the number of
-levels (``Qp - Qn + 1``; 2 on the binary grid), in float32 (float64 for float64 input); ``abs_sum = Σ |d|``
-over the whole tensor (for the mean distance to the levels).
-
-Gradients (the sums are linear in d, and d depends on v with slope 1 and on α with slope -k):
-``∂/∂v_i = G[1, j(i)] + 2·G[2, j(i)]·d_i`` and ``∂/∂α = -Σ_j k_j·(G[1, j]·n_j + 2·G[2, j]·stats[1, j])``
-for an upstream gradient ``G`` of ``stats``; counts and ``abs_sum`` carry no gradient.
-
-``LSQQuantizer`` computes the statistics inside its own forward pass (``bin_stats=...``),
-``bin_statistics`` computes them for any tensor (weights).
+A value v lies in bin ``j`` of level ``k_j = Qn + j·spacing`` (``quant.grid``); with ``d = v - k·α``:
+``stats[0, j] = n_j``, ``stats[1, j] = Σ_j d``, ``stats[2, j] = Σ_j d²`` (a ``(3, K)`` tensor, float32 or
+float64; ``(C, 3, K)`` per channel) and ``abs_sum = Σ|d|``. Why these suffice for BR (eq. 5): regularizers/bin_reg.py.
+Gradients for an upstream ``G``: ``∂/∂v_i = G[1, j] + 2·G[2, j]·d_i``, ``∂/∂α = -Σ_j k_j·(G[1, j]·n_j + 2·G[2, j]·Σ_j d)``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -110,6 +95,16 @@ def bin_sum(index: torch.Tensor, num_bins: int, values: torch.Tensor | None = No
         0, index.long(), ones if values is None else values)
 
 
+def bin_index(levels: torch.Tensor, quant_min: int, quant_max: int, dtype: torch.dtype) -> torch.Tensor:
+    """The bin ``(k - Qn) / spacing`` of each level ``k`` (``quant.grid.round_to_grid``), as ``dtype``,
+    clamped to ``[0, K)`` (in range for NaN too)."""
+    bins = levels - quant_min
+    spacing = level_spacing(quant_min, quant_max)
+    if spacing != 1:  # the binary grid; on every other grid the division would be one more pass for nothing
+        bins.div_(spacing)
+    return bins.to(dtype).clamp_(0, num_levels(quant_min, quant_max) - 1)
+
+
 def _residuals(x: torch.Tensor, step: torch.Tensor, quant_min: int,
                quant_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``c - k`` in steps (``c = x/α``, ``k = clamp(round(c), Qn, Qp)``) over ``flat_view(x)``, in the
@@ -124,13 +119,8 @@ def _residuals(x: torch.Tensor, step: torch.Tensor, quant_min: int,
         scaled = flat_view(x.detach()).to(step.dtype) / step
     levels = round_to_grid(scaled, quant_min, quant_max)
     # int32 on the CPU (bincount and index_select take it; half the memory traffic of int64)
-    index_dtype = torch.int32 if scaled.device.type == "cpu" else torch.int64
-    bins = levels - quant_min
-    spacing = level_spacing(quant_min, quant_max)
-    if spacing != 1:  # the binary grid; on every other grid the division would be one more pass for nothing
-        bins.div_(spacing)
-    num_bins = num_levels(quant_min, quant_max)
-    index = bins.to(index_dtype).clamp_(0, num_bins - 1)  # in range for NaN too
+    index = bin_index(levels, quant_min, quant_max, torch.int32 if scaled.device.type == "cpu" else torch.int64)
+    index_dtype, num_bins = index.dtype, num_levels(quant_min, quant_max)
     if per_channel:
         offsets = torch.arange(step.shape[0], device=index.device, dtype=index_dtype) * num_bins
         index = index.view(step.shape[0], -1).add_(offsets[:, None]).view(-1)
@@ -193,71 +183,3 @@ def bin_alpha_gradient(grad_stats: torch.Tensor, stats: torch.Tensor, quant_min:
     levels = grid_levels(quant_min, quant_max, device=stats.device, dtype=stats.dtype)
     g, st = grad_stats.to(stats.dtype), stats
     return -(levels * (g[..., 1, :] * st[..., 0, :] + 2 * g[..., 2, :] * st[..., 1, :])).sum(-1)
-
-
-class _BinStatistics(torch.autograd.Function):
-    """Bin statistics of one tensor with their gradients to the tensor and (optionally) to α."""
-
-    @staticmethod
-    def forward(ctx, v, alpha, quant_min, quant_max, grad_to_alpha):
-        stats, abs_sum = eager_bin_statistics(v, alpha, quant_min, quant_max)
-        ctx.save_for_backward(v, alpha, stats)
-        ctx.quant_range, ctx.grad_to_alpha = (quant_min, quant_max), grad_to_alpha
-        ctx.mark_non_differentiable(abs_sum)
-        return stats, abs_sum
-
-    @staticmethod
-    def backward(ctx, grad_stats, _grad_abs_sum):
-        v, alpha, stats = ctx.saved_tensors
-        grad_v = grad_alpha = None
-        if ctx.needs_input_grad[0]:
-            grad_v = eager_bin_gradient(grad_stats, v, alpha, *ctx.quant_range).to(v.dtype)
-        if ctx.grad_to_alpha and ctx.needs_input_grad[1]:
-            grad_alpha = bin_alpha_gradient(grad_stats, stats, *ctx.quant_range).to(alpha.dtype)
-        return grad_v, grad_alpha, None, None, None
-
-
-def check_step_sizes(alphas: list[torch.Tensor]) -> None:
-    """Refuse step sizes (each of any shape: one, or one per channel) that are not finite numbers > 0.
-
-    Raises:
-        ValueError: naming the first bad value (and which tensor, when there are several): the
-            grid ``k·α`` would be meaningless (NaN, or a finite nonsense loss). Reads each α back
-            to the host.
-    """
-    for i, alpha in enumerate(alphas):
-        bad = [step for step in alpha.detach().reshape(-1).tolist() if not (math.isfinite(step) and step > 0)]
-        if bad:
-            which = f" (tensor {i} of {len(alphas)})" if len(alphas) > 1 else ""
-            raise ValueError(f"bin statistics: step size α must be a finite number > 0, got {bad[0]:g}{which}")
-
-
-def bin_statistics(values: list[torch.Tensor], alphas: list[torch.Tensor], quant_min: int, quant_max: int,
-                   grad_to_alpha: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bin statistics of each tensor in ``values`` on the grid ``alphas[i]·[quant_min, quant_max]``.
-
-    Args:
-        values: L tensors of real values, any shapes and float dtypes (computed in at least
-            float32). alphas: L step sizes, each of shape ``()``, in the units of its tensor, or
-            ``(C,)`` for a tensor whose first dimension has C output channels (one α each).
-        quant_min, quant_max: the integer range.
-        grad_to_alpha: whether the statistics carry gradient to the step sizes (through ``d``).
-
-    Returns:
-        ``(stats, abs_sums)``: ``stats`` of shape ``(L, 3, K)`` (``STAT_ROWS`` per tensor; see
-        the module docstring), differentiable in the values (and step sizes); ``abs_sums``
-        of shape ``(L,)``, ``Σ|d|`` per tensor, not differentiable. Per channel: ``(L, C, 3, K)``
-        and ``(L, C)`` (every tensor must then have C channels: stacked).
-
-    Raises:
-        ValueError: ``values`` empty or of another length than ``alphas``; a step size that is
-            not a finite number > 0 (the grid ``k·α`` would be meaningless: NaN or a finite
-            nonsense loss). Checking reads each α back to the host.
-    """
-    if not values or len(values) != len(alphas):
-        raise ValueError(f"bin_statistics: need as many step sizes as tensors (at least one), "
-                         f"got {len(values)} tensors and {len(alphas)} step sizes")
-    check_step_sizes(alphas)
-    stats, abs_sums = zip(*(_BinStatistics.apply(v, a, quant_min, quant_max, grad_to_alpha)
-                            for v, a in zip(values, alphas)))
-    return torch.stack(stats), torch.stack(abs_sums)

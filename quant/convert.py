@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import fx, nn
 
 from quant.layers import QConv2d, QLinear, QuantAct, QuantizedLayer
-from quant.lsq import FULL_PRECISION_BITS, LSQQuantizer, check_num_bits
+from quant.grid import FULL_PRECISION_BITS, check_num_bits
+from quant.lsq import LSQQuantizer
 
 #: Where the activation quantizers sit (``--act-quant-at``). ``conv-input``: at the input of every
 #: quantized conv and linear (LSQ's placement; an identity shortcut carries the float activation).

@@ -1,6 +1,6 @@
 """The integer grids of the LSQ quantizers, including the 1-bit binary grid.
 
-A quantizer's grid is given by its integer range ``(quant_min, quant_max)`` (``quant.lsq.integer_range``).
+A quantizer's grid is given by its integer range ``(quant_min, quant_max)`` (``integer_range``).
 Every grid of 2..8 bits, and the 1-bit unsigned grid ``[0, 1]``, is the LSQ grid of Esser et al.
 (ICLR 2020, eq. 1): the levels are the integers ``quant_min .. quant_max`` and a value ``c = x/α``
 goes to ``clamp(round(c), quant_min, quant_max)`` (round half to even).
@@ -64,3 +64,74 @@ def per_channel_view(step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def grid_levels(quant_min: int, quant_max: int, **tensor_kwargs) -> torch.Tensor:
     """The levels of the grid, lowest first, shape ``(num_levels,)``: bin ``j`` holds level ``[j]``."""
     return torch.arange(quant_min, quant_max + 1, level_spacing(quant_min, quant_max), **tensor_kwargs)
+
+
+#: Smallest step size the optimiser may leave behind (see ``keep_step_sizes_positive``); in
+#: float16 the floor is higher (``min_step_size``).
+MIN_STEP_SIZE = 1e-8
+
+#: ``num_bits`` at or above this value means "not quantized" (identity).
+FULL_PRECISION_BITS = 32
+
+
+def check_num_bits(num_bits: int, what: str = "num_bits") -> int:
+    """Validate a bit width: an integer in 1..8, or >= 32 for full precision.
+
+    Args:
+        num_bits: the requested width.
+        what: the name used in the error message (a flag name, for example).
+
+    Returns:
+        ``num_bits`` unchanged.
+
+    Raises:
+        ValueError: naming ``what`` and the value when it is not supported.
+    """
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int):
+        raise ValueError(f"{what} must be an integer (1-8, or 32 for full precision), got {num_bits!r}")
+    if not (1 <= num_bits <= 8 or num_bits >= FULL_PRECISION_BITS):
+        raise ValueError(f"{what} must be 1-8, or 32 for full precision, got {num_bits}")
+    return num_bits
+
+
+def integer_range(num_bits: int, signed: bool) -> tuple[int, int]:
+    """Return ``(quant_min, quant_max)``, the integer range of a ``num_bits`` grid.
+
+    Signed: ``[-2**(b-1), 2**(b-1) - 1]``; unsigned: ``[0, 2**b - 1]`` (LSQ section 2,
+    where Qn = -quant_min and Qp = quant_max). One bit signed is the binary grid
+    ``BINARY_RANGE = (-1, 1)``: levels -1 and +1 only (see ``quant.grid``); one bit
+    unsigned is ``[0, 1]``.
+
+    Raises:
+        ValueError: if ``num_bits`` is not 1..8 (full precision has no grid).
+    """
+    check_num_bits(num_bits)
+    if num_bits >= FULL_PRECISION_BITS:
+        raise ValueError(f"a {num_bits}-bit (full precision) tensor has no integer range")
+    if signed and num_bits == 1:
+        return BINARY_RANGE
+    if signed:
+        return -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+    return 0, 2**num_bits - 1
+
+
+def min_step_size(dtype: torch.dtype) -> float:
+    """The smallest usable step size α for tensors of ``dtype``.
+
+    ``MIN_STEP_SIZE``, or the dtype's smallest normal number where that is larger (float16:
+    6.1e-5; float32, float64 and bfloat16 have 1e-8 as a normal number). With α at or above it,
+    α is not 0 in ``dtype`` (``x / α`` never divides by zero, ``0 / α`` is never NaN) and
+    every level ``k·α`` with ``k != 0`` is a normal number (the output does not underflow).
+    """
+    return max(MIN_STEP_SIZE, torch.finfo(dtype).tiny)
+
+
+def describe_grid(num_bits: int, signed: bool) -> str:
+    """``"2-bit signed [-2, 1]"``: a quantizer's integer grid in words (for messages);
+    ``"1-bit binary {-1, +1}"`` for the binary grid."""
+    if num_bits >= FULL_PRECISION_BITS:
+        return f"{num_bits}-bit (full precision, no grid)"
+    quant_min, quant_max = integer_range(num_bits, signed)
+    if is_binary(quant_min, quant_max):
+        return f"{num_bits}-bit binary {{-1, +1}}"
+    return f"{num_bits}-bit {'signed' if signed else 'unsigned'} [{quant_min}, {quant_max}]"

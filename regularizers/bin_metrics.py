@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from quant.bins import bin_index
 from quant.grid import level_spacing, num_levels, per_channel_view, round_to_grid
 
 
@@ -17,7 +18,7 @@ def bin_indices(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max:
     (binary grid, ``quant.grid``: 0 for ``v < 0``, 1 for ``v >= 0``; ``alpha`` of shape ``(C,)``: one
     per output channel, ``v[c]`` on ``alpha[c]``'s grid)."""
     levels = round_to_grid(v.float() / per_channel_view(alpha.float(), v), quant_min, quant_max)
-    return ((levels - quant_min) / level_spacing(quant_min, quant_max)).to(torch.int16)
+    return bin_index(levels, quant_min, quant_max, torch.int16)
 
 
 @torch.no_grad()

@@ -1,28 +1,24 @@
-"""Bin Regularization (Han et al., "Improving Low-Precision Network Quantization via
-Bin Regularization", ICCV 2021, eq. 5).
+"""Bin Regularization (Han et al., "Improving Low-Precision Network Quantization via Bin Regularization",
+ICCV 2021, eq. 5).
 
-Every real value v is assigned to the bin of the level it rounds to,
-``k = clamp(round(v/α), quant_min, quant_max)``; for each non-empty bin the loss is
-``(mean(v_k) - k·α)² + var(v_k)`` (biased variance), summed over bins. It pulls each
-bin's values onto the bin's level and shrinks their spread.
+A value v lies in the bin of the level it rounds to, ``k = clamp(round(v/α), Qn, Qp)`` (``quant.grid``);
+the loss of a tensor is ``Σ_{non-empty bins} (mean(v_k) - k·α)² + var(v_k)`` (biased variance).
 
-Implementation note. Per bin, ``(mean - t)² + var = mean((v - t)²)`` (the bias-variance
-decomposition), so the loss is ``Σ_bins S_k / n_k`` with ``S_k = Σ_{v in bin k} (v - kα)²``
-and ``n_k`` the bin's count: a function of the per-bin sums of ``quant.bins`` (count, Σd,
-Σd² with ``d = v - kα``). No loop over bins and no host sync. In training both BR terms
-take those sums from the LSQ quantizers themselves, which compute them in the same pass
-as the quantization and add their gradient in their own backward pass (one pass each way
-with the fused CPU kernels; ``hooks.BinStatsCollector``): BR keeps nothing of the size of
-an activation alive and reads no tensor an extra time (docs/performance.md). For any
-other tensor ``bin_regularization`` computes the sums with ``quant.bins.bin_statistics``.
+Identity: per bin, ``(mean - t)² + var = mean((v - t)²)``, so the loss is ``Σ_k S_k / n_k`` with
+``S_k = Σ_{v in bin k} d²``, ``d = v - k·α``, ``n_k`` the count: a function of the per-bin sums that the
+LSQ quantizers compute in their own pass (``quant.bins``, collected by ``hooks.BinStatsCollector``).
+Training takes that path (``total_from_stats``); ``BinRegularizer.compute_total_loss`` and
+``bin_regularization`` are the plain eager BR of given tensors, the reference of every fast path.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from quant.bins import BinStats, bin_statistics, check_step_sizes
-from quant.lsq import integer_range
+from quant.bins import BinStats, bin_index
+from quant.grid import integer_range, num_levels, round_to_grid
 
 #: Order of the per-tensor statistics returned by ``bin_regularization``.
 INFO_FIELDS = ("mean_term", "var_term", "nonempty_bins", "mean_dist_alpha")
@@ -79,30 +75,44 @@ def _tensor_losses(items: list[BinStats]) -> tuple[torch.Tensor, torch.Tensor]:
     return _sum_over_channels(losses, infos, counts)
 
 
+def check_step_sizes(alphas: list[torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming the first step size (of any shape) that is not a finite number > 0
+    (and which tensor, of several): the grid ``k·α`` would be meaningless. Reads each α to the host."""
+    for i, alpha in enumerate(alphas):
+        bad = [step for step in alpha.detach().reshape(-1).tolist() if not (math.isfinite(step) and step > 0)]
+        if bad:
+            which = f" (tensor {i} of {len(alphas)})" if len(alphas) > 1 else ""
+            raise ValueError(f"bin statistics: step size α must be a finite number > 0, got {bad[0]:g}{which}")
+
+
+def eager_stats(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int,
+                backprop_to_alpha: bool) -> BinStats:
+    """The ``BinStats`` of ``v`` with plain autograd ops (in at least float32): ``(C, 3, K)``, C = 1 for
+    one step size, ``C = v.shape[0]`` for ``alpha`` of shape ``(C,)``."""
+    dtype = torch.promote_types(torch.promote_types(v.dtype, torch.float32), alpha.dtype)
+    step = alpha.to(dtype).reshape(-1, 1)
+    step = step if backprop_to_alpha else step.detach()
+    rows = v.to(dtype).reshape(step.shape[0], -1)
+    levels = round_to_grid(rows.detach() / step.detach(), quant_min, quant_max)
+    d = rows - levels * step
+    index = bin_index(levels, quant_min, quant_max, torch.int64)
+    zeros = d.new_zeros(step.shape[0], num_levels(quant_min, quant_max))
+    stats = torch.stack([zeros.scatter_add(1, index, torch.ones_like(d.detach())), zeros.scatter_add(1, index, d),
+                         zeros.scatter_add(1, index, d * d)], dim=1)
+    return BinStats(stats, d.detach().abs().sum(1), v.numel(), alpha.detach(), quant_min)
+
+
 def bin_regularization(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int,
                        backprop_to_alpha: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """BR loss of one tensor (Han et al. 2021, eq. 5), vectorised over bins.
+    """BR loss (eq. 5) of one tensor ``v`` (any shape and float dtype) on the grid ``α·[Qn, Qp]``.
 
-    Per channel (``alpha`` of shape ``(C,)``, ``v.shape[0] == C``) the loss is the sum over
-    channels of each channel's BR on its own grid ``α[c]·[Qn, Qp]`` (the bins of every channel,
-    summed as the bins of a tensor are), and ``info`` sums the mean and variance terms and the
-    non-empty bins over channels and averages the mean distance (in each channel's steps).
-
-    Args:
-        v: real values, any shape, any float dtype (computed in at least float32).
-        alpha: step size α, shape ``()`` or ``(C,)``, in the units of ``v``.
-        quant_min, quant_max: the integer range of the quantizer.
-        backprop_to_alpha: if False α is a constant for this loss (no gradient to α).
-
-    Returns:
-        ``(loss, info)``: a scalar loss (in squared units of ``v``) with gradients to
-        ``v`` (and α), and a detached vector of ``INFO_FIELDS`` (see ``loss_from_bin_stats``).
-
-    Raises:
-        ValueError: α is not a finite number > 0.
+    ``alpha``: shape ``()``, or ``(C,)`` with ``v.shape[0] == C`` (the sum of each channel's BR on its
+    own grid). Returns ``(loss, info)``: a scalar with gradients to ``v`` (and α if
+    ``backprop_to_alpha``) and a detached ``INFO_FIELDS`` vector (``loss_from_bin_stats``; per channel
+    summed, the distance averaged). Raises ``ValueError`` for an α that is not a finite number > 0.
     """
-    stats, abs_sums = bin_statistics([v], [alpha], quant_min, quant_max, backprop_to_alpha)
-    losses, infos = _tensor_losses([BinStats(stats[0], abs_sums[0], v.numel(), alpha.detach(), quant_min)])
+    check_step_sizes([alpha])
+    losses, infos = _tensor_losses([eager_stats(v, alpha, quant_min, quant_max, backprop_to_alpha)])
     return losses[0], infos[0]
 
 
@@ -154,11 +164,8 @@ class BinRegularizer:
             only_a = sorted(alphas.keys() - values.keys())
             raise KeyError(f"BR keys do not match: values without alpha {only_v}, alphas without values {only_a}")
         check_step_sizes([alphas[name] for name in values])
-        stats = {}
-        for name, v in values.items():  # one at a time: per-channel tensors have (C, 3, K) statistics
-            s, a = bin_statistics([v], [alphas[name]], self.quant_min, self.quant_max, backprop_to_alpha)
-            stats[name] = BinStats(s[0], a[0], v.numel(), alphas[name].detach(), self.quant_min)
-        return self.total_from_stats(stats)
+        return self.total_from_stats({name: eager_stats(v, alphas[name], self.quant_min, self.quant_max,
+                                                        backprop_to_alpha) for name, v in values.items()})
 
     def total_from_stats(self, stats: dict[str, BinStats]) -> tuple[torch.Tensor, dict]:
         """As ``compute_total_loss``, from name -> ``BinStats`` (in training: the quantizers' own statistics).

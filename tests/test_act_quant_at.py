@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+import engine
 import quant.lsq
+from capture import CapturingHookManager
 from run.config import build_parser
 from conftest import TINY, run_cli, signal_in_epoch
 from deploy.integer import IntegerActivation, IntegerLayer, load_integer_model, save_integer_model
@@ -177,7 +179,7 @@ def test_values_and_gradients_equal_the_plain_reference(kernels, clip, monkeypat
 
 
 @pytest.mark.parametrize("to_alpha", [False, True])
-def test_a_br_is_br_of_the_activation_outputs(to_alpha):
+def test_a_br_is_br_of_the_activation_outputs(to_alpha, monkeypatch):
     """A-BR from the quantizers' own statistics equals BR of the captured activation outputs (the
     independent eager path of regularizers.bin_reg), in value and gradient to the first conv's weight
     and to the activation step sizes."""
@@ -185,6 +187,7 @@ def test_a_br_is_br_of_the_activation_outputs(to_alpha):
     cfg = build_parser().parse_args(flags + (["--br-backprop-to-alpha-act"] if to_alpha else []))
     torch.manual_seed(0)
     model = quantize_model(CifarResNet((1, 1), (4, 8), "A"), 2, 2, 8, act_quant_at=RO).train()
+    monkeypatch.setattr(engine, "ActivationHookManager", CapturingHookManager)  # the captures: tests/capture.py
     trainer = Trainer(cfg, model, None, None, torch.device("cpu"), log=lambda *_: None)
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     model(x)

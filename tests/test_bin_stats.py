@@ -9,10 +9,11 @@ import torch
 
 import quant.lsq
 from quant import LSQQuantizer, integer_range
-from quant.bins import bin_statistics, bin_sum
+from quant.bins import bin_sum
 from quant.kernels import cpu_kernels
+from reference_bins import bin_statistics
 from regularizers import BinRegularizer, bin_regularization
-from regularizers.bin_reg import loss_from_bin_stats
+from regularizers.bin_reg import eager_stats, loss_from_bin_stats
 from test_bin_reg import _reference
 from test_lsq_fused import plain_lsq
 
@@ -220,3 +221,21 @@ def _sum_of_squares(v, alpha):
     """Σ (v - kα)² over all values (the sum of stats row 2 over bins), plain ops."""
     k = torch.clamp(torch.round(v.detach() / alpha), -2, 1)
     return ((v - k * alpha) ** 2).sum()
+
+
+@pytest.mark.parametrize("qmin,qmax", [(-2, 1), (0, 3), (-1, 1)])
+def test_statistics_node_matches_autograd_of_the_plain_statistics(qmin, qmax):
+    """quant.bins' statistics and hand-written gradients (the quantizer's PyTorch path) against
+    autograd of the plain eager statistics of regularizers.bin_reg."""
+    gen = torch.Generator().manual_seed(qmax)
+    v = (torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64) * 0.7).requires_grad_()
+    alpha = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    stats, abs_sums = bin_statistics([v], [alpha], qmin, qmax, True)
+    plain = eager_stats(v, alpha, qmin, qmax, True)
+    torch.testing.assert_close(stats[0], plain.stats[0])
+    torch.testing.assert_close(abs_sums[0], plain.abs_sum[0])
+    weights = torch.randn(stats[0].shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((stats[0] * weights).sum(), (v, alpha))
+    ref = torch.autograd.grad((plain.stats[0] * weights).sum(), (v, alpha))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)

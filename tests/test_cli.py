@@ -187,7 +187,7 @@ def test_w_br_from_the_weight_quantizers_equals_br_of_the_weights():
     alphas = [m.weight_quant.alpha for m in layers.values()]
     loss, _ = trainer.weight_br()
     grads = torch.autograd.grad(loss, alphas)
-    # the independent path: BR of the weight tensors themselves (quant.bins.bin_statistics)
+    # the independent path: BR of the weight tensors themselves (regularizers.bin_reg, plain autograd)
     ref, _ = BinRegularizer(2, signed=True).compute_total_loss(
         {n: m.weight for n, m in layers.items()}, {n: m.weight_quant.alpha for n, m in layers.items()}, True)
     ref_grads = torch.autograd.grad(ref, alphas)

@@ -12,7 +12,8 @@ from torch import nn
 
 import quant.lsq
 from quant.lsq import _LSQFakeQuantize
-from hooks import ActivationHookManager, BinStatsCollector
+from capture import CapturingHookManager
+from hooks import BinStatsCollector
 from models import build_model
 from analysis.plots import capture_activations
 from quant import LSQQuantizer, integer_range, quantize_model, quantized_layers
@@ -156,7 +157,7 @@ def _train_step(model, images, labels):
     """Forward and backward with W-BR and A-BR from the quantizers' statistics, as the trainer does."""
     layers = {n: m for n, m in quantized_layers(model).items() if not m.is_first_or_last}
     weights = BinStatsCollector({n: m.weight_quant for n, m in layers.items()}, grad_to_alpha=True)
-    hooks = ActivationHookManager(model, layers, bin_stats_grad_to_alpha=True)
+    hooks = CapturingHookManager(model, layers, bin_stats_grad_to_alpha=True)
     logits = model(images)
     br_w, _ = BinRegularizer(2, signed=True).total_from_stats(weights.get())
     br_a, _ = BinRegularizer(2, signed=False).total_from_stats(hooks.get_bin_stats())

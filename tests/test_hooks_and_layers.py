@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from capture import CapturingHookManager
 from hooks import ActivationHookManager, BinStatsCollector
 from models import build_model
 from quant import QConv2d, QLinear, quantize_model, quantized_layers
@@ -70,7 +71,7 @@ def test_unknown_arch():
 def test_hooks_capture_in_training_only_and_keys_match_alpha_names():
     model = quantize_model(_tiny_net(), 2, 2)
     x = torch.randn(2, 3, 8, 8)
-    with ActivationHookManager(model) as hooks:
+    with CapturingHookManager(model) as hooks:
         model.train()
         model(x)
         acts = hooks.get_pre_quant_activations()
@@ -101,7 +102,7 @@ def test_bin_statistics_come_with_the_captures_and_only_while_enabled():
     model = quantize_model(_tiny_net(), 2, 2).train()
     x = torch.randn(2, 3, 8, 8)
     quantizer = quantized_layers(model)["2"].act_quant
-    with ActivationHookManager(model, ["2"], bin_stats_grad_to_alpha=True) as hooks:
+    with CapturingHookManager(model, ["2"], bin_stats_grad_to_alpha=True) as hooks:
         assert quantizer.bin_stats_grad_to_alpha
         model(x)
         stats = hooks.get_bin_stats()["2"]
@@ -123,7 +124,7 @@ def test_bin_statistics_come_with_the_captures_and_only_while_enabled():
 
 def test_clear_releases_and_a_new_forward_drops_old_captures():
     model = quantize_model(_tiny_net(), 2, 2).train()
-    hooks = ActivationHookManager(model, ["2"])
+    hooks = CapturingHookManager(model, ["2"])
     model(torch.randn(2, 3, 8, 8)).sum()  # graph dropped at once: only the hook holds the capture
     ref = weakref.ref(hooks.get_pre_quant_activations()["2"])
     hooks.clear()

@@ -17,7 +17,7 @@ from deploy.onnx_qdq import export_onnx, quantizer_steps, run_session, session, 
 from deploy.ptq import quantize_post_training
 from hooks import BinStatsCollector
 from quant import LSQQuantizer, QConv2d, QLinear, quantize_model
-from quant.bins import bin_statistics
+from reference_bins import bin_statistics
 from regularizers import BinRegularizer, bin_regularization, weight_bin_stats
 from regularizers.bin_reg import loss_from_bin_stats
 
