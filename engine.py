@@ -62,7 +62,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Weight decay on α would pull every step size towards zero, shrinking the grid
     independently of the task loss.
     """
-    alphas = [p for n, p in model.named_parameters() if n.endswith("_quant.alpha")]
+    alphas = [q.alpha for q in step_size_quantizers(model).values()]  # in the order of named_parameters
     alpha_ids = {id(p) for p in alphas}
     others = [p for p in model.parameters() if id(p) not in alpha_ids]
     groups = [{"params": others, "weight_decay": weight_decay, "name": "weights"}]
@@ -281,17 +281,14 @@ class Trainer:
     def set_alpha_trainable(self, epoch: int) -> None:
         """Freeze the step sizes named by the freeze flags from the first epoch after warmup.
 
-        A frozen α gets ``requires_grad=False`` and no gradient, so SGD skips it entirely
-        (no momentum or decay step either): it stays bit-identical.
+        A frozen α stays bit-identical (``LSQQuantizer.set_step_size_trainable``).
         """
         freeze_w, freeze_a = frozen_kinds(self.cfg)
         stage2 = self.stage(epoch) == 2
         activations = {id(q) for q in activation_quantizers(self.model).values()}
         for quantizer in step_size_quantizers(self.model).values():  # weights', layers' inputs', QuantActs'
             frozen = freeze_a if id(quantizer) in activations else freeze_w
-            quantizer.alpha.requires_grad_(not (frozen and stage2))
-            if frozen and stage2:
-                quantizer.alpha.grad = None
+            quantizer.set_step_size_trainable(not (frozen and stage2))
         if self.group is not None:
             trainable = tuple(p.requires_grad for p in self.model.parameters())
             if trainable != self._trainable:  # DDP reduces the parameters that required a gradient when built

@@ -63,13 +63,10 @@ def step_used(quantizer: LSQQuantizer, shape: torch.Size) -> torch.Tensor:
     """The float32 step the fake quantizer multiplies by for an input of ``shape``, shape ``()`` (``(C,)``
     for one step size per output channel).
 
-    ``LSQQuantizer.forward`` computes its step as ``(α - α·g) + α·g`` (the value of LSQ's gradient
-    scaling trick, ``quant.lsq._LSQFakeQuantize``), which can differ from α in the last bit; the
-    export uses the same value so that its levels are the fake quantizer's bit for bit.
+    ``LSQQuantizer.effective_step``, which can differ from α in the last bit: the export's levels are
+    the fake quantizer's bit for bit.
     """
-    alpha = quantizer.alpha.detach().float()
-    scaled = alpha * quantizer.grad_scale(torch.empty(shape, device="meta"))
-    return (alpha - scaled) + scaled
+    return quantizer.effective_step(torch.empty(shape, device="meta")).float()
 
 
 def quantizer_steps(model: nn.Module, example: torch.Tensor) -> dict[LSQQuantizer, torch.Tensor]:

@@ -26,7 +26,6 @@ trains), so ``--evaluate``, ``export.py`` and ``--pretrained`` chains treat it l
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 
@@ -40,14 +39,10 @@ from run.config import (ConfigError, act_bits, act_quant_line, explicit_flags, f
 from run.data import DeviceLoader, Split, load_split, training_images
 from engine import seed_everything, top1_accuracy
 from models import build_model
-from quant import MIN_STEP_SIZE, LSQQuantizer, activation_quantizers, quantize_model, quantized_layers
+from quant import LSQQuantizer, activation_quantizers, quantize_model, quantized_layers
 from quant.convert import activation_outputs
-from quant.grid import round_to_grid
+from quant.lsq import mse_step_size
 
-#: Grid points over (0, 1.25·α_max] (α_max: the smallest step that clips nothing).
-GRID_POINTS = 125
-#: Golden-section iterations around the best grid point (the bracket shrinks by 0.618 each).
-GOLDEN_ITERATIONS = 24
 #: Activation values kept per layer and calibration batch (a seeded random sample beyond that).
 VALUES_PER_BATCH = 1 << 15
 
@@ -56,65 +51,6 @@ TRAINING_FLAGS = ("lambda_br", "lambda_br_act", "br_backprop_to_alpha_act", "fre
                   "freeze_act_alpha", "epochs", "warmup_epochs", "optimizer", "lr", "lr_schedule", "momentum",
                   "weight_decay", "amp", "compile", "tensorboard", "resume", "evaluate", "lambda_dampen",
                   "dampen_aggregation", "freeze_oscillating", "oscillation_momentum", "bn_reestimate")
-
-
-def quantization_mse(x: torch.Tensor, alphas, quant_min: int, quant_max: int) -> torch.Tensor:
-    """``mean((clamp(round(x/α), Qn, Qp)·α - x)²)`` (``quant.grid.round_to_grid``: also the binary grid)
-    of the 1-D tensor ``x`` for each step size in
-    ``alphas`` (a float or a list), with ``x/α`` in the dtype of ``x`` (as the fake quantizer computes
-    it) and the mean in float64. Returns a float64 tensor of shape ``(len(alphas),)`` (``()`` for a float)."""
-    a = torch.tensor(alphas, dtype=x.dtype).reshape(-1, 1)
-    total = torch.zeros(a.shape[0], dtype=torch.float64)
-    for chunk in x.split(max(1, (1 << 21) // a.shape[0])):  # (candidates, chunk) at most 2M values at once
-        err = round_to_grid(chunk / a, quant_min, quant_max).mul_(a).sub_(chunk)
-        total += err.square_().sum(1, dtype=torch.float64)
-    total /= max(x.numel(), 1)
-    return total if isinstance(alphas, (list, tuple)) else total[0]
-
-
-def mse_step_size(x: torch.Tensor, quant_min: int, quant_max: int) -> float:
-    """The step size α minimising ``quantization_mse(x, α)`` for the grid ``[quant_min, quant_max]``.
-
-    Candidates: LSQ's initial value ``2·mean|x|/sqrt(Qp)`` and ``GRID_POINTS`` steps evenly
-    spaced over ``(0, 1.25·α_max]``, ``α_max = max(max(x)/Qp, min(x)/Qn)`` the smallest step that
-    clips nothing; then ``GOLDEN_ITERATIONS`` of golden-section search between the best
-    candidate's neighbours. The MSE is not unimodal in α (it jumps where values change level),
-    so the refinement is kept only if it improves on the grid.
-
-    Args:
-        x: the values (any shape, float32 for the result to match the fake quantizer).
-        quant_min, quant_max: the integer grid (``quant.integer_range``).
-
-    Returns:
-        α (> 0, at least ``MIN_STEP_SIZE``) as a Python float.
-    """
-    x = x.detach().reshape(-1)
-    start = 2 * float(x.abs().float().mean()) / math.sqrt(quant_max)
-    top = max(float(x.max()) / quant_max, float(x.min()) / quant_min if quant_min < 0 else 0.0)
-    if not top > 0:  # all zero (or all on the side the grid does not cover): nothing to fit
-        return max(start, MIN_STEP_SIZE)
-    spacing = 1.25 * top / GRID_POINTS
-    candidates = [spacing * k for k in range(1, GRID_POINTS + 1)] + ([start] if start > 0 else [])
-    errors = quantization_mse(x, candidates, quant_min, quant_max).tolist()
-    best = min(range(len(candidates)), key=errors.__getitem__)
-    best_alpha, best_err = candidates[best], errors[best]
-    lo, hi = max(best_alpha - spacing, spacing * 1e-3), best_alpha + spacing
-    ratio = (math.sqrt(5) - 1) / 2
-    c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fc, fd = quantization_mse(x, [c, d], quant_min, quant_max).tolist()
-    for _ in range(GOLDEN_ITERATIONS):
-        if fc <= fd:
-            hi, d, fd = d, c, fc
-            c = hi - ratio * (hi - lo)
-            fc = float(quantization_mse(x, c, quant_min, quant_max))
-        else:
-            lo, c, fc = c, d, fd
-            d = lo + ratio * (hi - lo)
-            fd = float(quantization_mse(x, d, quant_min, quant_max))
-    for alpha, err in ((c, fc), (d, fd)):
-        if err < best_err:
-            best_alpha, best_err = alpha, err
-    return max(best_alpha, MIN_STEP_SIZE)
 
 
 def set_step_size(quantizer: LSQQuantizer, alpha) -> None:

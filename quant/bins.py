@@ -2,8 +2,9 @@
 
 A value v lies in bin ``j`` of level ``k_j = Qn + j·spacing`` (``quant.grid``); with ``d = v - k·α``:
 ``stats[0, j] = n_j``, ``stats[1, j] = Σ_j d``, ``stats[2, j] = Σ_j d²`` (a ``(3, K)`` tensor, float32 or
-float64; ``(C, 3, K)`` per channel) and ``abs_sum = Σ|d|``. Why these suffice for BR (eq. 5): regularizers/bin_reg.py.
-Gradients for an upstream ``G``: ``∂/∂v_i = G[1, j] + 2·G[2, j]·d_i``, ``∂/∂α = -Σ_j k_j·(G[1, j]·n_j + 2·G[2, j]·Σ_j d)``.
+float64; ``(C, 3, K)`` per channel) and ``abs_sum = Σ|d|``. Why these suffice for BR (eq. 5):
+regularizers/bin_reg.py. Gradients for an upstream ``G``: ``∂/∂v_i = G[1, j] + 2·G[2, j]·d_i`` and
+``∂/∂α = -Σ_j k_j·(G[1, j]·n_j + 2·G[2, j]·stats[1, j])``; counts and ``abs_sum`` carry none.
 """
 
 from __future__ import annotations

@@ -16,9 +16,16 @@ from torch import nn
 
 from quant.bins import (BinStats, bin_alpha_gradient, eager_bin_gradient, eager_bin_statistics,
                         flat_view)
-from quant.grid import (FULL_PRECISION_BITS, check_num_bits, describe_grid, integer_range, is_binary, min_step_size,
-                        per_channel_view, round_to_grid)
+from quant.grid import (FULL_PRECISION_BITS, MIN_STEP_SIZE, check_num_bits, describe_grid, integer_range,
+                        is_binary, min_step_size, per_channel_view, round_to_grid)
 from quant.kernels import cpu_kernels, kernels_apply
+
+def effective_step(alpha: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """The step the fake quantizer multiplies by: the value of LSQ's ``scale_grad(α, g)``, ``(α - α·g) + α·g``,
+    which is not always α to the last bit (computed so, the output is bit-identical to the plain form)."""
+    scaled = alpha * grad_scale
+    return (alpha - scaled) + scaled
+
 
 def _sum_of_products(a: torch.Tensor, b: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
     """``(a * b).sum()`` as a scalar of at least float32, with no temporary for float32/64 inputs;
@@ -70,12 +77,9 @@ class _LSQFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, quant_min, quant_max, grad_scale, bin_stats=None, input_relu=False):
-        # The value of scale_grad(alpha, g) is (α - αg) + αg, which is not always α to the
-        # last bit; computing it the same way keeps the output bit-identical to the plain form.
-        scaled = alpha * grad_scale
         # clamp: an α that would be 0 (0/0 = NaN) or subnormal in the dtype of x (float16) is raised
         # to min_step_size; a no-op for every α the optimiser leaves in float32 (>= MIN_STEP_SIZE).
-        a = ((alpha - scaled) + scaled).to(x.dtype).clamp_min(min_step_size(x.dtype))
+        a = effective_step(alpha, grad_scale).to(x.dtype).clamp_min(min_step_size(x.dtype))
         a = per_channel_view(a, x)  # one α per output channel: shape (C, 1, ..., 1), broadcast over x
         with_stats = bin_stats is not None
         # backward takes the same path (it saved what that path needs); the kernels take one α
@@ -373,6 +377,18 @@ class LSQQuantizer(nn.Module):
         n = x.numel() // max(x.shape[0], 1) if per_slice and x.dim() > 0 else x.numel()
         return 1.0 / math.sqrt(max(n, 1) * self.quant_max)
 
+    def effective_step(self, x: torch.Tensor) -> torch.Tensor:
+        """The step (detached, in α's dtype) that ``forward`` multiplies by for the input ``x`` (any
+        tensor of its shape, a ``meta`` one too): ``effective_step(α, grad_scale(x))``, before the cast."""
+        return effective_step(self.alpha.detach(), self.grad_scale(x))
+
+    def set_step_size_trainable(self, trainable: bool) -> None:
+        """Freeze (``False``) or unfreeze α. A frozen α has ``requires_grad=False`` and no gradient, so an
+        optimiser skips it entirely (no momentum or decay step either): it stays bit-identical."""
+        self.alpha.requires_grad_(trainable)
+        if not trainable:
+            self.alpha.grad = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
@@ -385,6 +401,72 @@ class LSQQuantizer(nn.Module):
         if sink is not None:
             sink(BinStats(stats, abs_sum, x.numel(), self.alpha.detach(), self.quant_min))
         return out
+
+
+# -- PTQ's step size (deploy/ptq.py), next to LSQ's initialisation (LSQQuantizer.initialize_from) ------------
+
+#: Grid points over (0, 1.25·α_max] (α_max: the smallest step that clips nothing).
+GRID_POINTS = 125
+#: Golden-section iterations around the best grid point (the bracket shrinks by 0.618 each).
+GOLDEN_ITERATIONS = 24
+
+def quantization_mse(x: torch.Tensor, alphas, quant_min: int, quant_max: int) -> torch.Tensor:
+    """``mean((clamp(round(x/α), Qn, Qp)·α - x)²)`` (``quant.grid.round_to_grid``: also the binary grid)
+    of the 1-D tensor ``x`` for each step size in
+    ``alphas`` (a float or a list), with ``x/α`` in the dtype of ``x`` (as the fake quantizer computes
+    it) and the mean in float64. Returns a float64 tensor of shape ``(len(alphas),)`` (``()`` for a float)."""
+    a = torch.tensor(alphas, dtype=x.dtype).reshape(-1, 1)
+    total = torch.zeros(a.shape[0], dtype=torch.float64)
+    for chunk in x.split(max(1, (1 << 21) // a.shape[0])):  # (candidates, chunk) at most 2M values at once
+        err = round_to_grid(chunk / a, quant_min, quant_max).mul_(a).sub_(chunk)
+        total += err.square_().sum(1, dtype=torch.float64)
+    total /= max(x.numel(), 1)
+    return total if isinstance(alphas, (list, tuple)) else total[0]
+
+
+def mse_step_size(x: torch.Tensor, quant_min: int, quant_max: int) -> float:
+    """The step size α minimising ``quantization_mse(x, α)`` for the grid ``[quant_min, quant_max]``.
+
+    Candidates: LSQ's initial value ``2·mean|x|/sqrt(Qp)`` and ``GRID_POINTS`` steps evenly
+    spaced over ``(0, 1.25·α_max]``, ``α_max = max(max(x)/Qp, min(x)/Qn)`` the smallest step that
+    clips nothing; then ``GOLDEN_ITERATIONS`` of golden-section search between the best
+    candidate's neighbours. The MSE is not unimodal in α (it jumps where values change level),
+    so the refinement is kept only if it improves on the grid.
+
+    Args:
+        x: the values (any shape, float32 for the result to match the fake quantizer).
+        quant_min, quant_max: the integer grid (``quant.integer_range``).
+
+    Returns:
+        α (> 0, at least ``MIN_STEP_SIZE``) as a Python float.
+    """
+    x = x.detach().reshape(-1)
+    start = 2 * float(x.abs().float().mean()) / math.sqrt(quant_max)
+    top = max(float(x.max()) / quant_max, float(x.min()) / quant_min if quant_min < 0 else 0.0)
+    if not top > 0:  # all zero (or all on the side the grid does not cover): nothing to fit
+        return max(start, MIN_STEP_SIZE)
+    spacing = 1.25 * top / GRID_POINTS
+    candidates = [spacing * k for k in range(1, GRID_POINTS + 1)] + ([start] if start > 0 else [])
+    errors = quantization_mse(x, candidates, quant_min, quant_max).tolist()
+    best = min(range(len(candidates)), key=errors.__getitem__)
+    best_alpha, best_err = candidates[best], errors[best]
+    lo, hi = max(best_alpha - spacing, spacing * 1e-3), best_alpha + spacing
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fc, fd = quantization_mse(x, [c, d], quant_min, quant_max).tolist()
+    for _ in range(GOLDEN_ITERATIONS):
+        if fc <= fd:
+            hi, d, fd = d, c, fc
+            c = hi - ratio * (hi - lo)
+            fc = float(quantization_mse(x, c, quant_min, quant_max))
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + ratio * (hi - lo)
+            fd = float(quantization_mse(x, d, quant_min, quant_max))
+    for alpha, err in ((c, fc), (d, fd)):
+        if err < best_err:
+            best_alpha, best_err = alpha, err
+    return max(best_alpha, MIN_STEP_SIZE)
 
 
 def step_size_quantizers(model: nn.Module) -> dict[str, LSQQuantizer]:
