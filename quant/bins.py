@@ -68,15 +68,8 @@ def bin_sum(index: torch.Tensor, num_bins: int, values: torch.Tensor | None = No
             dtype: torch.dtype = torch.float32, method: str | None = None) -> torch.Tensor:
     """Per-bin count (``values=None``, as ``dtype``) or sum of ``values``; ``(num_bins,)``, no host sync.
 
-    Args:
-        index: 1-D integer tensor of bins in ``[0, num_bins)``. values: 1-D, as long as ``index``.
-        method: ``"bincount"`` (eager CPU: fastest there), ``"masked"`` (``Σ_i [index_i == j]·v_i``
-            for every bin j at once: a reduction of a ``(N, num_bins)`` mask that a compiler fuses
-            into one pass without materialising it; eager it is a ``(N, num_bins)`` temporary),
-            or ``"index_add"`` (atomic adds: for many bins). Default: ``"bincount"`` on the CPU in
-            eager mode; else ``"masked"`` up to ``MASKED_MAX_BINS`` bins, ``"index_add"`` above.
-            ``bincount``'s output shape depends on the data (a graph break under ``torch.compile``)
-            and reads the index range back to the host on CUDA, so only eager CPU code uses it.
+    ``index``: 1-D integer bins in ``[0, num_bins)``; ``values``: 1-D, as long. ``method``: ``"bincount"``,
+    ``"masked"`` or ``"index_add"``; default by device and bin count (docs/design.md, "Bin statistics").
     """
     if method is None:
         if index.device.type == "cpu" and not torch.compiler.is_compiling():

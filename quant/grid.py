@@ -1,23 +1,10 @@
-"""The integer grids of the LSQ quantizers, including the 1-bit binary grid.
+"""The integer grids of the LSQ quantizers (Esser et al., ICLR 2020, eq. 1), the 1-bit binary grid included,
+and the helpers on bit widths and step sizes.
 
-A quantizer's grid is given by its integer range ``(quant_min, quant_max)`` (``integer_range``).
-Every grid of 2..8 bits, and the 1-bit unsigned grid ``[0, 1]``, is the LSQ grid of Esser et al.
-(ICLR 2020, eq. 1): the levels are the integers ``quant_min .. quant_max`` and a value ``c = x/α``
-goes to ``clamp(round(c), quant_min, quant_max)`` (round half to even).
-
-The 1-bit signed grid is **binary**: range ``BINARY_RANGE = (-1, 1)`` with the two levels ``-1`` and
-``+1`` only (the signed LSQ grid ``[-1, 0]`` of one bit would be useless: it cannot represent a positive
-weight). It is LSQ's grid with level spacing 2 (the levels are the odd integers in the range; in
-units of ``2α`` the odd half-integers ``±1/2``). A value goes to the nearest level, ``+1`` for
-``c >= 0`` (so ``x = 0`` and ``x = -0.0`` map to ``+α``: no third level) and ``-1`` for ``c < 0``;
-NaN stays NaN. Everything else is LSQ's rule on that grid: the clip range is ``[-α, α]``, the STE
-passes the gradient where ``-1 < c < 1``, and the gradient to α (LSQ eq. 3) is ``level - c`` inside,
-``-1`` / ``+1`` outside, i.e. ``∂x̂/∂α = x̂/α - x/α`` inside and ``sign(x)`` outside. The bins of
-Bin Regularization are the two levels: bin 0 holds ``c < 0`` (level ``-1``), bin 1 holds ``c >= 0``
-(level ``+1``).
-
-No other width has the range ``(-1, 1)`` (there is no ternary grid here), so the range alone
-identifies the binary grid, in Python and in the C++ kernels (quant/csrc/lsq_cpu.cpp) alike.
+A grid is its integer range ``(quant_min, quant_max)`` (``integer_range``): levels ``quant_min .. quant_max``,
+``c = x/α`` goes to ``clamp(round(c), quant_min, quant_max)`` (round half to even). The 1-bit signed grid is
+binary: ``BINARY_RANGE = (-1, 1)``, levels ``-1`` and ``+1`` (spacing 2), ``+1`` for ``c >= 0``
+(docs/design.md, "The binary grid").
 """
 
 from __future__ import annotations

@@ -38,41 +38,15 @@ def _sum_of_products(a: torch.Tensor, b: torch.Tensor, per_channel: bool = False
 
 
 class _LSQFakeQuantize(torch.autograd.Function):
-    """LSQ fake quantization of one tensor in a single autograd node (LSQ eq. 1-3), with BR's
-    bin statistics of the same tensor as an optional second output, and optionally a ReLU
-    fused in front (``input_relu``).
+    """LSQ fake quantization of one tensor in one autograd node (LSQ eq. 1-3), optionally with BR's bin
+    statistics of the same tensor (``quant.bins``) and a ReLU fused in front (``input_relu``).
 
-    Computes what the plain autograd formulation ``round_ste(clamp(x / a, Qmin, Qmax)) * a``
-    with ``a = scale_grad(alpha, g)`` computes (``plain_lsq`` in tests/test_lsq_fused.py, the
-    reference), in one pass over ``x`` each way with the fused CPU kernels (quant/kernels.py)
-    and in a few PyTorch ops elsewhere:
-
-    * forward: ``out = round(clamp(x/a, Qmin, Qmax)) · a`` (``round`` to the grid's levels:
-      ``quant.grid.round_to_grid``, which is ±1 by sign on the binary grid ``[-1, 1]``); with
-      ``bin_stats`` also the ``(3, K)`` bin statistics of ``x`` on the grid ``a·[Qmin, Qmax]`` and ``Σ|x - out|``
-      (quant/bins.py), from the same pass.
-    * backward: ``∂L/∂x = ∂L/∂out`` where ``Qmin < x/a < Qmax`` (open interval, as
-      ``torch.clamp``'s gradient and the LSQ paper), else 0 (straight-through estimator);
-      LSQ eq. 3 times ``g`` for α: ``g · Σ ∂L/∂out · (round(c) - c)`` inside the range,
-      ``Qmin`` / ``Qmax`` outside (``c = x/a``). The gradient of the statistics is added to
-      ``∂L/∂x`` in the same pass (``G[1, j] + 2·G[2, j]·d``), and to α (without ``g``: BR
-      does not use LSQ's gradient scale) only when ``bin_stats == "to_alpha"``.
-
-    With ``input_relu`` the node computes all of this for ``torch.relu(x)`` and multiplies
-    ``∂L/∂x`` by the ReLU's gradient (0 where ``relu(x) <= 0``), exactly what ``torch.relu``
-    followed by this node computes; the kernels do it in the same passes, so the ReLU costs
-    no pass of its own (PyTorch path: ``torch.relu`` and its backward as separate ops).
-
-    Saved for backward: ``x`` (which the ReLU before the quantizer, or the fused one, saves
-    anyway) and the statistics. With the kernels and a fused ReLU that is the ReLU's input,
-    so changing it in place after the forward pass is refused by autograd (an unfused
-    ``nn.ReLU`` saves its output instead). A NaN input gives a NaN output and a NaN
-    α-gradient. A double backward (``create_graph=True``) runs the PyTorch ops.
-
-    Per channel: ``alpha`` of shape ``(C,)`` with ``C = x.shape[0]`` (one α per output channel of
-    a weight) is broadcast over the other dimensions; the gradient to α and the statistics
-    (``(C, 3, K)`` and ``(C,)``) are then per channel, and the PyTorch ops run (the kernels take
-    one α).
+    forward: ``out = round_to_grid(clamp(x/a, Qn, Qp))·a`` with ``a = effective_step(α, g)``; with
+    ``bin_stats`` also ``(3, K)`` statistics and ``Σ|x - out|`` from the same pass.
+    backward: ``∂L/∂x = ∂L/∂out`` where ``Qn < x/a < Qp``, else 0 (STE), plus the statistics' gradient;
+    to α, LSQ eq. 3 times ``g``, plus the statistics' (without ``g``) if ``bin_stats == "to_alpha"``.
+    Per channel: ``alpha`` of shape ``(C,)``, ``C = x.shape[0]``. Equals ``plain_lsq`` of
+    tests/test_lsq_fused.py (the reference); the rules: docs/design.md, "The fused node".
     """
 
     @staticmethod
@@ -160,81 +134,21 @@ def lsq_fake_quantize(x: torch.Tensor, alpha: torch.Tensor, quant_min: int, quan
 
 
 class LSQQuantizer(nn.Module):
-    """Fake quantizer with a learned step size α (LSQ, Esser et al. 2020, eq. 1–3).
+    """Fake quantizer with a learned step size α (LSQ, Esser et al. 2020, eq. 1-3).
 
-    Forward: ``x̂ = clamp(round(x / α), quant_min, quant_max) · α`` for a tensor of any
-    shape; the output has the shape and dtype of ``x``. With ``num_bits >= 32`` the
-    quantizer is the identity and has no α.
-
-    Gradients: to ``x``, 1 where ``quant_min < x/α < quant_max`` and 0 elsewhere (STE;
-    the open interval, as in the paper and as ``torch.clamp``'s gradient);
-    to α, LSQ eq. 3 (``round(x/α) - x/α`` inside, ``quant_min`` / ``quant_max`` at the
-    clip points) times ``g = 1 / sqrt(N · quant_max)``. For weights N is the number of
-    weights. For activations N is the number of features of one sample
-    (``x[0].numel()``, i.e. C·H·W), the paper's "number of features": it does not
-    change with the batch size, so the effective learning rate of α does not either.
-
-    1 bit: unsigned is LSQ's grid ``[0, 1]`` (levels 0 and α); signed is the binary grid
-    ``{-α, +α}`` (``quant.grid``: ``x >= 0`` goes to ``+α``, STE inside ``(-α, α)``, LSQ eq. 3
-    on that grid for α, ``quant_min, quant_max = -1, 1``).
-
-    Initialisation (LSQ section 2.1): ``α = 2 · mean(|x|) / sqrt(quant_max)`` from the
-    first usable tensor the quantizer sees (the weights, or the first batch of
-    activations), in training or eval mode alike, also under ``torch.no_grad()`` and
-    ``torch.inference_mode()`` (an eval-mode pass calibrates a fresh quantizer). A usable
-    tensor is non-empty, finite and has a non-zero mean magnitude (binary grid:
-    ``α = mean(|x|)``, see ``initialize_from``); until one arrives the
-    quantizer stays uninitialised, quantizes with the α it has (1.0 when new) and says
-    so once (a ``RuntimeWarning``). α is at least ``min_step_size`` of the tensor's dtype.
-    It is written in place and recorded in the ``initialized`` buffer, so a quantizer
-    restored with ``load_state_dict`` is never re-initialised from data. In distributed
-    training ``init_reduce`` makes the mean that of the global batch (every process's input).
-
-    State: ``alpha``, ``initialized`` and ``grid`` (int64 ``(2,)``: ``num_bits`` and
-    ``signed``). ``load_state_dict`` refuses a state of another grid (an error naming both;
-    states saved before ``grid`` existed load without the check).
-
-    Fused ReLU: with ``input_relu`` (set by ``quant.convert.quantize_model`` where a ReLU's
-    output feeds only this quantizer, the ReLU module then being removed) the quantizer
-    quantizes ``relu(x)`` and its gradient includes the ReLU's: values, gradients, α's
-    initialisation and bin statistics are those of ``nn.ReLU`` followed by an unfused
-    quantizer. ``pre_quantization(x)`` gives the values it quantizes (what forward
-    pre-hooks that inspect "pre-quantization activations" must use).
-
-    Bin statistics (for Bin Regularization, see ``hooks.BinStatsCollector``):
-    when ``bin_stats_sink`` is a callable, every forward pass in training mode with
-    gradients on also computes the ``quant.bins.BinStats`` of its input on its own grid,
-    in the same pass as the quantization, and passes them to the sink. Their gradient
-    reaches the input always and α only if ``bin_stats_grad_to_alpha``.
-
-    Attributes:
-        num_bits, signed, quant_min, quant_max: the integer grid.
-        binary: whether it is the 1-bit binary grid (``quant.grid``).
-        alpha: ``nn.Parameter`` of shape ``()``, or ``(channels,)`` per channel, in the units of
-            ``x``; ``None`` when ``num_bits >= 32``.
-        channels: ``None`` (one α per tensor), or the number of output channels: one α per
-            slice ``x[c]`` of the first dimension (``--per-channel-weights``; weights only).
-        grad_count: ``"numel"`` (weights) or ``"per_sample"`` (activations): which N
-            the gradient scale uses.
-        input_relu: whether a ReLU is fused in front (default False).
-        bin_stats_sink: ``None`` or a callable taking ``BinStats``.
-        bin_stats_grad_to_alpha: whether the statistics carry gradient to α.
-        init_reduce: ``None``, or a function ``(Σ|x| as a scalar tensor, numel) -> (the sums of both
-            over every process, as tensors)`` through which α's initialisation goes: set by
-            ``distributed.Group.prepare`` (each process sees only its shard of the batch; all must
-            call it together, which they do in their first forward pass).
-
-    Per channel (``channels=C``): α has shape ``(C,)`` and ``x[c]`` is quantized with ``α[c]``
-    (the first dimension of a weight is its output channel). Everything above then holds per
-    channel: the initialisation uses ``mean(|x[c]|)`` (a channel without magnitude takes the
-    tensor-wide value), the gradient scale ``N = x[0].numel()`` (the weights of one channel), and
-    the bin statistics are ``(C, 3, K)``: each channel's bins on its own grid ``α[c]·[Qn, Qp]``.
-    The fused CPU kernels take one α, so a per-channel quantizer runs the PyTorch ops.
-    A state of the other kind (per tensor / per channel) is refused by ``load_state_dict``.
+    Forward: ``x̂ = clamp(round(x/α), quant_min, quant_max)·α``, shape and dtype of ``x`` (``num_bits >= 32``:
+    the identity, no α). Gradients: STE to ``x`` where ``quant_min < x/α < quant_max``; LSQ eq. 3 times
+    ``g = 1/sqrt(N·quant_max)`` to α (N: the weights, or the features of one sample for activations).
+    α starts at ``2·mean|x|/sqrt(quant_max)`` (LSQ section 2.1; binary grid: ``mean|x|``) from the first
+    usable input (``initialize_from``). ``channels=C``: one α per output channel, shape ``(C,)``.
+    With a callable ``bin_stats_sink``, each training forward with gradients on also hands it the
+    ``quant.bins.BinStats`` of its input (for BR; gradient to α only if ``bin_stats_grad_to_alpha``).
+    ``input_relu``: quantizes ``relu(x)`` (a fused ReLU; ``pre_quantization``). ``init_reduce``: the
+    global mean for the initialisation under torchrun. State: ``alpha``, ``initialized``, ``grid``.
+    Rules (initialisation, state, per channel, fused ReLU): docs/design.md, "LSQ quantizer".
 
     Raises:
-        ValueError: ``num_bits`` not in 1..8 and below 32; unknown ``grad_count``; ``channels``
-            below 1 or given with ``grad_count="per_sample"``.
+        ValueError: ``num_bits`` not in 1..8 and below 32; unknown ``grad_count``; bad ``channels``.
     """
 
     def __init__(self, num_bits: int, signed: bool, grad_count: str = "numel", channels: int | None = None):
@@ -309,28 +223,13 @@ class LSQQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialize_from(self, x: torch.Tensor) -> bool:
-        """Set α = 2·mean(|x|)/sqrt(quant_max) in place and mark the quantizer initialised,
-        if ``x`` is usable (LSQ section 2.1); on the binary grid α = mean(|x|) (the L2-optimal
-        binary scale, XNOR-Net eq. 4; see ``quant.grid``).
+        """Set α = 2·mean(|x|)/sqrt(quant_max) in place (LSQ section 2.1; binary grid: mean(|x|), XNOR-Net
+        eq. 4) and mark the quantizer initialised, if ``x`` is usable: not empty, finite, not all zeros (else
+        it stays uninitialised and warns once). α is at least ``min_step_size`` of both dtypes. Per channel:
+        α[c] from ``x[c]`` (a channel of zero magnitude takes the tensor-wide value). Reads one value to the host.
 
-        ``x`` is not used when it is empty, holds a NaN or an inf, or is all zeros (α would be
-        NaN, inf or 0, and stay so): the quantizer then stays uninitialised and warns once.
-        α is raised to ``min_step_size`` of the dtypes of ``x`` and α where it would be smaller.
-        Reads one value back to the host (a sync on GPUs), once per quantizer. With
-        ``init_reduce`` the mean is over every process's ``x`` (and so is the decision to use it).
-
-        Per channel: α[c] from ``x[c]``; the usability test is on the whole tensor, and a channel
-        whose mean magnitude is 0 takes the tensor-wide value.
-
-        Args:
-            x: a tensor of any shape in the units of the values to quantize (per channel: its
-                first dimension has ``channels`` entries).
-
-        Returns:
-            whether the quantizer is initialised now (True for a full-precision one).
-
-        Raises:
-            ValueError: per channel, when ``x.shape[0]`` is not ``channels``.
+        Returns whether the quantizer is initialised now (True for a full-precision one).
+        Raises ``ValueError`` per channel when ``x.shape[0]`` is not ``channels``.
         """
         if not self.enabled:
             return True
