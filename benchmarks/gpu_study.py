@@ -553,7 +553,8 @@ def speed_figures(result: dict) -> dict:
         overhead = result["measured"]["qat_probe_slowest"]["overhead_s"]
         speed["projected_100_epoch_run_s"] = round(overhead + 100 * epoch_s, 1)
         speed["projection_note"] = (f"start-up of a QAT probe + 100 x the median epoch of the W+A stable runs, "
-                                    f"measured with {len(result['runs'])} runs sharing the GPU: an upper bound for a run alone")
+                                    f"measured with {len(result['runs'])} runs sharing the GPU: "
+                                    f"an upper bound for a run alone")
     return speed
 
 
