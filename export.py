@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     b = report["bytes"]
     print(f"Exported {report['model']} from {args.checkpoint} to {args.out}")
     print(f"  model.onnx     {b['model.onnx'] / 1024:8.1f} KiB  (opset {report['onnx_opset']}, QDQ, onnx.checker ok)")
-    print(f"  model_int.npz  {b['model_int.npz'] / 1024:8.1f} KiB  (float32 weights: {b['float32_state_dict'] / 1024:.1f} KiB, "
+    print(f"  model_int.npz  {b['model_int.npz'] / 1024:8.1f} KiB  "
+          f"(float32 weights: {b['float32_state_dict'] / 1024:.1f} KiB, "
           f"x{b['float32_state_dict'] / b['model_int.npz']:.1f} smaller)")
     print(f"Test top-1 on {report['test_images']} images ({report['data']}): PyTorch fake-quant "
           f"{report['pytorch_top1']:.2f}% | onnxruntime {report['onnx_top1']:.2f}% | integer reference "

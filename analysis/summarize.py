@@ -472,7 +472,8 @@ def build_tables(runs: list[Run]) -> tuple[str, list[dict], list[dict]]:
     for g in groups:
         cells = [g["scenario"]] + [_fmt_value(g["settings"].get(k)) for k in columns] + [
             ",".join(str(s) for s in g["seeds"]) or "–"] + [_fmt_acc(*g[key]) for _, key in accuracies] + (
-            [_fmt_sci(*g["osc_freq"])] if osc else []) + [_fmt_value(g["epochs"]), fmt_duration(g["wall_time_s"]), _runs_cell(g)]
+            [_fmt_sci(*g["osc_freq"])] if osc else []) + [
+            _fmt_value(g["epochs"]), fmt_duration(g["wall_time_s"]), _runs_cell(g)]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         config_rows.append({"scenario": g["scenario"], **{k: g["settings"].get(k) for k in columns},
                             "seeds": " ".join(str(s) for s in g["seeds"]), "n_finished": len(g["seeds"]),

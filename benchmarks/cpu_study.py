@@ -50,9 +50,12 @@ RESULTS = os.path.join(ROOT, "docs", "cpu_study")
 FLOAT = os.path.join("pretrained", "resnet20_fp32_e40", "model.pt")
 PROTOCOL = ["--num-bits", "2", "--epochs", "30", "--warmup-epochs", "9", "--lr", "0.01", "--pretrained", FLOAT]
 
-#: The study's rows per seed, in the order they run. W+A moving target with α frozen is W+A stable
-#: bit for bit (tests/test_from_warmup.py), so it does not run; the moving target is studied α-free.
-ROWS = ("wa-stable", "lsq", "w-only", "a-only", "lsq-frozen", "wa-stable-free", "wa-moving-free")
+#: The study's scenarios, in the order they run, each for every seed in turn (a session runs two rows
+#: side by side: both seeds of one scenario, so that each session adds a mean ± std). W-only (the
+#: paper's method) comes right after the LSQ baseline, then lsq-frozen, which tells freezing α from BR.
+#: W+A moving target with α frozen is W+A stable bit for bit (tests/test_from_warmup.py), so it does
+#: not run; the moving target is studied α-free.
+ROWS = ("wa-stable", "lsq", "w-only", "lsq-frozen", "a-only", "wa-stable-free", "wa-moving-free")
 SEEDS = (42, 43)
 #: The seed's "different lambda values": W+A stable of seed 42 at these λ_a as well.
 LAMBDA_ACT = ("0.1", "0.01")
@@ -72,8 +75,8 @@ class Row:
 
 
 def plan() -> list[Row]:
-    """Every run of the study, in the order they run: the PTQ references (minutes), seed 42's rows,
-    seed 43's, then seed 42's W+A stable at the other λ_a and its dampening and freezing rows."""
+    """Every run of the study, in the order they run: the PTQ references (minutes), each scenario of
+    ``ROWS`` for both seeds, then seed 42's W+A stable at the other λ_a and its dampening and freezing rows."""
     rows = [Row(f"ptq_w{b}a{b}", ["--ptq", "--num-bits", str(b), "--pretrained", FLOAT]) for b in (2, 4)]
 
     def qat(seed: int, key: str, extra=(), suffix="") -> Row:
@@ -81,7 +84,7 @@ def plan() -> list[Row]:
         return Row(f"w2a2_s{seed}_{key}{suffix}", PROTOCOL + ["--seed", str(seed)] + SCENARIOS[key][1].split()
                    + list(extra), warmup)
 
-    rows += [qat(seed, key) for seed in SEEDS for key in ROWS]
+    rows += [qat(seed, key) for key in ROWS for seed in SEEDS]
     rows += [qat(42, "wa-stable", ["--lambda-br-act", lam], f"_lama{lam}") for lam in LAMBDA_ACT]
     rows += [qat(42, key) for key in RIVALS]
     return rows

@@ -201,7 +201,8 @@ class Run:
                      "--overwrite"] + flags
         env = dict(os.environ)
         # A run on the GPU needs one CPU thread (inductor's compile workers are processes of their own).
-        env.setdefault("OMP_NUM_THREADS", "1" if args.device.startswith("cuda") else str(max(1, (os.cpu_count() or 1) // concurrent)))
+        cpu_threads = max(1, (os.cpu_count() or 1) // concurrent)
+        env.setdefault("OMP_NUM_THREADS", "1" if args.device.startswith("cuda") else str(cpu_threads))
         os.makedirs(os.path.dirname(self.dir), exist_ok=True)
         self.log_path = self.dir + ".log"
         with open(self.log_path, "w") as log:
@@ -461,8 +462,8 @@ def run_study(study: Study, result: dict, runs: dict) -> None:
     # One probe per scenario (its first seed): the seeds of a scenario compile the same graphs,
     # so that is every graph for inductor's cache, at half the compiling of one probe per run.
     probe_grid = [(key, seed) for key, i, seed in grid if i == 0]
-    probes = [Run(study, "probes", "probe_" + qat_name(key, args.bits, seed), qat_flags(args, key, seed, 2, None), probe_dir,
-                  concurrent=len(probe_grid)) for key, seed in probe_grid]
+    probes = [Run(study, "probes", "probe_" + qat_name(key, args.bits, seed), qat_flags(args, key, seed, 2, None),
+                  probe_dir, concurrent=len(probe_grid)) for key, seed in probe_grid]
     study.log(f"float run started; {len(probes)} QAT probes (2 epochs on {probe_images} images) alongside")
     wait_all(study, probes)
     qat_measures = [probe_measure(p, probe_images) for p in probes if p.poll() == 0 and len(p.timing()) >= 2]
@@ -551,8 +552,9 @@ def speed_figures(result: dict) -> dict:
     if epoch_s:
         overhead = result["measured"]["qat_probe_slowest"]["overhead_s"]
         speed["projected_100_epoch_run_s"] = round(overhead + 100 * epoch_s, 1)
-        speed["projection_note"] = (f"start-up of a QAT probe + 100 x the median epoch of the W+A stable runs, measured "
-                                    f"with {len(result['runs'])} runs sharing the GPU: an upper bound for a run alone")
+        speed["projection_note"] = (f"start-up of a QAT probe + 100 x the median epoch of the W+A stable runs, "
+                                    f"measured with {len(result['runs'])} runs sharing the GPU: "
+                                    f"an upper bound for a run alone")
     return speed
 
 

@@ -367,14 +367,16 @@ def format_table(result: dict) -> str:
             text, value = f"{r:.3f}", r
         if target is not None and (name.endswith("memory_vs_lsq") or result["machine"]["device"] == "cpu"):
             ok = value <= target if name.endswith("memory_vs_lsq") else value >= target
-            text += f"   target {'<=' if name.endswith('memory_vs_lsq') else '>='} {target}: {'met' if ok else 'NOT met'}"
+            relation = "<=" if name.endswith("memory_vs_lsq") else ">="
+            text += f"   target {relation} {target}: {'met' if ok else 'NOT met'}"
         lines.append(f"{name:<26}{text}")
     if "data_only_epoch_s" in result:
         lines.append(f"{'data pipeline alone':<26}{result['data_only_epoch_s']:.3f} s/epoch")
     if "estimated_run" in result:
         e = result["estimated_run"]
         lines.append(f"{'estimated run':<26}{e['seconds']:.0f} s for {e['epochs']} epochs "
-                     f"({e['warmup_epochs']} LSQ + {e['epochs'] - e['warmup_epochs']} BR) of {e['train_images']} images")
+                     f"({e['warmup_epochs']} LSQ + {e['epochs'] - e['warmup_epochs']} BR) "
+                     f"of {e['train_images']} images")
     m = result["machine"]
     lines.append(f"machine: {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads"
                  + (f", load {m['load_average_1m']:.1f}" if "load_average_1m" in m else "")

@@ -9,8 +9,8 @@ File layout (``numpy.savez``, read with ``allow_pickle=False``):
   an activation's output (``activations``, ``quant.QuantAct``; relu-output only) its grid
   (``act_bits``, ``act_min``/``act_max``, ``input_relu``).
 * ``<layer>.weight_codes``: the weight's integer levels, packed (``pack_codes``: two's
-  complement in 2-bit fields four to a byte (1-bit binary weights: codes -1 and +1, also in 2-bit fields), 4-bit fields (3-4 bit grids) two to a byte, bytes
-  for 5-8 bits), row-major.
+  complement in 2-bit fields four to a byte (1-bit binary weights: codes -1 and +1, also in 2-bit
+  fields), 4-bit fields (3-4 bit grids) two to a byte, bytes for 5-8 bits), row-major.
 * ``<layer>.weight_step``, ``<layer>.act_step``, ``<activation>.act_step``: float32 step sizes
   (``onnx_qdq.step_used``).
 * ``float/<name>``: every other tensor in float32: BatchNorm, biases, layers at 32 bits.

@@ -17,10 +17,11 @@ import cpu_study  # noqa: E402
 
 def test_the_plan_is_the_issues_table():
     names = [row.name for row in cpu_study.plan()]
-    # 2 PTQ references, 7 rows x 2 seeds (seed 42 first), W+A stable of seed 42 at two more λ_a, two rivals
+    # 2 PTQ references, 7 scenarios x 2 seeds (both seeds of a scenario in turn), W+A stable of seed 42
+    # at two more λ_a, two rivals
     assert names[:2] == ["ptq_w2a2", "ptq_w4a4"] and len(names) == 2 + 7 * 2 + 2 + 2
-    assert names[2:9] == [f"w2a2_s42_{k}" for k in ("wa-stable", "lsq", "w-only", "a-only", "lsq-frozen",
-                                                     "wa-stable-free", "wa-moving-free")]
+    assert names[2:16] == [f"w2a2_s{seed}_{k}" for k in ("wa-stable", "lsq", "w-only", "lsq-frozen", "a-only",
+                                                          "wa-stable-free", "wa-moving-free") for seed in (42, 43)]
     assert names[-4:] == ["w2a2_s42_wa-stable_lama0.1", "w2a2_s42_wa-stable_lama0.01", "w2a2_s42_dampen",
                           "w2a2_s42_freeze"]
     lam = next(r for r in cpu_study.plan() if r.name.endswith("lama0.1")).flags

@@ -57,7 +57,8 @@ def test_tiny_study_on_the_cpu(tmp_path, capsys):
     assert "LSQ baseline" in table and "W+A stable" in table
     # the exported float model is what --pretrained reads
     capsys.readouterr()
-    rc, stdout, err = run_cli(["--data-dir", data, "--no-download", "--pretrained", out / "pretrained" / "resnet20_fp32.pt",
+    rc, stdout, err = run_cli(["--data-dir", data, "--no-download",
+                               "--pretrained", out / "pretrained" / "resnet20_fp32.pt",
                                "--num-bits", "2", "--dry-run"], capsys)
     assert rc == 0, err
     assert "float checkpoint" in stdout

@@ -211,7 +211,8 @@ def test_onnx_export_of_a_small_mobilenetv2_runs_like_the_fake_quant_model(bits)
     assert sorted(n.attribute[[a.name for a in n.attribute].index("group")].i for n in nodes
                   if n.op_type == "Conv") == [1] * 9 + [8, 16, 16, 16]  # depthwise: 8 (block 0), then 2·8
     types = {t.name: t.data_type for t in onnx_model.graph.initializer}
-    signed_type, unsigned_type = {2: (TensorProto.INT2, TensorProto.UINT2), 4: (TensorProto.INT4, TensorProto.UINT4)}[bits]
+    signed_type, unsigned_type = {2: (TensorProto.INT2, TensorProto.UINT2),
+                                  4: (TensorProto.INT4, TensorProto.UINT4)}[bits]
     zero_types = [types[n.input[2]] for n in nodes if n.op_type == "QuantizeLinear"]
     # signed inputs: the 8-bit image, blocks 1-3's expansion convs and conv2; the 8-bit linear's is unsigned
     assert sorted(zero_types) == sorted([TensorProto.INT8, TensorProto.UINT8] + [signed_type] * 4

@@ -89,18 +89,18 @@ def test_markdown_table_by_hand(runs_dir):
         "| W+A moving target | 1 | 1 | yes | – | – | – | 10 | – | 0/2 finished, 1 unfinished, 1 interrupted |",
         "| LSQ baseline | 0 | 0 | no | 1 | 85.50 | 86.00 | 10 | 1h01m | 1/2 finished, 1 failed |",
     ]
-    assert len([l for l in lines if l.startswith("| ")]) == 4  # header + 3 configurations
+    assert len([line for line in lines if line.startswith("| ")]) == 4  # header + 3 configurations
     assert lines[0].startswith("7 run(s), 3 finished, 3 configuration(s).")
-    not_finished = [l for l in lines if l.startswith("- ")]
+    not_finished = [line for line in lines if line.startswith("- ")]
     assert len(not_finished) == 4  # every run that did not finish is listed, one line each
-    failed = next(l for l in not_finished if l.startswith("- `b_s2`"))
+    failed = next(line for line in not_finished if line.startswith("- `b_s2`"))
     assert "failed" in failed and "exit 3" in failed and "3/10 epochs done" in failed and "40.00%" in failed
     assert "non-finite loss at epoch 4 step 7" in failed
-    running = next(l for l in not_finished if l.startswith(f"- `{os.path.join('nested', 'c_s1')}`"))
+    running = next(line for line in not_finished if line.startswith(f"- `{os.path.join('nested', 'c_s1')}`"))
     assert "unfinished" in running and "2/10 epochs done" in running
-    stopped = next(l for l in not_finished if l.startswith(f"- `{os.path.join('nested', 'c_s2')}`"))
+    stopped = next(line for line in not_finished if line.startswith(f"- `{os.path.join('nested', 'c_s2')}`"))
     assert "interrupted" in stopped and "exit 130" in stopped
-    early = next(l for l in not_finished if l.startswith("- `e_s1`"))
+    early = next(line for line in not_finished if line.startswith("- `e_s1`"))
     assert "failed" in early and "no epoch finished" in early and "--pretrained: no checkpoint" in early
 
 
@@ -179,21 +179,21 @@ def test_sweep_dry_run_skips_finished_resumes_and_restarts(tmp_path):
     assert status["lsq_w2a4_s1"] == "new" and "lsq_w2a4_lam0.5_s1" not in status
     assert status["wa-moving_w2a4_lam0.5_frz_s1"] == "new"
     lines = out.stdout.splitlines()
-    at = next(i for i, l in enumerate(lines) if "--output-dir " + str(runs / "wa-moving_w2a4_lam0.5_frz_s1") in l)
+    at = next(i for i, line in enumerate(lines) if "--output-dir " + str(runs / "wa-moving_w2a4_lam0.5_frz_s1") in line)
     for piece in ("--num-bits-weight 2", "--num-bits-act 4", "--lambda-br 0.5", "--lambda-br-act 0.5",
                   "--freeze-alpha", "--br-backprop-to-alpha-act", "--seed 1", "--data-dir /data", "--no-download"):
         assert piece in lines[at]
     # the seed's four BR rows freeze α, its baseline does not; every run of a width shares one warmup
-    assert "--freeze-alpha" not in next(l for l in lines if "lsq_w2a4_s1 " in l + " " and "--resume" in l)
+    assert "--freeze-alpha" not in next(line for line in lines if "lsq_w2a4_s1 " in line + " " and "--resume" in line)
     assert lines[at + 1] == (f"    (--from-warmup {runs / 'w-only_w2a4_lam1_frz_s1' / 'warmup_end.pt'} once it "
                              f"exists; else its own warmup)")
     # w-only_w2a2's warmup exists (a finished run keeps it): its branches take it now
     open(runs / "w-only_w2a2_lam1_frz_s1" / "warmup_end.pt", "w").close()
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), "-n", "--", "--no-download"],
                          env=env, capture_output=True, text=True, timeout=60)
-    lsq = next(l for l in out.stdout.splitlines() if "lsq_w2a2_s1 " in l + " " and "--resume" in l)
+    lsq = next(line for line in out.stdout.splitlines() if "lsq_w2a2_s1 " in line + " " and "--resume" in line)
     assert f"--from-warmup {runs / 'w-only_w2a2_lam1_frz_s1' / 'warmup_end.pt'} --no-download --resume auto" in lsq
-    resume = next(l for l in lines if "wa-stable_w2a2_lam1_frz_s1 " in l + " " and "--resume" in l)
+    resume = next(line for line in lines if "wa-stable_w2a2_lam1_frz_s1 " in line + " " and "--resume" in line)
     assert resume.rstrip().endswith("--resume auto")  # the same command for every run: cifar10_qat_br.py decides
     assert not os.path.exists(runs / "wa-moving_w2a4_lam0.5_frz_s1")  # a dry run creates nothing
 
@@ -227,7 +227,8 @@ def test_sweep_refuses_extra_flags_that_the_grid_sets(extra, variable, tmp_path)
     out = subprocess.run(["bash", os.path.join(REPO, "scripts", "sweep.sh"), "-n", "--", "--no-download",
                           *extra.split()], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.startswith(f"error: extra flag {extra.split()[0]}: the grid sets ") and f"(use {variable})" in out.stderr
+    assert out.stderr.startswith(f"error: extra flag {extra.split()[0]}: the grid sets ")
+    assert f"(use {variable})" in out.stderr
 
 
 def test_a_run_whose_last_pt_is_ahead_of_its_log_is_not_called_empty(tmp_path):
@@ -291,8 +292,8 @@ def test_slurm_script_runs_each_grid_point_as_a_task(tmp_path):
     assert script[-1].endswith('--task "$SLURM_ARRAY_TASK_ID" -- --no-download --device cpu')
     # each task's torch uses the task's CPUs, not every core of the node (unless OMP_NUM_THREADS is set)
     threads = next(line for line in script if "OMP_NUM_THREADS" in line) + '; echo "$OMP_NUM_THREADS"'
-    for env_in, expected in (({"SLURM_CPUS_PER_TASK": "2"}, "2"), ({"SLURM_CPUS_PER_TASK": "2", "OMP_NUM_THREADS": "3"}, "3"),
-                             ({}, "1")):
+    for env_in, expected in (({"SLURM_CPUS_PER_TASK": "2"}, "2"),
+                             ({"SLURM_CPUS_PER_TASK": "2", "OMP_NUM_THREADS": "3"}, "3"), ({}, "1")):
         shell = subprocess.run(["bash", "-c", threads], env={"PATH": os.environ["PATH"], **env_in},
                                capture_output=True, text=True)
         assert shell.stdout.strip() == expected, (env_in, shell)
