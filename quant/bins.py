@@ -69,7 +69,8 @@ def bin_sum(index: torch.Tensor, num_bins: int, values: torch.Tensor | None = No
     """Per-bin count (``values=None``, as ``dtype``) or sum of ``values``; ``(num_bins,)``, no host sync.
 
     ``index``: 1-D integer bins in ``[0, num_bins)``; ``values``: 1-D, as long. ``method``: ``"bincount"``,
-    ``"masked"`` or ``"index_add"``; default by device and bin count (docs/design.md, "Bin statistics").
+    ``"masked"`` or ``"index_add"``; default by device and bin count (docs/design.md, "Bin statistics
+    and BR").
     """
     if method is None:
         if index.device.type == "cpu" and not torch.compiler.is_compiling():

@@ -4,7 +4,7 @@ and the helpers on bit widths and step sizes.
 A grid is its integer range ``(quant_min, quant_max)`` (``integer_range``): levels ``quant_min .. quant_max``,
 ``c = x/α`` goes to ``clamp(round(c), quant_min, quant_max)`` (round half to even). The 1-bit signed grid is
 binary: ``BINARY_RANGE = (-1, 1)``, levels ``-1`` and ``+1`` (spacing 2), ``+1`` for ``c >= 0``
-(docs/design.md, "The binary grid").
+(docs/design.md, "1 bit").
 """
 
 from __future__ import annotations
