@@ -21,24 +21,14 @@ from quant.lsq import LSQQuantizer
 class BinStatsCollector:
     """Collect the bin statistics that LSQ quantizers compute in their own forward pass (for BR).
 
-    While enabled, each quantizer computes ``quant.bins.BinStats`` of its input, in the same
-    pass as the quantization, whenever it runs in training mode with gradients on, and
-    hands them here (``LSQQuantizer.bin_stats_sink``); ``get()`` returns the latest ones by
-    name. While disabled or after ``remove()`` the quantizers compute none.
-
-    A quantizer has one statistics slot (``bin_stats_sink``), so it belongs to one collector
-    at a time: a second collector (or ``ActivationHookManager``) for a quantizer that a live
-    one holds is refused, instead of silently taking the statistics away from the first.
-    ``remove()`` (or dropping a disabled collector) frees the quantizers.
+    While enabled, each quantizer hands its ``quant.bins.BinStats`` here (``LSQQuantizer.bin_stats_sink``)
+    whenever it runs in training mode with gradients on; ``get()`` returns the latest by name. Disabled or
+    removed, the quantizers compute none. A quantizer has one statistics slot: a second live collector
+    for it is refused (``RuntimeError``) until ``remove()``.
 
     Args:
-        quantizers: name -> enabled ``LSQQuantizer`` (the weight or the activation quantizers
-            of the regularised layers).
-        grad_to_alpha: whether the statistics carry gradient to each quantizer's own α
-            (they always carry it to the quantizer's input).
-
-    Raises:
-        RuntimeError: naming the quantizers that another live collector holds.
+        quantizers: name -> enabled ``LSQQuantizer``.
+        grad_to_alpha: whether the statistics carry gradient to each quantizer's own α (always to its input).
     """
 
     def __init__(self, quantizers: dict[str, LSQQuantizer], grad_to_alpha: bool):
