@@ -20,6 +20,7 @@ from quant.grid import (FULL_PRECISION_BITS, MIN_STEP_SIZE, check_num_bits, desc
                         is_binary, min_step_size, per_channel_view, round_to_grid)
 from quant.kernels import cpu_kernels, kernels_apply
 
+
 def effective_step(alpha: torch.Tensor, grad_scale: float) -> torch.Tensor:
     """The step the fake quantizer multiplies by: the value of LSQ's ``scale_grad(α, g)``, ``(α - α·g) + α·g``,
     which is not always α to the last bit (computed so, the output is bit-identical to the plain form)."""
@@ -302,12 +303,13 @@ class LSQQuantizer(nn.Module):
         return out
 
 
-# -- PTQ's step size (deploy/ptq.py), next to LSQ's initialisation (LSQQuantizer.initialize_from) ------------
+# -- PTQ's step size (deploy/ptq.py), next to LSQ's initialisation (LSQQuantizer.initialize_from) --
 
 #: Grid points over (0, 1.25·α_max] (α_max: the smallest step that clips nothing).
 GRID_POINTS = 125
 #: Golden-section iterations around the best grid point (the bracket shrinks by 0.618 each).
 GOLDEN_ITERATIONS = 24
+
 
 def quantization_mse(x: torch.Tensor, alphas, quant_min: int, quant_max: int) -> torch.Tensor:
     """``mean((clamp(round(x/α), Qn, Qp)·α - x)²)`` (``quant.grid.round_to_grid``: also the binary grid)
