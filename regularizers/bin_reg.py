@@ -26,20 +26,13 @@ INFO_FIELDS = ("mean_term", "var_term", "nonempty_bins", "mean_dist_alpha")
 
 def loss_from_bin_stats(stats: torch.Tensor, abs_sum: torch.Tensor, numel,
                         alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BR loss (Han et al. 2021, eq. 5) from bin statistics, for one tensor or a batch of L.
+    """BR loss (eq. 5) from bin statistics (``quant.bins.STAT_ROWS``), for one tensor or a batch of L.
 
-    Args:
-        stats: ``(3, K)`` or ``(L, 3, K)``: per-bin count, Σd, Σd² (``quant.bins.STAT_ROWS``);
-            the loss is differentiable through it.
-        abs_sum: ``Σ|d|``, shape ``()`` or ``(L,)``. numel: number of values (an int, or L of them).
-        alpha: the step size(s), shape ``()`` or ``(L,)``.
-
-    Returns:
-        ``(loss, info)`` of shapes ``()`` / ``(L,)`` and ``(4,)`` / ``(L, 4)``: the loss
-        ``Σ_{k: n_k > 0} S_k / n_k`` (squared units of the values) and a detached vector of
-        ``INFO_FIELDS``: ``Σ_k (Σd/n_k)²`` (squared distance of each bin mean to its level),
-        the variance term (the rest of the loss), the number of non-empty bins, and
-        ``Σ|d| / numel / α`` (mean distance to the level, in steps).
+    ``stats``: ``(3, K)`` or ``(L, 3, K)``, the loss differentiable through it; ``abs_sum`` (``Σ|d|``) and
+    ``alpha``: ``()`` or ``(L,)``; ``numel``: an int or L of them. Returns ``(loss, info)`` of shapes
+    ``()`` / ``(L,)`` and ``(4,)`` / ``(L, 4)``: ``Σ_{k: n_k > 0} S_k / n_k`` (squared units of the values)
+    and a detached ``INFO_FIELDS`` vector: ``Σ_k (Σd/n_k)²`` (the bin means' squared distance to their
+    levels), the variance term (the rest), the non-empty bins and ``Σ|d| / numel / α`` (in steps).
     """
     counts, squares = stats[..., 0, :].detach(), stats[..., 2, :]
     safe = counts.clamp(min=1)  # empty bins have zero sums, so they add nothing
@@ -117,15 +110,8 @@ def bin_regularization(v: torch.Tensor, alpha: torch.Tensor, quant_min: int, qua
 
 
 class BinRegularizer:
-    """Bin Regularization for tensors quantized on one integer grid (Han et al. 2021, eq. 5).
-
-    Args:
-        num_bits: 1..8, as the quantizer's (1 bit signed: the binary grid, ``quant.grid``).
-        signed: as the quantizer's; gives ``quant_min``, ``quant_max`` as in ``LSQQuantizer``.
-
-    Raises:
-        ValueError: unsupported ``num_bits``.
-    """
+    """Bin Regularization (eq. 5) for tensors quantized on one grid: ``num_bits`` (1..8) and ``signed`` as
+    the quantizer's (``quant.grid.integer_range``; ``ValueError`` for an unsupported width)."""
 
     def __init__(self, num_bits: int, signed: bool):
         self.num_bits = num_bits
@@ -141,23 +127,13 @@ class BinRegularizer:
 
     def compute_total_loss(self, values: dict[str, torch.Tensor], alphas: dict[str, torch.Tensor],
                            backprop_to_alpha: bool) -> tuple[torch.Tensor, dict]:
-        """Sum of the per-tensor BR losses over all keys.
+        """Sum of the per-tensor BR losses (the plain eager BR) over the names of ``values``.
 
-        Args:
-            values: name -> tensor of real values (weights, or pre-quantization activations).
-            alphas: name -> step size α of shape ``()`` (or ``(C,)``, one per output channel);
-                the raw parameter (BR does not use LSQ's gradient scale).
-            backprop_to_alpha: whether the targets ``k·α`` carry gradient to α.
-
-        Returns:
-            ``(total, info)``: the scalar total (0 when ``values`` is empty) and a dict
-            with ``info["per_tensor"][name]`` and ``info["total"]``, each a detached
-            tensor of ``INFO_FIELDS`` (the total's last field is the mean over tensors).
-            No value is read back to the host.
-
-        Raises:
-            KeyError: when the keys of ``values`` and ``alphas`` differ (names both sides).
-            ValueError: a step size that is not a finite number > 0.
+        ``values``: name -> real values (weights, or pre-quantization activations); ``alphas``: name -> the
+        raw α parameter (BR does not use LSQ's gradient scale), shape ``()`` or ``(C,)``. Returns
+        ``(total, info)``: the scalar total (0 when empty) and ``info["per_tensor"][name]``,
+        ``info["total"]``: detached ``INFO_FIELDS`` tensors (the total's distance: the mean over tensors).
+        Raises ``KeyError`` (naming both sides) when the keys differ, ``ValueError`` for a bad α.
         """
         if values.keys() != alphas.keys():
             only_v = sorted(values.keys() - alphas.keys())
