@@ -33,12 +33,14 @@ import time
 import torch
 from torch import nn
 
-from run import run_folder
-from run.checkpoint import atomic_torch_save, atomic_write_json
-from run.config import (ConfigError, act_bits, act_quant_line, explicit_flags, first_last_bits, is_float_run,
+from run.checkpoint import atomic_torch_save, atomic_write_json, load_pretrained
+from run.config_json import run_config, write_config
+from run.banner import RULE, act_quant_line
+from run.config import (ConfigError, act_bits, explicit_flags, first_last_bits, is_float_run,
                     resolve_device, weight_bits)
 from run.data import DeviceLoader, Split, load_split, training_images
-from engine import seed_everything, top1_accuracy
+from run.evaluation import recalibrate_batchnorm, top1_accuracy
+from run.seeding import seed_everything
 from models import build_model
 from quant import MIN_STEP_SIZE, LSQQuantizer, activation_quantizers, quantize_model, quantized_layers
 from quant.convert import activation_outputs
@@ -183,27 +185,6 @@ def layer_inputs(model: nn.Module, batches: list[torch.Tensor], seed: int,
     return {name: torch.cat(parts) for name, parts in found.items()}
 
 
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    """Replace every BatchNorm's running mean and variance by their averages over ``batches``
-    (the cumulative average, ``momentum=None``: the mean of the per-batch means and of the
-    per-batch unbiased variances), computed with ``model`` as it is (quantized). Affine
-    parameters are unchanged; the model is left in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    try:
-        model.train()
-        for x in batches:
-            model(x)
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.eval()
-
-
 def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, first_last_bits_: int,
                            batches: list[torch.Tensor], seed: int, bn_recalib: bool = True,
                            per_channel_weights: bool = False, act_quant_at: str = "conv-input") -> nn.Module:
@@ -274,7 +255,6 @@ def check_flags(cfg, argv: list[str]) -> list[str]:
 
 def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
     """The ``--ptq`` banner (lines): what is quantized from what, calibration, data, output."""
-    from run.config import RULE
     bits = lambda b: "float" if b >= 32 else f"{b}-bit"  # noqa: E731
     lines = [RULE, "Post-Training Quantization (PTQ, no training)", RULE,
              f"Model: {cfg.arch}, float weights from {cfg.pretrained}",
@@ -291,17 +271,17 @@ def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
     return lines + [RULE]
 
 
-def run(cfg, source, old_run: list[str]) -> int:
+def run(cfg, source, replace_old_run) -> int:
     """The ``--ptq`` run (flags checked, output folder prepared): writes ``config.json``, ``ptq.pt``
-    and ``summary.json`` (``"method": "ptq"``) into ``cfg.output_dir``, replacing the files of the
-    run ``old_run`` (``run_folder.prepare_output_dir``) only then."""
+    and ``summary.json`` (``"method": "ptq"``) into ``cfg.output_dir``, calling ``replace_old_run()``
+    (it removes the files of the run this one replaces) only then."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     train, val, _, _ = training_images(source, cfg, cfg.workers)  # never the --val-split images
     test = load_split(source, train=False, download=not cfg.no_download, workers=cfg.workers)
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, clip_value=cfg.clip_value)
-    run_folder.load_pretrained(model, cfg)
+    load_pretrained(model, cfg)
     model.to(device)
     test_loader = DeviceLoader(test, cfg.eval_batch_size, device, train=False)
     float_acc = top1_accuracy(model.eval(), test_loader, device)
@@ -319,12 +299,12 @@ def run(cfg, source, old_run: list[str]) -> int:
                            cfg.bn_recalib, per_channel_weights=cfg.per_channel_weights, act_quant_at=cfg.act_quant_at)
     acc = top1_accuracy(model, test_loader, device)
     seconds = time.perf_counter() - started
-    config = run_folder.run_config(cfg, source.describe(), None, val)
+    config = run_config(cfg, source.describe(), None, val)
     for key in TRAINING_FLAGS:
         config["flags"].pop(key, None)
     config["derived"].update(method="ptq", calibration_images=sum(len(b) for b in batches))
-    run_folder.replace_old_run(cfg.output_dir, old_run)
-    run_folder.write_config(cfg, config)
+    replace_old_run()
+    write_config(cfg, config)
     atomic_torch_save({"model": model.state_dict(), "config": config, "method": "ptq", "epoch": 0,
                        "last_acc": acc, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc},
                       os.path.join(cfg.output_dir, "ptq.pt"))
