@@ -144,16 +144,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except WriteError as exc:  # rank 0 only: the other ranks are ended by torchrun
-        print(f"error: {exc}. Stopped; {_kept(cfg, group, 'Make room (or fix the folder)')}", file=sys.stderr)
+        print(f"error: {exc}. Stopped; {_kept_and_next_step(cfg, group, 'Make room (or fix the folder)')}",
+              file=sys.stderr)
         return EXIT_WRITE_FAILED
     except NonFiniteError as exc:  # every rank at the same step (Trainer._agree_on_step)
         if distributed.is_main(group):
-            print(f"error: {exc}. Stopped (no metrics were written for the failed epoch); {_kept(cfg, group)}",
-                  file=sys.stderr)
+            print(f"error: {exc}. Stopped (no metrics were written for the failed epoch); "
+                  f"{_kept_and_next_step(cfg, group)}", file=sys.stderr)
         return EXIT_NON_FINITE
     except Interrupted as exc:
         if distributed.is_main(group):
-            print(f"\nInterrupted by {exc}; {_kept(cfg, group)}", file=sys.stderr)
+            print(f"\nInterrupted by {exc}; {_kept_and_next_step(cfg, group)}", file=sys.stderr)
         return 128 + exc.signum
     except RuntimeError as exc:  # under torchrun: a collective failed because another rank ended
         # torchrun now ends this process too (SIGTERM): ignore it first (SIGTERM first, no call before),
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if group.is_main:  # another rank died (killed, out of memory); else rank 0 ended and said why
             print(f"error: another process of this torchrun run ended. Stopped; "
-                  f"{_kept(cfg, group)}", file=sys.stderr)
+                  f"{_kept_and_next_step(cfg, group)}", file=sys.stderr)
         return EXIT_LOST_RANK
     finally:  # the run folder is held until the process is done with it
         for s, handler in previous.items():
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             group.close()
 
 
-def _kept(cfg, group=None, fix: str = "") -> str:
+def _kept_and_next_step(cfg, group=None, fix: str = "") -> str:
     """What a stopped run kept and how to go on, for its one error line (``fix``: what to do first)."""
     epoch = run_folder.saved_epoch(os.path.join(cfg.output_dir, "last.pt")) if cfg.output_dir else None
     resume, again = (f"{fix}, then resume", f"{fix}, then start again") if fix else ("Resume", "Start again")

@@ -174,7 +174,8 @@ class Trainer:
         self.val_index = val_index
         recipe = recipe if recipe is not None else build_recipe(cfg, model)
         self.layers, self.br_layers, self.br_act_quantizers = recipe.layers, recipe.br_layers, recipe.br_act_quantizers
-        self.w_reg, self.a_reg, self.weight_stats, self.hooks = recipe.w_reg, recipe.a_reg, recipe.weight_stats, recipe.hooks
+        self.w_reg, self.a_reg = recipe.w_reg, recipe.a_reg
+        self.weight_stats, self.hooks = recipe.weight_stats, recipe.hooks
         self.tracker, self.freeze, self.optimizer, self.scheduler = (recipe.tracker, recipe.freeze, recipe.optimizer,
                                                                      recipe.scheduler)
         self.dampen = cfg.lambda_dampen > 0 and self.tracker is not None
@@ -183,7 +184,7 @@ class Trainer:
         self.compile_mode = recipe.compile_mode  # state (checkpoints, α, hooks) lives on ``model`` either way
         self._compiled_losses = recipe.compile(self.forward_losses) if recipe.compile else None
         self._evaluate_forward = recipe.compile(model) if recipe.compile else model
-        self._cuda_graphs = recipe.compile is not None and device.type == "cuda" and self.compile_mode == "reduce-overhead"
+        self._cuda_graphs = device.type == "cuda" and self.compile_mode == "reduce-overhead"
         self._quantizers = list(step_size_quantizers(model).values())
         # best_acc: the selection metric (validation top-1 with a val split, else test top-1) of
         # best_epoch; best_test_acc: the test top-1 of that epoch.
