@@ -102,133 +102,100 @@ class _NoSuchFlag(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``cifar10_qat_br.py``."""
     p = argparse.ArgumentParser(
-        prog="cifar10_qat_br.py", allow_abbrev=False,
+        prog="cifar10_qat_br.py", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Two-stage quantization-aware training of a CIFAR-10 ResNet or MobileNetV2: LSQ warmup, then "
                     "LSQ + Bin Regularization. Loss = CE + λ_w·BR_w + λ_a·BR_a.")
     q = p.add_argument_group("quantization")
-    q.add_argument("--num-bits", type=int, default=2, help="bits of weights and activations (1-8; 32 = float; 1 bit: binary "
-                        "weights {-α, +α}, activations {0, α}) [2]")
+    q.add_argument("--num-bits", type=int, default=2,
+                   help="bits of weights and activations (1-8; 32: float; 1: weights {-α, +α}, activations {0, α})")
     q.add_argument("--num-bits-weight", type=int, default=None, help="override --num-bits for weights")
     q.add_argument("--num-bits-act", type=int, default=None, help="override --num-bits for activations")
-    q.add_argument("--first-last-bits", type=int, default=8,
-                   help="bits of the first conv and last linear (2-8; 32 keeps them float) [8]")
+    q.add_argument("--first-last-bits", type=int, default=8, help="bits of the first conv and last linear (2-8; 32)")
     q.add_argument("--per-channel-weights", action="store_true",
-                   help="one weight step size α per output channel (LSQ init, gradient scale and W-BR per "
-                        "channel) instead of one per tensor; activations keep one per tensor [off]")
+                   help="one weight step size α per output channel instead of per tensor (activations: per tensor)")
     q.add_argument("--act-quant-at", default="conv-input", choices=ACT_QUANT_AT,
-                   help="where activations are quantized: conv-input, at the input of every conv and linear (LSQ; "
-                        "identity shortcuts carry float activations); relu-output, at the output of every "
-                        "activation (ReLU, clip, ReLU6), each block's output after its residual add included, so "
-                        "that what flows between blocks is on the grid (the seed authors' script) [conv-input]")
+                   help="quantize activations at every conv/linear input, or at every activation's output")
     q.add_argument("--clip-value", type=float, default=None,
-                   help="clip activations to [0, c] (ReLU6/ReLU1-style networks) [none: ReLU; mobilenetv2: ReLU6]")
+                   help="clip activations to [0, c] (None: ReLU; mobilenetv2: ReLU6)")
     b = p.add_argument_group("bin regularization (stage 2)")
-    b.add_argument("--lambda-br", type=float, default=1.0, help="weight of W-BR on weights; 0 disables [1.0]")
+    b.add_argument("--lambda-br", type=float, default=1.0, help="weight of W-BR on weights; 0 disables")
     b.add_argument("--lambda-br-act", type=float, default=1.0,
-                   help="weight of A-BR on pre-quantization activations; 0 disables [1.0]")
+                   help="weight of A-BR on pre-quantization activations; 0 disables")
     b.add_argument("--br-backprop-to-alpha-act", action="store_true",
-                   help="let A-BR's gradient reach the activation step sizes (default: detached)")
+                   help="let A-BR's gradient reach the activation step sizes")
     b.add_argument("--br-backprop-to-alpha", nargs="?", action=_NoSuchFlag, help=argparse.SUPPRESS,
                    message=NO_BR_BACKPROP_TO_ALPHA)
     o = p.add_argument_group("oscillations (stage 2; Nagel et al., ICML 2022; low-bit weights only, as BR)")
     o.add_argument("--lambda-dampen", type=float, default=0.0, metavar="λ",
-                   help="final weight λ_d of oscillation dampening, Σ agg((sg(q(w)) - clip(w))²); it rises by a "
-                        "cosine from 0 over the stage-2 steps; 0 disables [0]")
+                   help="final weight of oscillation dampening (rises by a cosine over stage 2); 0 disables")
     o.add_argument("--dampen-aggregation", default="kernel_mean", choices=AGGREGATIONS,
-                   help="per tensor: sum over output channels of the mean over the rest (kernel_mean), sum or "
-                        "mean [kernel_mean]")
+                   help="per tensor: kernel_mean (sum over output channels of the mean over the rest), sum, mean")
     o.add_argument("--freeze-oscillating", default=None, metavar="START:FINAL",
-                   help="iterative freezing: a weight whose oscillation frequency (EMA) passes a threshold that "
-                        "falls by a cosine from START to FINAL over the stage-2 steps is frozen for good at its "
-                        "mean code, e.g. 0.1:0.01 [off]")
+                   help="freeze weights whose oscillation frequency passes a threshold falling START -> FINAL")
     o.add_argument("--oscillation-momentum", type=float, default=0.001, metavar="M",
-                   help="momentum of the EMAs of --freeze-oscillating (ema = M·x + (1 - M)·ema) [0.001]")
+                   help="momentum of the EMAs of --freeze-oscillating")
     o.add_argument("--bn-reestimate", type=int, default=0, metavar="N",
-                   help="after the last epoch, replace BatchNorm running statistics by the average of those of N "
-                        "training batches (augmented); summary.json gets the test top-1 before and after; 0: "
-                        "none [0]")
+                   help="after the last epoch, re-estimate BatchNorm statistics on N training batches; 0: none")
     a = p.add_argument_group("step sizes")
     a.add_argument("--freeze-alpha", action="store_true",
                    help="freeze every step size (weights and activations) after warmup")
     a.add_argument("--freeze-weight-alpha", action="store_true", help="freeze the weight step sizes after warmup")
     a.add_argument("--freeze-act-alpha", action="store_true", help="freeze the activation step sizes after warmup")
     s = p.add_argument_group("schedule and optimiser")
-    s.add_argument("--epochs", type=int, default=100, help="total epochs [100]")
+    s.add_argument("--epochs", type=int, default=100, help="total epochs")
     s.add_argument("--warmup-epochs", type=int, default=None,
-                   help="stage 1 (LSQ only) epochs [30 %% of --epochs, rounded: 30 of 100]")
-    s.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
-                   help="sgd (with --momentum) or adam (torch.optim.Adam, betas (0.9, 0.999)) [sgd]")
-    s.add_argument("--lr", type=float, default=None,
-                   help="learning rate (at its start, see --lr-schedule) [0.01 with SGD, 0.001 with Adam]")
+                   help="stage 1 (LSQ only) epochs (None: 30 %% of --epochs, rounded)")
+    s.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="sgd (with --momentum) or adam")
+    s.add_argument("--lr", type=float, default=None, help="learning rate at the start (None: 0.01 SGD, 0.001 Adam)")
     s.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
-                   help="cosine: cosine decay over all epochs; warmup-constant: --lr constant through the warmup, "
-                        "then a cosine over the BR epochs (the seed authors' script) [cosine]")
-    s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (no effect with Adam) [0.9]")
+                   help="cosine over all epochs, or warmup-constant: constant warmup, then cosine over BR epochs")
+    s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     s.add_argument("--weight-decay", type=float, default=5e-4,
-                   help="weight decay (L2, added to the gradient, with Adam too) on network parameters, never on "
-                        "step sizes (decaying α shrinks the quantization grid, a known flaw of public LSQ code) "
-                        "[5e-4]")
-    s.add_argument("--batch-size", type=int, default=128, help="training batch size [128]")
-    s.add_argument("--eval-batch-size", type=int, default=1000, help="evaluation batch size [1000]")
+                   help="weight decay (L2) on network parameters, never on step sizes")
+    s.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    s.add_argument("--eval-batch-size", type=int, default=1000, help="evaluation batch size")
     m = p.add_argument_group("model and data")
-    m.add_argument("--arch", default="resnet20", help=f"one of {', '.join(ARCHITECTURES)} [resnet20]")
+    m.add_argument("--arch", default="resnet20", help=f"one of {', '.join(ARCHITECTURES)}")
     m.add_argument("--pretrained", default=None, metavar="PATH",
                    help="float checkpoint made by this tool (--num-bits 32) to start from")
     m.add_argument("--train-subset", type=int, default=None, metavar="N",
-                   help="train on N images, class-balanced, drawn with --seed (for quick trials) [all]")
+                   help="train on N images, class-balanced, drawn with --seed (None: all)")
     m.add_argument("--val-split", type=int, default=0, metavar="N",
-                   help="hold out N training images (class-balanced, drawn with --seed) as a validation set, "
-                        "evaluated every epoch; best.pt is then the best validation epoch. 0: train on all "
-                        "training images, the paper protocol [0]")
+                   help="hold out N training images as a validation set that selects best.pt; 0: none")
     m.add_argument("--data-dir", default="./data",
-                   help="torchvision CIFAR-10 (cifar-10-batches-py/, downloaded there when missing) or an image "
-                        "folder with train/<class>/ and test/<class>/ [./data]")
+                   help="torchvision CIFAR-10 (downloaded when missing) or a train/<class>/, test/<class>/ folder")
     m.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
     m.add_argument("--download", dest="no_download", action="store_false", default=False,
                    help="allow downloading (undoes a run's --no-download on --resume)")
     r = p.add_argument_group("run")
-    r.add_argument("--output-dir", default=None, help="run folder [results/<arch>_<bits>_<lambdas>_s<seed>]")
-    r.add_argument("--seed", type=int, default=42, help="random seed [42]")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
-    r.add_argument("--workers", type=int, default=2, help="processes for decoding images once [2]")
+    r.add_argument("--output-dir", default=None, help="run folder (None: results/<arch>_<bits>_<lambdas>_s<seed>)")
+    r.add_argument("--seed", type=int, default=42, help="random seed")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--workers", type=int, default=2, help="processes for decoding images once")
     r.add_argument("--progress-interval", type=float, default=60.0, metavar="SECONDS",
-                   help="when the output is not a terminal (a log file), print a progress line with the "
-                        "ETA every SECONDS during an epoch; 0: none [60]")
+                   help="seconds between progress lines when the output is not a terminal; 0: none")
     r.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (BR and step sizes stay float32)")
     r.add_argument("--compile", nargs="?", const="on", default="auto", metavar="MODE",
-                   help="torch.compile the training step (forward, LSQ, BR) and evaluation: auto (CUDA: "
-                        "reduce-overhead, i.e. CUDA graphs; CPU: off, the fused C++ kernels are faster), "
-                        "on (the flag alone: reduce-overhead on CUDA, default on the CPU), off, or a "
-                        f"torch.compile mode ({', '.join(TORCH_COMPILE_MODES)}) [auto]")
+                   help=f"torch.compile the training step and evaluation: auto, on, off, or a mode "
+                        f"({', '.join(TORCH_COMPILE_MODES)})")
     r.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
-                   help="under torchrun: BatchNorm with the statistics of the global batch (torch's "
-                        "SyncBatchNorm, GPUs only) instead of each process's shard [off]")
+                   help="under torchrun: BatchNorm statistics of the global batch (GPUs only)")
     r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
-                   help="write TensorBoard logs to <output-dir>/tensorboard [off]")
+                   help="write TensorBoard logs to <output-dir>/tensorboard")
     r.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue the run in --output-dir from last.pt (or from PATH); flags not given "
-                        "are the run's. 'auto': continue it if there is one, exit 0 if it is finished, "
-                        "else start it (again, if it never finished an epoch): a command to repeat")
+                   help="continue the run in --output-dir from last.pt (or PATH); 'auto': continue or start it")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     r.add_argument("--from-warmup", default=None, metavar="PATH",
-                   help="start at stage 2 from PATH, the warmup_end.pt of a run whose stage 1 is this run's (every "
-                        "flag equal but the stage-2 ones: the λs, --br-backprop-to-alpha-act, the freeze flags); "
-                        "its epochs 1..W are copied into this run's folder, which is then as complete as a run "
-                        "from scratch [off]")
+                   help="start at stage 2 from the warmup_end.pt of a run with this run's stage 1")
     r.add_argument("--dry-run", action="store_true", help="print the banner and the resolved config, then exit")
     d = p.add_argument_group("evaluation and post-training quantization (no training)")
     d.add_argument("--evaluate", default=None, metavar="CKPT",
-                   help="print the test top-1 of a checkpoint (or a float state_dict of --arch) and exit; "
-                        "the model is rebuilt from the checkpoint's own configuration")
+                   help="print the test top-1 of a checkpoint (or a float state_dict of --arch) and exit")
     d.add_argument("--ptq", action="store_true",
-                   help="post-training quantization of the float --pretrained network at the bit flags: "
-                        "MSE-optimal step sizes, BatchNorm re-estimated, evaluated; writes a run folder")
-    d.add_argument("--calib-batches", type=int, default=8,
-                   help="--ptq: training batches (of --batch-size, shuffled and augmented as in training, with --seed) "
-                        "to calibrate on [8]")
+                   help="post-training quantization of the float --pretrained network (MSE step sizes)")
+    d.add_argument("--calib-batches", type=int, default=8, help="--ptq: training batches to calibrate on")
     d.add_argument("--bn-recalib", action=argparse.BooleanOptionalAction, default=True,
-                   help="--ptq: re-estimate BatchNorm statistics of the quantized network on the "
-                        "calibration batches [on]")
+                   help="--ptq: re-estimate BatchNorm statistics on the calibration batches")
     return p
 
 
