@@ -45,11 +45,8 @@ class NonFiniteError(RuntimeError):
 
 
 class Interrupted(BaseException):
-    """SIGINT/SIGTERM arrived; ``signum`` says which. Finished epochs are in last.pt.
-
-    A ``BaseException``, like ``KeyboardInterrupt``: raised at any point of the start-up
-    (``cifar10_qat_br.main``), it must pass every ``except Exception`` on its way out.
-    """
+    """SIGINT/SIGTERM arrived (``signum``); finished epochs are in last.pt. A ``BaseException``, like
+    ``KeyboardInterrupt``, so that it passes every ``except Exception`` on its way out."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -86,13 +83,9 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
 
 
 def lr_factor(schedule: str, epochs: int, warmup_epochs: int, finished: int) -> float:
-    """The learning rate of epoch ``finished + 1`` as a multiple of ``--lr`` (``finished`` epochs done).
-
-    ``cosine`` (not used by ``build_scheduler``, which keeps torch's ``CosineAnnealingLR`` so that runs
-    resume bit for bit as before): ``(1 + cos(π·finished/E)) / 2``. ``warmup-constant`` (the seed
-    authors' script): 1 through the warmup (epochs 1..W) and a cosine over the BR epochs W+1..E,
-    ``(1 + cos(π·(finished - W)/(E - W))) / 2``, so epoch W+1 starts at ``--lr`` again.
-    """
+    """The learning rate of epoch ``finished + 1`` as a multiple of ``--lr``: ``cosine``
+    ``(1 + cos(π·finished/E)) / 2``; ``warmup-constant`` (the seed authors' script) 1 through
+    epochs 1..W, then ``(1 + cos(π·(finished - W)/(E - W))) / 2``."""
     if schedule == "warmup-constant":
         if finished < warmup_epochs:
             return 1.0
@@ -101,12 +94,8 @@ def lr_factor(schedule: str, epochs: int, warmup_epochs: int, finished: int) -> 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg):
-    """The per-epoch learning-rate scheduler of ``--lr-schedule`` (stepped after each epoch).
-
-    ``cosine``: ``torch.optim.lr_scheduler.CosineAnnealingLR`` over all epochs (as before the flag).
-    ``warmup-constant``: a ``LambdaLR`` of ``lr_factor`` (without a warmup, the cosine scheduler: the
-    same schedule); its state (the epochs done) resumes with ``load_state_dict`` like the cosine's.
-    """
+    """The per-epoch scheduler of ``--lr-schedule``: torch's ``CosineAnnealingLR`` for ``cosine`` (and
+    ``warmup-constant`` without a warmup: the same schedule), else a ``LambdaLR`` of ``lr_factor``."""
     if cfg.lr_schedule == "warmup-constant" and cfg.warmup_epochs > 0:  # without a warmup: the cosine
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, functools.partial(lr_factor, "warmup-constant", cfg.epochs, cfg.warmup_epochs))
@@ -396,13 +385,8 @@ class Trainer:
         return top1_accuracy(self._evaluate_forward, loader, self.device, self.use_amp, self.group.sum)
 
     def layer_summaries(self) -> tuple[dict, dict]:
-        """Per quantized layer: α values, and weight bin statistics (updates ``previous_bins``).
-
-        Per-channel weight step sizes are logged as their mean (``weight``), ``weight_min`` and ``weight_max``.
-        With ``--act-quant-at relu-output`` each activation's quantizer (``quant.QuantAct``) is logged
-        under the activation's name, as ``{"act": α}``, and a layer whose input is such an output has no
-        ``act`` of its own.
-        """
+        """Per quantized layer (and ``QuantAct``, as ``{"act": α}``): α values (per-channel: mean, min and max),
+        and weight bin statistics (updates ``previous_bins``)."""
         alphas, bins = {}, {}
         for name, quantizer in activation_quantizers(self.model).items():
             if name not in self.layers:  # a QuantAct's
@@ -472,17 +456,9 @@ class Trainer:
         return out
 
     def reestimate_batchnorm(self, batches: int, config: dict) -> dict:
-        """BatchNorm re-estimation after the last epoch (Nagel et al., ICML 2022; their code's
-        ``reestimate_BN_stats``): every running mean and variance replaced by the average of the per-batch
-        statistics over the first ``batches`` training batches of a fresh draw (``train_loader`` epoch
-        E + 1: shuffled and augmented as in training, the same on every resume), with the network as
-        trained (quantized, frozen weights at their codes). Writes ``bn_reestimated.pt`` (the last
-        epoch's checkpoint with those statistics).
-
-        Returns:
-            ``{"batches", "test_acc_before", "test_acc_after"}`` (test top-1, %; before: the last
-            epoch's, ``final_test_acc``).
-        """
+        """``--bn-reestimate`` (Nagel et al., ICML 2022): BatchNorm statistics re-estimated on the first
+        ``batches`` training batches of epoch E + 1's draw, with the network as trained; writes
+        ``bn_reestimated.pt``. Returns ``{"batches", "test_acc_before", "test_acc_after"}`` (test top-1, %)."""
         for collector in (self.hooks, self.weight_stats):  # no BR statistics from these passes
             if collector is not None:
                 collector.enabled = False
@@ -502,13 +478,8 @@ class Trainer:
         return {"batches": len(xs), "test_acc_before": before, "test_acc_after": after}
 
     def best_keys(self) -> dict:
-        """The best epoch so far, in summary.json's and metrics.jsonl's words.
-
-        With a validation split: ``best_val_epoch``, ``best_val_acc`` and ``test_acc_at_best_val``
-        (the test top-1 of a model chosen without the test set). Without one:
-        ``best_test_epoch_optimistic`` and ``best_test_acc_optimistic``, chosen on the test set,
-        so higher than a fresh test would give: never a result.
-        """
+        """The best epoch so far, in summary.json's words: chosen on the validation split if there is one,
+        else on the test set (``..._optimistic``: higher than a fresh test would give, never a result)."""
         if self.val_loader is not None:
             return {"best_val_epoch": self.best_epoch, "best_val_acc": self.best_acc,
                     "test_acc_at_best_val": self.best_test_acc}
