@@ -1,26 +1,14 @@
 """Post-training quantization (PTQ) baseline: quantize a trained float network without training.
 
-1. Weights: per tensor, the step size α minimising the quantization mean squared error
-   ``mean((clamp(round(w/α), Qn, Qp)·α - w)²)`` (``mse_step_size``: a grid over α, then a
-   golden-section refinement around the best grid point; LSQ's ``2·mean|w|/sqrt(Qp)`` (Esser et
-   al. 2020, section 2.1) is one of the candidates). This is the classic MSE-calibrated
-   uniform quantizer (e.g. Banner et al., "Post training 4-bit quantization", NeurIPS 2019,
-   who solve the same objective analytically for Gaussian/Laplace data).
-2. Activations: the same objective on the input of every quantized layer, sampled from the
-   float network on ``--calib-batches`` seeded batches of training images, augmented as in
-   training (``calibration_batches``), from the training part only: never the images that
-   ``--val-split`` holds out (``data.training_images``; ``--train-subset`` draws from the rest).
-3. BatchNorm: running statistics re-estimated on the same batches with the network quantized
-   (``--bn-recalib``; Nagel et al., "A White Paper on Neural Network Quantization", 2021,
-   section 4.3), since quantized weights shift the statistics of every conv output.
+1. Weights: per tensor (or channel), the step size α minimising ``mean((clamp(round(w/α), Qn, Qp)·α - w)²)``
+   (``mse_step_size``: a grid, then golden-section; LSQ's ``2·mean|w|/sqrt(Qp)`` is a candidate), as in
+   Banner et al., NeurIPS 2019.
+2. Activations: the same objective on every quantizer's float input, over ``--calib-batches`` seeded,
+   augmented training batches (never the ``--val-split`` images).
+3. BatchNorm re-estimated on those batches, quantized (``--bn-recalib``; Nagel et al. 2021, section 4.3);
+   the float network with the same re-estimation is reported too (``float_bn_recalib_test_acc``).
 
-Re-estimated statistics also change the float network (its running statistics are averages
-over training steps with moving weights), so a PTQ run also reports the float network with the
-same re-estimation (``float_bn_recalib_test_acc``): the difference to it is what quantization
-costs.
-
-The result is an ordinary fake-quantized model (the same ``LSQQuantizer`` modules QAT
-trains), so ``--evaluate``, ``export.py`` and ``--pretrained`` chains treat it like any run.
+The result is an ordinary fake-quantized model, which ``--evaluate``, ``export.py`` and ``--pretrained`` take.
 """
 
 from __future__ import annotations

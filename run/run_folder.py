@@ -70,23 +70,10 @@ def run_finished(output_dir: str) -> bool:
 
 
 def resolve_resume(cfg, argv: list[str]) -> dict | None:
-    """Apply ``--resume``: load the checkpoint, take the run's flags, refuse experiment changes.
-
-    Flags not given on the command line take the run's values (also where the data and
-    logs live: ``--data-dir``, ``--no-download``, ``--tensorboard``, ...), except those of
-    ``INVOCATION_FLAGS``; run flags given override the run's, experiment flags given with
-    another value are refused with one line listing the differences (an experiment flag
-    newer than the run, absent from its config, ran at its default: ``--optimizer adam`` on a
-    run from before ``--optimizer`` is refused too); ``HISTORY_FLAGS`` are always the run's.
-    ``cfg`` is updated in place.
-
-    Returns:
-        the checkpoint, or None without ``--resume``.
-
-    Raises:
-        CheckpointError: no checkpoint, or a corrupt one.
-        ConfigError: experiment flags that differ from the run's.
-    """
+    """Apply ``--resume``: load the checkpoint, take the run's flags for those not given (not
+    ``INVOCATION_FLAGS``; ``HISTORY_FLAGS`` always), refuse experiment flags given with another value.
+    Returns the checkpoint (None without ``--resume``); raises CheckpointError, ConfigError.
+    The rules in full: docs/design_engine.md."""
     if cfg.resume is None:
         return None
     if cfg.resume:
@@ -129,25 +116,9 @@ LOG_FILES = ("metrics.jsonl", "timing.jsonl")
 
 
 def branch_from_warmup(cfg) -> dict:
-    """Load ``--from-warmup PATH`` (the ``warmup_end.pt`` of another run) for a run that starts at stage 2.
-
-    Stage 1 of runs that differ only in ``STAGE2_FLAGS`` is one experiment, so a run may take it
-    from another: this run then continues from PATH at epoch W+1, as ``--resume`` would, with its
-    own stage-2 flags. Every other experiment flag (resolved: ``--warmup-epochs`` and ``--lr``
-    filled in) must equal the warmup's; a flag newer than the warmup counts as its default there.
-    ``--pretrained`` must be given when the warmup had one, but its path may differ (the same
-    float network elsewhere); when the warmup's file exists here too, both must hold the same weights.
-    The warmup's ``metrics.jsonl`` and ``timing.jsonl`` rows of epochs 1..W, from PATH's folder,
-    are returned under ``ckpt["warmup_logs"]`` (name -> rows), for ``write_branch_start``.
-
-    Returns:
-        the checkpoint (epoch W).
-
-    Raises:
-        ConfigError: ``--ptq`` given too; flags that would change stage 1 (each named with both values).
-        CheckpointError: PATH is not a checkpoint of this tool, not the end of a warmup, or its
-            folder lacks the log rows of epochs 1..W.
-    """
+    """Load ``--from-warmup PATH`` (another run's ``warmup_end.pt``, epoch W) for a run that starts at
+    stage 2: every experiment flag but ``STAGE2_FLAGS`` must equal the warmup's; its log rows of epochs
+    1..W come under ``ckpt["warmup_logs"]``. Raises ConfigError, CheckpointError (docs/design_engine.md)."""
     path = cfg.from_warmup
     if cfg.ptq:
         raise ConfigError("--from-warmup trains stage 2; --ptq trains nothing: pass one")
@@ -415,24 +386,9 @@ def holds_finished_work(folder: str) -> bool:
 
 
 def prepare_output_dir(cfg, resuming: bool) -> tuple[bool, RunFolderLock, list[str]]:
-    """Create ``--output-dir`` (default: a descriptive folder under results/), lock it, check it.
-
-    The folder is locked for the run (``RunFolderLock``) before anything in it is looked at.
-    It may hold a run only when that run is the one resumed (``--resume``, or ``--resume
-    PATH`` with PATH in the folder); any other run there is refused unless ``--overwrite``,
-    or unless it has no finished work (``holds_finished_work``). A checkpoint resumed into a
-    new or empty folder continues there. Nothing is removed here: the old run's files are
-    returned, for ``replace_old_run`` once every check of the new run has passed.
-
-    Returns:
-        whether this call created the folder, the held lock (the caller releases it), and the
-        files of the run to replace (``_run_files``; empty when there is none).
-
-    Raises:
-        ConfigError: it is a file, not writable, in use by another process, or holds a run
-            other than the resumed one and ``--overwrite`` was not given; ``--overwrite``
-            with the folder's own run resumed.
-    """
+    """Create ``--output-dir`` (default: under results/), lock it (``RunFolderLock``), check it: it may
+    hold only the resumed run, or one without finished work, unless ``--overwrite``. Returns (created,
+    the held lock, the old run's files for ``replace_old_run``); raises ConfigError (docs/design_engine.md)."""
     cfg.output_dir = cfg.output_dir or default_output_dir(cfg)
     out = cfg.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
