@@ -296,8 +296,8 @@ def run(cfg, source, replace_old_run) -> int:
     atomic_torch_save({"model": model.state_dict(), "config": config, "method": "ptq", "epoch": 0,
                        "last_acc": acc, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc},
                       os.path.join(cfg.output_dir, "ptq.pt"))
-    atomic_write_json({"status": "finished", "method": "ptq", "final_test_acc": acc, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc,
-                       "epochs": 0, "wall_time_s": seconds},
+    atomic_write_json({"status": "finished", "method": "ptq", "final_test_acc": acc, "float_test_acc": float_acc,
+                       "float_bn_recalib_test_acc": float_bn_acc, "epochs": 0, "wall_time_s": seconds},
                       os.path.join(cfg.output_dir, "summary.json"))
     print(f"Done: PTQ W{weight_bits(cfg)}A{act_bits(cfg)} test top-1 {acc:.2f}% (float {float_acc:.2f}%), "
           f"{seconds:.0f}s. Results in {cfg.output_dir}")
