@@ -549,7 +549,7 @@ class Trainer:
 
     def _save_epoch(self, row: dict, timing: dict, epoch: int, config: dict, improved: bool) -> None:
         # Checkpoints first, holding this epoch's log rows: a kill before the logs are
-        # appended loses nothing (runner.restore_logs writes missing rows back on --resume).
+        # appended loses nothing (run_folder.restore_logs writes missing rows back on --resume).
         logs = {"metrics.jsonl": row, "timing.jsonl": timing}
         state = dict(self.state_dict(epoch, config), log_rows=logs)
         atomic_torch_save(state, os.path.join(self.output_dir, "last.pt"))
