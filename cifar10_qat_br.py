@@ -36,11 +36,15 @@ if __name__ == "__main__":  # the imports take seconds: a signal then ends with 
 import torch  # noqa: E402
 
 from run import config  # noqa: E402
+from run import banner as run_banner  # noqa: E402
 from run import distributed  # noqa: E402
 from run import run_folder  # noqa: E402
-from run.checkpoint import EXIT_WRITE_FAILED, CheckpointError, WriteError, atomic_write_json  # noqa: E402
+from run.checkpoint import (EXIT_WRITE_FAILED, CheckpointError, WriteError, atomic_write_json,  # noqa: E402
+                            check_pretrained, load_checkpoint, load_pretrained)
+from run import config_json  # noqa: E402
 from run.data import DataError, DeviceLoader, find_source, load_split, shard, training_images  # noqa: E402
-from engine import Interrupted, NonFiniteError, Trainer, seed_everything  # noqa: E402
+from run.seeding import seed_everything  # noqa: E402
+from engine import Interrupted, NonFiniteError, Trainer, build_recipe  # noqa: E402
 from models import build_model  # noqa: E402
 from quant import kernels, quantize_model, quantized_layers  # noqa: E402
 
@@ -63,7 +67,7 @@ def build_quantized_model(cfg, pretrained: bool = True) -> torch.nn.Module:
     checkpoint holds its weights), converted to LSQ fake quantization."""
     model = build_model(cfg.arch, clip_value=cfg.clip_value)
     if cfg.pretrained and pretrained:
-        run_folder.load_pretrained(model, cfg)
+        load_pretrained(model, cfg)
     return quantize_model(model, config.weight_bits(cfg), config.act_bits(cfg), config.first_last_bits(cfg),
                           per_channel_weights=cfg.per_channel_weights, act_quant_at=cfg.act_quant_at)
 
@@ -113,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
                 ptq_warnings = ptq.check_flags(cfg, argv)
                 cfg.output_dir = cfg.output_dir or ptq.default_output_dir(cfg)
             if cfg.pretrained and ckpt is None:
-                run_folder.check_pretrained(run_folder.load_checkpoint(cfg.pretrained, "--pretrained"), cfg)
+                check_pretrained(load_checkpoint(cfg.pretrained, "--pretrained"), cfg)
             source = find_source(cfg.data_dir, download=not cfg.no_download)
             processes = group.describe(cfg, config.resolve_device(cfg.device)) if group is not None else ""
             if cfg.dry_run:
                 cfg.output_dir = cfg.output_dir or config.default_output_dir(cfg)
                 print("\n".join(ptq.banner(cfg, source.describe(), ptq_warnings) if cfg.ptq
-                                else config.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)))
+                                else run_banner.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)))
                 print("Resolved config:")
                 for key, value in sorted(vars(cfg).items()):
                     print(f"  {key}: {value}")
@@ -130,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 created_output_dir, lock, old_run = run_folder.prepare_output_dir(cfg, resuming=cfg.resume is not None)
             if cfg.ptq:
                 print("\n".join(ptq.banner(cfg, source.describe(), ptq_warnings)), flush=True)
-                return ptq.run(cfg, source, old_run)
-            print("\n".join(config.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)),
+                return ptq.run(cfg, source, lambda: run_folder.replace_old_run(cfg.output_dir, old_run))
+            print("\n".join(run_banner.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)),
                   flush=True)
             trainer, run_config = set_up(cfg, source, ckpt, group)
         return train(cfg, trainer, run_config, ckpt, old_run, group)
@@ -140,16 +144,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except WriteError as exc:  # rank 0 only: the other ranks are ended by torchrun
-        print(f"error: {exc}. Stopped; {_kept(cfg, group, 'Make room (or fix the folder)')}", file=sys.stderr)
+        print(f"error: {exc}. Stopped; {_kept_and_next_step(cfg, group, 'Make room (or fix the folder)')}",
+              file=sys.stderr)
         return EXIT_WRITE_FAILED
     except NonFiniteError as exc:  # every rank at the same step (Trainer._agree_on_step)
         if distributed.is_main(group):
-            print(f"error: {exc}. Stopped (no metrics were written for the failed epoch); {_kept(cfg, group)}",
-                  file=sys.stderr)
+            print(f"error: {exc}. Stopped (no metrics were written for the failed epoch); "
+                  f"{_kept_and_next_step(cfg, group)}", file=sys.stderr)
         return EXIT_NON_FINITE
     except Interrupted as exc:
         if distributed.is_main(group):
-            print(f"\nInterrupted by {exc}; {_kept(cfg, group)}", file=sys.stderr)
+            print(f"\nInterrupted by {exc}; {_kept_and_next_step(cfg, group)}", file=sys.stderr)
         return 128 + exc.signum
     except RuntimeError as exc:  # under torchrun: a collective failed because another rank ended
         # torchrun now ends this process too (SIGTERM): ignore it first (SIGTERM first, no call before),
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if group.is_main:  # another rank died (killed, out of memory); else rank 0 ended and said why
             print(f"error: another process of this torchrun run ended. Stopped; "
-                  f"{_kept(cfg, group)}", file=sys.stderr)
+                  f"{_kept_and_next_step(cfg, group)}", file=sys.stderr)
         return EXIT_LOST_RANK
     finally:  # the run folder is held until the process is done with it
         for s, handler in previous.items():
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             group.close()
 
 
-def _kept(cfg, group=None, fix: str = "") -> str:
+def _kept_and_next_step(cfg, group=None, fix: str = "") -> str:
     """What a stopped run kept and how to go on, for its one error line (``fix``: what to do first)."""
     epoch = run_folder.saved_epoch(os.path.join(cfg.output_dir, "last.pt")) if cfg.output_dir else None
     resume, again = (f"{fix}, then resume", f"{fix}, then start again") if fix else ("Resume", "Start again")
@@ -238,9 +243,10 @@ def set_up(cfg, source, ckpt, group=None):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     print(f"Quantized layers: {len(quantized_layers(model))}", flush=True)
+    recipe = build_recipe(cfg, model)  # optimizer, LR schedule, regularizers, compile
     trainer = Trainer(cfg, model, train_loader, test_loader, device, cfg.output_dir if is_main else None,
-                      val_loader=val_loader, val_index=val_index, group=group)
-    run_config = run_folder.run_config(cfg, source.describe(), cpu_kernels, val_split, world_size,
+                      val_loader=val_loader, val_index=val_index, group=group, recipe=recipe)
+    run_config = config_json.run_config(cfg, source.describe(), cpu_kernels, val_split, world_size,
                                    group.backend(device) if group is not None else None)
     if ckpt is not None:
         run_config["derived"]["warmup_source"] = run_folder.warmup_source(cfg, ckpt)
@@ -280,7 +286,7 @@ def open_run_files(cfg, trainer, run_config: dict, ckpt, old_run: list[str]) -> 
         note = run_folder.backfill_tensorboard(trainer.tb, cfg.output_dir, ckpt) if trainer.tb is not None else None
         if note:
             print(note, flush=True)
-    run_folder.write_config(cfg, run_config)
+    config_json.write_config(cfg, run_config)
 
 
 def train(cfg, trainer, run_config: dict, ckpt, old_run: list[str], group=None) -> int:

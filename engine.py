@@ -11,22 +11,23 @@ from __future__ import annotations
 import functools
 import math
 import os
-import random
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from run.checkpoint import append_jsonl, atomic_torch_save, numpy_rng_from_plain, numpy_rng_to_plain
+from run.checkpoint import append_jsonl, atomic_torch_save
 from run.config import act_bits, compile_mode, freeze_thresholds, frozen_kinds, learning_rate, weight_bits
 from run.distributed import is_main
 from hooks import ActivationHookManager, BinStatsCollector
+from run.evaluation import recalibrate_batchnorm, top1_accuracy
 from run.progress import EpochProgress
+from run.seeding import rng_state, set_rng_state
 from quant import (FULL_PRECISION_BITS, activation_quantizers, keep_step_sizes_positive, quantized_layers,
                    step_size_quantizers)
 from regularizers import INFO_FIELDS, BinRegularizer, weight_bin_stats
@@ -44,11 +45,8 @@ class NonFiniteError(RuntimeError):
 
 
 class Interrupted(BaseException):
-    """SIGINT/SIGTERM arrived; ``signum`` says which. Finished epochs are in last.pt.
-
-    A ``BaseException``, like ``KeyboardInterrupt``: raised at any point of the start-up
-    (``cifar10_qat_br.main``), it must pass every ``except Exception`` on its way out.
-    """
+    """SIGINT/SIGTERM arrived (``signum``); finished epochs are in last.pt. A ``BaseException``, like
+    ``KeyboardInterrupt``, so that it passes every ``except Exception`` on its way out."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -85,13 +83,9 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
 
 
 def lr_factor(schedule: str, epochs: int, warmup_epochs: int, finished: int) -> float:
-    """The learning rate of epoch ``finished + 1`` as a multiple of ``--lr`` (``finished`` epochs done).
-
-    ``cosine`` (not used by ``build_scheduler``, which keeps torch's ``CosineAnnealingLR`` so that runs
-    resume bit for bit as before): ``(1 + cos(π·finished/E)) / 2``. ``warmup-constant`` (the seed
-    authors' script): 1 through the warmup (epochs 1..W) and a cosine over the BR epochs W+1..E,
-    ``(1 + cos(π·(finished - W)/(E - W))) / 2``, so epoch W+1 starts at ``--lr`` again.
-    """
+    """The learning rate of epoch ``finished + 1`` as a multiple of ``--lr``: ``cosine``
+    ``(1 + cos(π·finished/E)) / 2``; ``warmup-constant`` (the seed authors' script) 1 through
+    epochs 1..W, then ``(1 + cos(π·(finished - W)/(E - W))) / 2``."""
     if schedule == "warmup-constant":
         if finished < warmup_epochs:
             return 1.0
@@ -100,39 +94,12 @@ def lr_factor(schedule: str, epochs: int, warmup_epochs: int, finished: int) -> 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg):
-    """The per-epoch learning-rate scheduler of ``--lr-schedule`` (stepped after each epoch).
-
-    ``cosine``: ``torch.optim.lr_scheduler.CosineAnnealingLR`` over all epochs (as before the flag).
-    ``warmup-constant``: a ``LambdaLR`` of ``lr_factor`` (without a warmup, the cosine scheduler: the
-    same schedule); its state (the epochs done) resumes with ``load_state_dict`` like the cosine's.
-    """
+    """The per-epoch scheduler of ``--lr-schedule``: torch's ``CosineAnnealingLR`` for ``cosine`` (and
+    ``warmup-constant`` without a warmup: the same schedule), else a ``LambdaLR`` of ``lr_factor``."""
     if cfg.lr_schedule == "warmup-constant" and cfg.warmup_epochs > 0:  # without a warmup: the cosine
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, functools.partial(lr_factor, "warmup-constant", cfg.epochs, cfg.warmup_epochs))
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA) generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every random generator state (python, numpy, torch CPU and CUDA), as tensors, plain
-    containers and numbers: a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
-    return {"python": random.getstate(), "numpy": numpy_rng_to_plain(np.random.get_state()),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(numpy_rng_from_plain(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _clone_tensors(tree):
@@ -142,97 +109,71 @@ def _clone_tensors(tree):
     return tree.clone() if isinstance(tree, torch.Tensor) else tree
 
 
-@torch.inference_mode()
-def top1_accuracy(forward, loader, device: torch.device, use_amp: bool = False, reduce=None) -> float:
-    """Top-1 accuracy (%) of ``forward`` (a model in eval mode) over every batch of ``loader``
-    (``data.DeviceLoader``); bf16 autocast with ``use_amp``. The one evaluation of every path
-    (training, ``--evaluate``, PTQ, export), so they report the same number for the same model.
+def build_recipe(cfg, model: nn.Module) -> SimpleNamespace:
+    """What trains ``model``: the optimizer, LR schedule, regularizers (BR, oscillation tracking) and compile.
 
-    ``reduce``: for a loader of one shard of the test set (torchrun), a function that sums an
-    int64 ``(2,)`` tensor (correct, images) over the processes (``distributed.Group.sum``)."""
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for x, y in loader.batches():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            correct += (forward(x).argmax(1) == y).sum()
-    if reduce is None:
-        return 100.0 * int(correct) / max(len(loader.labels), 1)
-    counts = reduce(torch.stack([correct, torch.tensor(len(loader.labels), device=device)]))
-    return 100.0 * int(counts[0]) / max(int(counts[1]), 1)
+    BR regularises the low-bit layers (never the first conv and the last linear, at --first-last-bits);
+    A-BR the low-bit layers' inputs (--act-quant-at conv-input) or every activation's output (relu-output).
+    W-BR's gradient always reaches the weight α (unless frozen); A-BR's only with --br-backprop-to-alpha-act.
+    Each activation quantizer computes its bin statistics on its own grid (unsigned after a ReLU, signed
+    before MobileNetV2's linear bottlenecks): both grids of one width have the same number of bins.
+    """
+    layers = quantized_layers(model)
+    br_layers = {n: m for n, m in layers.items() if not m.is_first_or_last}
+    br_act_quantizers = {n: q for n, q in activation_quantizers(model).items()
+                         if not (n in layers and layers[n].is_first_or_last)}
+    r = SimpleNamespace(layers=layers, br_layers=br_layers, br_act_quantizers=br_act_quantizers, w_reg=None,
+                        a_reg=None, hooks=None, weight_stats=None, tracker=None, freeze=None)
+    if cfg.lambda_br > 0 and weight_bits(cfg) < FULL_PRECISION_BITS and br_layers:
+        r.w_reg = BinRegularizer(weight_bits(cfg), signed=True)
+        r.weight_stats = BinStatsCollector({n: m.weight_quant for n, m in br_layers.items()}, grad_to_alpha=True)
+    if cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS and br_act_quantizers:
+        r.a_reg = BinRegularizer(act_bits(cfg), signed=False)
+        r.hooks = ActivationHookManager(model, br_act_quantizers, bin_stats_grad_to_alpha=cfg.br_backprop_to_alpha_act)
+    # oscillations of the low-bit weights, tracked in every run that has them; dampening and freezing in stage 2
+    if weight_bits(cfg) < FULL_PRECISION_BITS and br_layers:
+        r.freeze = freeze_thresholds(cfg)
+        r.tracker = OscillationTracker(br_layers, cfg.oscillation_momentum, r.freeze is not None)
+    r.optimizer = build_optimizer(model, cfg)
+    r.scheduler = build_scheduler(r.optimizer, cfg)
+    # --compile: the whole training forward pass (network, LSQ, BR's statistics and losses) in one graph, and
+    # evaluation; dynamic=False: a static graph per batch shape (the ragged last batch is dropped), as CUDA graphs need
+    r.compile_mode = compile_mode(cfg)
+    r.compile = (functools.partial(torch.compile, mode=r.compile_mode, dynamic=False)
+                 if r.compile_mode != "off" else None)
+    return r
 
 
 class Trainer:
     """Runs the two-stage schedule on one device.
 
-    Args:
-        cfg: the resolved configuration (``config.build_parser`` namespace).
-        model: the (quantized) network, already on ``device``.
-        train_loader, test_loader: ``data.DeviceLoader`` objects.
-        device: the training device.
-        output_dir: where metrics and checkpoints go (None: keep nothing, for benchmarks, and on
-            every rank but 0 of a torchrun run).
-        log: a ``print``-like function for the console.
-        tb: an optional ``tb_logging.TensorBoardLogger``.
-        val_loader: the held-out training images (``--val-split``; ``DeviceLoader`` without
-            augmentation), or None. With it, ``best.pt`` is the epoch of the best validation
-            top-1; without it, of the best test top-1 (selected on the test set: optimistic).
-            Under torchrun, this rank's shard (like the test loader).
-        val_index: the held-out images' indices in the training split (int64), saved in every
-            checkpoint so that a resumed run can prove it holds out the same images.
-        group: a ``distributed.Group`` under torchrun (None: one process). The loaders then hold
-            this rank's shards; the training forward pass runs through ``DistributedDataParallel``
-            (built again when the set of trainable parameters changes: frozen step sizes), the
-            ranks agree on every checked step (``_agree_on_step``), the epoch's metrics are summed
-            over the ranks and the evaluation is sharded (see distributed.py).
+    ``cfg``: the resolved flags; ``model``: the quantized network on ``device``; ``recipe``: ``build_recipe``'s
+    (built here if None); loaders: ``data.DeviceLoader``s (``val_loader``: --val-split's held-out images, which
+    select ``best.pt``; without it the test set does: optimistic). ``val_index``: those images' indices, saved in
+    every checkpoint. ``output_dir`` None keeps nothing (benchmarks, torchrun ranks but 0). ``group``: a
+    ``distributed.Group`` under torchrun (the forward pass runs through DDP; see run/distributed.py).
     """
 
     def __init__(self, cfg, model, train_loader, test_loader, device, output_dir=None, log=print, tb=None,
-                 val_loader=None, val_index=None, group=None):
+                 val_loader=None, val_index=None, group=None, recipe=None):
         self.cfg, self.model, self.device, self.output_dir, self.log, self.tb = cfg, model, device, output_dir, log, tb
         self.group = group
         self.network, self._trainable = model, None  # the module the training forward pass calls (DDP under torchrun)
         self.train_loader, self.test_loader, self.val_loader = train_loader, test_loader, val_loader
         self.val_index = val_index
-        self.layers = quantized_layers(model)
-        # BR regularises the low-bit layers; the first conv and last linear stay at
-        # --first-last-bits, where the grid is fine and BR has nothing to gain.
-        self.br_layers = {n: m for n, m in self.layers.items() if not m.is_first_or_last}
-        # A-BR's quantizers: the low-bit layers' inputs (--act-quant-at conv-input), or every
-        # activation's output (relu-output); never the first conv's or the last linear's input.
-        self.br_act_quantizers = {n: q for n, q in activation_quantizers(model).items()
-                                  if not (n in self.layers and self.layers[n].is_first_or_last)}
-        self.w_reg = self.a_reg = self.hooks = self.weight_stats = None
-        if cfg.lambda_br > 0 and weight_bits(cfg) < FULL_PRECISION_BITS and self.br_layers:
-            self.w_reg = BinRegularizer(weight_bits(cfg), signed=True)
-            # W-BR's gradient always reaches the weight α (unless frozen: then α has no grad).
-            self.weight_stats = BinStatsCollector({n: m.weight_quant for n, m in self.br_layers.items()},
-                                                  grad_to_alpha=True)
-        if cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS and self.br_act_quantizers:
-            # Each quantizer computes its bin statistics on its own grid: unsigned after a ReLU,
-            # signed where the input can be negative (MobileNetV2's linear bottlenecks). Both grids
-            # of one width have the same number of bins, and the loss needs nothing else of them.
-            self.a_reg = BinRegularizer(act_bits(cfg), signed=False)
-            self.hooks = ActivationHookManager(model, self.br_act_quantizers,
-                                               bin_stats_grad_to_alpha=cfg.br_backprop_to_alpha_act)
-        # Oscillations (regularizers/oscillation.py) of the low-bit weights, tracked in every run that has
-        # them; dampening and freezing act in stage 2 (``_progress``: the stage-2 steps done / all of them).
-        self.tracker, self.freeze, self._progress, self.bn_reestimated = None, None, 0.0, None
-        if weight_bits(cfg) < FULL_PRECISION_BITS and self.br_layers:
-            self.freeze = freeze_thresholds(cfg)
-            self.tracker = OscillationTracker(self.br_layers, cfg.oscillation_momentum, self.freeze is not None)
+        recipe = recipe if recipe is not None else build_recipe(cfg, model)
+        self.layers, self.br_layers, self.br_act_quantizers = recipe.layers, recipe.br_layers, recipe.br_act_quantizers
+        self.w_reg, self.a_reg = recipe.w_reg, recipe.a_reg
+        self.weight_stats, self.hooks = recipe.weight_stats, recipe.hooks
+        self.tracker, self.freeze, self.optimizer, self.scheduler = (recipe.tracker, recipe.freeze, recipe.optimizer,
+                                                                     recipe.scheduler)
         self.dampen = cfg.lambda_dampen > 0 and self.tracker is not None
-        self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self._progress, self.bn_reestimated = 0.0, None  # _progress: the stage-2 steps done / all of them
         self.use_amp = cfg.amp and device.type == "cuda"
-        # --compile: the whole training forward pass (network, LSQ, BR's statistics and losses) in
-        # one graph, and evaluation; state (checkpoints, α, hooks) lives on ``model`` either way.
-        # dynamic=False: every batch shape gets its own static graph (the loader drops the ragged
-        # last training batch when compiled), which CUDA graphs need.
-        self.compile_mode = compile_mode(cfg)
-        compiled = self.compile_mode != "off"
-        compile_ = lambda fn: torch.compile(fn, mode=self.compile_mode, dynamic=False)  # noqa: E731
-        self._compiled_losses = compile_(self._losses) if compiled else None
-        self._evaluate_forward = compile_(model) if compiled else model
-        self._cuda_graphs = compiled and device.type == "cuda" and self.compile_mode == "reduce-overhead"
+        self.compile_mode = recipe.compile_mode  # state (checkpoints, α, hooks) lives on ``model`` either way
+        self._compiled_losses = recipe.compile(self.forward_losses) if recipe.compile else None
+        self._evaluate_forward = recipe.compile(model) if recipe.compile else model
+        self._cuda_graphs = device.type == "cuda" and self.compile_mode == "reduce-overhead"
         self._quantizers = list(step_size_quantizers(model).values())
         # best_acc: the selection metric (validation top-1 with a val split, else test top-1) of
         # best_epoch; best_test_acc: the test top-1 of that epoch.
@@ -295,26 +236,12 @@ class Trainer:
                 self.network, self._trainable = self.group.wrap(self.model, self.device), trainable
 
     # -- one step ------------------------------------------------------------------------------
-    def loss_terms(self, x: torch.Tensor, y: torch.Tensor, use_br: bool):
-        """Forward pass and loss terms. Returns ``(loss, logits, ce, br_w, br_a, w_info, a_info)``.
+    def forward_losses(self, x: torch.Tensor, y: torch.Tensor, use_br: bool):
+        """Forward pass and ``loss = CE + λ_w·BR_w + λ_a·BR_a``; the function ``--compile`` compiles.
 
-        Compiled with ``--compile`` once every step size is initialised: the steps before that
-        (the first, without ``--pretrained`` or ``--resume``) run eagerly, so that α's
-        initialisation from the first batch never enters a compiled graph.
+        BR_w and BR_a come from the bin statistics that the weight and activation quantizers computed
+        in this forward pass (hooks.py). Returns ``(loss, logits, ce, br_w, br_a, w_info, a_info)``.
         """
-        if self.hooks is not None:
-            self.hooks.enabled = use_br
-        if self.weight_stats is not None:
-            self.weight_stats.enabled = use_br
-        losses = self._losses
-        if self._compiled_losses is not None and all(q._is_initialized for q in self._quantizers):
-            losses = self._compiled_losses
-            if self._cuda_graphs:  # a new training step: the previous step's graph outputs may be reused
-                torch.compiler.cudagraph_mark_step_begin()
-        return losses(x, y, use_br)
-
-    def _losses(self, x: torch.Tensor, y: torch.Tensor, use_br: bool):
-        """``loss_terms`` after the BR switches are set: the function that ``--compile`` compiles."""
         zero = torch.zeros((), device=self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             logits = self.network(x)
@@ -322,41 +249,33 @@ class Trainer:
         br_w = br_a = zero
         w_info = a_info = None
         if use_br and self.w_reg is not None:
-            br_w, w_info = self.weight_br()
+            stats = self.weight_stats.get()
+            self.weight_stats.clear()
+            br_w, w_info = self.w_reg.total_from_stats(stats)
         if use_br and self.a_reg is not None:
-            br_a, a_info = self.activation_br()
+            stats = self.hooks.get_bin_stats()
+            self.hooks.clear()
+            br_a, a_info = self.a_reg.total_from_stats(stats)
         loss = ce + self.cfg.lambda_br * br_w + self.cfg.lambda_br_act * br_a
         return loss, logits, ce, br_w, br_a, w_info, a_info
 
-    def weight_br(self):
-        """W-BR over the low-bit layers' weights, from the bin statistics their weight quantizers
-        computed in the latest training forward pass; its gradient always reaches the weight α."""
-        stats = self.weight_stats.get()
-        self.weight_stats.clear()
-        return self.w_reg.total_from_stats(stats)
-
-    def activation_br(self):
-        """A-BR from the bin statistics of the pre-quantization activations that their quantizers
-        computed in the latest training forward pass (collected by the hook manager).
-
-        The target ``k·α`` carries gradient to each layer's own activation α only with
-        ``--br-backprop-to-alpha-act`` (set on the quantizers by the hook manager). Either
-        way the gradient reaches the activations, and through them the layers that produced
-        them (upstream weights and step sizes, exactly as cross-entropy's gradient does).
-        """
-        stats = self.hooks.get_bin_stats()
-        self.hooks.clear()
-        return self.a_reg.total_from_stats(stats)
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, use_br: bool, check: tuple | None = None) -> dict:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, use_br: bool, finite_check_at: tuple | None = None) -> dict:
         """One optimiser step. Returns device tensors (no host sync): loss parts, correct count, infos.
 
-        With ``check=(epoch, step)`` the loss is read before the update, and a non-finite
-        one raises ``NonFiniteError`` while the parameters are still those that caused it.
+        With ``finite_check_at=(epoch, step)`` a non-finite loss raises ``NonFiniteError`` before the
+        update, while the parameters are still those that caused it.
         """
         if self.tracker is not None and not self.tracker.started:  # a step outside train_epoch
             self.tracker.start()
-        loss, logits, ce, br_w, br_a, w_info, a_info = self.loss_terms(x, y, use_br)
+        for collector in (self.hooks, self.weight_stats):  # the quantizers compute bin statistics for BR
+            if collector is not None:
+                collector.enabled = use_br
+        forward_losses = self.forward_losses  # compiled once every α is initialised (eagerly, from a first batch)
+        if self._compiled_losses is not None and all(q._is_initialized for q in self._quantizers):
+            forward_losses = self._compiled_losses
+            if self._cuda_graphs:  # a new training step: the previous step's graph outputs may be reused
+                torch.compiler.cudagraph_mark_step_begin()
+        loss, logits, ce, br_w, br_a, w_info, a_info = forward_losses(x, y, use_br)
         dampen = torch.zeros((), device=self.device)
         if use_br and self.dampen:  # λ_d rises by a cosine from 0 over stage 2 (Nagel et al. 2022)
             dampen = self.tracker.dampening(self.cfg.dampen_aggregation)
@@ -364,11 +283,11 @@ class Trainer:
         out = {"loss": loss.detach(), "ce": ce.detach(), "br_w": br_w.detach(), "br_a": br_a.detach(),
                "dampen": dampen.detach(), "correct": (logits.argmax(1) == y).sum(), "w_info": w_info,
                "a_info": a_info}
-        if check is not None:
+        if finite_check_at is not None:
             if self.group is not None:
-                self._agree_on_step(out, *check)
+                self._agree_on_step(out, *finite_check_at)
             else:
-                self._check_finite(out, *check)
+                self._check_finite(out, *finite_check_at)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -431,7 +350,7 @@ class Trainer:
         for x, y in bar:
             steps += 1
             self._progress = (stage2_done + steps - 1) / stage2_steps if use_br else 0.0
-            out = self.train_step(x, y, use_br, check=(epoch, steps) if steps % check_every == 0 else None)
+            out = self.train_step(x, y, use_br, (epoch, steps) if steps % check_every == 0 else None)
             sums += torch.stack([out["loss"], out["ce"], out["br_w"], out["br_a"], out["dampen"]])
             correct += out["correct"]
             seen += y.shape[0]
@@ -463,13 +382,8 @@ class Trainer:
         return top1_accuracy(self._evaluate_forward, loader, self.device, self.use_amp, self.group.sum)
 
     def layer_summaries(self) -> tuple[dict, dict]:
-        """Per quantized layer: α values, and weight bin statistics (updates ``previous_bins``).
-
-        Per-channel weight step sizes are logged as their mean (``weight``), ``weight_min`` and ``weight_max``.
-        With ``--act-quant-at relu-output`` each activation's quantizer (``quant.QuantAct``) is logged
-        under the activation's name, as ``{"act": α}``, and a layer whose input is such an output has no
-        ``act`` of its own.
-        """
+        """Per quantized layer (and ``QuantAct``, as ``{"act": α}``): α values (per-channel: mean, min and max),
+        and weight bin statistics (updates ``previous_bins``)."""
         alphas, bins = {}, {}
         for name, quantizer in activation_quantizers(self.model).items():
             if name not in self.layers:  # a QuantAct's
@@ -539,18 +453,9 @@ class Trainer:
         return out
 
     def reestimate_batchnorm(self, batches: int, config: dict) -> dict:
-        """BatchNorm re-estimation after the last epoch (Nagel et al., ICML 2022; their code's
-        ``reestimate_BN_stats``): every running mean and variance replaced by the average of the per-batch
-        statistics over the first ``batches`` training batches of a fresh draw (``train_loader`` epoch
-        E + 1: shuffled and augmented as in training, the same on every resume), with the network as
-        trained (quantized, frozen weights at their codes). Writes ``bn_reestimated.pt`` (the last
-        epoch's checkpoint with those statistics).
-
-        Returns:
-            ``{"batches", "test_acc_before", "test_acc_after"}`` (test top-1, %; before: the last
-            epoch's, ``final_test_acc``).
-        """
-        from deploy.ptq import recalibrate_batchnorm  # deploy imports the engine
+        """``--bn-reestimate`` (Nagel et al., ICML 2022): BatchNorm statistics re-estimated on the first
+        ``batches`` training batches of epoch E + 1's draw, with the network as trained; writes
+        ``bn_reestimated.pt``. Returns ``{"batches", "test_acc_before", "test_acc_after"}`` (test top-1, %)."""
         for collector in (self.hooks, self.weight_stats):  # no BR statistics from these passes
             if collector is not None:
                 collector.enabled = False
@@ -570,13 +475,8 @@ class Trainer:
         return {"batches": len(xs), "test_acc_before": before, "test_acc_after": after}
 
     def best_keys(self) -> dict:
-        """The best epoch so far, in summary.json's and metrics.jsonl's words.
-
-        With a validation split: ``best_val_epoch``, ``best_val_acc`` and ``test_acc_at_best_val``
-        (the test top-1 of a model chosen without the test set). Without one:
-        ``best_test_epoch_optimistic`` and ``best_test_acc_optimistic``, chosen on the test set,
-        so higher than a fresh test would give: never a result.
-        """
+        """The best epoch so far, in summary.json's words: chosen on the validation split if there is one,
+        else on the test set (``..._optimistic``: higher than a fresh test would give, never a result)."""
         if self.val_loader is not None:
             return {"best_val_epoch": self.best_epoch, "best_val_acc": self.best_acc,
                     "test_acc_at_best_val": self.best_test_acc}
@@ -646,7 +546,7 @@ class Trainer:
 
     def _save_epoch(self, row: dict, timing: dict, epoch: int, config: dict, improved: bool) -> None:
         # Checkpoints first, holding this epoch's log rows: a kill before the logs are
-        # appended loses nothing (runner.restore_logs writes missing rows back on --resume).
+        # appended loses nothing (run_folder.restore_logs writes missing rows back on --resume).
         logs = {"metrics.jsonl": row, "timing.jsonl": timing}
         state = dict(self.state_dict(epoch, config), log_rows=logs)
         atomic_torch_save(state, os.path.join(self.output_dir, "last.pt"))

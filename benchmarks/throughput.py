@@ -205,7 +205,9 @@ def saved_tensor_bytes(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, use_b
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = trainer.loss_terms(x, y, use_br)[0]
+        if trainer._cuda_graphs:  # as Trainer.train_step, after which every α is initialised
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = (trainer._compiled_losses or trainer.forward_losses)(x, y, use_br)[0]
     del loss
     if trainer.hooks is not None:
         trainer.hooks.clear()

@@ -1,7 +1,7 @@
 """``--evaluate CKPT``: the test top-1 of a checkpoint, one line, nothing written.
 
 The network is rebuilt from the checkpoint's own configuration (``deploy.restore``) and
-evaluated with the training loop's own evaluation (``engine.top1_accuracy``), so the number
+evaluated with the training loop's own evaluation (``run.evaluation.top1_accuracy``), so the number
 is exactly the ``test_acc`` the run logged for that epoch.
 """
 
@@ -12,7 +12,7 @@ import sys
 from run.config import ConfigError, explicit_flags, resolve_device
 from run.data import DeviceLoader, find_source, load_split
 from deploy.restore import MODEL_FLAGS, describe, restore, step_size_count
-from engine import top1_accuracy
+from run.evaluation import top1_accuracy
 
 #: Flags that may accompany --evaluate: where the data is, how to run, and model flags (checked
 #: against the checkpoint). Anything else (training flags, an output folder) has no meaning here.

@@ -1,26 +1,14 @@
 """Post-training quantization (PTQ) baseline: quantize a trained float network without training.
 
-1. Weights: per tensor, the step size α minimising the quantization mean squared error
-   ``mean((clamp(round(w/α), Qn, Qp)·α - w)²)`` (``mse_step_size``: a grid over α, then a
-   golden-section refinement around the best grid point; LSQ's ``2·mean|w|/sqrt(Qp)`` (Esser et
-   al. 2020, section 2.1) is one of the candidates). This is the classic MSE-calibrated
-   uniform quantizer (e.g. Banner et al., "Post training 4-bit quantization", NeurIPS 2019,
-   who solve the same objective analytically for Gaussian/Laplace data).
-2. Activations: the same objective on the input of every quantized layer, sampled from the
-   float network on ``--calib-batches`` seeded batches of training images, augmented as in
-   training (``calibration_batches``), from the training part only: never the images that
-   ``--val-split`` holds out (``data.training_images``; ``--train-subset`` draws from the rest).
-3. BatchNorm: running statistics re-estimated on the same batches with the network quantized
-   (``--bn-recalib``; Nagel et al., "A White Paper on Neural Network Quantization", 2021,
-   section 4.3), since quantized weights shift the statistics of every conv output.
+1. Weights: per tensor (or channel), the step size α minimising ``mean((clamp(round(w/α), Qn, Qp)·α - w)²)``
+   (``mse_step_size``: a grid, then golden-section; LSQ's ``2·mean|w|/sqrt(Qp)`` is a candidate), as in
+   Banner et al., NeurIPS 2019.
+2. Activations: the same objective on every quantizer's float input, over ``--calib-batches`` seeded,
+   augmented training batches (never the ``--val-split`` images).
+3. BatchNorm re-estimated on those batches, quantized (``--bn-recalib``; Nagel et al. 2021, section 4.3);
+   the float network with the same re-estimation is reported too (``float_bn_recalib_test_acc``).
 
-Re-estimated statistics also change the float network (its running statistics are averages
-over training steps with moving weights), so a PTQ run also reports the float network with the
-same re-estimation (``float_bn_recalib_test_acc``): the difference to it is what quantization
-costs.
-
-The result is an ordinary fake-quantized model (the same ``LSQQuantizer`` modules QAT
-trains), so ``--evaluate``, ``export.py`` and ``--pretrained`` chains treat it like any run.
+The result is an ordinary fake-quantized model, which ``--evaluate``, ``export.py`` and ``--pretrained`` take.
 """
 
 from __future__ import annotations
@@ -32,12 +20,14 @@ import time
 import torch
 from torch import nn
 
-from run import run_folder
-from run.checkpoint import atomic_torch_save, atomic_write_json
-from run.config import (ConfigError, act_bits, act_quant_line, explicit_flags, first_last_bits, is_float_run,
+from run.checkpoint import atomic_torch_save, atomic_write_json, load_pretrained
+from run.config_json import run_config, write_config
+from run.banner import RULE, act_quant_line
+from run.config import (ConfigError, act_bits, explicit_flags, first_last_bits, is_float_run,
                     resolve_device, weight_bits)
 from run.data import DeviceLoader, Split, load_split, training_images
-from engine import seed_everything, top1_accuracy
+from run.evaluation import recalibrate_batchnorm, top1_accuracy
+from run.seeding import seed_everything
 from models import build_model
 from quant import LSQQuantizer, activation_quantizers, quantize_model, quantized_layers
 from quant.convert import activation_outputs
@@ -119,27 +109,6 @@ def layer_inputs(model: nn.Module, batches: list[torch.Tensor], seed: int,
     return {name: torch.cat(parts) for name, parts in found.items()}
 
 
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    """Replace every BatchNorm's running mean and variance by their averages over ``batches``
-    (the cumulative average, ``momentum=None``: the mean of the per-batch means and of the
-    per-batch unbiased variances), computed with ``model`` as it is (quantized). Affine
-    parameters are unchanged; the model is left in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    try:
-        model.train()
-        for x in batches:
-            model(x)
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.eval()
-
-
 def quantize_post_training(model: nn.Module, weight_bits_: int, act_bits_: int, first_last_bits_: int,
                            batches: list[torch.Tensor], seed: int, bn_recalib: bool = True,
                            per_channel_weights: bool = False, act_quant_at: str = "conv-input") -> nn.Module:
@@ -210,7 +179,6 @@ def check_flags(cfg, argv: list[str]) -> list[str]:
 
 def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
     """The ``--ptq`` banner (lines): what is quantized from what, calibration, data, output."""
-    from run.config import RULE
     bits = lambda b: "float" if b >= 32 else f"{b}-bit"  # noqa: E731
     lines = [RULE, "Post-Training Quantization (PTQ, no training)", RULE,
              f"Model: {cfg.arch}, float weights from {cfg.pretrained}",
@@ -227,17 +195,17 @@ def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
     return lines + [RULE]
 
 
-def run(cfg, source, old_run: list[str]) -> int:
+def run(cfg, source, replace_old_run) -> int:
     """The ``--ptq`` run (flags checked, output folder prepared): writes ``config.json``, ``ptq.pt``
-    and ``summary.json`` (``"method": "ptq"``) into ``cfg.output_dir``, replacing the files of the
-    run ``old_run`` (``run_folder.prepare_output_dir``) only then."""
+    and ``summary.json`` (``"method": "ptq"``) into ``cfg.output_dir``, calling ``replace_old_run()``
+    (it removes the files of the run this one replaces) only then."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     train, val, _, _ = training_images(source, cfg, cfg.workers)  # never the --val-split images
     test = load_split(source, train=False, download=not cfg.no_download, workers=cfg.workers)
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, clip_value=cfg.clip_value)
-    run_folder.load_pretrained(model, cfg)
+    load_pretrained(model, cfg)
     model.to(device)
     test_loader = DeviceLoader(test, cfg.eval_batch_size, device, train=False)
     float_acc = top1_accuracy(model.eval(), test_loader, device)
@@ -255,17 +223,17 @@ def run(cfg, source, old_run: list[str]) -> int:
                            cfg.bn_recalib, per_channel_weights=cfg.per_channel_weights, act_quant_at=cfg.act_quant_at)
     acc = top1_accuracy(model, test_loader, device)
     seconds = time.perf_counter() - started
-    config = run_folder.run_config(cfg, source.describe(), None, val)
+    config = run_config(cfg, source.describe(), None, val)
     for key in TRAINING_FLAGS:
         config["flags"].pop(key, None)
     config["derived"].update(method="ptq", calibration_images=sum(len(b) for b in batches))
-    run_folder.replace_old_run(cfg.output_dir, old_run)
-    run_folder.write_config(cfg, config)
+    replace_old_run()
+    write_config(cfg, config)
     atomic_torch_save({"model": model.state_dict(), "config": config, "method": "ptq", "epoch": 0,
                        "last_acc": acc, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc},
                       os.path.join(cfg.output_dir, "ptq.pt"))
-    atomic_write_json({"status": "finished", "method": "ptq", "final_test_acc": acc, "float_test_acc": float_acc, "float_bn_recalib_test_acc": float_bn_acc,
-                       "epochs": 0, "wall_time_s": seconds},
+    atomic_write_json({"status": "finished", "method": "ptq", "final_test_acc": acc, "float_test_acc": float_acc,
+                       "float_bn_recalib_test_acc": float_bn_acc, "epochs": 0, "wall_time_s": seconds},
                       os.path.join(cfg.output_dir, "summary.json"))
     print(f"Done: PTQ W{weight_bits(cfg)}A{act_bits(cfg)} test top-1 {acc:.2f}% (float {float_acc:.2f}%), "
           f"{seconds:.0f}s. Results in {cfg.output_dir}")

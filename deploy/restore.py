@@ -12,7 +12,7 @@ import argparse
 import torch
 from torch import nn
 
-from run.checkpoint import CheckpointError, checkpoint_problem, load_data, not_this_tools, type_phrase
+from run.checkpoint import CheckpointError, checkpoint_problem, load_tensors, foreign_checkpoint_error, type_phrase
 from run.config import act_bits, build_parser, first_last_bits, weight_bits
 from models import build_model
 from quant import quantize_model, step_size_quantizers
@@ -77,11 +77,11 @@ def restore(path: str, what: str, cli_flags: dict, explicit: set[str]) -> tuple[
             wrong types, ``checkpoint.checkpoint_problem``), a quantized plain state_dict,
             weights that do not fit the configuration, or model flags that contradict it.
     """
-    obj = load_data(path, what)
+    obj = load_tensors(path, what)
     if isinstance(obj, dict) and ("model" in obj or "config" in obj):  # meant as one of this tool's checkpoints
         problem = checkpoint_problem(obj)
         if problem is not None:
-            raise not_this_tools(path, what, problem)
+            raise foreign_checkpoint_error(path, what, problem)
         ckpt, state = obj, obj["model"]
         saved = model_config(obj["config"].get("flags", {}))
     elif _is_state_dict(obj):
@@ -92,7 +92,7 @@ def restore(path: str, what: str, cli_flags: dict, explicit: set[str]) -> tuple[
         saved = model_config({"arch": cli_flags["arch"], "clip_value": cli_flags["clip_value"], "num_bits": 32})
         explicit = explicit - {"arch", "clip_value"}
     else:
-        raise not_this_tools(path, what, f"it holds {type_phrase(obj)}, neither a checkpoint nor a plain "
+        raise foreign_checkpoint_error(path, what, f"it holds {type_phrase(obj)}, neither a checkpoint nor a plain "
                                          f"state_dict (parameter name -> tensor)")
     given = {k: cli_flags[k] for k in MODEL_FLAGS if k in explicit}
     if given:

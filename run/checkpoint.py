@@ -204,7 +204,7 @@ def _unsafe_globals(path: str, message: str) -> set[str]:
     return found
 
 
-def _load_data_only(path: str, what: str):
+def _load_tensors_only(path: str, what: str):
     """``torch.load(path, weights_only=True)``: tensors, plain containers and numbers, never code.
 
     A file written by an older version of this tool is read with only its extra types
@@ -237,9 +237,9 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {detail}"
 
 
-def load_data(path: str, what: str):
+def load_tensors(path: str, what: str):
     """Any file of tensors, plain containers and numbers (a checkpoint, a plain ``state_dict``),
-    onto the CPU, as data only (``weights_only=True``; see ``_load_data_only``).
+    onto the CPU, as data only (``weights_only=True``; see ``_load_tensors_only``).
 
     Args:
         path: the file. what: the flag it came from, for messages (``--resume``).
@@ -251,7 +251,7 @@ def load_data(path: str, what: str):
     if not os.path.isfile(path):
         raise CheckpointError(f"{what}: no checkpoint at {path}")
     try:
-        return _load_data_only(path, what)
+        return _load_tensors_only(path, what)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
@@ -328,23 +328,49 @@ def checkpoint_problem(obj, resumable: bool = False) -> str | None:
     return f"no '{missing[0]}' entry (a checkpoint to resume holds the training state)" if missing else None
 
 
-def not_this_tools(path: str, what: str, problem: str) -> CheckpointError:
+def foreign_checkpoint_error(path: str, what: str, problem: str) -> CheckpointError:
     """The error for a file that is not a checkpoint written by this tool (``checkpoint_problem``)."""
     return CheckpointError(f"{what}: {path} is not a checkpoint written by this tool (cifar10_qat_br.py): {problem}")
 
 
 def load_checkpoint(path: str, what: str, resumable: bool = False) -> dict:
-    """Load a checkpoint written by this tool onto the CPU, as data only (``load_data``).
+    """Load a checkpoint written by this tool onto the CPU, as data only (``load_tensors``).
 
     Args:
         resumable: also require the training state that ``--resume`` continues from.
 
     Raises:
-        CheckpointError: as ``load_data``, and a file that is not a checkpoint of this tool
+        CheckpointError: as ``load_tensors``, and a file that is not a checkpoint of this tool
             (``checkpoint_problem``: missing entries, entries of the wrong types).
     """
-    ckpt = load_data(path, what)
+    ckpt = load_tensors(path, what)
     problem = checkpoint_problem(ckpt, resumable)
     if problem is not None:
-        raise not_this_tools(path, what, problem)
+        raise foreign_checkpoint_error(path, what, problem)
     return ckpt
+
+
+def load_pretrained(model: torch.nn.Module, cfg) -> None:
+    """Load a float checkpoint made by this tool (``--pretrained``) into the float ``model``.
+
+    Raises:
+        CheckpointError: missing or unreadable file, another architecture, or a quantized run.
+    """
+    ckpt = load_checkpoint(cfg.pretrained, "--pretrained")
+    check_pretrained(ckpt, cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"--pretrained {cfg.pretrained}: does not fit {cfg.arch} ({first})") from None
+
+
+def check_pretrained(ckpt: dict, cfg) -> None:
+    """Refuse a ``--pretrained`` checkpoint of another architecture or of a quantized run."""
+    flags = ckpt["config"].get("flags", {})
+    if flags.get("arch") != cfg.arch:
+        raise CheckpointError(f"--pretrained {cfg.pretrained}: made for --arch {flags.get('arch')}, "
+                              f"this run is --arch {cfg.arch}")
+    if any("_quant." in k for k in ckpt["model"]):
+        raise CheckpointError(f"--pretrained {cfg.pretrained}: a quantized checkpoint; --pretrained expects a "
+                              f"float run of this tool (--num-bits 32)")

@@ -1,4 +1,4 @@
-"""Command-line flags, their validation, the resolved run configuration and the banner.
+"""Command-line flags, their validation and the resolved run configuration (the banner: run/banner.py).
 
 Everything a run needs is checked here, before any data is read or any model built:
 a bad flag gives one line naming the flag and what was expected.
@@ -17,8 +17,6 @@ from quant import kernels
 from quant.convert import ACT_QUANT_AT
 from quant.lsq import FULL_PRECISION_BITS
 from regularizers.oscillation import AGGREGATIONS
-
-RULE = "=" * 80
 
 #: Largest --seed: numpy's generators take seeds in 0..2**32 - 1.
 MAX_SEED = 2**32 - 1
@@ -104,133 +102,100 @@ class _NoSuchFlag(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``cifar10_qat_br.py``."""
     p = argparse.ArgumentParser(
-        prog="cifar10_qat_br.py", allow_abbrev=False,
+        prog="cifar10_qat_br.py", allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Two-stage quantization-aware training of a CIFAR-10 ResNet or MobileNetV2: LSQ warmup, then "
                     "LSQ + Bin Regularization. Loss = CE + λ_w·BR_w + λ_a·BR_a.")
     q = p.add_argument_group("quantization")
-    q.add_argument("--num-bits", type=int, default=2, help="bits of weights and activations (1-8; 32 = float; 1 bit: binary "
-                        "weights {-α, +α}, activations {0, α}) [2]")
+    q.add_argument("--num-bits", type=int, default=2,
+                   help="bits of weights and activations (1-8; 32: float; 1: weights {-α, +α}, activations {0, α})")
     q.add_argument("--num-bits-weight", type=int, default=None, help="override --num-bits for weights")
     q.add_argument("--num-bits-act", type=int, default=None, help="override --num-bits for activations")
-    q.add_argument("--first-last-bits", type=int, default=8,
-                   help="bits of the first conv and last linear (2-8; 32 keeps them float) [8]")
+    q.add_argument("--first-last-bits", type=int, default=8, help="bits of the first conv and last linear (2-8; 32)")
     q.add_argument("--per-channel-weights", action="store_true",
-                   help="one weight step size α per output channel (LSQ init, gradient scale and W-BR per "
-                        "channel) instead of one per tensor; activations keep one per tensor [off]")
+                   help="one weight step size α per output channel instead of per tensor (activations: per tensor)")
     q.add_argument("--act-quant-at", default="conv-input", choices=ACT_QUANT_AT,
-                   help="where activations are quantized: conv-input, at the input of every conv and linear (LSQ; "
-                        "identity shortcuts carry float activations); relu-output, at the output of every "
-                        "activation (ReLU, clip, ReLU6), each block's output after its residual add included, so "
-                        "that what flows between blocks is on the grid (the seed authors' script) [conv-input]")
+                   help="quantize activations at every conv/linear input, or at every activation's output")
     q.add_argument("--clip-value", type=float, default=None,
-                   help="clip activations to [0, c] (ReLU6/ReLU1-style networks) [none: ReLU; mobilenetv2: ReLU6]")
+                   help="clip activations to [0, c] (None: ReLU; mobilenetv2: ReLU6)")
     b = p.add_argument_group("bin regularization (stage 2)")
-    b.add_argument("--lambda-br", type=float, default=1.0, help="weight of W-BR on weights; 0 disables [1.0]")
+    b.add_argument("--lambda-br", type=float, default=1.0, help="weight of W-BR on weights; 0 disables")
     b.add_argument("--lambda-br-act", type=float, default=1.0,
-                   help="weight of A-BR on pre-quantization activations; 0 disables [1.0]")
+                   help="weight of A-BR on pre-quantization activations; 0 disables")
     b.add_argument("--br-backprop-to-alpha-act", action="store_true",
-                   help="let A-BR's gradient reach the activation step sizes (default: detached)")
+                   help="let A-BR's gradient reach the activation step sizes")
     b.add_argument("--br-backprop-to-alpha", nargs="?", action=_NoSuchFlag, help=argparse.SUPPRESS,
                    message=NO_BR_BACKPROP_TO_ALPHA)
     o = p.add_argument_group("oscillations (stage 2; Nagel et al., ICML 2022; low-bit weights only, as BR)")
     o.add_argument("--lambda-dampen", type=float, default=0.0, metavar="λ",
-                   help="final weight λ_d of oscillation dampening, Σ agg((sg(q(w)) - clip(w))²); it rises by a "
-                        "cosine from 0 over the stage-2 steps; 0 disables [0]")
+                   help="final weight of oscillation dampening (rises by a cosine over stage 2); 0 disables")
     o.add_argument("--dampen-aggregation", default="kernel_mean", choices=AGGREGATIONS,
-                   help="per tensor: sum over output channels of the mean over the rest (kernel_mean), sum or "
-                        "mean [kernel_mean]")
+                   help="per tensor: kernel_mean (sum over output channels of the mean over the rest), sum, mean")
     o.add_argument("--freeze-oscillating", default=None, metavar="START:FINAL",
-                   help="iterative freezing: a weight whose oscillation frequency (EMA) passes a threshold that "
-                        "falls by a cosine from START to FINAL over the stage-2 steps is frozen for good at its "
-                        "mean code, e.g. 0.1:0.01 [off]")
+                   help="freeze weights whose oscillation frequency passes a threshold falling START -> FINAL")
     o.add_argument("--oscillation-momentum", type=float, default=0.001, metavar="M",
-                   help="momentum of the EMAs of --freeze-oscillating (ema = M·x + (1 - M)·ema) [0.001]")
+                   help="momentum of the EMAs of --freeze-oscillating")
     o.add_argument("--bn-reestimate", type=int, default=0, metavar="N",
-                   help="after the last epoch, replace BatchNorm running statistics by the average of those of N "
-                        "training batches (augmented); summary.json gets the test top-1 before and after; 0: "
-                        "none [0]")
+                   help="after the last epoch, re-estimate BatchNorm statistics on N training batches; 0: none")
     a = p.add_argument_group("step sizes")
     a.add_argument("--freeze-alpha", action="store_true",
                    help="freeze every step size (weights and activations) after warmup")
     a.add_argument("--freeze-weight-alpha", action="store_true", help="freeze the weight step sizes after warmup")
     a.add_argument("--freeze-act-alpha", action="store_true", help="freeze the activation step sizes after warmup")
     s = p.add_argument_group("schedule and optimiser")
-    s.add_argument("--epochs", type=int, default=100, help="total epochs [100]")
+    s.add_argument("--epochs", type=int, default=100, help="total epochs")
     s.add_argument("--warmup-epochs", type=int, default=None,
-                   help="stage 1 (LSQ only) epochs [30 %% of --epochs, rounded: 30 of 100]")
-    s.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
-                   help="sgd (with --momentum) or adam (torch.optim.Adam, betas (0.9, 0.999)) [sgd]")
-    s.add_argument("--lr", type=float, default=None,
-                   help="learning rate (at its start, see --lr-schedule) [0.01 with SGD, 0.001 with Adam]")
+                   help="stage 1 (LSQ only) epochs (None: 30 %% of --epochs, rounded)")
+    s.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, help="sgd (with --momentum) or adam")
+    s.add_argument("--lr", type=float, default=None, help="learning rate at the start (None: 0.01 SGD, 0.001 Adam)")
     s.add_argument("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
-                   help="cosine: cosine decay over all epochs; warmup-constant: --lr constant through the warmup, "
-                        "then a cosine over the BR epochs (the seed authors' script) [cosine]")
-    s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (no effect with Adam) [0.9]")
+                   help="cosine over all epochs, or warmup-constant: constant warmup, then cosine over BR epochs")
+    s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     s.add_argument("--weight-decay", type=float, default=5e-4,
-                   help="weight decay (L2, added to the gradient, with Adam too) on network parameters, never on "
-                        "step sizes (decaying α shrinks the quantization grid, a known flaw of public LSQ code) "
-                        "[5e-4]")
-    s.add_argument("--batch-size", type=int, default=128, help="training batch size [128]")
-    s.add_argument("--eval-batch-size", type=int, default=1000, help="evaluation batch size [1000]")
+                   help="weight decay (L2) on network parameters, never on step sizes")
+    s.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    s.add_argument("--eval-batch-size", type=int, default=1000, help="evaluation batch size")
     m = p.add_argument_group("model and data")
-    m.add_argument("--arch", default="resnet20", help=f"one of {', '.join(ARCHITECTURES)} [resnet20]")
+    m.add_argument("--arch", default="resnet20", help=f"one of {', '.join(ARCHITECTURES)}")
     m.add_argument("--pretrained", default=None, metavar="PATH",
                    help="float checkpoint made by this tool (--num-bits 32) to start from")
     m.add_argument("--train-subset", type=int, default=None, metavar="N",
-                   help="train on N images, class-balanced, drawn with --seed (for quick trials) [all]")
+                   help="train on N images, class-balanced, drawn with --seed (None: all)")
     m.add_argument("--val-split", type=int, default=0, metavar="N",
-                   help="hold out N training images (class-balanced, drawn with --seed) as a validation set, "
-                        "evaluated every epoch; best.pt is then the best validation epoch. 0: train on all "
-                        "training images, the paper protocol [0]")
+                   help="hold out N training images as a validation set that selects best.pt; 0: none")
     m.add_argument("--data-dir", default="./data",
-                   help="torchvision CIFAR-10 (cifar-10-batches-py/, downloaded there when missing) or an image "
-                        "folder with train/<class>/ and test/<class>/ [./data]")
+                   help="torchvision CIFAR-10 (downloaded when missing) or a train/<class>/, test/<class>/ folder")
     m.add_argument("--no-download", action="store_true", help="never download CIFAR-10")
     m.add_argument("--download", dest="no_download", action="store_false", default=False,
                    help="allow downloading (undoes a run's --no-download on --resume)")
     r = p.add_argument_group("run")
-    r.add_argument("--output-dir", default=None, help="run folder [results/<arch>_<bits>_<lambdas>_s<seed>]")
-    r.add_argument("--seed", type=int, default=42, help="random seed [42]")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
-    r.add_argument("--workers", type=int, default=2, help="processes for decoding images once [2]")
+    r.add_argument("--output-dir", default=None, help="run folder (None: results/<arch>_<bits>_<lambdas>_s<seed>)")
+    r.add_argument("--seed", type=int, default=42, help="random seed")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--workers", type=int, default=2, help="processes for decoding images once")
     r.add_argument("--progress-interval", type=float, default=60.0, metavar="SECONDS",
-                   help="when the output is not a terminal (a log file), print a progress line with the "
-                        "ETA every SECONDS during an epoch; 0: none [60]")
+                   help="seconds between progress lines when the output is not a terminal; 0: none")
     r.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (BR and step sizes stay float32)")
     r.add_argument("--compile", nargs="?", const="on", default="auto", metavar="MODE",
-                   help="torch.compile the training step (forward, LSQ, BR) and evaluation: auto (CUDA: "
-                        "reduce-overhead, i.e. CUDA graphs; CPU: off, the fused C++ kernels are faster), "
-                        "on (the flag alone: reduce-overhead on CUDA, default on the CPU), off, or a "
-                        f"torch.compile mode ({', '.join(TORCH_COMPILE_MODES)}) [auto]")
+                   help=f"torch.compile the training step and evaluation: auto, on, off, or a mode "
+                        f"({', '.join(TORCH_COMPILE_MODES)})")
     r.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
-                   help="under torchrun: BatchNorm with the statistics of the global batch (torch's "
-                        "SyncBatchNorm, GPUs only) instead of each process's shard [off]")
+                   help="under torchrun: BatchNorm statistics of the global batch (GPUs only)")
     r.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
-                   help="write TensorBoard logs to <output-dir>/tensorboard [off]")
+                   help="write TensorBoard logs to <output-dir>/tensorboard")
     r.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
-                   help="continue the run in --output-dir from last.pt (or from PATH); flags not given "
-                        "are the run's. 'auto': continue it if there is one, exit 0 if it is finished, "
-                        "else start it (again, if it never finished an epoch): a command to repeat")
+                   help="continue the run in --output-dir from last.pt (or PATH); 'auto': continue or start it")
     r.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     r.add_argument("--from-warmup", default=None, metavar="PATH",
-                   help="start at stage 2 from PATH, the warmup_end.pt of a run whose stage 1 is this run's (every "
-                        "flag equal but the stage-2 ones: the λs, --br-backprop-to-alpha-act, the freeze flags); "
-                        "its epochs 1..W are copied into this run's folder, which is then as complete as a run "
-                        "from scratch [off]")
+                   help="start at stage 2 from the warmup_end.pt of a run with this run's stage 1")
     r.add_argument("--dry-run", action="store_true", help="print the banner and the resolved config, then exit")
     d = p.add_argument_group("evaluation and post-training quantization (no training)")
     d.add_argument("--evaluate", default=None, metavar="CKPT",
-                   help="print the test top-1 of a checkpoint (or a float state_dict of --arch) and exit; "
-                        "the model is rebuilt from the checkpoint's own configuration")
+                   help="print the test top-1 of a checkpoint (or a float state_dict of --arch) and exit")
     d.add_argument("--ptq", action="store_true",
-                   help="post-training quantization of the float --pretrained network at the bit flags: "
-                        "MSE-optimal step sizes, BatchNorm re-estimated, evaluated; writes a run folder")
-    d.add_argument("--calib-batches", type=int, default=8,
-                   help="--ptq: training batches (of --batch-size, shuffled and augmented as in training, with --seed) "
-                        "to calibrate on [8]")
+                   help="post-training quantization of the float --pretrained network (MSE step sizes)")
+    d.add_argument("--calib-batches", type=int, default=8, help="--ptq: training batches to calibrate on")
     d.add_argument("--bn-recalib", action=argparse.BooleanOptionalAction, default=True,
-                   help="--ptq: re-estimate BatchNorm statistics of the quantized network on the "
-                        "calibration batches [on]")
+                   help="--ptq: re-estimate BatchNorm statistics on the calibration batches")
     return p
 
 
@@ -482,56 +447,6 @@ def decode_workers(cfg) -> int:
     return min(cfg.workers, usable_cpus())
 
 
-def warnings_for(cfg) -> list[str]:
-    """Flags that have no effect in this combination, and values capped (reported in the banner, not errors)."""
-    out = []
-    if cfg.workers > usable_cpus():
-        out.append(f"--workers {cfg.workers} is more than the {usable_cpus()} CPUs this process may use: "
-                   f"{decode_workers(cfg)} are used")
-    w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
-    stage2 = cfg.epochs > cfg.warmup_epochs
-    if cfg.br_backprop_to_alpha_act and cfg.lambda_br_act == 0:
-        out.append("--br-backprop-to-alpha-act has no effect: A-BR is disabled (--lambda-br-act 0)")
-    if cfg.lambda_br > 0 and w_bits >= FULL_PRECISION_BITS:
-        out.append("--lambda-br has no effect: weights are not quantized (32 bits), W-BR has nothing to regularise")
-    if cfg.lambda_br_act > 0 and a_bits >= FULL_PRECISION_BITS:
-        out.append("--lambda-br-act has no effect: activations are not quantized (32 bits)")
-    if not stage2 and (cfg.lambda_br > 0 or cfg.lambda_br_act > 0) and not is_float_run(cfg):
-        out.append("BR never runs: --warmup-epochs equals --epochs, so there is no stage 2")
-    if not stage2 and (cfg.freeze_alpha or cfg.freeze_weight_alpha or cfg.freeze_act_alpha):
-        out.append("the freeze flags have no effect: there is no stage 2 to freeze step sizes in")
-    if cfg.freeze_alpha and (cfg.freeze_weight_alpha or cfg.freeze_act_alpha):
-        out.append("--freeze-weight-alpha / --freeze-act-alpha are implied by --freeze-alpha")
-    if is_float_run(cfg) and (cfg.freeze_alpha or cfg.freeze_weight_alpha or cfg.freeze_act_alpha):
-        out.append("the freeze flags have no effect: a float run has no step sizes")
-    if cfg.lr_schedule == "warmup-constant" and cfg.warmup_epochs == 0:
-        out.append("--lr-schedule warmup-constant has no effect: there is no warmup, so it is one cosine over all "
-                   "epochs, as the default")
-    if cfg.act_quant_at != "conv-input" and a_bits >= FULL_PRECISION_BITS:
-        out.append(f"--act-quant-at {cfg.act_quant_at} has no effect: activations are not quantized (32 bits)")
-    freezing = getattr(cfg, "freeze_oscillating", None) is not None
-    if (cfg.lambda_dampen > 0 or freezing) and w_bits >= FULL_PRECISION_BITS:
-        out.append("--lambda-dampen / --freeze-oscillating have no effect: weights are not quantized (32 bits)")
-    elif (cfg.lambda_dampen > 0 or freezing) and not stage2:
-        out.append("--lambda-dampen / --freeze-oscillating have no effect: there is no stage 2")
-    if cfg.dampen_aggregation != defaults_of("dampen_aggregation") and cfg.lambda_dampen == 0:
-        out.append("--dampen-aggregation has no effect without --lambda-dampen")
-    if cfg.oscillation_momentum != defaults_of("oscillation_momentum") and not freezing:
-        out.append("--oscillation-momentum has no effect without --freeze-oscillating")
-    if cfg.sync_bn and torchrun_world_size() == 1:
-        out.append("--sync-bn has no effect in one process (it applies under torchrun --nproc-per-node N)")
-    if cfg.per_channel_weights and min(w_bits, first_last_bits(cfg)) >= FULL_PRECISION_BITS:
-        out.append("--per-channel-weights has no effect: no weight is quantized (32 bits)")
-    if cfg.amp and resolve_device(cfg.device).type != "cuda":
-        out.append("--amp has no effect on the CPU (bf16 autocast is used on CUDA only)")
-    defaults = build_parser()
-    if cfg.optimizer == "adam" and cfg.momentum != defaults.get_default("momentum"):
-        out.append(f"--momentum {cfg.momentum:g} has no effect with --optimizer adam (Adam's betas are (0.9, 0.999))")
-    if not cfg.ptq and (cfg.calib_batches != defaults.get_default("calib_batches") or not cfg.bn_recalib):
-        out.append("--calib-batches / --no-bn-recalib have no effect without --ptq")
-    return out
-
-
 def defaults_of(key: str):
     """The parser's default of flag destination ``key``."""
     return build_parser().get_default(key)
@@ -540,204 +455,3 @@ def defaults_of(key: str):
 def frozen_kinds(cfg) -> tuple[bool, bool]:
     """(weight α frozen in stage 2, activation α frozen in stage 2)."""
     return cfg.freeze_alpha or cfg.freeze_weight_alpha, cfg.freeze_alpha or cfg.freeze_act_alpha
-
-
-def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
-    """The banner's title, stages, BR configuration and alpha control of a quantized run."""
-    w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
-    E, W = cfg.epochs, cfg.warmup_epochs
-    freeze_w, freeze_a = frozen_kinds(cfg)
-    # A BR term acts only with λ > 0 on quantized tensors; the banner never calls one on that does not.
-    w_br = cfg.lambda_br > 0 and w_bits < FULL_PRECISION_BITS
-    a_br = cfg.lambda_br_act > 0 and a_bits < FULL_PRECISION_BITS
-    lines = [RULE, "Starting 2-Stage QAT+BR Training", RULE]
-    if W > 0:  # the seed's line; how W was chosen is said below the block (warmup_line)
-        lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only)")
-    else:  # "--warmup-epochs 0" would be untrue when the 30 % rule gave 0 (a run of 1 epoch)
-        lines.append(f"Stage 1 (Warmup): none ({_warmup_rule(E) if 'warmup_epochs' in defaulted else '--warmup-epochs 0'})")
-    if E > W:
-        if cfg.lambda_br == 0 and cfg.lambda_br_act == 0:
-            what = " (both λ = 0: LSQ only, no BR)"
-        else:
-            what = "" if w_br or a_br else " (no BR term has an effect: LSQ only)"
-        lines.append(f"Stage 2 (BR): Epochs {W + 1}-{E}{what}")
-    else:
-        lines.append("Stage 2 (BR): none (--warmup-epochs equals --epochs)")
-    lines += ["", "BR Configuration:"]
-
-    def state(lam: float, effective: bool, tensors: str) -> str:
-        if effective:
-            return "[ENABLED]"
-        return f"[NO EFFECT: {tensors} are not quantized (32 bits)]" if lam > 0 else "[DISABLED]"
-
-    lines.append(f"  - W-BR (weights): λ={float(cfg.lambda_br)} {state(cfg.lambda_br, w_br, 'weights')}")
-    if w_br:
-        lines.append("    └─> Gradients to alpha: Always enabled (paper-faithful, weights are stable)")
-        if freeze_w and E > W:
-            lines.append("    └─> Note: weight alpha is frozen after warmup, so in stage 2 this gradient cannot change it")
-    lines.append(f"  - A-BR (activations): λ={float(cfg.lambda_br_act)} "
-                 f"{state(cfg.lambda_br_act, a_br, 'activations')}")
-    if a_br:
-        lines.append(f"    └─> Gradients to alpha: {bool(cfg.br_backprop_to_alpha_act)} (default: False, recommended)")
-        if cfg.br_backprop_to_alpha_act and freeze_a and E > W:
-            lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot "
-                         "change it: the target k·α cannot move, and the run is the one without "
-                         "--br-backprop-to-alpha-act")
-    lines += _oscillation_lines(cfg)
-    lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {cfg.freeze_alpha}"]
-    lines.append("    └─> If True: NO updates to alpha from ANY loss (CE or BR)")
-    lines.append("    └─> If False: CE can update alpha, A-BR respects --br-backprop-to-alpha-act flag")
-    if not cfg.freeze_alpha and (freeze_w or freeze_a):
-        kinds = " and ".join(k for k, f in (("weight", freeze_w), ("activation", freeze_a)) if f)
-        flags = " ".join(f for f, given in (("--freeze-weight-alpha", cfg.freeze_weight_alpha),
-                                             ("--freeze-act-alpha", cfg.freeze_act_alpha)) if given)
-        lines.append(f"  - Frozen after warmup anyway: {kinds} alpha ({flags})")
-    return lines
-
-
-def act_quant_line(cfg) -> str:
-    """The banner line that says where activations are quantized (``--act-quant-at``)."""
-    if cfg.act_quant_at == "relu-output":
-        block = ("each block's output after its residual add (signed: a linear bottleneck)"
-                 if cfg.arch == "mobilenetv2" else "each block's output after its residual add")
-        return (f"Activation quantizers: at every activation's output and {block} (--act-quant-at relu-output: "
-                f"what flows between blocks is on the grid), and at the first conv's and the last linear's inputs")
-    return ("Activation quantizers: at the input of every conv and linear (--act-quant-at conv-input; identity "
-            "shortcuts carry float activations)")
-
-
-def _warmup_rule(epochs: int) -> str:
-    return f"30 % of {epochs} epoch{'s' if epochs != 1 else ''}, as --warmup-epochs was not given"
-
-
-def warmup_line(cfg, defaulted: set[str] = frozenset()) -> str | None:
-    """The line below the banner's block that says where a ``--from-warmup`` run's epochs 1..W come
-    from, or how a warmup of W > 0 epochs was chosen when ``--warmup-epochs`` was not given (the
-    block's own Stage 1 line is the seed's); else None."""
-    if getattr(cfg, "from_warmup", None):
-        return (f"Warmup: epochs 1-{cfg.warmup_epochs} are those of {cfg.from_warmup} (--from-warmup: the same "
-                f"stage 1; this run trains from epoch {cfg.warmup_epochs + 1})")
-    if "warmup_epochs" not in defaulted or cfg.warmup_epochs == 0 or is_float_run(cfg):
-        return None
-    return f"Warmup: epochs 1-{cfg.warmup_epochs}, {_warmup_rule(cfg.epochs)}"
-
-
-def schedule_text(cfg) -> str:
-    """The learning-rate schedule in words (``--lr-schedule``), for the banner's Optimiser line."""
-    E, W = cfg.epochs, cfg.warmup_epochs
-    epochs = lambda n: f"{n} epoch{'s' if n != 1 else ''}"  # noqa: E731
-    if cfg.lr_schedule == "warmup-constant" and W > 0:
-        return (f"lr constant through the warmup (epochs 1-{W}), then cosine over the {epochs(E - W)} with BR "
-                f"(--lr-schedule warmup-constant)" if E > W else
-                f"lr constant over all {epochs(E)} (--lr-schedule warmup-constant; every epoch is warmup)")
-    return f"cosine over {epochs(E)}" + (" (--lr-schedule warmup-constant: no warmup, so one cosine)"
-                                         if cfg.lr_schedule == "warmup-constant" else "")
-
-
-def _oscillation_lines(cfg) -> list[str]:
-    """The banner's block on oscillations (Nagel et al., ICML 2022): dampening, freezing, tracking, BN."""
-    quantized = weight_bits(cfg) < FULL_PRECISION_BITS
-    stage2 = cfg.epochs > cfg.warmup_epochs
-    if not (cfg.lambda_dampen > 0 or freeze_thresholds(cfg) or cfg.bn_reestimate):
-        return []  # the seed's commands: the seed's block, line for line (its banner issue)
-    lines = ["", "Oscillation Control (Nagel et al., ICML 2022; low-bit weights only, as W-BR):"]
-
-    def state(on: bool) -> str:
-        if not on:
-            return "[DISABLED]"
-        if not quantized:
-            return "[NO EFFECT: weights are not quantized (32 bits)]"
-        return "[ENABLED]" if stage2 else "[NO EFFECT: no stage 2]"
-
-    damp = cfg.lambda_dampen > 0
-    lines.append(f"  - Dampening: λ_d={float(cfg.lambda_dampen)} {state(damp)}")
-    if damp and quantized and stage2:
-        lines.append(f"    └─> (sg(q(w)) - clip(w))², aggregation {cfg.dampen_aggregation}; λ_d rises by a cosine from "
-                     f"0 to {cfg.lambda_dampen:g} over the stage-2 steps")
-    thresholds = freeze_thresholds(cfg)
-    lines.append("  - Iterative freezing: " + (f"threshold {thresholds[0]:g} -> {thresholds[1]:g} "
-                                               if thresholds else "") + state(thresholds is not None))
-    if thresholds and quantized and stage2:
-        lines.append(f"    └─> EMA momentum {cfg.oscillation_momentum:g}; the threshold falls by a cosine over the "
-                     f"stage-2 steps; a frozen weight keeps its code for good (no SGD step, no weight decay)")
-    lines.append("  - BN re-estimation after the last epoch: " + (
-        f"{cfg.bn_reestimate} training batches [ENABLED]" if cfg.bn_reestimate else "[DISABLED]"))
-    return lines
-
-
-def optimizer_line(cfg, defaulted: set[str] = frozenset()) -> str:
-    """The optimiser, its learning rate (saying when it is ``--optimizer``'s default) and weight decay."""
-    name = {"sgd": "SGD", "adam": "Adam"}[cfg.optimizer]
-    lr = f"lr {learning_rate(cfg):g}" + (f" ({name}'s default, as --lr was not given)" if "lr" in defaulted else "")
-    if cfg.optimizer == "adam":
-        return f"Adam {lr} betas (0.9, 0.999) weight decay {cfg.weight_decay:g} (L2; none on alpha)"
-    return f"SGD {lr} momentum {cfg.momentum:g} weight decay {cfg.weight_decay:g} (none on alpha)"
-
-
-def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = frozenset(),
-           processes: str = "") -> list[str]:
-    """The run banner (lines), in the wording researchers grep for.
-
-    A quantized run's block, from the title to the closing rule, holds the seed's lines for the
-    seed's commands, exactly and in the seed's order (tests/test_seed_banner.py); whatever this tool
-    says beyond them (how the warmup was chosen, the optimiser, ...) is on lines below the block.
-
-    ``defaulted``: the flags ``resolve_defaults`` filled in, which the banner says.
-    ``processes``: a line about the processes of a torchrun run (``distributed.Group.describe``).
-    """
-    w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
-    E = cfg.epochs
-    if is_float_run(cfg):  # no quantizers: no stages, no BR, no step sizes to speak of
-        lines = [RULE, "Starting float training (the baseline: nothing quantized)", RULE,
-                 f"Schedule: epochs 1-{E}, float; no quantizers, so no BR and no step sizes (alpha)"]
-    else:
-        lines = _qat_schedule_lines(cfg, defaulted)
-    lines.append(RULE)
-    bits = lambda b: "float" if b >= FULL_PRECISION_BITS else f"{b}-bit"  # noqa: E731
-    lines.append(f"Model: {cfg.arch}" + (f" {n_layers}" if n_layers else ""))
-    if is_float_run(cfg):
-        lines.append("Bits: full precision (float baseline, no quantization)")
-    else:
-        w_grid = " binary {-α, +α}" if w_bits == 1 else ""
-        a_grid = " {0, α}" if a_bits == 1 else ""
-        lines.append(f"Bits: W{w_bits}A{a_bits} (weights {bits(w_bits)}{w_grid}, activations {bits(a_bits)}{a_grid}); "
-                     f"first/last layers {bits(first_last_bits(cfg))}")
-        if a_bits < FULL_PRECISION_BITS:
-            lines.append(act_quant_line(cfg))
-        if w_bits < FULL_PRECISION_BITS or first_last_bits(cfg) < FULL_PRECISION_BITS:
-            lines.append("Weight step sizes: " + ("one α per output channel (--per-channel-weights)"
-                                                  if cfg.per_channel_weights else "one α per tensor"))
-    if cfg.clip_value is not None:
-        lines.append(f"Activations clipped to [0, {cfg.clip_value:g}]")
-    elif cfg.arch == "mobilenetv2":
-        lines.append("Activations: ReLU6 (MobileNetV2's own; --clip-value c clips to [0, c] instead)")
-    lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
-    lines.append(f"Optimiser: {optimizer_line(cfg, defaulted)}, {schedule_text(cfg)}, "
-                 f"batch {cfg.batch_size}, seed {cfg.seed}")
-    warmup = warmup_line(cfg, defaulted)
-    if warmup:
-        lines.append(warmup)
-    lines.append(f"Data: {source_line}" + (f"; {cfg.val_split} training images held out for validation "
-                                           f"(--val-split, class-balanced, seed {cfg.seed})" if cfg.val_split else "")
-                 + (f"; training on a class-balanced subset of {cfg.train_subset} images "
-                    f"(--train-subset, seed {cfg.seed}" + (", from the rest" if cfg.val_split else "") + ")"
-                    if cfg.train_subset else ""))
-    lines.append("Model selection: best.pt is the best validation epoch (--val-split); the result is the final "
-                 "epoch's test top-1" if cfg.val_split else
-                 "Model selection: none (no --val-split): the result is the final epoch's test top-1; best.pt is "
-                 "the best test epoch (selected on the test set, optimistic)")
-    mode = compile_mode(cfg)
-    device = resolve_device(cfg.device)
-    # one thread per core by default: several processes on one machine must share it (README "Speed")
-    n = torch.get_num_threads()
-    threads = f" with {n} thread{'s' if n != 1 else ''} (OMP_NUM_THREADS)" if device.type == "cpu" else ""
-    lines.append(f"Device: {device}{threads}" + (" (bf16 autocast)" if cfg.amp else "")
-                 + (f"; torch.compile mode {mode}" if mode != "off" else "; eager (not compiled)"))
-    if processes:
-        lines.append(processes)
-    lines.append(f"Output: {cfg.output_dir}")
-    for w in warnings_for(cfg):
-        lines.append(f"WARNING: {w}")
-    lines.append(RULE)
-    return lines
-

@@ -10,24 +10,19 @@ import errno
 import fcntl
 import json
 import os
-import platform
 import shlex
 import shutil
 import socket
-import subprocess
 import sys
 import time
 
 import torch
 
-#: The checkout this code runs from (the folder that holds cifar10_qat_br.py).
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from run.checkpoint import (CheckpointError, append_jsonl, atomic_copy, atomic_torch_save, atomic_write_json,
-                        load_checkpoint, load_data, read_jsonl, remove_temporaries, truncate_jsonl, write_jsonl,
-                        writing)
+from run.checkpoint import (CheckpointError, append_jsonl, atomic_copy, atomic_torch_save, load_checkpoint,
+                            load_tensors, read_jsonl, remove_temporaries, truncate_jsonl, write_jsonl, writing)
 from run.config import (HISTORY_FLAGS, INVOCATION_FLAGS, RUN_FLAGS, STAGE2_FLAGS, ConfigError, build_parser,
-                    default_output_dir, explicit_flags, is_float_run, resolve_device)
+                        default_output_dir, explicit_flags)
+from run.config_json import REPO_ROOT
 
 #: Files that make a folder "hold a run".
 RUN_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "last.pt", "best.pt", "warmup_end.pt", "summary.json",
@@ -75,23 +70,10 @@ def run_finished(output_dir: str) -> bool:
 
 
 def resolve_resume(cfg, argv: list[str]) -> dict | None:
-    """Apply ``--resume``: load the checkpoint, take the run's flags, refuse experiment changes.
-
-    Flags not given on the command line take the run's values (also where the data and
-    logs live: ``--data-dir``, ``--no-download``, ``--tensorboard``, ...), except those of
-    ``INVOCATION_FLAGS``; run flags given override the run's, experiment flags given with
-    another value are refused with one line listing the differences (an experiment flag
-    newer than the run, absent from its config, ran at its default: ``--optimizer adam`` on a
-    run from before ``--optimizer`` is refused too); ``HISTORY_FLAGS`` are always the run's.
-    ``cfg`` is updated in place.
-
-    Returns:
-        the checkpoint, or None without ``--resume``.
-
-    Raises:
-        CheckpointError: no checkpoint, or a corrupt one.
-        ConfigError: experiment flags that differ from the run's.
-    """
+    """Apply ``--resume``: load the checkpoint, take the run's flags for those not given (not
+    ``INVOCATION_FLAGS``; ``HISTORY_FLAGS`` always), refuse experiment flags given with another value.
+    Returns the checkpoint (None without ``--resume``); raises CheckpointError, ConfigError.
+    The rules in full: docs/design_engine.md."""
     if cfg.resume is None:
         return None
     if cfg.resume:
@@ -134,25 +116,9 @@ LOG_FILES = ("metrics.jsonl", "timing.jsonl")
 
 
 def branch_from_warmup(cfg) -> dict:
-    """Load ``--from-warmup PATH`` (the ``warmup_end.pt`` of another run) for a run that starts at stage 2.
-
-    Stage 1 of runs that differ only in ``STAGE2_FLAGS`` is one experiment, so a run may take it
-    from another: this run then continues from PATH at epoch W+1, as ``--resume`` would, with its
-    own stage-2 flags. Every other experiment flag (resolved: ``--warmup-epochs`` and ``--lr``
-    filled in) must equal the warmup's; a flag newer than the warmup counts as its default there.
-    ``--pretrained`` must be given when the warmup had one, but its path may differ (the same
-    float network elsewhere); when the warmup's file exists here too, both must hold the same weights.
-    The warmup's ``metrics.jsonl`` and ``timing.jsonl`` rows of epochs 1..W, from PATH's folder,
-    are returned under ``ckpt["warmup_logs"]`` (name -> rows), for ``write_branch_start``.
-
-    Returns:
-        the checkpoint (epoch W).
-
-    Raises:
-        ConfigError: ``--ptq`` given too; flags that would change stage 1 (each named with both values).
-        CheckpointError: PATH is not a checkpoint of this tool, not the end of a warmup, or its
-            folder lacks the log rows of epochs 1..W.
-    """
+    """Load ``--from-warmup PATH`` (another run's ``warmup_end.pt``, epoch W) for a run that starts at
+    stage 2: every experiment flag but ``STAGE2_FLAGS`` must equal the warmup's; its log rows of epochs
+    1..W come under ``ckpt["warmup_logs"]``. Raises ConfigError, CheckpointError (docs/design_engine.md)."""
     path = cfg.from_warmup
     if cfg.ptq:
         raise ConfigError("--from-warmup trains stage 2; --ptq trains nothing: pass one")
@@ -238,7 +204,7 @@ def write_branch_start(cfg, ckpt: dict, config: dict) -> list[str]:
     if best == warmup:
         atomic_torch_save(state, os.path.join(out, "best.pt"))
     elif best >= 1 and saved_epoch(best_there) == best:
-        atomic_torch_save(dict(load_data(best_there, "best.pt"), config=config), os.path.join(out, "best.pt"))
+        atomic_torch_save(dict(load_tensors(best_there, "best.pt"), config=config), os.path.join(out, "best.pt"))
         lines.append(f"best.pt: copied from {best_there} (epoch {best})")
     elif best >= 1:
         lines.append(f"WARNING: best.pt of epoch {best} is missing and cannot be made again ({best_there} does "
@@ -268,7 +234,7 @@ def saved_epoch(path: str) -> int | None:
     if not os.path.isfile(path):
         return None
     try:
-        epoch = load_data(path, path).get("epoch")
+        epoch = load_tensors(path, path).get("epoch")
     except (CheckpointError, AttributeError):
         return None
     return epoch if isinstance(epoch, int) else None
@@ -420,24 +386,9 @@ def holds_finished_work(folder: str) -> bool:
 
 
 def prepare_output_dir(cfg, resuming: bool) -> tuple[bool, RunFolderLock, list[str]]:
-    """Create ``--output-dir`` (default: a descriptive folder under results/), lock it, check it.
-
-    The folder is locked for the run (``RunFolderLock``) before anything in it is looked at.
-    It may hold a run only when that run is the one resumed (``--resume``, or ``--resume
-    PATH`` with PATH in the folder); any other run there is refused unless ``--overwrite``,
-    or unless it has no finished work (``holds_finished_work``). A checkpoint resumed into a
-    new or empty folder continues there. Nothing is removed here: the old run's files are
-    returned, for ``replace_old_run`` once every check of the new run has passed.
-
-    Returns:
-        whether this call created the folder, the held lock (the caller releases it), and the
-        files of the run to replace (``_run_files``; empty when there is none).
-
-    Raises:
-        ConfigError: it is a file, not writable, in use by another process, or holds a run
-            other than the resumed one and ``--overwrite`` was not given; ``--overwrite``
-            with the folder's own run resumed.
-    """
+    """Create ``--output-dir`` (default: under results/), lock it (``RunFolderLock``), check it: it may
+    hold only the resumed run, or one without finished work, unless ``--overwrite``. Returns (created,
+    the held lock, the old run's files for ``replace_old_run``); raises ConfigError (docs/design_engine.md)."""
     cfg.output_dir = cfg.output_dir or default_output_dir(cfg)
     out = cfg.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
@@ -530,79 +481,6 @@ def backfill_tensorboard(tb, output_dir: str, ckpt: dict) -> str | None:
             f"from metrics.jsonl (scalars only: their histograms were never recorded)")
 
 
-def load_pretrained(model: torch.nn.Module, cfg) -> None:
-    """Load a float checkpoint made by this tool (``--pretrained``) into the float ``model``.
-
-    Raises:
-        CheckpointError: missing or unreadable file, another architecture, or a quantized run.
-    """
-    ckpt = load_checkpoint(cfg.pretrained, "--pretrained")
-    check_pretrained(ckpt, cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"--pretrained {cfg.pretrained}: does not fit {cfg.arch} ({first})") from None
-
-
-def check_pretrained(ckpt: dict, cfg) -> None:
-    """Refuse a ``--pretrained`` checkpoint of another architecture or of a quantized run."""
-    flags = ckpt["config"].get("flags", {})
-    if flags.get("arch") != cfg.arch:
-        raise CheckpointError(f"--pretrained {cfg.pretrained}: made for --arch {flags.get('arch')}, "
-                              f"this run is --arch {cfg.arch}")
-    if any("_quant." in k for k in ckpt["model"]):
-        raise CheckpointError(f"--pretrained {cfg.pretrained}: a quantized checkpoint; --pretrained expects a "
-                              f"float run of this tool (--num-bits 32)")
-
-
-def git_commit() -> str | None:
-    """The commit of the code that runs, or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def run_config(cfg, data_source: str, cpu_kernels: str | None, val_split=None, world_size: int = 1,
-               backend: str | None = None) -> dict:
-    """The content of config.json: every resolved flag, derived values and versions.
-
-    ``cpu_kernels``: ``quant.kernels.describe()`` where the run uses them, else None.
-    ``val_split``: the held-out ``data.Split`` of ``--val-split`` (config.json gives its size,
-    seed and images per class; its indices are in every checkpoint), or None.
-    ``world_size``, ``backend``: the processes of a torchrun run and their collectives' backend
-    (1 and None: one process).
-    """
-    import torchvision
-    from run.config import act_bits, compile_mode, first_last_bits, weight_bits
-    return {"flags": dict(vars(cfg)),
-            "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg),
-                        "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
-                        "device": str(resolve_device(cfg.device)), "data": data_source,
-                        "cpu_kernels": cpu_kernels, "compile": compile_mode(cfg),
-                        "val_split": describe_val_split(cfg, val_split),
-                        "world_size": world_size, "backend": backend,
-                        "weight_step_sizes": "per output channel" if cfg.per_channel_weights else "per tensor"},
-            "versions": {"python": platform.python_version(), "torch": str(torch.__version__),  # not TorchVersion:
-                         "torchvision": str(torchvision.__version__)},  # a checkpoint holds only plain types
-            "git_commit": git_commit()}
-
-
-def describe_val_split(cfg, val_split) -> dict | None:
-    """config.json's account of the validation split: how it was drawn and its images per class."""
-    if val_split is None:
-        return None
-    from run.data import CLASSES
-    counts = torch.bincount(val_split.labels, minlength=len(CLASSES)).tolist()
-    return {"images": len(val_split.labels), "seed": cfg.seed,
-            "per_class": {CLASSES[c] if c < len(CLASSES) else str(c): n for c, n in enumerate(counts)},
-            "rule": "data.balanced_indices: n // 10 images per class (the first n % 10 classes one more), the first "
-                    "of a seeded permutation of each class's training images; not trained on, evaluated every "
-                    "epoch without augmentation; --train-subset is drawn from the rest"}
-
-
 def check_val_split(ckpt: dict, val_index, cfg) -> None:
     """Refuse to resume a run whose held-out images (the checkpoint's ``val_index``) are not the
     ones ``--val-split`` holds out now (``val_index``: int64 indices, or None without a split):
@@ -619,7 +497,3 @@ def check_val_split(ckpt: dict, val_index, cfg) -> None:
         raise CheckpointError(f"--resume: the {cfg.val_split} validation images drawn now (--val-split, --seed "
                               f"{cfg.seed}, from --data-dir {cfg.data_dir}) are not the ones the run held out; "
                               f"is --data-dir another copy, its images in another order? Resume with the run's data")
-
-
-def write_config(cfg, config: dict) -> None:
-    atomic_write_json(config, os.path.join(cfg.output_dir, "config.json"))

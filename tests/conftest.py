@@ -60,9 +60,9 @@ def signal_in_epoch(monkeypatch, epoch: int, signum: int = signal.SIGINT):
     import engine
     real = engine.Trainer.train_step
 
-    def step(self, x, y, use_br, check=None):
-        out = real(self, x, y, use_br, check)
-        if check is not None and check[0] == epoch:
+    def step(self, x, y, use_br, finite_check_at=None):
+        out = real(self, x, y, use_br, finite_check_at)
+        if finite_check_at is not None and finite_check_at[0] == epoch:
             self._stop_signal = signum
         return out
 

@@ -198,7 +198,7 @@ def test_a_br_is_br_of_the_activation_outputs(to_alpha, monkeypatch):
     acts = trainer.hooks.get_pre_quant_activations()
     alphas = {n: trainer.br_act_quantizers[n].alpha for n in names}
     ref, _ = BinRegularizer(2, signed=False).compute_total_loss(acts, alphas, to_alpha)
-    loss, _ = trainer.activation_br()
+    loss, _ = trainer.a_reg.total_from_stats(trainer.hooks.get_bin_stats())
     params = [model.conv1.weight] + list(alphas.values())
     got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     expected = torch.autograd.grad(ref, params, allow_unused=True)

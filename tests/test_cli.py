@@ -157,11 +157,11 @@ def _br_term_gradients(trainer, term):
     trainer.model(x)
     layers = list(trainer.br_layers.values())
     if term == "w":
-        loss, _ = trainer.weight_br()
+        loss, _ = trainer.w_reg.total_from_stats(trainer.weight_stats.get())
         alphas, values = [m.weight_quant.alpha for m in layers], [m.weight for m in layers]
     else:
         assert set(trainer.hooks.get_bin_stats()) == set(trainer.br_layers)
-        loss, _ = trainer.activation_br()
+        loss, _ = trainer.a_reg.total_from_stats(trainer.hooks.get_bin_stats())
         alphas, values = [layers[-1].act_quant.alpha], [trainer.model.conv1.weight]
     grads = torch.autograd.grad(loss, alphas + values, allow_unused=True)
     norm = lambda gs: sum(0.0 if g is None else g.abs().sum().item() for g in gs)  # noqa: E731
@@ -185,7 +185,7 @@ def test_w_br_from_the_weight_quantizers_equals_br_of_the_weights():
     trainer.model(next(trainer.train_loader.batches(0))[0])
     layers = trainer.br_layers
     alphas = [m.weight_quant.alpha for m in layers.values()]
-    loss, _ = trainer.weight_br()
+    loss, _ = trainer.w_reg.total_from_stats(trainer.weight_stats.get())
     grads = torch.autograd.grad(loss, alphas)
     # the independent path: BR of the weight tensors themselves (regularizers.bin_reg, plain autograd)
     ref, _ = BinRegularizer(2, signed=True).compute_total_loss(
@@ -198,7 +198,7 @@ def test_w_br_from_the_weight_quantizers_equals_br_of_the_weights():
 def test_stage_one_computes_no_br():
     trainer = _trainer()
     x, y = next(trainer.train_loader.batches(0))
-    loss, _, ce, br_w, br_a, w_info, a_info = trainer.loss_terms(x, y, use_br=False)
+    loss, _, ce, br_w, br_a, w_info, a_info = trainer.forward_losses(x, y, use_br=False)
     assert br_w.item() == 0.0 and br_a.item() == 0.0 and w_info is None and a_info is None
     assert torch.equal(loss, ce)
 

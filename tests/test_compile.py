@@ -60,10 +60,10 @@ def test_training_forward_compiles_whole_and_matches_eager(flags, use_br):
     fused = (trainer.model.layers[0][0].act1 if "relu-output" in flags else trainer.model.layers[0][0].conv2).act_quant
     assert fused.input_relu  # the fused ReLU is in the graph
     start = copy.deepcopy(trainer.model.state_dict())
-    eager = _step(trainer, trainer._losses, x, y, use_br)
+    eager = _step(trainer, trainer.forward_losses, x, y, use_br)
     trainer.model.load_state_dict(start)
     # fullgraph=True: any graph break is an error
-    compiled = torch.compile(trainer._losses, fullgraph=True, backend="aot_eager", dynamic=False)
+    compiled = torch.compile(trainer.forward_losses, fullgraph=True, backend="aot_eager", dynamic=False)
     got = _step(trainer, compiled, x, y, use_br)
     assert (eager[0][2:] > 0).tolist() == [use_br and "0" not in flags, use_br]  # the BR terms ran
     torch.testing.assert_close(got[0], eager[0], rtol=1e-12, atol=0)

@@ -41,10 +41,10 @@ if os.environ.get("TEST_DUMP"):  # each rank's state after training
     engine.Trainer.fit = dumping_fit
 if os.environ.get("TEST_STOP_RANK1_IN_EPOCH") and rank == 1:  # SIGTERM reaches rank 1 only
     step = engine.Trainer.train_step
-    def stopped_step(self, x, y, use_br, check=None):
-        if check is not None and check[0] == int(os.environ["TEST_STOP_RANK1_IN_EPOCH"]):
+    def stopped_step(self, x, y, use_br, finite_check_at=None):
+        if finite_check_at is not None and finite_check_at[0] == int(os.environ["TEST_STOP_RANK1_IN_EPOCH"]):
             self._stop_signal = signal.SIGTERM
-        return step(self, x, y, use_br, check)
+        return step(self, x, y, use_br, finite_check_at)
     engine.Trainer.train_step = stopped_step
 if os.environ.get("TEST_FULL_DISK_AT") and rank == 0:  # this file cannot be written (rank 0 writes them all)
     import errno
@@ -56,10 +56,10 @@ if os.environ.get("TEST_FULL_DISK_AT") and rank == 0:  # this file cannot be wri
     os.fsync = full_fsync
 if os.environ.get("TEST_KILL_RANK1_IN_EPOCH") and rank == 1:  # rank 1 dies (out of memory, kill -9)
     step = engine.Trainer.train_step
-    def killed_step(self, x, y, use_br, check=None):
-        if check is not None and check[0] == int(os.environ["TEST_KILL_RANK1_IN_EPOCH"]):
+    def killed_step(self, x, y, use_br, finite_check_at=None):
+        if finite_check_at is not None and finite_check_at[0] == int(os.environ["TEST_KILL_RANK1_IN_EPOCH"]):
             os.kill(os.getpid(), signal.SIGKILL)
-        return step(self, x, y, use_br, check)
+        return step(self, x, y, use_br, finite_check_at)
     engine.Trainer.train_step = killed_step
 argv = sys.argv[1:]
 if os.environ.get("TEST_RANK1_DATA_DIR") and rank == 1:  # this rank's machine lacks the data
@@ -105,7 +105,7 @@ class _PerShardBatchNorm(nn.Module):
 def _one_process_first_loss(data_dir: str) -> float:
     """The first step's loss of a one-process run on the same global batch, BatchNorm per shard of 10."""
     import cifar10_qat_br
-    from engine import seed_everything
+    from run.seeding import seed_everything
     cfg = cfgmod.build_parser().parse_args(["--data-dir", data_dir, *RUN])
     train = balanced_subset(load_split(find_source(data_dir, download=False), train=True, workers=0), 20, 42)
     x, y = next(DeviceLoader(train, 20, torch.device("cpu"), train=True, seed=42).batches(1))

@@ -134,7 +134,7 @@ def test_weight_and_activation_br_cover_every_low_bit_layer():
     signed.act_quant.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
     model.train()
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
-    _, _, _, br_w, br_a, w_info, a_info = trainer.loss_terms(x, y, use_br=True)
+    _, _, _, br_w, br_a, w_info, a_info = trainer.forward_losses(x, y, use_br=True)
     assert set(w_info["per_tensor"]) == set(a_info["per_tensor"]) == low_bit
     assert br_w > 0 and br_a > 0
     # A-BR of a signed input is on its own grid [-2, 1] (the eager BR formulation as the reference)

@@ -312,7 +312,7 @@ def test_extreme_valid_seed_and_momentum_are_accepted(capsys):
 
 
 def test_more_workers_than_cpus_are_capped_with_a_warning(capsys):
-    from run import config
+    from run import banner, config
     cpus = len(os.sched_getaffinity(0))
     rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--workers", str(cpus + 61)], capsys)
     assert rc == 0
@@ -321,7 +321,7 @@ def test_more_workers_than_cpus_are_capped_with_a_warning(capsys):
     assert config.decode_workers(cfg) == cpus
     cfg.workers = cpus
     config.resolve_defaults(cfg)
-    assert config.decode_workers(cfg) == cpus and not any("--workers" in w for w in config.warnings_for(cfg))
+    assert config.decode_workers(cfg) == cpus and not any("--workers" in w for w in banner.warnings_for(cfg))
 
 
 @pytest.mark.parametrize("flag", ["--num-bits", "--epochs", "--lambda-br"])
@@ -427,11 +427,11 @@ def test_non_finite_loss_stops_naming_step_and_layer(shared_folder, tmp_path, mo
     import engine
     real_step = engine.Trainer.train_step
 
-    def poisoned(self, x, y, use_br, check=None):
+    def poisoned(self, x, y, use_br, finite_check_at=None):
         if use_br:  # stage 2: poison one step size
             with torch.no_grad():
                 self.layers["layers.1.0.conv2"].weight_quant.alpha.fill_(float("nan"))
-        return real_step(self, x, y, use_br, check)
+        return real_step(self, x, y, use_br, finite_check_at)
 
     monkeypatch.setattr(engine.Trainer, "train_step", poisoned)
     out = tmp_path / "nan"
@@ -447,9 +447,9 @@ def test_a_stop_before_the_first_finished_epoch_says_there_is_nothing_to_resume(
     import engine
     real_step = engine.Trainer.train_step
 
-    def interrupted(self, x, y, use_br, check=None):
+    def interrupted(self, x, y, use_br, finite_check_at=None):
         self._stop_signal = signal.SIGTERM  # as the handler sets it, during the first step
-        return real_step(self, x, y, use_br, check)
+        return real_step(self, x, y, use_br, finite_check_at)
 
     monkeypatch.setattr(engine.Trainer, "train_step", interrupted)
     rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", tmp_path / "early", *TINY], capsys)
