@@ -8,10 +8,10 @@
 Under torchrun the processes train one run with DistributedDataParallel; distributed.py says how
 it is shared (data, α, BR, BatchNorm, evaluation) and how the ranks agree on errors and stops.
 
-Exit status: 0 finished (also: ``--resume auto`` found the run finished); 2 bad flag, data or checkpoint; 3 non-finite values;
-4 an output file could not be written (disk full, ...: the last good last.pt is kept); 128+signal when interrupted, at
-any moment (finished epochs are kept; the message says how to resume); under torchrun, 1 when another process of
-the run ended (``distributed.lost_rank``). Each failure prints one ``error:`` line.
+Exit status: 0 finished (also: ``--resume auto`` found the run finished); 2 bad flag, data or checkpoint;
+3 non-finite values; 4 an output file could not be written (disk full, ...: the last good last.pt is kept);
+128+signal when interrupted, at any moment (finished epochs are kept; the message says how to resume); under
+torchrun, 1 when another process of the run ended (``distributed.lost_rank``). Each failure prints one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.evaluate is not None and group is None:  # no training, no output folder (torchrun: refused below)
                 from deploy.evaluate import evaluate_checkpoint
                 return evaluate_checkpoint(cfg, argv)
-            if cfg.resume == "" and cfg.overwrite:  # --resume PATH may replace another run (run_folder.prepare_output_dir)
+            # --resume PATH may replace another run (run_folder.prepare_output_dir)
+            if cfg.resume == "" and cfg.overwrite:
                 raise config.ConfigError("--resume and --overwrite contradict each other: pass one")
             if cfg.from_warmup and cfg.resume not in (None, "auto"):
                 raise config.ConfigError("--from-warmup starts a new run from a warmup and --resume continues a run: "
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.dry_run:
                 cfg.output_dir = cfg.output_dir or config.default_output_dir(cfg)
                 print("\n".join(ptq.banner(cfg, source.describe(), ptq_warnings) if cfg.ptq
-                                else run_banner.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)))
+                                else run_banner.banner(cfg, source.describe(), defaulted=defaulted,
+                                                       processes=processes)))
                 print("Resolved config:")
                 for key, value in sorted(vars(cfg).items()):
                     print(f"  {key}: {value}")

@@ -530,7 +530,8 @@ class Trainer:
         if self.tb is not None:
             self.tb.log_epoch(row, self.model)
         if self.output_dir is not None:
-            timing = {"epoch": epoch, "seconds": seconds, "train_seconds": train_seconds, "train_images": train["images"]}
+            timing = {"epoch": epoch, "seconds": seconds, "train_seconds": train_seconds,
+                      "train_images": train["images"]}
             if train_peak is not None:
                 timing["peak_memory_mb"] = train_peak / 2**20
             self._save_epoch(row, timing, epoch, config, improved=self.best_epoch == epoch)

@@ -203,7 +203,8 @@ class _GraphBuilder:
             if m.padding_mode != "zeros" or isinstance(m.padding, str):
                 raise ExportError(f"{hint}: only zero padding given as numbers is exported")
             x = self.quantize(m.act_quant, x, f"{hint}_input") if isinstance(m, QuantizedLayer) else x
-            inputs = [x, self.weight(m, hint)] + ([self.float_tensor(f"{hint}_bias", m.bias)] if m.bias is not None else [])
+            inputs = [x, self.weight(m, hint)] + ([self.float_tensor(f"{hint}_bias", m.bias)]
+                                                  if m.bias is not None else [])
             ph, pw = m.padding
             return self.op("Conv", inputs, hint, kernel_shape=list(m.kernel_size), strides=list(m.stride),
                            pads=[ph, pw, ph, pw], dilations=list(m.dilation), group=m.groups)

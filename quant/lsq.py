@@ -258,7 +258,8 @@ class LSQQuantizer(nn.Module):
                           else "holds NaN or inf values")
                 warnings.warn(f"LSQQuantizer ({self.extra_repr()}): its first input {reason}, so its step size "
                               f"is not initialised from it; it quantizes with alpha = "
-                              f"{float(self.alpha.detach().mean()):g}{' (mean over channels)' if self.channels else ''} "
+                              f"{float(self.alpha.detach().mean()):g}"
+                              f"{' (mean over channels)' if self.channels else ''} "
                               f"until an input with finite values and a non-zero mean magnitude arrives",
                               RuntimeWarning, stacklevel=3)
             return False

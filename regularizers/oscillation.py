@@ -1,8 +1,9 @@
 """Weight oscillations in QAT: tracking, dampening and iterative freezing.
 
 Nagel, Fournarakis, Bondarenko, Blankevoort, "Overcoming Oscillations in Quantization-Aware
-Training", ICML 2022 (its "oscillation dampening" and "iterative weight freezing"; public code Qualcomm-AI-research/oscillations-qat:
-``utils/qat_utils.py`` ``dampening_loss``, ``utils/oscillation_tracking_utils.py`` ``TrackOscillation``).
+Training", ICML 2022 (its "oscillation dampening" and "iterative weight freezing"; public code
+Qualcomm-AI-research/oscillations-qat: ``utils/qat_utils.py`` ``dampening_loss``,
+``utils/oscillation_tracking_utils.py`` ``TrackOscillation``).
 Written here from the paper and that description, not copied.
 
 * **Oscillation**: per weight, the change Δ of its integer code between two training
@@ -55,7 +56,8 @@ def integer_codes(w: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_ma
 
 def dampening_loss(w: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_max: int,
                    aggregation: str = "kernel_mean") -> torch.Tensor:
-    """Oscillation dampening of one weight tensor (Nagel et al. 2022, "oscillation dampening"), a scalar (float32 or float64).
+    """Oscillation dampening of one weight tensor (Nagel et al. 2022, "oscillation dampening"), a scalar
+    (float32 or float64).
 
     ``d = (sg(q(w)) - clip(w, quant_min·α, quant_max·α))²`` elementwise, with ``q(w) = round_to_grid(w/α)·α``
     (gradient stopped) and α detached (the clip keeps the term off the step size: no gradient to α).
@@ -84,7 +86,8 @@ def dampening_loss(w: torch.Tensor, alpha: torch.Tensor, quant_min: int, quant_m
 
 
 class OscillationState:
-    """Oscillation tracking and freezing of one tensor of integer codes (Nagel et al. 2022, "iterative weight freezing").
+    """Oscillation tracking and freezing of one tensor of integer codes (Nagel et al. 2022, "iterative weight
+    freezing").
 
     ``start(code)`` begins (or begins again: each stage of a run starts afresh, as the paper's tracker
     starts when freezing does); ``update(code, threshold)`` takes the codes after one training step:

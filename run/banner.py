@@ -74,7 +74,8 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     if W > 0:  # the seed's line; how W was chosen is said below the block (warmup_line)
         lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only)")
     else:  # "--warmup-epochs 0" would be untrue when the 30 % rule gave 0 (a run of 1 epoch)
-        lines.append(f"Stage 1 (Warmup): none ({_warmup_rule(E) if 'warmup_epochs' in defaulted else '--warmup-epochs 0'})")
+        lines.append("Stage 1 (Warmup): none "
+                     f"({_warmup_rule(E) if 'warmup_epochs' in defaulted else '--warmup-epochs 0'})")
     if E > W:
         if cfg.lambda_br == 0 and cfg.lambda_br_act == 0:
             what = " (both λ = 0: LSQ only, no BR)"
@@ -94,7 +95,8 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     if w_br:
         lines.append("    └─> Gradients to alpha: Always enabled (paper-faithful, weights are stable)")
         if freeze_w and E > W:
-            lines.append("    └─> Note: weight alpha is frozen after warmup, so in stage 2 this gradient cannot change it")
+            lines.append("    └─> Note: weight alpha is frozen after warmup, "
+                         "so in stage 2 this gradient cannot change it")
     lines.append(f"  - A-BR (activations): λ={float(cfg.lambda_br_act)} "
                  f"{state(cfg.lambda_br_act, a_br, 'activations')}")
     if a_br:
@@ -231,7 +233,8 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
         lines.append(f"Activations clipped to [0, {cfg.clip_value:g}]")
     elif cfg.arch == "mobilenetv2":
         lines.append("Activations: ReLU6 (MobileNetV2's own; --clip-value c clips to [0, c] instead)")
-    lines.append(f"Init: {'float checkpoint ' + cfg.pretrained if cfg.pretrained else 'random initialisation (no --pretrained given)'}")
+    lines.append("Init: " + ('float checkpoint ' + cfg.pretrained if cfg.pretrained
+                             else 'random initialisation (no --pretrained given)'))
     lines.append(f"Optimiser: {optimizer_line(cfg, defaulted)}, {schedule_text(cfg)}, "
                  f"batch {cfg.batch_size}, seed {cfg.seed}")
     warmup = warmup_line(cfg, defaulted)

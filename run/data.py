@@ -164,7 +164,8 @@ class _DecodeOrFlag(torch.utils.data.Dataset):
         except Exception as exc:  # noqa: BLE001 - any decoder failure is reported by file name
             return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), i, str(exc)
         if tuple(image.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
-            return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), i, f"size {tuple(image.shape)}, expected (3, 32, 32)"
+            return (torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), i,
+                    f"size {tuple(image.shape)}, expected (3, 32, 32)")
         return image, i, ""
 
 

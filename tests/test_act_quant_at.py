@@ -238,7 +238,8 @@ def ro_run(shared_folder, tmp_path_factory):
 def test_a_run_resumes_bit_for_bit_and_logs_every_step_size(ro_run, shared_folder, tmp_path, monkeypatch, capsys):
     rows = _rows(ro_run)
     assert rows[1]["br_a"] > 0 and rows[1]["br_w"] > 0
-    assert set(rows[1]["alpha"]["layers.0.0.act2"]) == {"act"} and set(rows[1]["alpha"]["layers.0.0.conv1"]) == {"weight"}
+    assert set(rows[1]["alpha"]["layers.0.0.act2"]) == {"act"}
+    assert set(rows[1]["alpha"]["layers.0.0.conv1"]) == {"weight"}
     assert len(rows[1]["br_a_info"]) == 1 + 19  # the total and each of the 19 activation outputs
     out = tmp_path / "again"
     argv = ["--data-dir", shared_folder, "--output-dir", out, *TINY, "--act-quant-at", RO]

@@ -178,7 +178,8 @@ def test_per_bin_sum_methods_agree(method, num_bins):
     index = torch.randint(0, num_bins, (1000,), generator=gen)
     values = torch.randn(1000, generator=gen, dtype=torch.float64)
     index = index.to(torch.uint8) if method == "bincount" else index
-    expected_counts = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index.long(), torch.ones(1000, dtype=torch.float64))
+    expected_counts = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index.long(),
+                                                                           torch.ones(1000, dtype=torch.float64))
     expected_sums = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index.long(), values)
     counts = bin_sum(index, num_bins, dtype=torch.float64, method=method)
     sums = bin_sum(index, num_bins, values, method=method)

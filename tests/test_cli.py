@@ -114,7 +114,8 @@ def test_banner_never_enables_a_br_term_without_quantized_tensors(capsys, bits, 
 
 
 def test_float_run_banner_speaks_of_no_quantization(capsys):
-    lines = _banner(capsys, "--num-bits", "32", "--lambda-br", "0", "--lambda-br-act", "0", "--epochs", "10").splitlines()
+    lines = _banner(capsys, "--num-bits", "32", "--lambda-br", "0", "--lambda-br-act", "0",
+                    "--epochs", "10").splitlines()
     assert "Starting float training (the baseline: nothing quantized)" in lines
     assert "Schedule: epochs 1-10, float; no quantizers, so no BR and no step sizes (alpha)" in lines
     assert not any(x.startswith(("Stage", "BR Configuration", "Alpha Control")) or "[ENABLED]" in x for x in lines)

@@ -94,7 +94,8 @@ def test_inductor_code_of_quantizer_and_bin_statistics_matches_eager():
         captured.clear()
         out = q(x)
         stats = captured[0].stats
-        return (out * out_weights).sum() + (stats * stat_weights).sum(), out.detach(), stats.detach(), captured[0].abs_sum
+        return ((out * out_weights).sum() + (stats * stat_weights).sum(), out.detach(), stats.detach(),
+                captured[0].abs_sum)
 
     results = []
     for fn in (loss, torch.compile(loss, fullgraph=True, dynamic=False)):

@@ -195,7 +195,8 @@ def test_ptq_calibrates_on_the_training_part_only(runs, shared_folder, tmp_path,
     assert len(split.labels) == 40 - 10
     # the 10 images missing from the calibration pool are one per class (the held-out set)
     pool = {tuple(img.flatten().tolist()) for img in split.images}
-    missing = [int(label) for img, label in zip(train.images, train.labels) if tuple(img.flatten().tolist()) not in pool]
+    missing = [int(label) for img, label in zip(train.images, train.labels)
+               if tuple(img.flatten().tolist()) not in pool]
     assert sorted(missing) == list(range(10))
     assert json.loads((tmp_path / "ptq" / "config.json").read_text())["derived"]["val_split"]["images"] == 10
 

@@ -64,7 +64,8 @@ def _same_run(folder, reference):
         assert _epoch(folder / name) == _epoch(reference / name), name
     assert [r["test_acc"] for r in _metrics(folder)] == [r["test_acc"] for r in _metrics(reference)]
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["best_test_epoch_optimistic"] == json.loads((reference / "summary.json").read_text())["best_test_epoch_optimistic"]
+    assert (summary["best_test_epoch_optimistic"]
+            == json.loads((reference / "summary.json").read_text())["best_test_epoch_optimistic"])
     assert _epoch(folder / "best.pt") == summary["best_test_epoch_optimistic"]
 
 
@@ -191,7 +192,8 @@ def test_a_full_disk_through_the_real_command_line(shared_folder, tmp_path):
                            shared_folder, "--output-dir", out, *TINY], capture_output=True, text=True, timeout=600,
                           cwd=REPO)
     assert done.returncode == 4, done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(f"error: cannot write {out}/last.pt: No space")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith(f"error: cannot write {out}/last.pt: No space")
     assert _epoch(out / "last.pt") == 1
     command = done.stderr.split("resume with: ", 1)[1].strip()
     resumed = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=600, cwd="/")

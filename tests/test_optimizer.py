@@ -35,7 +35,8 @@ def test_step_sizes_have_their_own_group_without_weight_decay(optimizer, kind):
     weights, alphas = opt.param_groups
     # every LSQQuantizer's alpha, found by walking the modules (not by the names build_optimizer uses)
     quantizer_alphas = {id(m.alpha) for m in model.modules() if type(m).__name__ == "LSQQuantizer"}
-    assert {id(p) for p in alphas["params"]} == quantizer_alphas and len(quantizer_alphas) == 2 * 6  # first conv, 2 blocks x 2 convs, fc
+    assert {id(p) for p in alphas["params"]} == quantizer_alphas
+    assert len(quantizer_alphas) == 2 * 6  # first conv, 2 blocks x 2 convs, fc
     assert alphas["weight_decay"] == 0.0 and weights["weight_decay"] == 0.01
     everything = {id(p) for p in model.parameters()}
     assert {id(p) for p in weights["params"]} == everything - quantizer_alphas
@@ -75,7 +76,8 @@ def test_adam_step_is_torch_adam_and_the_hand_formula():
 
 
 def test_banner_config_and_folder_name_say_adam(capsys, tmp_path):
-    rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--optimizer", "adam", "--momentum", "0.5"], capsys)
+    rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--optimizer", "adam", "--momentum", "0.5"],
+                         capsys)
     assert rc == 0
     lines = out.splitlines()
     optimiser = next(line for line in lines if line.startswith("Optimiser: "))

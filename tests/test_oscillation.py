@@ -36,7 +36,8 @@ def test_dampening_per_channel_and_binary():
     assert loss.item() == pytest.approx(0.05 / 3 + 0.01 / 3, abs=1e-12)
     loss.backward()
     assert w.grad[1].tolist() == pytest.approx([0.0, 2 * 0.1 / 3, 0.0], abs=1e-12)
-    # binary (levels ±α, clip [-α, α]), α = 0.5: q = [[.5, -.5, .5], [-.5, .5, .5]], clip = [[.3, -.5, .5], [-.5, .1, .45]]
+    # binary (levels ±α, clip [-α, α]), α = 0.5: q = [[.5, -.5, .5], [-.5, .5, .5]],
+    # clip = [[.3, -.5, .5], [-.5, .1, .45]]
     binary = dampening_loss(torch.tensor(W, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64), -1, 1)
     assert binary.item() == pytest.approx((0.04 + 0 + 0) / 3 + (0 + 0.16 + 0.0025) / 3, abs=1e-12)
 

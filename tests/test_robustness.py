@@ -64,7 +64,8 @@ def test_crash_while_saving_an_epoch_resumes_bit_identically(crash_in, shared_fo
     assert _metrics_text(out) == _metrics_text(reference_run)
     ref = json.loads((reference_run / "summary.json").read_text())
     got = json.loads((out / "summary.json").read_text())
-    assert got["final_test_acc"] == ref["final_test_acc"] and got["best_test_acc_optimistic"] == ref["best_test_acc_optimistic"]
+    assert got["final_test_acc"] == ref["final_test_acc"]
+    assert got["best_test_acc_optimistic"] == ref["best_test_acc_optimistic"]
 
 
 def _spawn(args):

@@ -91,7 +91,8 @@ def test_the_seed_commands_print_the_seed_block(capsys, float_checkpoint, name, 
     got = _block(out.splitlines())
     # "└─> Note: ..." lines may be the tool's own, between the seed's lines; the seed's own notes must
     # still be there, saying at least what the seed said
-    seed_lines, seed_notes = [x for x in expected if not x.startswith(NOTE)], [x for x in expected if x.startswith(NOTE)]
+    seed_lines = [x for x in expected if not x.startswith(NOTE)]
+    seed_notes = [x for x in expected if x.startswith(NOTE)]
     lines, notes = [x for x in got if not x.startswith(NOTE)], [x for x in got if x.startswith(NOTE)]
     for i, (line, seed_line) in enumerate(zip(lines, seed_lines)):
         assert line == seed_line, f"line {i + 1} of the block (notes left out)"
