@@ -73,7 +73,7 @@ def resolve_resume(cfg, argv: list[str]) -> dict | None:
     """Apply ``--resume``: load the checkpoint, take the run's flags for those not given (not
     ``INVOCATION_FLAGS``; ``HISTORY_FLAGS`` always), refuse experiment flags given with another value.
     Returns the checkpoint (None without ``--resume``); raises CheckpointError, ConfigError.
-    The rules in full: docs/design_engine.md."""
+    The rules in full: docs/design.md, "Run folder and PTQ rules in full"."""
     if cfg.resume is None:
         return None
     if cfg.resume:
@@ -118,7 +118,8 @@ LOG_FILES = ("metrics.jsonl", "timing.jsonl")
 def branch_from_warmup(cfg) -> dict:
     """Load ``--from-warmup PATH`` (another run's ``warmup_end.pt``, epoch W) for a run that starts at
     stage 2: every experiment flag but ``STAGE2_FLAGS`` must equal the warmup's; its log rows of epochs
-    1..W come under ``ckpt["warmup_logs"]``. Raises ConfigError, CheckpointError (docs/design_engine.md)."""
+    1..W come under ``ckpt["warmup_logs"]``. Raises ConfigError, CheckpointError (docs/design.md, "Run folder
+    and PTQ rules in full")."""
     path = cfg.from_warmup
     if cfg.ptq:
         raise ConfigError("--from-warmup trains stage 2; --ptq trains nothing: pass one")
@@ -388,7 +389,8 @@ def holds_finished_work(folder: str) -> bool:
 def prepare_output_dir(cfg, resuming: bool) -> tuple[bool, RunFolderLock, list[str]]:
     """Create ``--output-dir`` (default: under results/), lock it (``RunFolderLock``), check it: it may
     hold only the resumed run, or one without finished work, unless ``--overwrite``. Returns (created,
-    the held lock, the old run's files for ``replace_old_run``); raises ConfigError (docs/design_engine.md)."""
+    the held lock, the old run's files for ``replace_old_run``); raises ConfigError (docs/design.md, "Run folder
+    and PTQ rules in full")."""
     cfg.output_dir = cfg.output_dir or default_output_dir(cfg)
     out = cfg.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
