@@ -167,8 +167,9 @@ def test_a_folder_held_by_another_process_is_refused_naming_it(shared_folder, tm
     from run import run_folder
     out = tmp_path / "held"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runner; run_folder.RunFolderLock(sys.argv[1])"
-                               ".acquire(); print('held', flush=True); time.sleep(600)", str(out)],
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from run import run_folder; "
+                               "run_folder.RunFolderLock(sys.argv[1]).acquire(); print('held', flush=True); "
+                               "time.sleep(600)", str(out)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
