@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from quant.lsq import FULL_PRECISION_BITS
+from quant.grid import FULL_PRECISION_BITS
 from run.config import (act_bits, build_parser, compile_mode, decode_workers, defaults_of, first_last_bits,
                         freeze_thresholds, frozen_kinds, is_float_run, learning_rate, resolve_device,
                         torchrun_world_size, usable_cpus, weight_bits)

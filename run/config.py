@@ -15,7 +15,7 @@ import torch
 from models import ARCHITECTURES
 from quant import kernels
 from quant.convert import ACT_QUANT_AT
-from quant.lsq import FULL_PRECISION_BITS
+from quant.grid import FULL_PRECISION_BITS
 from regularizers.oscillation import AGGREGATIONS
 
 #: Largest --seed: numpy's generators take seeds in 0..2**32 - 1.

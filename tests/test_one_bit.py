@@ -18,7 +18,8 @@ from deploy.onnx_qdq import ExportError, export_onnx, quantizer_steps, run_sessi
 from deploy.ptq import mse_step_size, set_step_size
 from quant import LSQQuantizer, QConv2d, integer_range
 from quant.grid import round_to_grid
-from quant.lsq import describe_grid, lsq_fake_quantize
+from quant.grid import describe_grid
+from quant.lsq import lsq_fake_quantize
 from regularizers import BinRegularizer, weight_bin_stats
 from regularizers.bin_reg import loss_from_bin_stats
 from test_bin_stats import _quantizer, _quantizer_step
