@@ -77,9 +77,10 @@ LEGACY_SETTINGS = {"optimizer": "sgd", "val_split": 0, "lr_schedule": "cosine", 
                    "lambda_dampen": 0.0, "dampen_aggregation": "kernel_mean", "freeze_oscillating": None,
                    "oscillation_momentum": 0.001, "bn_reestimate": 0}
 
-#: Scenario names, in the order of the README's table (config.SCENARIOS).
-SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "Oscillation dampening",
-                  "Iterative freezing", "PTQ", "float")
+#: Scenario names, in the order of the README's table (config.SCENARIOS); another name (``W-only, α
+#: trained``) ranks with the name it starts with.
+SCENARIO_ORDER = ("W-only", "W+A stable", "W+A moving target", "A-only", "LSQ baseline", "LSQ, α frozen after warmup",
+                  "Oscillation dampening", "Iterative freezing", "PTQ", "float")
 
 #: What an exit status of cifar10_qat_br.py means (see its docstring).
 EXIT_MEANINGS = {1: "crashed", 2: "bad flag, data or checkpoint", 3: "non-finite values",
@@ -131,9 +132,13 @@ class Run:
 
 
 def scenario(settings: dict) -> str:
-    """The README scenario of a configuration, from its λ_w, λ_a and A-BR→α settings (or PTQ), with the
-    oscillation methods it uses (``Oscillation dampening``, ``Iterative freezing``; after a BR scenario's
-    name: ``W-only + dampening``)."""
+    """The README scenario of a configuration (run.config.SCENARIOS' names), from its λ_w, λ_a, A-BR→α and
+    step-size freezing settings (or PTQ), with the oscillation methods it uses (``Oscillation dampening``,
+    ``Iterative freezing``; after a BR scenario's name: ``W-only + dampening``).
+
+    As in the seed's document, the BR scenarios (and the oscillation rows beside them) freeze the step
+    sizes after warmup and the LSQ baseline does not; a run that differs says so: ``W+A stable, α
+    trained``, ``LSQ, α frozen after warmup``."""
     if settings.get("float_run"):
         return "float"
     if settings.get("method") == "ptq":  # post-training quantization: no λ, no training
@@ -145,12 +150,18 @@ def scenario(settings: dict) -> str:
         base = "W-only" if w else ("A-only" if a else "LSQ baseline")
     methods = [m for key, m in (("lambda_dampen", "dampening"), ("freeze_oscillating", "iterative freezing"))
                if settings.get(key)]
-    if not methods:
-        return base
+    every = settings.get("freeze_alpha")
+    frozen = ("W and A" if every or settings.get("freeze_weight_alpha") and settings.get("freeze_act_alpha") else
+              "W" if settings.get("freeze_weight_alpha") else "A" if settings.get("freeze_act_alpha") else "")
+    if base == "LSQ baseline" and not methods:
+        return {"": base, "W and A": "LSQ, α frozen after warmup", "W": "LSQ, W α frozen after warmup",
+                "A": "LSQ, A α frozen after warmup"}[frozen]
     if base == "LSQ baseline":
-        return {"dampening": "Oscillation dampening", "iterative freezing": "Iterative freezing"}[methods[0]] + "".join(
-            f" + {m}" for m in methods[1:])
-    return base + "".join(f" + {m}" for m in methods)
+        name = {"dampening": "Oscillation dampening", "iterative freezing": "Iterative freezing"}[methods[0]]
+        name += "".join(f" + {m}" for m in methods[1:])
+    else:
+        name = base + "".join(f" + {m}" for m in methods)
+    return name + {"W and A": "", "": ", α trained", "W": ", A α trained", "A": ", W α trained"}[frozen]
 
 
 def _read_json(path: str):
@@ -438,7 +449,8 @@ def _value_key(value):
 
 def _sort_key(group: dict, columns: list[str]):
     name = group["scenario"]
-    rank = SCENARIO_ORDER.index(name) if name in SCENARIO_ORDER else len(SCENARIO_ORDER)
+    rank = next((i for i, known in enumerate(SCENARIO_ORDER) if name == known or name.startswith(known + ",")),
+                len(SCENARIO_ORDER))
     return (rank, [_value_key(group["settings"].get(k)) for k in columns], _value_key(group["epochs"]))
 
 

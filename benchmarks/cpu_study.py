@@ -48,7 +48,9 @@ from run.run_folder import RunFolderLock  # noqa: E402
 ENTRY = os.path.join(ROOT, "cifar10_qat_br.py")
 RESULTS = os.path.join(ROOT, "docs", "cpu_study")
 FLOAT = os.path.join("pretrained", "resnet20_fp32_e40", "model.pt")
-PROTOCOL = ["--num-bits", "2", "--epochs", "30", "--warmup-epochs", "9", "--lr", "0.01", "--pretrained", FLOAT]
+WARMUP_EPOCHS = 9
+PROTOCOL = ["--num-bits", "2", "--epochs", "30", "--warmup-epochs", str(WARMUP_EPOCHS), "--lr", "0.01",
+            "--pretrained", FLOAT]
 
 #: The study's scenarios, in the order they run, each for every seed in turn (a session runs two rows
 #: side by side: both seeds of one scenario, so that each session adds a mean ± std). W-only (the
@@ -213,6 +215,14 @@ def last_epoch_figures(metrics: list[dict]) -> dict:
             "flips": statistics.fmean(v["flips"] for v in low_bit if v["flips"] is not None)}
 
 
+def stage2_oscillations(metrics: list[dict]) -> float | None:
+    """Oscillations per low-bit weight and training step over the BR stage (epochs 10-30: the mean of the
+    epochs' ``osc_freq``, each over the same number of steps), or None for a run from before it was
+    tracked. (The last epoch's alone says little: the cosine has taken the learning rate to ~0.)"""
+    values = [m.get("osc_freq") for m in metrics if m["epoch"] > WARMUP_EPOCHS]
+    return statistics.fmean(values) if values and None not in values else None
+
+
 def _mean_std(values: list[float], fmt: str = "{:.2f}") -> str:
     if not values:
         return "–"
@@ -236,17 +246,21 @@ def report() -> int:
     order = [r.name for r in plan()]
     keys = list(dict.fromkeys(row_key(n) for n in sorted(runs, key=order.index)))
     lines = ["| row | flags (stage 2) | seeds | final test top-1 (%) | CE | BR_w | BR_a | distance to level (α) "
-             "| bin flips / epoch | wall time of its own epochs |", "|" + "---|" * 10]
+             "| bin flips / epoch | oscillations / weight / step (stage 2) | wall time of its own epochs |",
+             "|" + "---|" * 11]
     for key in keys:
         names = [n for n in runs if row_key(n) == key]
         figures = [last_epoch_figures(runs[n][1]) for n in names if runs[n][1] and "bins" in runs[n][1][-1]]
         seeds = ", ".join(n.split("_")[1][1:] if n.startswith("w2a2_s") else "–" for n in names)
         accs = [runs[n][0]["final_test_acc"] for n in names]
-        own = [sum(t["seconds"] for t in runs[n][2] if t["epoch"] > 9 or n.startswith("ptq")) for n in names]
+        own = [sum(t["seconds"] for t in runs[n][2] if t["epoch"] > WARMUP_EPOCHS or n.startswith("ptq"))
+               for n in names]
         flags = next((r.flags for r in plan() if r.name == names[0]), [])
         stage2 = " ".join(f for f in flags[flags.index("--seed") + 2:]) if "--seed" in flags else " ".join(flags)
         cells = [key, f"`{stage2}`", seeds, _mean_std(accs)]
         cells += [_mean_std([f[k] for f in figures], "{:.4f}") for k in ("ce", "br_w", "br_a", "dist", "flips")]
+        oscillations = [stage2_oscillations(runs[n][1]) for n in names if not n.startswith("ptq")]
+        cells.append("not tracked" if None in oscillations else _mean_std(oscillations, "{:.2e}"))
         cells.append(_mean_std([s / 60 for s in own], "{:.0f}") + " min")
         lines.append("| " + " | ".join(cells) + " |")
     with open(os.path.join(RESULTS, "study.md"), "w") as f:
@@ -273,7 +287,7 @@ def plot_curves(runs: dict, keys: list[str]) -> None:
         if name.startswith("ptq"):
             ax.axhline(summary["final_test_acc"], color="gray", linestyle=":", linewidth=1)
             ax.annotate(f"PTQ {name[4:].upper()}", (1, summary["final_test_acc"]), fontsize=8, color="gray")
-    ax.axvline(9.5, color="black", linewidth=0.8)
+    ax.axvline(WARMUP_EPOCHS + 0.5, color="black", linewidth=0.8)
     ax.set_xlabel("epoch (1-9 LSQ warmup, shared; 10-30 stage 2)")
     ax.set_ylabel("test top-1 (%)")
     ax.set_ylim(60, 90)

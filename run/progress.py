@@ -7,8 +7,9 @@ tqdm stays silent, and one plain line is printed every ``--progress-interval`` s
     epoch 3/100 step 120/391 | 1234 img/s | ETA epoch 3m40s, run 5h12m
 
 The estimates: the epoch's remaining steps at this epoch's mean seconds per step; each
-later epoch as long as the mean finished epoch of the run (training and evaluation), or,
-before any epoch finished, as long as this epoch's training is projected to take.
+later epoch as long as the mean epoch this process finished (training and evaluation: not
+the epochs before a resume, which may have run on another machine), or, before any
+finished, as long as this epoch's training is projected to take.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class EpochProgress:
         epoch: this epoch (1-based). epochs: the run's last epoch.
         total_steps: steps in this epoch.
         epoch_seconds: the expected length of each later epoch in seconds (the mean of the
-            run's finished epochs), or None when none has finished yet.
+            epochs this process finished), or None when none has finished yet.
         interval: seconds between plain lines given to ``log``; 0 prints none.
         log: a ``print``-like function.
         bar: the epoch's tqdm bar; unless disabled, its postfix shows the run's ETA.

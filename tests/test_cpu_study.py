@@ -55,3 +55,11 @@ def test_only_picks_rows_by_pattern(tmp_path, capsys):
     assert cpu_study.main(["-n", "--runs-dir", str(tmp_path), "--only", "ptq_*", "w2a2_s43_lsq"]) == 0
     listed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
     assert listed == ["ptq_w2a2", "ptq_w4a4", "w2a2_s43_lsq"]
+
+
+def test_stage2_oscillations_is_the_mean_over_the_br_epochs():
+    metrics = [{"epoch": e, "osc_freq": None} for e in range(1, 10)]  # the warmup: not tracked, left out
+    metrics += [{"epoch": 10, "osc_freq": 3e-3}, {"epoch": 11, "osc_freq": 1e-3}]
+    assert cpu_study.stage2_oscillations(metrics) == pytest.approx(2e-3)
+    metrics[-1]["osc_freq"] = None  # a run from before tracking
+    assert cpu_study.stage2_oscillations(metrics) is None

@@ -235,8 +235,9 @@ def test_a_stale_best_pt_is_replaced_on_resume(shared_folder, reference, tmp_pat
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    ckpt["best_epoch"], ckpt["best_acc"] = 2, 101.0  # as if epoch 2 had improved
+    ckpt["best_epoch"], ckpt["best_acc"] = 2, 101.0  # as if epoch 2 had improved...
     torch.save(ckpt, out / "last.pt")
+    shutil.copyfile(out / "warmup_end.pt", out / "best.pt")  # ...and best.pt still held epoch 1 (whichever it held)
     rc, stdout, _ = run_cli(["--resume", "--output-dir", out], capsys)
     assert rc == 0 and "best.pt: written again" in stdout
     assert (out / "best.pt").read_bytes() == (out / "last.pt").read_bytes()

@@ -4,9 +4,15 @@ import io
 import re
 
 import pytest
+import torch
 from tqdm import tqdm
 
 from conftest import run_cli
+from engine import Trainer
+from models.resnet import CifarResNet
+from quant import quantize_model
+from run.config import build_parser
+from run.data import DeviceLoader, Split
 from run.progress import EpochProgress, format_duration
 
 
@@ -89,3 +95,20 @@ def test_bad_interval_is_refused(value, tmp_path, capsys):
     rc, _, err = run_cli(["--progress-interval", value, "--data-dir", tmp_path, "--output-dir", tmp_path / "o"],
                          capsys)
     assert rc == 2 and "--progress-interval must be a finite number >= 0" in err
+
+
+def test_a_resumed_run_paces_its_eta_by_this_process_not_by_the_epochs_before_the_resume(tmp_path):
+    # As after a resume of a run whose first 2 epochs took 500,000 s each (another machine): epoch 3
+    # of 4 must not be expected to leave 500,000 s for epoch 4; a 2-step epoch of a tiny net takes < 1 h.
+    cfg = build_parser().parse_args(["--epochs", "4", "--warmup-epochs", "0", "--output-dir", str(tmp_path),
+                                     "--progress-interval", "1e-9"])
+    torch.manual_seed(0)
+    model = quantize_model(CifarResNet((1, 1), (4, 8), "A"), 2, 2)
+    split = Split(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.arange(4))
+    cpu, lines = torch.device("cpu"), []
+    trainer = Trainer(cfg, model, DeviceLoader(split, 2, cpu, train=True), DeviceLoader(split, 4, cpu, train=False),
+                      cpu, log=lines.append)
+    trainer.elapsed = 1e6
+    trainer.run_epoch(3, {})
+    runs = re.findall(r"epoch 3/4 step \d/2 \| \d+ img/s \| ETA epoch (\S+), run (\S+)$", "\n".join(lines), re.M)
+    assert len(runs) == 2 and all("h" not in run for _, run in runs), lines

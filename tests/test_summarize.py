@@ -85,8 +85,9 @@ def test_markdown_table_by_hand(runs_dir):
               "best test epoch top-1 (%; selected on test, optimistic) | epochs | wall time / run | runs |")
     i = lines.index(header)
     assert lines[i + 2:i + 5] == [
-        "| W-only | 1 | 0 | no | 1,2 | 91.00 ± 1.41 | 92.00 ± 1.41 | 10 | 3m20s | 2/2 finished |",
-        "| W+A moving target | 1 | 1 | yes | – | – | – | 10 | – | 0/2 finished, 1 unfinished, 1 interrupted |",
+        "| W-only, α trained | 1 | 0 | no | 1,2 | 91.00 ± 1.41 | 92.00 ± 1.41 | 10 | 3m20s | 2/2 finished |",
+        "| W+A moving target, α trained | 1 | 1 | yes | – | – | – | 10 | – "
+        "| 0/2 finished, 1 unfinished, 1 interrupted |",
         "| LSQ baseline | 0 | 0 | no | 1 | 85.50 | 86.00 | 10 | 1h01m | 1/2 finished, 1 failed |",
     ]
     assert len([line for line in lines if line.startswith("| ")]) == 4  # header + 3 configurations
@@ -109,7 +110,7 @@ def test_command_writes_markdown_and_csvs(runs_dir, capsys):
     assert "Wrote" in capsys.readouterr().err
     with open(os.path.join(runs_dir, "summary.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert [r["scenario"] for r in rows] == ["W-only", "W+A moving target", "LSQ baseline"]
+    assert [r["scenario"] for r in rows] == ["W-only, α trained", "W+A moving target, α trained", "LSQ baseline"]
     w_only = rows[0]
     assert float(w_only["final_top1_mean"]) == pytest.approx(91.0)
     assert float(w_only["final_top1_std"]) == pytest.approx(math.sqrt(2))
@@ -128,7 +129,7 @@ def test_command_writes_markdown_and_csvs(runs_dir, capsys):
     assert runs["e_s1"]["status"] == "failed" and runs["e_s1"]["scenario"] == ""
     assert runs["a_s2"]["final_top1"] == "92.0" and runs["a_s2"]["seed"] == "2"
     with open(os.path.join(runs_dir, "summary.md")) as f:
-        assert "| W-only | 1 | 0 | no | 1,2 | 91.00 ± 1.41 |" in f.read()
+        assert "| W-only, α trained | 1 | 0 | no | 1,2 | 91.00 ± 1.41 |" in f.read()
 
 
 def test_out_prefix(runs_dir, tmp_path):
@@ -141,7 +142,7 @@ def test_out_prefix(runs_dir, tmp_path):
 def test_one_finished_run_folder_alone(runs_dir):
     markdown, rows, _ = summarize.build_tables(summarize.find_runs(os.path.join(runs_dir, "a_s1")))
     assert rows[0]["final_top1_mean"] == 90.0 and rows[0]["n_finished"] == 1
-    assert "| W-only | 1 | 90.00 | 91.00 | 10 | 1m40s | 1/1 finished |" in markdown
+    assert "| W-only, α trained | 1 | 90.00 | 91.00 | 10 | 1m40s | 1/1 finished |" in markdown
     assert "Not finished" not in markdown
 
 
@@ -410,14 +411,18 @@ def test_the_sweeps_scenarios_are_configs():
         assert ("_frz_" in folder) == ("--freeze-alpha" in flags), folder
 
 
-def test_oscillation_scenarios_are_named_as_the_readme_names_them():
-    for key in ("dampen", "freeze"):
-        settings = vars(config.build_parser().parse_args(config.SCENARIOS[key][1].split()))
-        assert summarize.scenario(settings) == config.SCENARIOS[key][0]
-    assert summarize.scenario({"lambda_br": 1.0, "lambda_dampen": 0.1}) == "W-only + dampening"
-    assert summarize.scenario({"lambda_dampen": 0.1, "freeze_oscillating": "0.1:0.01"}) == \
+def test_every_scenario_is_named_as_the_readme_names_it():
+    for key, (name, flags) in config.SCENARIOS.items():
+        assert summarize.scenario(vars(config.build_parser().parse_args(flags.split()))) == name, key
+    # as the seed defines them: BR rows freeze α after warmup, the LSQ baseline does not; a run that differs says so
+    assert summarize.scenario({"lambda_br": 1.0, "lambda_dampen": 0.1, "freeze_alpha": True}) == "W-only + dampening"
+    assert summarize.scenario({"lambda_dampen": 0.1, "freeze_oscillating": "0.1:0.01", "freeze_alpha": True}) == \
         "Oscillation dampening + iterative freezing"
-    assert summarize.scenario(vars(config.build_parser().parse_args([]))) == "W+A stable"
+    assert summarize.scenario(vars(config.build_parser().parse_args([]))) == "W+A stable, α trained"
+    assert summarize.scenario({"lambda_br": 1.0, "freeze_weight_alpha": True}) == "W-only, A α trained"
+    assert summarize.scenario({"lambda_br": 1.0, "freeze_act_alpha": True}) == "W-only, W α trained"
+    assert summarize.scenario({"lambda_br": 1.0, "freeze_weight_alpha": True, "freeze_act_alpha": True}) == "W-only"
+    assert summarize.scenario({"freeze_act_alpha": True}) == "LSQ, A α frozen after warmup"
 
 
 def test_the_oscillation_column_is_the_mean_of_the_last_epochs(tmp_path):
