@@ -150,18 +150,18 @@ def scenario(settings: dict) -> str:
         base = "W-only" if w else ("A-only" if a else "LSQ baseline")
     methods = [m for key, m in (("lambda_dampen", "dampening"), ("freeze_oscillating", "iterative freezing"))
                if settings.get(key)]
-    every = settings.get("freeze_alpha")
-    frozen = ("W and A" if every or settings.get("freeze_weight_alpha") and settings.get("freeze_act_alpha") else
-              "W" if settings.get("freeze_weight_alpha") else "A" if settings.get("freeze_act_alpha") else "")
-    if base == "LSQ baseline" and not methods:
-        return {"": base, "W and A": "LSQ, α frozen after warmup", "W": "LSQ, W α frozen after warmup",
-                "A": "LSQ, A α frozen after warmup"}[frozen]
+    frozen = (bool(settings.get("freeze_alpha") or settings.get("freeze_weight_alpha")),
+              bool(settings.get("freeze_alpha") or settings.get("freeze_act_alpha")))  # (weights', activations')
+    if base == "LSQ baseline" and not methods:  # the seed's baseline trains α: a frozen one says which
+        which = {(True, True): "α", (True, False): "W α", (False, True): "A α"}.get(frozen)
+        return base if which is None else f"LSQ, {which} frozen after warmup"
     if base == "LSQ baseline":
         name = {"dampening": "Oscillation dampening", "iterative freezing": "Iterative freezing"}[methods[0]]
         name += "".join(f" + {m}" for m in methods[1:])
     else:
         name = base + "".join(f" + {m}" for m in methods)
-    return name + {"W and A": "", "": ", α trained", "W": ", A α trained", "A": ", W α trained"}[frozen]
+    trained = {(False, False): "α", (True, False): "A α", (False, True): "W α"}.get(frozen)  # the others freeze
+    return name if trained is None else f"{name}, {trained} trained"
 
 
 def _read_json(path: str):
