@@ -178,9 +178,9 @@ class Trainer:
         # best_acc: the selection metric (validation top-1 with a val split, else test top-1) of
         # best_epoch; best_test_acc: the test top-1 of that epoch.
         self.start_epoch, self.best_acc, self.best_epoch, self.elapsed = 1, -1.0, 0, 0.0
-        # Epochs and seconds of this process only: the ETA's pace (a resumed or branched run's earlier
-        # epochs may have run on another machine, or beside other work).
-        self.epochs_here, self.seconds_here = 0, 0.0
+        # ``elapsed`` when this process took over (a resume): the ETA is paced by this process's epochs only
+        # (a resumed or branched run's earlier epochs may have run on another machine, or beside other work).
+        self.elapsed_before = 0.0
         self.best_test_acc = self.last_acc = None
         self.previous_bins: dict[str, torch.Tensor] = {}
         self._stop_signal = None
@@ -215,6 +215,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.start_epoch = ckpt["epoch"] + 1
         self.best_acc, self.best_epoch, self.elapsed = ckpt["best_acc"], ckpt["best_epoch"], ckpt["elapsed"]
+        self.elapsed_before = self.elapsed
         self.best_test_acc = ckpt.get("best_test_acc", ckpt["best_acc"])  # before --val-split: selected on test
         self.last_acc = ckpt["last_acc"]
         self.previous_bins = dict(ckpt["previous_bins"])
@@ -348,7 +349,8 @@ class Trainer:
                    desc=f"epoch {epoch}", disable=None if is_main(self.group) else True)
         # Plain progress lines when the console is a file (a SLURM log): tqdm is silent there.
         progress = EpochProgress(epoch, self.cfg.epochs, len(self.train_loader),
-                                 self.seconds_here / self.epochs_here if self.epochs_here else None,
+                                 (self.elapsed - self.elapsed_before) / (epoch - self.start_epoch)
+                                 if epoch > self.start_epoch else None,
                                  0 if sys.stdout.isatty() else self.cfg.progress_interval, self.log, bar)
         for x, y in bar:
             steps += 1
@@ -515,7 +517,6 @@ class Trainer:
             osc_freq, frozen = self.tracker.totals()
         seconds = time.perf_counter() - start
         self.elapsed += seconds
-        self.epochs_here, self.seconds_here = self.epochs_here + 1, self.seconds_here + seconds
         row = {"epoch": epoch, "epochs": self.cfg.epochs, "stage": self.stage(epoch), "lr": lr,
                "loss": train["loss"], "ce": train["ce"], "br_w": train["br_w"], "br_a": train["br_a"],
                "dampen": train["dampen"], "osc_freq": osc_freq, "frozen": frozen,

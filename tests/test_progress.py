@@ -108,7 +108,9 @@ def test_a_resumed_run_paces_its_eta_by_this_process_not_by_the_epochs_before_th
     cpu, lines = torch.device("cpu"), []
     trainer = Trainer(cfg, model, DeviceLoader(split, 2, cpu, train=True), DeviceLoader(split, 4, cpu, train=False),
                       cpu, log=lines.append)
-    trainer.elapsed = 1e6
+    resumed = trainer.state_dict(2, {})  # as if epochs 1-2 had run elsewhere, then --resume
+    resumed["elapsed"] = 1e6
+    trainer.load_state_dict(resumed)
     trainer.run_epoch(3, {})
     runs = re.findall(r"epoch 3/4 step \d/2 \| \d+ img/s \| ETA epoch (\S+), run (\S+)$", "\n".join(lines), re.M)
     assert len(runs) == 2 and all("h" not in run for _, run in runs), lines
