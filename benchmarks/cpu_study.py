@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from run.checkpoint import read_jsonl  # noqa: E402
+from run.checkpoint import read_jsonl, write_jsonl  # noqa: E402
 from run.config import SCENARIOS, ConfigError  # noqa: E402
 from run.run_folder import RunFolderLock  # noqa: E402
 
@@ -63,13 +63,19 @@ SEEDS = (42, 43)
 LAMBDA_ACT = ("0.1", "0.01")
 #: BR's nearest rivals (Nagel et al., ICML 2022), seed 42, once its table is committed.
 RIVALS = ("dampen", "freeze")
+#: The seed authors' recipe (activations quantized at the ReLU outputs, lr constant through the warmup):
+#: seed 42's LSQ and W+A stable rows under it as well. Its stage 1 differs from the protocol's, so it has a
+#: warmup of its own: the first of these rows to run trains it, and the study commits it (``publish_warmup``).
+AUTHORS = ("--act-quant-at", "relu-output", "--lr-schedule", "warmup-constant")
+AUTHORS_ROWS = ("lsq", "wa-stable")
 #: The files of a finished run that are committed.
 RESULT_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "summary.json")
 
 
 @dataclass
 class Row:
-    """One run of the study: its folder name, its flags, and the warmup it branches from (or None)."""
+    """One run of the study: its folder name, its flags, and the committed warmup it branches from (None:
+    a PTQ row). A row whose warmup is not committed yet trains it (``command``)."""
 
     name: str
     flags: list[str]
@@ -78,17 +84,19 @@ class Row:
 
 def plan() -> list[Row]:
     """Every run of the study, in the order they run: the PTQ references (minutes), each scenario of
-    ``ROWS`` for both seeds, then seed 42's W+A stable at the other λ_a and its dampening and freezing rows."""
+    ``ROWS`` for both seeds, then seed 42's W+A stable at the other λ_a, its dampening and freezing rows, and
+    its rows under the seed authors' recipe."""
     rows = [Row(f"ptq_w{b}a{b}", ["--ptq", "--num-bits", str(b), "--pretrained", FLOAT]) for b in (2, 4)]
 
-    def qat(seed: int, key: str, extra=(), suffix="") -> Row:
-        warmup = os.path.join("pretrained", f"w2a2_e30_warmup9_s{seed}", "warmup_end.pt")
-        return Row(f"w2a2_s{seed}_{key}{suffix}", PROTOCOL + ["--seed", str(seed)] + SCENARIOS[key][1].split()
-                   + list(extra), warmup)
+    def qat(seed: int, key: str, extra=(), suffix="", recipe=(), warmup="w2a2_e30_warmup9") -> Row:
+        return Row(f"w2a2_s{seed}_{key}{suffix}", PROTOCOL + list(recipe) + ["--seed", str(seed)]
+                   + SCENARIOS[key][1].split() + list(extra),
+                   os.path.join("pretrained", f"{warmup}_s{seed}", "warmup_end.pt"))
 
     rows += [qat(seed, key) for key in ROWS for seed in SEEDS]
     rows += [qat(42, "wa-stable", ["--lambda-br-act", lam], f"_lama{lam}") for lam in LAMBDA_ACT]
     rows += [qat(42, key) for key in RIVALS]
+    rows += [qat(42, key, suffix="_authors", recipe=AUTHORS, warmup="w2a2_e30_warmup9_authors") for key in AUTHORS_ROWS]
     return rows
 
 
@@ -109,10 +117,51 @@ def state(row: Row, runs_dir: str) -> str:
 
 
 def command(row: Row, args) -> list[str]:
-    """The row's command line: the same for a new and a resumed run (``--resume auto``)."""
+    """The row's command line, for a new and a resumed run alike (``--resume auto``): it branches from its
+    warmup when that is committed, else it trains the warmup itself (a run resumed with ``--from-warmup``
+    stays what it started as: run.config.HISTORY_FLAGS)."""
     cmd = [sys.executable, ENTRY, "--data-dir", args.data_dir, "--no-download",
            "--output-dir", os.path.join(args.runs_dir, row.name), *row.flags, "--resume", "auto"]
-    return cmd + (["--from-warmup", row.warmup] if row.warmup else [])
+    return cmd + (["--from-warmup", row.warmup] if warmup_ready(row) else [])
+
+
+def warmup_ready(row: Row) -> bool:
+    """Whether the row's warmup is in the repository (its path is relative to it, as the runs' cwd is)."""
+    return bool(row.warmup) and os.path.exists(os.path.join(ROOT, row.warmup))
+
+
+def can_start(row: Row, running: list[Row]) -> bool:
+    """A row starts when its warmup is committed, or when no running row is training that warmup already."""
+    return not row.warmup or warmup_ready(row) or all(r.warmup != row.warmup for r in running)
+
+
+def publish_warmup(row: Row, folder: str) -> str | None:
+    """Once the run in ``folder`` (one that trains its warmup) has finished its warmup, copy its
+    ``warmup_end.pt`` with the logs of epochs 1..W (config.json, metrics.jsonl, timing.jsonl: what
+    ``--from-warmup`` reads beside it) and a README to ``row.warmup``'s folder (relative to the repository),
+    so that the other rows of that warmup branch from it, on any machine. Returns that folder, or None
+    while the warmup is not finished (or is published already)."""
+    target = os.path.join(ROOT, os.path.dirname(row.warmup))
+    checkpoint = os.path.join(folder, "warmup_end.pt")
+    if warmup_ready(row) or not os.path.exists(checkpoint):
+        return None
+    logs = {name: [r for r in read_jsonl(os.path.join(folder, name)) if r["epoch"] <= WARMUP_EPOCHS]
+            for name in ("metrics.jsonl", "timing.jsonl")}
+    if any([r["epoch"] for r in rows] != list(range(1, WARMUP_EPOCHS + 1)) for rows in logs.values()):
+        return None  # the epoch's log rows come before its checkpoint: look again at the next check
+    os.makedirs(target, exist_ok=True)
+    for name, rows in logs.items():
+        write_jsonl(rows, os.path.join(target, name))
+    shutil.copyfile(os.path.join(folder, "config.json"), os.path.join(target, "config.json"))
+    with open(os.path.join(target, "README.md"), "w") as f:
+        f.write(f"# The {WARMUP_EPOCHS}-epoch warmup of {os.path.basename(target)}\n\n"
+                f"`warmup_end.pt` (epoch {WARMUP_EPOCHS} of 30) of the CPU study's run `{row.name}`, which "
+                f"trained it (`benchmarks/cpu_study.py`; its flags in `config.json`). Stage 1 is LSQ only: "
+                f"the other rows with these stage-1 flags branch from it with `--from-warmup`. Test top-1 "
+                f"after epoch {WARMUP_EPOCHS}: {logs['metrics.jsonl'][-1]['test_acc']:.2f} %.\n")
+    shutil.copyfile(checkpoint, os.path.join(target, "warmup_end.pt.tmp"))  # last, and whole: others look for it
+    os.replace(os.path.join(target, "warmup_end.pt.tmp"), os.path.join(ROOT, row.warmup))
+    return target
 
 
 def keep_result(row: Row, args) -> str | None:
@@ -132,17 +181,20 @@ def keep_result(row: Row, args) -> str | None:
             shutil.copyfile(os.path.join(folder, name), os.path.join(target, name))
     acc = summary.get("final_test_acc")
     if args.commit:
-        message = f"CPU study: {row.name} finished, final test top-1 {acc:.2f} % (docs/cpu_study/{row.name})"
-        for attempt in range(5):  # another git command (a developer's) may hold the index for a moment
-            added = subprocess.run(["git", "-C", ROOT, "add", "--", target], capture_output=True, text=True)
-            done = added.returncode == 0 and subprocess.run(
-                ["git", "-C", ROOT, "commit", "-q", "-m", message, "--", target], capture_output=True).returncode == 0
-            if done:
-                break
-            time.sleep(2 + attempt)
-        else:
-            print(f"WARNING: could not commit {target}; commit it by hand", flush=True)
+        commit(target, f"CPU study: {row.name} finished, final test top-1 {acc:.2f} % (docs/cpu_study/{row.name})")
     return acc
+
+
+def commit(folder: str, message: str) -> None:
+    """git-commit ``folder`` (only it: a developer's other changes stay out), at once: a session may end."""
+    for attempt in range(5):  # another git command (a developer's) may hold the index for a moment
+        added = subprocess.run(["git", "-C", ROOT, "add", "--", folder], capture_output=True, text=True)
+        done = added.returncode == 0 and subprocess.run(
+            ["git", "-C", ROOT, "commit", "-q", "-m", message, "--", folder], capture_output=True).returncode == 0
+        if done:
+            return
+        time.sleep(2 + attempt)
+    print(f"WARNING: could not commit {folder}; commit it by hand", flush=True)
 
 
 def run(args) -> int:
@@ -150,7 +202,9 @@ def run(args) -> int:
     todo = []
     for row in rows:
         what = state(row, args.runs_dir)
-        print(f"{row.name}: {what}", flush=True)
+        untrained = what != "committed" and row.warmup and not warmup_ready(row)
+        print(f"{row.name}: {what}" + (f" ({row.warmup} is not there yet: the first of its rows to run trains it, "
+                                       "the others branch from it)" if untrained else ""), flush=True)
         if what in ("resume", "new"):
             todo.append(row)
         if args.dry_run and what != "committed":
@@ -169,8 +223,11 @@ def run(args) -> int:
         signal.signal(s, handler)
     failed = 0
     while todo or running:
-        while todo and len(running) < args.jobs and not stopping:
-            row = todo.pop(0)
+        while len(running) < args.jobs and not stopping:
+            row = next((r for r in todo if can_start(r, [r for r, _ in running.values()])), None)
+            if row is None:
+                break
+            todo.remove(row)
             with open(os.path.join(args.runs_dir, row.name + ".log"), "a") as log:
                 process = subprocess.Popen(command(row, args), stdout=log, stderr=subprocess.STDOUT, env=env,
                                            cwd=ROOT, start_new_session=True)
@@ -182,6 +239,13 @@ def run(args) -> int:
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)  # stops at the next step, finished epochs kept
         time.sleep(5)
+        for name, (row, _) in running.items():  # a row training its warmup: publish it once it is done
+            published = row.warmup and publish_warmup(row, os.path.join(args.runs_dir, name))
+            if published:
+                print(f"{time.strftime('%F %T')} {name}: its warmup is in {os.path.relpath(published, ROOT)}",
+                      flush=True)
+                if args.commit:
+                    commit(published, f"CPU study: the warmup that {name} trained ({os.path.relpath(published, ROOT)})")
         for name, (row, process) in list(running.items()):
             rc = process.poll()
             if rc is None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import TINY, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -18,14 +19,20 @@ import cpu_study  # noqa: E402
 def test_the_plan_is_the_issues_table():
     names = [row.name for row in cpu_study.plan()]
     # 2 PTQ references, 7 scenarios x 2 seeds (both seeds of a scenario in turn), W+A stable of seed 42
-    # at two more λ_a, two rivals
-    assert names[:2] == ["ptq_w2a2", "ptq_w4a4"] and len(names) == 2 + 7 * 2 + 2 + 2
+    # at two more λ_a, two rivals, LSQ and W+A stable under the seed authors' recipe
+    assert names[:2] == ["ptq_w2a2", "ptq_w4a4"] and len(names) == 2 + 7 * 2 + 2 + 2 + 2
     assert names[2:16] == [f"w2a2_s{seed}_{k}" for k in ("wa-stable", "lsq", "w-only", "lsq-frozen", "a-only",
                                                           "wa-stable-free", "wa-moving-free") for seed in (42, 43)]
-    assert names[-4:] == ["w2a2_s42_wa-stable_lama0.1", "w2a2_s42_wa-stable_lama0.01", "w2a2_s42_dampen",
-                          "w2a2_s42_freeze"]
-    lam = next(r for r in cpu_study.plan() if r.name.endswith("lama0.1")).flags
-    assert lam[-2:] == ["--lambda-br-act", "0.1"]  # argparse: the last value given wins
+    assert names[-6:] == ["w2a2_s42_wa-stable_lama0.1", "w2a2_s42_wa-stable_lama0.01", "w2a2_s42_dampen",
+                          "w2a2_s42_freeze", "w2a2_s42_lsq_authors", "w2a2_s42_wa-stable_authors"]
+    rows = {r.name: r for r in cpu_study.plan()}
+    assert rows["w2a2_s42_wa-stable_lama0.1"].flags[-2:] == ["--lambda-br-act", "0.1"]  # the last value wins
+    for name in ("w2a2_s42_lsq_authors", "w2a2_s42_wa-stable_authors"):
+        flags = " ".join(rows[name].flags)
+        assert "--act-quant-at relu-output --lr-schedule warmup-constant" in flags
+        assert rows[name].warmup == "pretrained/w2a2_e30_warmup9_authors_s42/warmup_end.pt"  # not the protocol's
+        assert flags.replace(" --act-quant-at relu-output --lr-schedule warmup-constant", "") == \
+            " ".join(rows[name.replace("_authors", "")].flags)  # else the same row
 
 
 @pytest.mark.parametrize("name", ["w2a2_s42_lsq", "w2a2_s43_wa-moving-free", "w2a2_s42_wa-stable_lama0.01",
@@ -38,6 +45,38 @@ def test_each_row_branches_from_its_committed_warmup(name, shared_folder, tmp_pa
                             *row.flags, "--from-warmup", row.warmup, "--dry-run"], capsys)
     assert rc == 0, err
     assert f"Warmup: epochs 1-9 are those of {row.warmup}" in out
+
+
+def test_a_warmup_trained_by_one_row_is_published_for_the_others(shared_folder, tmp_path, capsys, monkeypatch):
+    """The first row of an uncommitted warmup trains it; once its epoch W is done the study copies it
+    (checkpoint and logs of epochs 1..W) into the repository, and the other rows branch from that copy."""
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(cpu_study, "ROOT", str(repo))
+    monkeypatch.setattr(cpu_study, "WARMUP_EPOCHS", 1)
+    stage1 = [*TINY, *cpu_study.AUTHORS, "--seed", "42"]
+    warmup = os.path.join("pretrained", "w_s42", "warmup_end.pt")
+    maker = cpu_study.Row("maker", [*stage1, "--lambda-br", "1", "--lambda-br-act", "1", "--freeze-alpha"], warmup)
+    other = cpu_study.Row("other", [*stage1, "--lambda-br", "0", "--lambda-br-act", "0"], warmup)
+    args = argparse.Namespace(data_dir=shared_folder, runs_dir=str(tmp_path / "runs"))
+    assert "--from-warmup" not in cpu_study.command(maker, args)  # nothing to branch from: it trains the warmup
+    assert cpu_study.can_start(maker, []) and not cpu_study.can_start(other, [maker])  # one trains it, once
+    folder = tmp_path / "runs" / "maker"
+    assert cpu_study.publish_warmup(maker, str(folder)) is None  # not trained yet
+
+    assert run_cli(["--data-dir", shared_folder, "--output-dir", folder, *maker.flags])[0] == 0
+    published = cpu_study.publish_warmup(maker, str(folder))
+    assert published == str(repo / "pretrained" / "w_s42")
+    assert sorted(os.listdir(published)) == ["README.md", "config.json", "metrics.jsonl", "timing.jsonl",
+                                             "warmup_end.pt"]
+    first = (folder / "metrics.jsonl").read_text().splitlines()
+    assert len(first) == 2 and (repo / "pretrained" / "w_s42" / "metrics.jsonl").read_text().splitlines() == first[:1]
+    assert cpu_study.publish_warmup(maker, str(folder)) is None  # once
+    assert cpu_study.can_start(other, [maker]) and cpu_study.command(other, args)[-2:] == ["--from-warmup", warmup]
+    monkeypatch.chdir(repo)  # the study runs its rows from the repository
+    rc, out, err = run_cli(["--data-dir", shared_folder, "--output-dir", tmp_path / "runs" / "other",
+                            *other.flags, "--from-warmup", warmup, "--dry-run"], capsys)
+    assert rc == 0, err
+    assert f"Warmup: epochs 1-1 are those of {warmup}" in out
 
 
 def test_last_epoch_figures_by_hand():
