@@ -89,7 +89,7 @@ def plan() -> list[Row]:
     rows = [Row(f"ptq_w{b}a{b}", ["--ptq", "--num-bits", str(b), "--pretrained", FLOAT]) for b in (2, 4)]
 
     def qat(seed: int, key: str, extra=(), suffix="", recipe=(), warmup="w2a2_e30_warmup9") -> Row:
-        return Row(f"w2a2_s{seed}_{key}{suffix}", PROTOCOL + list(recipe) + ["--seed", str(seed)]
+        return Row(f"w2a2_s{seed}_{key}{suffix}", PROTOCOL + ["--seed", str(seed)] + list(recipe)
                    + SCENARIOS[key][1].split() + list(extra),
                    os.path.join("pretrained", f"{warmup}_s{seed}", "warmup_end.pt"))
 
@@ -287,6 +287,14 @@ def stage2_oscillations(metrics: list[dict]) -> float | None:
     return statistics.fmean(values) if values and None not in values else None
 
 
+def own_seconds(summary: dict, timing: list[dict]) -> float:
+    """The wall time a row spent itself: its epochs after the shared warmup, or a PTQ run's whole time
+    (it has no epochs)."""
+    if summary.get("method") == "ptq":
+        return summary["wall_time_s"]
+    return sum(t["seconds"] for t in timing if t["epoch"] > WARMUP_EPOCHS)
+
+
 def _mean_std(values: list[float], fmt: str = "{:.2f}") -> str:
     if not values:
         return "–"
@@ -309,19 +317,19 @@ def report() -> int:
         return 2
     order = [r.name for r in plan()]
     keys = list(dict.fromkeys(row_key(n) for n in sorted(runs, key=order.index)))
-    lines = ["| row | flags (stage 2) | seeds | final test top-1 (%) | CE | BR_w | BR_a | distance to level (α) "
-             "| bin flips / epoch | oscillations / weight / step (stage 2) | wall time of its own epochs |",
+    lines = ["| row | flags beside the protocol's | seeds | final test top-1 (%) | CE | BR_w | BR_a "
+             "| distance to level (α) | bin flips / epoch | oscillations / weight / step (stage 2) "
+             "| wall time of its own epochs |",
              "|" + "---|" * 11]
     for key in keys:
         names = [n for n in runs if row_key(n) == key]
         figures = [last_epoch_figures(runs[n][1]) for n in names if runs[n][1] and "bins" in runs[n][1][-1]]
         seeds = ", ".join(n.split("_")[1][1:] if n.startswith("w2a2_s") else "–" for n in names)
         accs = [runs[n][0]["final_test_acc"] for n in names]
-        own = [sum(t["seconds"] for t in runs[n][2] if t["epoch"] > WARMUP_EPOCHS or n.startswith("ptq"))
-               for n in names]
+        own = [own_seconds(runs[n][0], runs[n][2]) for n in names]
         flags = next((r.flags for r in plan() if r.name == names[0]), [])
-        stage2 = " ".join(f for f in flags[flags.index("--seed") + 2:]) if "--seed" in flags else " ".join(flags)
-        cells = [key, f"`{stage2}`", seeds, _mean_std(accs)]
+        own_flags = flags[flags.index("--seed") + 2:] if "--seed" in flags else flags
+        cells = [key, f"`{' '.join(own_flags)}`", seeds, _mean_std(accs)]
         cells += [_mean_std([f[k] for f in figures], "{:.4f}") for k in ("ce", "br_w", "br_a", "dist", "flips")]
         oscillations = [stage2_oscillations(runs[n][1]) for n in names if not n.startswith("ptq")]
         cells.append("not tracked" if None in oscillations else _mean_std(oscillations, "{:.2e}"))
@@ -352,7 +360,7 @@ def plot_curves(runs: dict, keys: list[str]) -> None:
             ax.axhline(summary["final_test_acc"], color="gray", linestyle=":", linewidth=1)
             ax.annotate(f"PTQ {name[4:].upper()}", (1, summary["final_test_acc"]), fontsize=8, color="gray")
     ax.axvline(WARMUP_EPOCHS + 0.5, color="black", linewidth=0.8)
-    ax.set_xlabel("epoch (1-9 LSQ warmup, shared; 10-30 stage 2)")
+    ax.set_xlabel("epoch (1-9 LSQ warmup, shared by the rows of a seed and recipe; 10-30 stage 2)")
     ax.set_ylabel("test top-1 (%)")
     ax.set_ylim(60, 90)
     ax.set_title("ResNet-20 W2A2 on CIFAR-10 (JPEG copy), CPU study")

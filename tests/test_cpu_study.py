@@ -102,3 +102,10 @@ def test_stage2_oscillations_is_the_mean_over_the_br_epochs():
     assert cpu_study.stage2_oscillations(metrics) == pytest.approx(2e-3)
     metrics[-1]["osc_freq"] = None  # a run from before tracking
     assert cpu_study.stage2_oscillations(metrics) is None
+
+
+def test_own_seconds_counts_a_rows_own_epochs_or_a_ptq_runs_whole_time():
+    timing = [{"epoch": e, "seconds": 100.0} for e in range(1, 10)] + [{"epoch": 10, "seconds": 7.0},
+                                                                       {"epoch": 11, "seconds": 5.0}]
+    assert cpu_study.own_seconds({}, timing) == 12.0  # the shared warmup is not its own
+    assert cpu_study.own_seconds({"method": "ptq", "wall_time_s": 165.3}, []) == 165.3  # no epochs
