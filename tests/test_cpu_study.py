@@ -36,7 +36,7 @@ def test_the_plan_is_the_issues_table():
 
 
 @pytest.mark.parametrize("name", ["w2a2_s42_lsq", "w2a2_s43_wa-moving-free", "w2a2_s42_wa-stable_lama0.01",
-                                  "w2a2_s42_freeze"])
+                                  "w2a2_s42_freeze", "w2a2_s42_wa-stable_authors"])
 def test_each_row_branches_from_its_committed_warmup(name, shared_folder, tmp_path, capsys, monkeypatch):
     """The row's command, as the study runs it, passes every check of --from-warmup (a dry run)."""
     row = next(r for r in cpu_study.plan() if r.name == name)
