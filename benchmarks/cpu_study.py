@@ -41,9 +41,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from run.checkpoint import read_jsonl, write_jsonl  # noqa: E402
+from run.checkpoint import CheckpointError, read_jsonl, write_jsonl  # noqa: E402
 from run.config import SCENARIOS, ConfigError  # noqa: E402
-from run.run_folder import RunFolderLock  # noqa: E402
+from run.run_folder import RunFolderLock, warmup_logs  # noqa: E402
 
 ENTRY = os.path.join(ROOT, "cifar10_qat_br.py")
 RESULTS = os.path.join(ROOT, "docs", "cpu_study")
@@ -145,9 +145,9 @@ def publish_warmup(row: Row, folder: str) -> str | None:
     checkpoint = os.path.join(folder, "warmup_end.pt")
     if warmup_ready(row) or not os.path.exists(checkpoint):
         return None
-    logs = {name: [r for r in read_jsonl(os.path.join(folder, name)) if r["epoch"] <= WARMUP_EPOCHS]
-            for name in ("metrics.jsonl", "timing.jsonl")}
-    if any([r["epoch"] for r in rows] != list(range(1, WARMUP_EPOCHS + 1)) for rows in logs.values()):
+    try:
+        logs = warmup_logs(folder, WARMUP_EPOCHS)
+    except CheckpointError:
         return None  # the epoch's log rows come before its checkpoint: look again at the next check
     os.makedirs(target, exist_ok=True)
     for name, rows in logs.items():

@@ -146,20 +146,29 @@ def branch_from_warmup(cfg) -> dict:
         raise ConfigError(f"--from-warmup {path}: this run's stage 1 would not be the warmup's: "
                           f"{'; '.join(differences)}. Only the stage-2 flags may differ "
                           f"({', '.join(sorted('--' + k.replace('_', '-') for k in STAGE2_FLAGS))})")
-    folder = os.path.dirname(os.path.abspath(path))
-    ckpt["warmup_logs"] = {}
-    for name in LOG_FILES:
-        rows = [r for r in read_jsonl(os.path.join(folder, name)) if r.get("epoch", 0) <= warmup]
-        if [r.get("epoch") for r in rows] != list(range(1, warmup + 1)):
-            raise CheckpointError(f"--from-warmup {path}: {os.path.join(folder, name)} does not hold one row for "
-                                  f"each of epochs 1-{warmup}, which this run's {name} starts with; keep the "
-                                  f"warmup's logs beside its warmup_end.pt")
-        ckpt["warmup_logs"][name] = rows
+    try:
+        ckpt["warmup_logs"] = warmup_logs(os.path.dirname(os.path.abspath(path)), warmup)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--from-warmup {path}: {exc}, which this run's logs start with; keep the "
+                              f"warmup's logs beside its warmup_end.pt") from None
     logged = ckpt.get("log_rows", {}).get("metrics.jsonl")
     if logged is not None and logged != ckpt["warmup_logs"]["metrics.jsonl"][-1]:
         raise CheckpointError(f"--from-warmup {path}: the metrics.jsonl beside it is not this checkpoint's run "
                               f"(its epoch {warmup} row differs from the one the checkpoint holds)")
     return ckpt
+
+
+def warmup_logs(folder: str, warmup: int) -> dict[str, list[dict]]:
+    """The rows of epochs 1..``warmup`` of each log file (``LOG_FILES``) in a run folder: what a run
+    branched from that folder's ``warmup_end.pt`` starts its logs with. Raises CheckpointError when a file
+    does not hold one row for each of those epochs."""
+    logs = {}
+    for name in LOG_FILES:
+        rows = [r for r in read_jsonl(os.path.join(folder, name)) if r.get("epoch", 0) <= warmup]
+        if [r.get("epoch") for r in rows] != list(range(1, warmup + 1)):
+            raise CheckpointError(f"{os.path.join(folder, name)} does not hold one row for each of epochs 1-{warmup}")
+        logs[name] = rows
+    return logs
 
 
 def _same_weights(path: str, other: str) -> bool:
