@@ -88,13 +88,15 @@ def plan() -> list[Row]:
     its rows under the seed authors' recipe."""
     rows = [Row(f"ptq_w{b}a{b}", ["--ptq", "--num-bits", str(b), "--pretrained", FLOAT]) for b in (2, 4)]
 
-    def qat(seed: int, key: str, extra=(), suffix="", recipe=(), warmup="w2a2_e30_warmup9") -> Row:
-        return Row(f"w2a2_s{seed}_{key}{suffix}", PROTOCOL + ["--seed", str(seed)] + list(recipe)
-                   + SCENARIOS[key][1].split() + list(extra),
+    def qat(seed: int, key: str, lambda_act=None, suffix="", recipe=(), warmup="w2a2_e30_warmup9") -> Row:
+        stage2 = SCENARIOS[key][1].split()
+        if lambda_act is not None:  # in place, so that the row's command names λ_a once
+            stage2[stage2.index("--lambda-br-act") + 1] = lambda_act
+        return Row(f"w2a2_s{seed}_{key}{suffix}", PROTOCOL + ["--seed", str(seed)] + list(recipe) + stage2,
                    os.path.join("pretrained", f"{warmup}_s{seed}", "warmup_end.pt"))
 
     rows += [qat(seed, key) for key in ROWS for seed in SEEDS]
-    rows += [qat(42, "wa-stable", ["--lambda-br-act", lam], f"_lama{lam}") for lam in LAMBDA_ACT]
+    rows += [qat(42, "wa-stable", lam, f"_lama{lam}") for lam in LAMBDA_ACT]
     rows += [qat(42, key) for key in RIVALS]
     rows += [qat(42, key, suffix="_authors", recipe=AUTHORS, warmup="w2a2_e30_warmup9_authors") for key in AUTHORS_ROWS]
     return rows
