@@ -68,6 +68,23 @@ RIVALS = ("dampen", "freeze")
 #: warmup of its own: the first of these rows to run trains it, and the study commits it (``publish_warmup``).
 AUTHORS = ("--act-quant-at", "relu-output", "--lr-schedule", "warmup-constant")
 AUTHORS_ROWS = ("lsq", "wa-stable")
+#: Pairs of rows that differ in one thing (row, baseline, that thing), compared seed by seed: the rows of a
+#: seed share their warmup, so a paired difference is free of the warmup's seed-to-seed spread. The authors'
+#: LSQ row has a warmup of its own: its difference is the whole recipe's.
+CONTRASTS = (
+    ("lsq-frozen", "lsq", "freezing α after the warmup"),
+    ("w-only", "lsq-frozen", "W-BR (α frozen)"),
+    ("a-only", "lsq-frozen", "A-BR at λ_a = 1 (α frozen)"),
+    ("wa-stable", "w-only", "A-BR at λ_a = 1 beside W-BR"),
+    ("wa-stable_lama0.1", "w-only", "A-BR at λ_a = 0.1 beside W-BR"),
+    ("wa-stable_lama0.01", "w-only", "A-BR at λ_a = 0.01 beside W-BR"),
+    ("wa-stable-free", "wa-stable", "training α through stage 2 (W+A BR)"),
+    ("wa-moving-free", "wa-stable-free", "A-BR's gradient reaching α_act (moving target, α trained)"),
+    ("dampen", "lsq-frozen", "oscillation dampening (α frozen)"),
+    ("freeze", "lsq-frozen", "iterative freezing (α frozen)"),
+    ("lsq_authors", "lsq", "the seed authors' recipe, its own warmup (LSQ)"),
+    ("wa-stable_authors", "lsq_authors", "W+A BR under the seed authors' recipe"),
+)
 #: The files of a finished run that are committed.
 RESULT_FILES = ("config.json", "metrics.jsonl", "timing.jsonl", "summary.json")
 
@@ -297,6 +314,30 @@ def own_seconds(summary: dict, timing: list[dict]) -> float:
     return sum(t["seconds"] for t in timing if t["epoch"] > WARMUP_EPOCHS)
 
 
+def paired(row: list[dict], baseline: list[dict]) -> tuple[float, int, int]:
+    """One seed's row against its baseline (their metrics.jsonl rows): the final test top-1 difference in
+    points, and at how many of the stage-2 epochs they both have the row was ahead, of how many."""
+    base = {m["epoch"]: m["test_acc"] for m in baseline if m["epoch"] > WARMUP_EPOCHS}
+    stage2 = [(m["test_acc"], base[m["epoch"]]) for m in row if m["epoch"] in base]
+    return (row[-1]["test_acc"] - baseline[-1]["test_acc"], sum(a > b for a, b in stage2), len(stage2))
+
+
+def contrast_lines(runs: dict) -> list[str]:
+    """The Markdown table of ``CONTRASTS`` whose two rows share a committed seed."""
+    lines = ["| what differs | row − baseline | final test top-1 difference per seed (points) | mean "
+             "| seed-epochs of stage 2 ahead |", "|" + "---|" * 5]
+    for key, base, what in CONTRASTS:
+        seeds = sorted({n.split("_")[1] for n in runs if row_key(n) == key}
+                       & {n.split("_")[1] for n in runs if row_key(n) == base})
+        if not seeds:
+            continue
+        pairs = [paired(runs[f"w2a2_{s}_{key}"][1], runs[f"w2a2_{s}_{base}"][1]) for s in seeds]
+        per_seed = ", ".join(f"{d:+.2f} ({s[1:]})" for (d, _, _), s in zip(pairs, seeds))
+        lines.append(f"| {what} | {key} − {base} | {per_seed} | {statistics.fmean(d for d, _, _ in pairs):+.2f} "
+                     f"| {sum(a for _, a, _ in pairs)} of {sum(n for _, _, n in pairs)} |")
+    return lines if len(lines) > 2 else []
+
+
 def _mean_std(values: list[float], fmt: str = "{:.2f}") -> str:
     if not values:
         return "–"
@@ -306,7 +347,8 @@ def _mean_std(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def report() -> int:
-    """RESULTS/study.md (one line per row: mean ± std over seeds) and RESULTS/curves.png."""
+    """RESULTS/study.md (one line per row: mean ± std over seeds; then the ``CONTRASTS``, seed by seed) and
+    RESULTS/curves.png."""
     runs = {}
     for name in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
         summary = os.path.join(RESULTS, name, "summary.json")
@@ -337,6 +379,9 @@ def report() -> int:
         cells.append("not tracked" if None in oscillations else _mean_std(oscillations, "{:.2e}"))
         cells.append(_mean_std([s / 60 for s in own], "{:.0f}") + " min")
         lines.append("| " + " | ".join(cells) + " |")
+    contrasts = contrast_lines(runs)
+    if contrasts:
+        lines += ["", "Paired by seed (the rows of a seed branch from one warmup):", ""] + contrasts
     with open(os.path.join(RESULTS, "study.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -111,3 +111,22 @@ def test_own_seconds_counts_a_rows_own_epochs_or_a_ptq_runs_whole_time():
                                                                        {"epoch": 11, "seconds": 5.0}]
     assert cpu_study.own_seconds({}, timing) == 12.0  # the shared warmup is not its own
     assert cpu_study.own_seconds({"method": "ptq", "wall_time_s": 165.3}, []) == 165.3  # no epochs
+
+
+def test_paired_compares_a_seeds_two_rows_over_stage2_by_hand():
+    warmup = [{"epoch": e, "test_acc": 99.0} for e in range(1, 10)]  # shared: never counted as ahead
+    row = warmup + [{"epoch": 10, "test_acc": 80.0}, {"epoch": 11, "test_acc": 82.0}, {"epoch": 12, "test_acc": 85.5}]
+    base = warmup + [{"epoch": 10, "test_acc": 81.0}, {"epoch": 11, "test_acc": 81.5}, {"epoch": 12, "test_acc": 85.0}]
+    assert cpu_study.paired(row, base) == (pytest.approx(0.5), 2, 3)  # ahead at epochs 11 and 12
+
+
+def test_contrast_lines_pair_rows_seed_by_seed():
+    def run(final):  # a row whose stage 2 is two epochs, the last one at `final`
+        return ({}, [{"epoch": 10, "test_acc": 80.0}, {"epoch": 11, "test_acc": final}], [])
+    runs = {"w2a2_s42_w-only": run(85.5), "w2a2_s42_lsq-frozen": run(85.0),
+            "w2a2_s43_w-only": run(84.0), "w2a2_s43_lsq-frozen": run(85.0),
+            "w2a2_s43_a-only": run(90.0)}  # its baseline's seed 43 only
+    lines = cpu_study.contrast_lines(runs)
+    assert lines[2:] == ["| W-BR (α frozen) | w-only − lsq-frozen | +0.50 (42), -1.00 (43) | -0.25 | 1 of 4 |",
+                         "| A-BR at λ_a = 1 (α frozen) | a-only − lsq-frozen | +5.00 (43) | +5.00 | 1 of 2 |"]
+    assert cpu_study.contrast_lines({"w2a2_s42_w-only": run(85.5)}) == []  # no baseline: no table
