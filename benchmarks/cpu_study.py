@@ -76,6 +76,7 @@ CONTRASTS = (
     ("w-only", "lsq-frozen", "W-BR (α frozen)"),
     ("a-only", "lsq-frozen", "A-BR at λ_a = 1 (α frozen)"),
     ("wa-stable", "w-only", "A-BR at λ_a = 1 beside W-BR"),
+    ("wa-stable", "a-only", "W-BR beside A-BR at λ_a = 1"),
     ("wa-stable_lama0.1", "w-only", "A-BR at λ_a = 0.1 beside W-BR"),
     ("wa-stable_lama0.01", "w-only", "A-BR at λ_a = 0.01 beside W-BR"),
     ("wa-stable-free", "wa-stable", "training α through stage 2 (W+A BR)"),
