@@ -195,30 +195,36 @@ def _kept_and_next_step(cfg, group=None, fix: str = "") -> str:
             f"without a finished epoch counts as empty), or with --resume auto")
 
 
-def set_up(cfg, source, ckpt, group=None):
-    """The data, the model and its ``Trainer`` (restored from ``ckpt`` when resuming). Under
-    torchrun (``group``) every rank builds its own, from its shards of the data. Writes nothing
-    in the run folder, and runs no collectives (it runs inside ``distributed.agreement``).
-
-    Returns:
-        (trainer, the content of config.json).
+def load_cpu_kernels(cfg, device) -> str | None:
+    """Load the fused CPU kernels of a quantized run on the CPU now, so that a failure shows before any data
+    work; prints and returns their description (None: not used).
 
     Raises:
-        ConfigError, DataError, CheckpointError: the kernels, the data or ``--pretrained``.
+        ConfigError: ``QATBR_KERNELS=cpp`` and they cannot be built.
     """
-    device = config.resolve_device(cfg.device)
+    if device.type != "cpu" or config.is_float_run(cfg):
+        return None
+    try:
+        cpu_kernels = kernels.describe()
+    except RuntimeError as exc:
+        raise config.ConfigError(str(exc)) from None
+    if cfg.per_channel_weights:  # the kernels take one α: per-channel weight quantizers run the PyTorch ops
+        cpu_kernels += "; weights per channel: PyTorch ops"
+    print(f"Kernels: {cpu_kernels}", flush=True)
+    return cpu_kernels
+
+
+def data_loaders(cfg, source, device, ckpt, group=None):
+    """The training, test and validation loaders (the validation one None without ``--val-split``), each
+    this rank's shard under torchrun; prints the split sizes.
+
+    Returns:
+        ((train, test, val) loaders, the validation split or None, its indices into the training set or None).
+
+    Raises:
+        DataError: the data; CheckpointError: ``ckpt`` was made with another validation split.
+    """
     is_main = distributed.is_main(group)
-    if group is not None:
-        device = group.device(device)
-    cpu_kernels = None
-    if device.type == "cpu" and not config.is_float_run(cfg):  # load the kernels now: a failure shows before data work
-        try:
-            cpu_kernels = kernels.describe()
-        except RuntimeError as exc:  # QATBR_KERNELS=cpp and no build
-            raise config.ConfigError(str(exc)) from None
-        if cfg.per_channel_weights:  # the kernels take one α: per-channel weight quantizers run the PyTorch ops
-            cpu_kernels += "; weights per channel: PyTorch ops"
-        print(f"Kernels: {cpu_kernels}", flush=True)
     workers = config.decode_workers(cfg)
     train_split, val_split, val_index, available = training_images(source, cfg, workers, write_cache=is_main)
     test_split = load_split(source, train=False, download=not cfg.no_download, workers=workers, write_cache=is_main)
@@ -233,10 +239,32 @@ def set_up(cfg, source, ckpt, group=None):
     train_loader = DeviceLoader(train_split, cfg.batch_size, device, train=True, seed=cfg.seed,
                                 channels_last=channels_last, drop_last=config.compile_mode(cfg) != "off",
                                 shard=(rank, world_size))
-    test_loader = DeviceLoader(shard(test_split, rank, world_size), cfg.eval_batch_size, device, train=False,
-                               channels_last=channels_last)
-    val_loader = (DeviceLoader(shard(val_split, rank, world_size), cfg.eval_batch_size, device, train=False,
-                               channels_last=channels_last) if val_split is not None else None)
+
+    def evaluation_loader(split):
+        return DeviceLoader(shard(split, rank, world_size), cfg.eval_batch_size, device, train=False,
+                            channels_last=channels_last)
+
+    val_loader = evaluation_loader(val_split) if val_split is not None else None
+    return (train_loader, evaluation_loader(test_split), val_loader), val_split, val_index
+
+
+def set_up(cfg, source, ckpt, group=None):
+    """The data, the model and its ``Trainer`` (restored from ``ckpt`` when resuming). Under
+    torchrun (``group``) every rank builds its own, from its shards of the data. Writes nothing
+    in the run folder, and runs no collectives (it runs inside ``distributed.agreement``).
+
+    Returns:
+        (trainer, the content of config.json).
+
+    Raises:
+        ConfigError, DataError, CheckpointError: the kernels, the data or ``--pretrained``.
+    """
+    device = config.resolve_device(cfg.device)
+    if group is not None:
+        device = group.device(device)
+    cpu_kernels = load_cpu_kernels(cfg, device)
+    (train_loader, test_loader, val_loader), val_split, val_index = data_loaders(cfg, source, device, ckpt, group)
+    channels_last = device.type == "cuda"
     seed_everything(cfg.seed)  # after data loading, which may draw from the global generators
     model = build_quantized_model(cfg, pretrained=ckpt is None)
     if group is not None:
@@ -246,10 +274,11 @@ def set_up(cfg, source, ckpt, group=None):
         model = model.to(memory_format=torch.channels_last)
     print(f"Quantized layers: {len(quantized_layers(model))}", flush=True)
     recipe = build_recipe(cfg, model)  # optimizer, LR schedule, regularizers, compile
-    trainer = Trainer(cfg, model, train_loader, test_loader, device, cfg.output_dir if is_main else None,
+    trainer = Trainer(cfg, model, train_loader, test_loader, device,
+                      cfg.output_dir if distributed.is_main(group) else None,
                       val_loader=val_loader, val_index=val_index, group=group, recipe=recipe)
-    run_config = config_json.run_config(cfg, source.describe(), cpu_kernels, val_split, world_size,
-                                   group.backend(device) if group is not None else None)
+    world_size, backend = (group.world_size, group.backend(device)) if group is not None else (1, None)
+    run_config = config_json.run_config(cfg, source.describe(), cpu_kernels, val_split, world_size, backend)
     if ckpt is not None:
         run_config["derived"]["warmup_source"] = run_folder.warmup_source(cfg, ckpt)
         try:
