@@ -214,9 +214,10 @@ def load_cpu_kernels(cfg, device) -> str | None:
     return cpu_kernels
 
 
-def data_loaders(cfg, source, device, ckpt, group=None):
+def data_loaders(cfg, source, device, ckpt, group=None, channels_last=False):
     """The training, test and validation loaders (the validation one None without ``--val-split``), each
-    this rank's shard under torchrun; prints the split sizes.
+    this rank's shard under torchrun, batches in channels-last layout with ``channels_last``; prints the
+    split sizes.
 
     Returns:
         ((train, test, val) loaders, the validation split or None, its indices into the training set or None).
@@ -234,7 +235,6 @@ def data_loaders(cfg, source, device, ckpt, group=None):
     held_out = f" / {len(val_split.labels)} validation (held out, --val-split)" if val_split is not None else ""
     print(f"Data: {len(train_split.labels)} train{subset}{held_out} / {len(test_split.labels)} test images",
           flush=True)
-    channels_last = device.type == "cuda"
     rank, world_size = (group.rank, group.world_size) if group is not None else (0, 1)
     train_loader = DeviceLoader(train_split, cfg.batch_size, device, train=True, seed=cfg.seed,
                                 channels_last=channels_last, drop_last=config.compile_mode(cfg) != "off",
@@ -263,8 +263,9 @@ def set_up(cfg, source, ckpt, group=None):
     if group is not None:
         device = group.device(device)
     cpu_kernels = load_cpu_kernels(cfg, device)
-    (train_loader, test_loader, val_loader), val_split, val_index = data_loaders(cfg, source, device, ckpt, group)
-    channels_last = device.type == "cuda"
+    channels_last = device.type == "cuda"  # the model's layout and its batches' must agree
+    (train_loader, test_loader, val_loader), val_split, val_index = data_loaders(cfg, source, device, ckpt, group,
+                                                                                 channels_last)
     seed_everything(cfg.seed)  # after data loading, which may draw from the global generators
     model = build_quantized_model(cfg, pretrained=ckpt is None)
     if group is not None:

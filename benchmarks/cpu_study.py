@@ -327,9 +327,11 @@ def contrast_lines(runs: dict) -> list[str]:
     """The Markdown table of ``CONTRASTS`` whose two rows share a committed seed."""
     lines = ["| what differs | row − baseline | final test top-1 difference per seed (points) | mean "
              "| seed-epochs of stage 2 ahead |", "|" + "---|" * 5]
+    def seeds_of(key: str) -> set[str]:
+        return {n.split("_")[1] for n in runs if row_key(n) == key}
+
     for key, base, what in CONTRASTS:
-        seeds = sorted({n.split("_")[1] for n in runs if row_key(n) == key}
-                       & {n.split("_")[1] for n in runs if row_key(n) == base})
+        seeds = sorted(seeds_of(key) & seeds_of(base))
         if not seeds:
             continue
         pairs = [paired(runs[f"w2a2_{s}_{key}"][1], runs[f"w2a2_{s}_{base}"][1]) for s in seeds]
