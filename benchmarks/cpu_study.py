@@ -43,6 +43,7 @@ sys.path.insert(0, ROOT)
 
 from run.checkpoint import CheckpointError, read_jsonl, write_jsonl  # noqa: E402
 from run.config import SCENARIOS, ConfigError  # noqa: E402
+from run.data import DataError, find_source  # noqa: E402
 from run.run_folder import RunFolderLock, warmup_logs  # noqa: E402
 
 ENTRY = os.path.join(ROOT, "cifar10_qat_br.py")
@@ -231,6 +232,12 @@ def run(args) -> int:
             print("    " + " ".join(command(row, args)))
     if args.dry_run or not todo:
         return 0
+    try:  # once, here: a row would fail on it only in its log
+        find_source(args.data_dir, download=False)
+    except DataError:
+        print(f"error: --data-dir {args.data_dir}: no CIFAR-10 there (expected cifar-10-batches-py/ or train/<class>/ "
+              f"and test/<class>/ image folders); the study never downloads", file=sys.stderr)
+        return 2
     os.makedirs(args.runs_dir, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // args.jobs)))
@@ -436,6 +443,12 @@ def main(argv=None) -> int:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.report:
         return report()
+    if os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
+        p.error(f"--runs-dir {args.runs_dir} is a file, not a folder")
+    names = [row.name for row in plan()]
+    unmatched = [pattern for pattern in args.only if not fnmatch.filter(names, pattern)]
+    if unmatched:
+        p.error(f"--only {' '.join(unmatched)} matches no row of the study; its rows: {', '.join(names)}")
     return run(args)
 
 

@@ -98,6 +98,21 @@ def test_only_picks_rows_by_pattern(tmp_path, capsys):
     assert listed == ["ptq_w2a2", "ptq_w4a4", "w2a2_s43_lsq"]
 
 
+def test_bad_arguments_are_refused_before_any_row_starts(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for argv, message in ((["--runs-dir", str(a_file)], f"--runs-dir {a_file} is a file, not a folder"),
+                          (["--only", "w2a2_s44_*", "ptq_*"], "--only w2a2_s44_* matches no row of the study")):
+        with pytest.raises(SystemExit) as stop:
+            cpu_study.main(["--data-dir", str(tmp_path), *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    runs = tmp_path / "runs"
+    argv = ["--data-dir", str(tmp_path / "none"), "--runs-dir", str(runs), "--only", "w2a2_s42_dampen"]
+    assert cpu_study.main(argv) == 2
+    assert f"error: --data-dir {tmp_path / 'none'}: no CIFAR-10 there" in capsys.readouterr().err
+    assert not runs.exists()
+
+
 def test_stage2_oscillations_is_the_mean_over_the_br_epochs():
     metrics = [{"epoch": e, "osc_freq": None} for e in range(1, 10)]  # the warmup: not tracked, left out
     metrics += [{"epoch": 10, "osc_freq": 3e-3}, {"epoch": 11, "osc_freq": 1e-3}]
