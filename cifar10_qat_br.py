@@ -140,11 +140,16 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(run_banner.banner(cfg, source.describe(), defaulted=defaulted, processes=processes)),
                   flush=True)
             trainer, run_config = set_up(cfg, source, ckpt, group)
+            if lock is not None:
+                trainer.check_folder = lock.check
         return train(cfg, trainer, run_config, ckpt, old_run, group)
     except (config.ConfigError, DataError, CheckpointError) as exc:
         if distributed.is_main(group):  # every rank has the same error (distributed.agreement)
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except run_folder.FolderLost as exc:  # rank 0 only; what the folder holds now is not this run's to report
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     except WriteError as exc:  # rank 0 only: the other ranks are ended by torchrun
         print(f"error: {exc}. Stopped; {_kept_and_next_step(cfg, group, 'Make room (or fix the folder)')}",
               file=sys.stderr)
@@ -223,14 +228,12 @@ def data_loaders(cfg, source, device, ckpt, group=None, channels_last=False):
         ((train, test, val) loaders, the validation split or None, its indices into the training set or None).
 
     Raises:
-        DataError: the data; CheckpointError: ``ckpt`` was made with another validation split.
+        DataError: the data; CheckpointError: ``ckpt`` was made with another validation split or training set.
     """
     is_main = distributed.is_main(group)
     workers = config.decode_workers(cfg)
     train_split, val_split, val_index, available = training_images(source, cfg, workers, write_cache=is_main)
     test_split = load_split(source, train=False, download=not cfg.no_download, workers=workers, write_cache=is_main)
-    if ckpt is not None:
-        run_folder.check_val_split(ckpt, val_index, cfg)
     subset = f" (class-balanced subset of {available}, --train-subset)" if cfg.train_subset is not None else ""
     held_out = f" / {len(val_split.labels)} validation (held out, --val-split)" if val_split is not None else ""
     print(f"Data: {len(train_split.labels)} train{subset}{held_out} / {len(test_split.labels)} test images",
@@ -245,6 +248,9 @@ def data_loaders(cfg, source, device, ckpt, group=None, channels_last=False):
                             channels_last=channels_last)
 
     val_loader = evaluation_loader(val_split) if val_split is not None else None
+    if ckpt is not None:  # before any training: a continued run trains on the data it trained on
+        run_folder.check_val_split(ckpt, val_index, cfg)
+        run_folder.check_training_images(ckpt, train_loader.images_per_epoch(), cfg)
     return (train_loader, evaluation_loader(test_split), val_loader), val_split, val_index
 
 
@@ -329,6 +335,7 @@ def train(cfg, trainer, run_config: dict, ckpt, old_run: list[str], group=None) 
 
     Raises:
         WriteError, NonFiniteError, Interrupted: the run stopped (finished epochs are in last.pt).
+        FolderLost: the run folder is not this run's any more (nothing more written).
     """
     is_main = distributed.is_main(group)
     if is_main:
@@ -344,6 +351,7 @@ def train(cfg, trainer, run_config: dict, ckpt, old_run: list[str], group=None) 
     if not is_main:
         return 0
     summary["train_subset"] = cfg.train_subset  # None: the whole training split
+    trainer.check_folder()
     atomic_write_json(summary, os.path.join(cfg.output_dir, "summary.json"), sort_keys=False)  # the result first
     if cfg.val_split:
         best = (f"best validation epoch {summary['best_val_epoch']} (val {summary['best_val_acc']:.2f}%, best.pt): "

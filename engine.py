@@ -184,6 +184,7 @@ class Trainer:
         self.best_test_acc = self.last_acc = None
         self.previous_bins: dict[str, torch.Tensor] = {}
         self._stop_signal = None
+        self.check_folder = lambda: None  # before each write into output_dir: RunFolderLock.check
 
     # -- state -------------------------------------------------------------------------------
     def stage(self, epoch: int) -> int:
@@ -382,9 +383,18 @@ class Trainer:
         self.model.eval()
         loader = self.test_loader if loader is None else loader
         if self.group is None:
-            return top1_accuracy(self._evaluate_forward, loader, self.device, self.use_amp)
+            return top1_accuracy(self._forward_unless_stopped, loader, self.device, self.use_amp)
         self.group.broadcast_buffers(self.model)
         return top1_accuracy(self._evaluate_forward, loader, self.device, self.use_amp, self.group.sum)
+
+    def _forward_unless_stopped(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation forward, which raises ``Interrupted`` once a stop signal has come: an evaluation on
+        the CPU takes a minute or more, and SLURM kills a job 30 s after its SIGTERM. The epoch is not saved
+        (it has no test top-1), as with a stop during training. Under torchrun the ranks stop together at
+        the next training step instead (a rank that stopped alone would hang the others' reduction)."""
+        if self._stop_signal is not None:
+            raise Interrupted(self._stop_signal)
+        return self._evaluate_forward(x)
 
     def layer_summaries(self) -> tuple[dict, dict]:
         """Per quantized layer (and ``QuantAct``, as ``{"act": α}``): α values (per-channel: mean, min and max),
@@ -434,6 +444,7 @@ class Trainer:
 
         Raises:
             NonFiniteError, Interrupted: the run stopped; finished epochs are in last.pt.
+            FolderLost (from ``check_folder``): the run folder is not this run's any more.
         """
         cfg = self.cfg
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -475,7 +486,10 @@ class Trainer:
         self.log(f"BatchNorm re-estimated on {len(xs)} training batches (--bn-reestimate): test top-1 "
                  f"{before:.2f}% -> {after:.2f}%")
         if self.output_dir is not None:
-            atomic_torch_save(self.state_dict(self.cfg.epochs, config),
+            self.check_folder()
+            # last_acc: the test top-1 of the network it holds (--evaluate compares with it)
+            atomic_torch_save(dict(self.state_dict(self.cfg.epochs, config), last_acc=after,
+                                   bn_reestimated_batches=len(xs)),
                               os.path.join(self.output_dir, "bn_reestimated.pt"))
         return {"batches": len(xs), "test_acc_before": before, "test_acc_after": after}
 
@@ -553,6 +567,7 @@ class Trainer:
     def _save_epoch(self, row: dict, timing: dict, epoch: int, config: dict, improved: bool) -> None:
         # Checkpoints first, holding this epoch's log rows: a kill before the logs are
         # appended loses nothing (run_folder.restore_logs writes missing rows back on --resume).
+        self.check_folder()
         logs = {"metrics.jsonl": row, "timing.jsonl": timing}
         state = dict(self.state_dict(epoch, config), log_rows=logs)
         atomic_torch_save(state, os.path.join(self.output_dir, "last.pt"))

@@ -63,6 +63,7 @@ def evaluate_checkpoint(cfg, argv: list[str]) -> int:
     recorded = recorded_accuracy(ckpt)
     if recorded is not None:
         line += (f" | the PTQ run logged {recorded[0]:.2f}%" if ckpt.get("method") == "ptq"
-                 else f" | the run logged {recorded[0]:.2f}% for epoch {recorded[1]}")
+                 else f" | the run logged {recorded[0]:.2f}% for epoch {recorded[1]}"
+                 + (" after --bn-reestimate" if "bn_reestimated_batches" in ckpt else ""))
     print(line, flush=True)
     return 0

@@ -407,6 +407,11 @@ class DeviceLoader:
             n -= n % self.batch_size
         return -(-n // self.batch_size)
 
+    def images_per_epoch(self) -> int:
+        """The images an epoch goes through, all processes together: every one, less a final batch
+        that is dropped."""
+        return min(len(self) * self.batch_size, len(self.labels))
+
     def batches(self, epoch: int = 0):
         n = len(self.labels)
         if self.train:

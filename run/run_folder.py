@@ -313,6 +313,10 @@ def resume_command(cfg, launch=None) -> str:
         shlex.quote(part) for part in (*launcher, script, "--resume", "--output-dir", cfg.output_dir))
 
 
+class FolderLost(RuntimeError):
+    """The run folder is not this run's any more (``RunFolderLock.check``)."""
+
+
 class RunFolderLock:
     """An exclusive OS lock (``fcntl.flock``) on ``<folder>/.lock``, held for a run's lifetime.
 
@@ -360,6 +364,20 @@ class RunFolderLock:
             os.close(fd)
             raise
         self._fd = fd
+
+    def check(self) -> None:
+        """Before a write: raise ``FolderLost`` when the folder's ``.lock`` is not the file this lock holds
+        any more (the folder was removed while the run went on, and maybe made again by another run), so
+        that this run never writes into another's folder. Nothing to check when not held."""
+        if self._fd is None:
+            return
+        try:
+            if os.path.samestat(os.fstat(self._fd), os.stat(self.path)):
+                return
+        except FileNotFoundError:
+            pass
+        raise FolderLost(f"--output-dir {self.folder} is not this run's any more: its {LOCK_FILE} was removed (the "
+                         f"folder deleted?) or is another run's now. Stopped without writing into it")
 
     def release(self) -> None:
         """Remove the lock file and unlock (nothing to do when not held). A lock file that is not
@@ -492,8 +510,14 @@ def backfill_tensorboard(tb, output_dir: str, ckpt: dict) -> str | None:
             f"from metrics.jsonl (scalars only: their histograms were never recorded)")
 
 
+def _continued_by(ckpt: dict, cfg) -> str:
+    """The flag through which this run continues ``ckpt``: ``--from-warmup PATH`` for a branch
+    (``branch_from_warmup`` gives it ``warmup_logs``), else ``--resume``."""
+    return f"--from-warmup {cfg.from_warmup}" if "warmup_logs" in ckpt else "--resume"
+
+
 def check_val_split(ckpt: dict, val_index, cfg) -> None:
-    """Refuse to resume a run whose held-out images (the checkpoint's ``val_index``) are not the
+    """Refuse to continue a run whose held-out images (the checkpoint's ``val_index``) are not the
     ones ``--val-split`` holds out now (``val_index``: int64 indices, or None without a split):
     the model would have trained on images that now validate it.
 
@@ -505,6 +529,24 @@ def check_val_split(ckpt: dict, val_index, cfg) -> None:
     if saved is None and val_index is None:
         return
     if saved is None or val_index is None or not torch.equal(saved.cpu(), val_index.cpu()):
-        raise CheckpointError(f"--resume: the {cfg.val_split} validation images drawn now (--val-split, --seed "
-                              f"{cfg.seed}, from --data-dir {cfg.data_dir}) are not the ones the run held out; "
-                              f"is --data-dir another copy, its images in another order? Resume with the run's data")
+        raise CheckpointError(f"{_continued_by(ckpt, cfg)}: the {cfg.val_split} validation images drawn now "
+                              f"(--val-split, --seed {cfg.seed}, from --data-dir {cfg.data_dir}) are not the ones "
+                              f"the run held out; is --data-dir another copy, its images in another order? "
+                              f"Continue with the run's data")
+
+
+def check_training_images(ckpt: dict, images_per_epoch: int, cfg) -> None:
+    """Refuse to continue a run (or branch from a warmup) on another training set: ``images_per_epoch``,
+    what an epoch of this run would train on (``DeviceLoader.images_per_epoch``), must be what the
+    checkpoint's last epoch trained on (its timing row's ``train_images``; a checkpoint without log
+    rows is not checked). ``--data-dir`` is not compared: the same data may lie elsewhere on another
+    machine; a folder with other images (a subset, another data set) is what this catches.
+
+    Raises:
+        CheckpointError: the numbers differ."""
+    trained = ckpt.get("log_rows", {}).get("timing.jsonl", {}).get("train_images")
+    if trained is not None and trained != images_per_epoch:
+        raise CheckpointError(f"{_continued_by(ckpt, cfg)}: the run trained on {trained} images per epoch, this one "
+                              f"would train on {images_per_epoch} (--data-dir {cfg.data_dir}, --train-subset "
+                              f"{cfg.train_subset}, --val-split {cfg.val_split}); is --data-dir another data set? "
+                              f"Continue with the run's data")

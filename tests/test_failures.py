@@ -379,6 +379,54 @@ def test_resume_does_not_need_the_pretrained_file(shared_folder, tmp_path, monke
     assert "Resumed from epoch 1 of 2" in stdout and [r["epoch"] for r in _metrics(out)] == [1, 2]
 
 
+def test_a_stop_signal_during_an_evaluation_stops_the_run_there(shared_folder, tmp_path, monkeypatch, capsys):
+    """SIGTERM after the last training step of the last epoch: before, the run evaluated, saved and
+    finished as if no signal had come; now it stops in the evaluation, epoch 2 unsaved."""
+    import engine
+    real = engine.Trainer.train_epoch
+
+    def train_epoch(self, epoch):
+        out = real(self, epoch)
+        if epoch == 2:
+            self._stop_signal = signal.SIGTERM
+        return out
+
+    monkeypatch.setattr(engine.Trainer, "train_epoch", train_epoch)
+    out = tmp_path / "run"
+    rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY], capsys)
+    assert rc == 128 + signal.SIGTERM, err
+    assert "Interrupted by SIGTERM" in err and f"{out}/last.pt (epoch 1)" in err
+    assert [r["epoch"] for r in _metrics(out)] == [1] and not (out / "summary.json").exists()
+
+
+def test_a_run_whose_folder_was_deleted_and_taken_writes_nothing_more(shared_folder, tmp_path, monkeypatch,
+                                                                      capsys):
+    """The folder removed during epoch 2 and made again by another run (its own .lock): the first run stops
+    before its epoch-2 writes, which would have mixed two runs' files."""
+    import engine
+    from run.run_folder import RunFolderLock
+    out, other = tmp_path / "run", []
+    real = engine.Trainer.train_epoch
+
+    def train_epoch(self, epoch):
+        if epoch == 2:
+            shutil.rmtree(out)
+            os.makedirs(out)
+            other.append(RunFolderLock(str(out)))
+            other[0].acquire()
+        return real(self, epoch)
+
+    monkeypatch.setattr(engine.Trainer, "train_epoch", train_epoch)
+    try:
+        rc, _, err = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY], capsys)
+        assert rc == checkpoint.EXIT_WRITE_FAILED
+        assert err == (f"error: --output-dir {out} is not this run's any more: its .lock was removed (the folder "
+                       f"deleted?) or is another run's now. Stopped without writing into it\n")
+        assert os.listdir(out) == [".lock"]  # the other run's, left in place
+    finally:
+        other[0].release()
+
+
 def test_checkpoint_problem_accepts_the_tools_own_checkpoints(reference):
     for name in ("last.pt", "best.pt", "warmup_end.pt"):
         ckpt = torch.load(reference / name, weights_only=True)

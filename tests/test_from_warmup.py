@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from conftest import TINY, run_cli, signal_in_epoch
+from conftest import TINY, make_image_folder, run_cli, signal_in_epoch
 
 # The seed's scenarios by their stage-2 flags (config.STAGE2_FLAGS); everything else is shared.
 W_ONLY = ["--lambda-br", "1", "--lambda-br-act", "0", "--freeze-alpha"]
@@ -121,3 +121,16 @@ def test_a_run_that_trained_its_own_warmup_stays_one(scratch, shared_folder, tmp
     assert rc == 0 and "Resumed from epoch 1 of 2" in stdout
     assert json.loads((out / "config.json").read_text())["flags"]["from_warmup"] is None
     assert _rows(out) == _rows(scratch["w-only"])
+
+
+def test_a_run_continues_only_on_the_training_set_it_trained_on(scratch, tmp_path, capsys):
+    """The warmups trained on 40 images per epoch (4 per class); a folder of 3 per class has 30. --data-dir
+    itself may differ (the same data elsewhere); other images may not."""
+    other = make_image_folder(tmp_path / "other", train_per_class=3)
+    warmup = scratch["lsq"] / "warmup_end.pt"
+    for how, folder in ((["--from-warmup", warmup, *TINY, *W_ONLY], "branch"), (["--resume", warmup], "resume")):
+        rc, _, err = run_cli(["--data-dir", other, "--output-dir", tmp_path / folder, *how], capsys)
+        flag = f"--from-warmup {warmup}" if folder == "branch" else "--resume"
+        assert rc == 2 and err.startswith(f"error: {flag}: the run trained on 40 images per epoch, this one would "
+                                          f"train on 30 (--data-dir {other}, --train-subset None"), err
+        assert not (tmp_path / folder).exists()
