@@ -248,6 +248,9 @@ def data_loaders(cfg, source, device, ckpt, group=None, channels_last=False):
                             channels_last=channels_last)
 
     val_loader = evaluation_loader(val_split) if val_split is not None else None
+    if cfg.bn_reestimate > len(train_loader) and is_main:  # said now, not after the last epoch
+        print(f"WARNING: --bn-reestimate {cfg.bn_reestimate}: an epoch has {len(train_loader)} training batches; "
+              f"the re-estimation after the last epoch uses those {len(train_loader)}", flush=True)
     if ckpt is not None:  # before any training: a continued run trains on the data it trained on
         run_folder.check_val_split(ckpt, val_index, cfg)
         run_folder.check_training_images(ckpt, train_loader.images_per_epoch(), cfg)

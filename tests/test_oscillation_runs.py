@@ -137,17 +137,20 @@ def test_bn_reestimate_averages_the_batch_statistics(shared_folder, tmp_path, ca
     from run.data import DeviceLoader, find_source, load_split
     from deploy.restore import build_network, model_config
     out = tmp_path / "bn"
-    rc, stdout, _ = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY, *PLAIN, "--bn-reestimate", "2"],
+    # 40 training images in batches of 16: an epoch has 3 batches, fewer than the 5 asked for
+    rc, stdout, _ = run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY, *PLAIN, "--bn-reestimate", "5"],
                             capsys)
-    assert rc == 0 and "BatchNorm re-estimated on 2 training batches (--bn-reestimate)" in stdout
+    assert rc == 0 and ("WARNING: --bn-reestimate 5: an epoch has 3 training batches; the re-estimation after the "
+                        "last epoch uses those 3") in stdout
+    assert "BatchNorm re-estimated on 3 training batches (--bn-reestimate)" in stdout
     summary = json.loads((out / "summary.json").read_text())
     bn = summary["bn_reestimate"]
-    assert bn["batches"] == 2 and bn["test_acc_before"] == summary["final_test_acc"]
+    assert bn["batches"] == 3 and bn["test_acc_before"] == summary["final_test_acc"]
     rc, stdout, _ = run_cli(["--evaluate", out / "bn_reestimated.pt", "--data-dir", shared_folder, "--workers", "0"],
                             capsys)
     assert rc == 0 and stdout.startswith(f"Test top-1 {bn['test_acc_after']:.2f}%")
     assert f"the run logged {bn['test_acc_after']:.2f}% for epoch 2 after --bn-reestimate" in stdout
-    # the reference: the first BatchNorm's input on the first 2 batches of a fresh draw (epoch E + 1 = 3), the
+    # the reference: the first BatchNorm's input on the 3 batches of a fresh draw (epoch E + 1 = 3), the
     # network as trained; running mean = mean of the batch means, variance = mean of the unbiased batch variances
     last = torch.load(out / "last.pt", weights_only=True)
     model = build_network(model_config(last["config"]["flags"]))
@@ -159,8 +162,8 @@ def test_bn_reestimate_averages_the_batch_statistics(shared_folder, tmp_path, ca
     batches = DeviceLoader(split, 16, torch.device("cpu"), train=True, seed=42).batches(3)
     model.train()
     with torch.no_grad():
-        for _ in range(2):
-            model(next(batches)[0])
+        for x, _ in batches:
+            model(x)
     mean = torch.stack([x.mean((0, 2, 3)) for x in inputs]).mean(0)
     var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in inputs]).mean(0)
     saved = torch.load(out / "bn_reestimated.pt", weights_only=True)["model"]
