@@ -365,17 +365,19 @@ class RunFolderLock:
             raise
         self._fd = fd
 
+    def _holds_the_file(self) -> bool:
+        """Whether the folder's ``.lock`` is still the file this lock holds (not removed, nor replaced)."""
+        try:
+            return os.path.samestat(os.fstat(self._fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
     def check(self) -> None:
         """Before a write: raise ``FolderLost`` when the folder's ``.lock`` is not the file this lock holds
         any more (the folder was removed while the run went on, and maybe made again by another run), so
         that this run never writes into another's folder. Nothing to check when not held."""
-        if self._fd is None:
+        if self._fd is None or self._holds_the_file():
             return
-        try:
-            if os.path.samestat(os.fstat(self._fd), os.stat(self.path)):
-                return
-        except FileNotFoundError:
-            pass
         raise FolderLost(f"--output-dir {self.folder} is not this run's any more: its {LOCK_FILE} was removed (the "
                          f"folder deleted?) or is another run's now. Stopped without writing into it")
 
@@ -384,11 +386,11 @@ class RunFolderLock:
         this one any more (the folder was deleted and a new run made its own) is left alone."""
         if self._fd is None:
             return
-        try:
-            if os.path.samestat(os.fstat(self._fd), os.stat(self.path)):
+        if self._holds_the_file():
+            try:
                 os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+            except FileNotFoundError:  # removed since
+                pass
         os.close(self._fd)
         self._fd = None
 
