@@ -67,6 +67,21 @@ def test_moving_target_with_frozen_alpha_is_the_stable_run(scratch, shared_folde
     assert _rows(out) == _rows(scratch["wa-stable"])
 
 
+def test_a_br_weighted_to_nothing_trains_as_w_only(scratch, shared_folder, tmp_path):
+    """Turning A-BR on changes the run through its loss term alone (the study reads W+A stable − W-only as
+    A-BR's effect): at λ_a = 1e-30, whose term and gradient vanish in float32 rounding against CE's, the
+    weights, step sizes and BatchNorm statistics end exactly as W-only's, though A-BR is computed and logged."""
+    out = tmp_path / "wa-null"
+    flags = ["--lambda-br", "1", "--lambda-br-act", "1e-30", "--freeze-alpha"]  # W_ONLY but λ_a
+    assert run_cli(["--data-dir", shared_folder, "--output-dir", out, *TINY, *flags,
+                    "--from-warmup", scratch["lsq"] / "warmup_end.pt"])[0] == 0
+    assert _rows(out)[1]["br_a"] > 0 and _rows(scratch["w-only"])[1]["br_a"] == 0
+    mine = torch.load(out / "last.pt", weights_only=True)["model"]
+    theirs = torch.load(scratch["w-only"] / "last.pt", weights_only=True)["model"]
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
 def test_a_branched_run_resumes_like_any_other(scratch, shared_folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "w-only"
     argv = ["--data-dir", shared_folder, "--output-dir", out, *TINY, *W_ONLY,
