@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             auto = run_folder.resolve_auto_resume(cfg) if cfg.resume == "auto" else None
             ckpt = run_folder.resolve_resume(cfg, argv)  # first: flags not given come from the run
             defaulted = config.resolve_defaults(cfg)
+            if ckpt is None and "lambda_br_act" not in config.explicit_flags(argv):
+                defaulted.add("lambda_br_act")  # off by default, unlike the seed: the banner says so
             config.validate(cfg)
             if cfg.from_warmup and ckpt is None:  # after the defaults: the warmup's flags are resolved ones
                 ckpt = run_folder.branch_from_warmup(cfg)

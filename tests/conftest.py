@@ -51,7 +51,9 @@ def run_cli(argv, capsys=None):
     return rc, out, err
 
 
-TINY = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16", "--workers", "0", "--no-download"]
+# A tiny run of both BR terms: A-BR is off by default (README), and the runs of the tests exercise it too.
+TINY = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16", "--workers", "0", "--no-download",
+        "--lambda-br-act", "1"]
 
 
 def signal_in_epoch(monkeypatch, epoch: int, signum: int = signal.SIGINT):

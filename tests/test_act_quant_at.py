@@ -55,7 +55,7 @@ def test_resnet20_quantized_tensors_counted_by_hand():
     # step sizes: 20 weights + 21 activations (conv-input: 20 + 20)
     assert sum(isinstance(m, LSQQuantizer) and m.enabled for m in relu_output.modules()) == 41
     # A-BR regularises the 19 activation outputs; W-BR the 18 low-bit layers, as with conv-input
-    cfg = build_parser().parse_args(["--act-quant-at", RO])
+    cfg = build_parser().parse_args(["--act-quant-at", RO, "--lambda-br-act", "1"])
     trainer = Trainer(cfg, relu_output, None, None, torch.device("cpu"), log=lambda *_: None)
     assert list(trainer.br_act_quantizers) == outputs and len(trainer.br_layers) == 18
 
@@ -183,7 +183,7 @@ def test_a_br_is_br_of_the_activation_outputs(to_alpha, monkeypatch):
     """A-BR from the quantizers' own statistics equals BR of the captured activation outputs (the
     independent eager path of regularizers.bin_reg), in value and gradient to the first conv's weight
     and to the activation step sizes."""
-    flags = ["--act-quant-at", RO, "--epochs", "2", "--warmup-epochs", "1"]
+    flags = ["--act-quant-at", RO, "--epochs", "2", "--warmup-epochs", "1", "--lambda-br-act", "1"]
     cfg = build_parser().parse_args(flags + (["--br-backprop-to-alpha-act"] if to_alpha else []))
     torch.manual_seed(0)
     model = quantize_model(CifarResNet((1, 1), (4, 8), "A"), 2, 2, 8, act_quant_at=RO).train()

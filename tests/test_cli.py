@@ -81,10 +81,23 @@ BR Configuration:
   - W-BR (weights): λ=1.0 [ENABLED]
     └─> Gradients to alpha: Always enabled (paper-faithful, weights are stable)"""
     assert out.startswith(expected)
+    assert "  - A-BR (activations): λ=0.0 [DISABLED]" in out.splitlines()  # off unless asked for (not the seed's 1)
     assert "  - Freeze alpha after warmup: True" in out
     assert "weight alpha is frozen after warmup, so in stage 2 this gradient cannot change it" in out
     assert "Data: " in out and "Output: results/resnet20_w2a2" in out
     assert "random initialisation" in out
+
+
+def test_a_br_off_by_default_is_said_under_its_line(capsys):
+    """A-BR is off unless --lambda-br-act is given (unlike the seed): the banner says why under its line,
+    and only when the default made it so on quantized activations."""
+    def noted(*flags):
+        lines = _banner(capsys, *flags).splitlines()
+        at = [i for i, x in enumerate(lines) if x.startswith("  - A-BR (activations): ")]
+        return bool(at) and lines[at[0] + 1].startswith("    └─> Note: off by default (the seed's default was λ=1")
+    assert noted() and noted("--num-bits-weight", "32", "--num-bits-act", "2")
+    assert not noted("--lambda-br-act", "0") and not noted("--lambda-br-act", "1")
+    assert not noted("--num-bits-weight", "2", "--num-bits-act", "32")  # nothing for A-BR to act on
 
 
 def test_cpu_banner_says_how_many_threads_torch_uses(capsys):
@@ -104,7 +117,7 @@ def test_cpu_banner_says_how_many_threads_torch_uses(capsys):
      "[ENABLED]"),
 ])
 def test_banner_never_enables_a_br_term_without_quantized_tensors(capsys, bits, w_state, a_state):
-    lines = _banner(capsys, *bits).splitlines()  # default λ = 1 for both terms
+    lines = _banner(capsys, *bits, "--lambda-br-act", "1").splitlines()  # λ = 1 for both terms
     assert f"  - W-BR (weights): λ=1.0 {w_state}" in lines
     assert f"  - A-BR (activations): λ=1.0 {a_state}" in lines
     # the sub-lines of a term appear only when it acts; each term without effect has its warning
@@ -119,10 +132,11 @@ def test_float_run_banner_speaks_of_no_quantization(capsys):
     assert "Starting float training (the baseline: nothing quantized)" in lines
     assert "Schedule: epochs 1-10, float; no quantizers, so no BR and no step sizes (alpha)" in lines
     assert not any(x.startswith(("Stage", "BR Configuration", "Alpha Control")) or "[ENABLED]" in x for x in lines)
-    # the default λ = 1 of both terms has nothing to act on: said once each, as a warning
-    lines = _banner(capsys, "--num-bits", "32").splitlines()
-    assert sum(x.startswith(("WARNING: --lambda-br has no effect", "WARNING: --lambda-br-act has no effect"))
-               for x in lines) == 2
+    # λ = 1 of both terms has nothing to act on: said once each, as a warning (A-BR is off by default)
+    for flags, warnings in (([], 1), (["--lambda-br-act", "1"], 2)):
+        lines = _banner(capsys, "--num-bits", "32", *flags).splitlines()
+        assert sum(x.startswith(("WARNING: --lambda-br has no effect", "WARNING: --lambda-br-act has no effect"))
+                   for x in lines) == warnings
 
 
 def test_useless_flag_gets_a_banner_warning(capsys):
@@ -133,7 +147,7 @@ def test_useless_flag_gets_a_banner_warning(capsys):
 # -- the rules on gradients, checked on the training step itself -----------------------------
 
 def _trainer(*flags):
-    cfg = build_parser().parse_args(["--epochs", "4", "--warmup-epochs", "1", *flags])
+    cfg = build_parser().parse_args(["--epochs", "4", "--warmup-epochs", "1", "--lambda-br-act", "1", *flags])
     torch.manual_seed(0)
     model = quantize_model(build_model("resnet20"), 2, 2)
     split = Split(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 10)

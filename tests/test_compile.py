@@ -24,7 +24,8 @@ from quant.lsq import LSQQuantizer
 
 def _tiny_trainer(extra_flags):
     torch.manual_seed(0)
-    cfg = cfgmod.build_parser().parse_args(["--device", "cpu", "--compile", "off"] + extra_flags)
+    flags = ["--device", "cpu", "--compile", "off", "--lambda-br-act", "1"]  # both BR terms, as the cases say
+    cfg = cfgmod.build_parser().parse_args(flags + extra_flags)
     model = quantize_model(CifarResNet((1, 1), (4, 8), "A"), 2, 2, 8,
                            per_channel_weights=cfg.per_channel_weights, act_quant_at=cfg.act_quant_at).double()
     return engine.Trainer(cfg, model, None, None, torch.device("cpu"), log=lambda *_: None)
@@ -146,7 +147,7 @@ def test_compiled_training_epochs(tmp_path, monkeypatch):
     monkeypatch.setattr(engine.torch, "compile", aot_eager_compile)
     torch.manual_seed(0)
     cfg = cfgmod.build_parser().parse_args(["--device", "cpu", "--compile", "--epochs", "2", "--warmup-epochs", "1",
-                                            "--batch-size", "8"])
+                                            "--batch-size", "8", "--lambda-br-act", "1"])
     model = quantize_model(CifarResNet((1, 1), (4, 8), "A"), 2, 2, 8)
     gen = torch.Generator().manual_seed(3)
     split = Split(torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.arange(20) % 10)

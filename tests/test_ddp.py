@@ -70,7 +70,7 @@ sys.exit(cifar10_qat_br.main(argv))
 
 #: One global batch of 20 per epoch (20 images), 10 per rank.
 RUN = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "20", "--train-subset", "20", "--workers", "0",
-       "--no-download", "--seed", "42"]
+       "--no-download", "--seed", "42", "--lambda-br-act", "1"]  # both BR terms (A-BR is off by default)
 
 
 def _torchrun(tmp_path, args, **env):

@@ -62,11 +62,11 @@ def test_banner_and_folder_name(capsys):
     assert rc == 0
     assert ("lr constant through the warmup (epochs 1-3), then cosine over the 7 epochs with BR "
             "(--lr-schedule warmup-constant), batch 128, seed 42") in out
-    assert "Output: results/resnet20_w2a2_fl8_lbr1_lbra1_lrwc_s42" in out
+    assert "Output: results/resnet20_w2a2_fl8_lbr1_lbra0_lrwc_s42" in out
     rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--epochs", "10"], capsys)
     assert ", cosine over 10 epochs, batch 128" in out
     cfg = build_parser().parse_args([])
-    assert default_output_dir(cfg) == "results/resnet20_w2a2_fl8_lbr1_lbra1_s42"
+    assert default_output_dir(cfg) == "results/resnet20_w2a2_fl8_lbr1_lbra0_s42"
 
 
 def test_a_run_logs_each_epochs_lr_and_resumes_on_the_schedule(shared_folder, tmp_path, monkeypatch, capsys):

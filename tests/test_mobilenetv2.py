@@ -126,7 +126,7 @@ def _trainer(*flags):
 
 
 def test_weight_and_activation_br_cover_every_low_bit_layer():
-    trainer, model = _trainer()
+    trainer, model = _trainer("--lambda-br-act", "1")
     low_bit = {n for n, m in quantized_layers(model).items() if not m.is_first_or_last}
     assert len(low_bit) == 51
     signed = model.blocks[1].expand_conv
@@ -175,7 +175,7 @@ def test_one_step_cli_run_and_export(small_mobilenetv2, shared_folder, tmp_path,
     out = tmp_path / "run"
     rc, stdout, err = run_cli(["--arch", "mobilenetv2", "--data-dir", shared_folder, "--output-dir", out,
                                "--epochs", "1", "--warmup-epochs", "0", "--train-subset", "16", "--batch-size", "16",
-                               "--workers", "0", "--no-download"], capsys)
+                               "--workers", "0", "--no-download", "--lambda-br-act", "1"], capsys)
     assert rc == 0, err
     assert "Model: mobilenetv2" in stdout and "ReLU6" in stdout and "Quantized layers: 14" in stdout
     config = json.loads((out / "config.json").read_text())

@@ -16,7 +16,8 @@ from run import checkpoint
 from conftest import TINY, make_image_folder, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-THREE = ["--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16", "--workers", "0", "--no-download"]
+THREE = ["--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16", "--workers", "0", "--no-download",
+         "--lambda-br-act", "1"]  # both BR terms (A-BR is off by default): their state resumes too
 
 
 def _metrics_text(out):
@@ -472,7 +473,7 @@ def test_memory_does_not_grow_over_1000_steps():
                               torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(),
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
     model = quantize_model(net, 2, 2)
-    cfg = build_parser().parse_args(["--epochs", "2", "--warmup-epochs", "1"])
+    cfg = build_parser().parse_args(["--epochs", "2", "--warmup-epochs", "1", "--lambda-br-act", "1"])
     split = Split(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 10)
     cpu = torch.device("cpu")
     trainer = Trainer(cfg, model, DeviceLoader(split, 8, cpu, train=True), None, cpu, log=lambda *_: None)

@@ -418,7 +418,7 @@ def test_every_scenario_is_named_as_the_readme_names_it():
     assert summarize.scenario({"lambda_br": 1.0, "lambda_dampen": 0.1, "freeze_alpha": True}) == "W-only + dampening"
     assert summarize.scenario({"lambda_dampen": 0.1, "freeze_oscillating": "0.1:0.01", "freeze_alpha": True}) == \
         "Oscillation dampening + iterative freezing"
-    assert summarize.scenario(vars(config.build_parser().parse_args([]))) == "W+A stable, α trained"
+    assert summarize.scenario(vars(config.build_parser().parse_args([]))) == "W-only, α trained"  # A-BR off by default
     assert summarize.scenario({"lambda_br": 1.0, "freeze_weight_alpha": True}) == "W-only, A α trained"
     assert summarize.scenario({"lambda_br": 1.0, "freeze_act_alpha": True}) == "W-only, W α trained"
     assert summarize.scenario({"lambda_br": 1.0, "freeze_weight_alpha": True, "freeze_act_alpha": True}) == "W-only"

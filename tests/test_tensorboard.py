@@ -91,7 +91,7 @@ def test_no_activation_sample_outside_training_mode(tmp_path):
 def test_cli_tensorboard_writes_event_files_and_same_metrics(tmp_path):
     data = make_image_folder(tmp_path / "cifar", train_per_class=1, test_per_class=1)
     common = ["--data-dir", data, "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16", "--workers", "0",
-              "--no-download"]
+              "--no-download", "--lambda-br-act", "1"]
     with_tb, without = str(tmp_path / "tb_run"), str(tmp_path / "plain_run")
     assert cifar10_qat_br.main(common + ["--output-dir", with_tb, "--tensorboard"]) == 0
     assert cifar10_qat_br.main(common + ["--output-dir", without]) == 0

@@ -134,7 +134,7 @@ def test_summarize_leads_with_final_and_names_the_selected_epochs(tmp_path):
     header = next(line for line in markdown.splitlines() if line.startswith("| scenario"))
     assert header == ("| scenario | seeds | final test top-1 (%) | test top-1 at best val epoch (%) | epochs | "
                       "wall time / run | runs |")
-    assert "| W+A stable, α trained | 1,2 | 81.00 ± 1.41 | 81.00 ± 2.83 | 100 | 1s | 2/2 finished |" in markdown
+    assert "| W-only, α trained | 1,2 | 81.00 ± 1.41 | 81.00 ± 2.83 | 100 | 1s | 2/2 finished |" in markdown
     assert "optimistic" not in markdown
     by_run = {r["run"]: r for r in runs}
     assert by_run["v2"]["best_epoch"] == 8 and by_run["v2"]["best_val_top1"] == 91.0
@@ -145,7 +145,7 @@ def test_summarize_leads_with_final_and_names_the_selected_epochs(tmp_path):
     header = next(line for line in markdown.splitlines() if line.startswith("| scenario"))
     assert header == ("| scenario | val split | seeds | final test top-1 (%) | test top-1 at best val epoch (%) | "
                       "best test epoch top-1 (%; selected on test, optimistic) | epochs | wall time / run | runs |")
-    assert "| W+A stable, α trained | 0 | 1 | 70.00 | – | 71.50 | 100 | 1s | 1/1 finished |" in markdown
+    assert "| W-only, α trained | 0 | 1 | 70.00 | – | 71.50 | 100 | 1s | 1/1 finished |" in markdown
     assert "chosen on the test set itself, so it overstates: never a result" in markdown.splitlines()[0]
     no_split = next(r for r in rows if r["val_split"] == 0)
     assert no_split["best_test_top1_optimistic_mean"] == 71.5 and no_split["test_top1_at_best_val_mean"] is None
