@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise config.ConfigError("--from-warmup starts a new run from a warmup and --resume continues a run: "
                                          "pass one (or --resume auto: it continues the run if there is one, else "
                                          "branches)")
+            run_folder.refuse_a_run_of_the_old_a_br_default(cfg, argv)
             auto = run_folder.resolve_auto_resume(cfg) if cfg.resume == "auto" else None
             ckpt = run_folder.resolve_resume(cfg, argv)  # first: flags not given come from the run
             defaulted = config.resolve_defaults(cfg)

@@ -6,6 +6,7 @@ one line naming the flag or file.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import fcntl
 import json
@@ -34,6 +35,30 @@ LOCK_FILE = ".lock"
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
+
+
+def refuse_a_run_of_the_old_a_br_default(cfg, argv: list[str]) -> None:
+    """Refuse ``--resume [auto]`` that would miss a run made when A-BR was on by default.
+
+    The default folder name holds λ_a (``_lbra<λa>_``), whose default was 1 (the seed's) until A-BR was
+    turned off by default. A command without ``--output-dir`` and ``--lambda-br-act`` that continued such a
+    run now names the ``_lbra0_`` folder: ``--resume auto`` (a requeued job) would start another experiment
+    beside the unfinished run, ``--resume`` would not find it. Raises ConfigError naming both folders and
+    the flag that continues the run, when the old default's folder holds run files and the new one none.
+    """
+    if cfg.resume is None or cfg.output_dir or cfg.ptq or "lambda_br_act" in explicit_flags(argv):
+        return
+    old = argparse.Namespace(**{**vars(cfg), "lambda_br_act": 1.0})
+    new_dir, old_dir = default_output_dir(cfg), default_output_dir(old)
+    if new_dir == old_dir or _run_files(new_dir) or not _run_files(old_dir):
+        return
+    raise ConfigError(f"--resume: no run in {new_dir}, but {old_dir} holds one, made when A-BR was on by "
+                      "default (λ_a = 1, the seed's default; now 0): add --lambda-br-act 1 to continue it, or "
+                      f"--output-dir {new_dir} for a new run with A-BR off")
+
+
+def _run_files(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, f)) for f in RUN_FILES)
 
 
 def resolve_auto_resume(cfg) -> str:

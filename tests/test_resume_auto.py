@@ -42,3 +42,31 @@ def test_continues_an_interrupted_run(shared_folder, tmp_path, monkeypatch, caps
     assert rc == 0
     assert "--resume auto: continuing the run from last.pt" in stdout and "Resumed from epoch 1 of 2" in stdout
     assert _epochs(out) == [1, 2] and json.loads((out / "summary.json").read_text())["status"] == "finished"
+
+
+def test_a_run_named_by_the_old_a_br_default_is_not_missed(tmp_path, monkeypatch, capsys):
+    """Before A-BR was off by default, a command without --output-dir and --lambda-br-act named its folder
+    ``..._lbra1_...``; the same command now names ``..._lbra0_...``. --resume [auto] refuses, naming both
+    folders, rather than start another experiment beside the unfinished run (a requeued job)."""
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "results" / "resnet20_w2a2_fl8_lbr1_lbra1_s42"
+    old.mkdir(parents=True)
+    (old / "last.pt").write_bytes(b"")  # an unfinished run of the old default (the check reads names only)
+    base = ["--epochs", "2", "--warmup-epochs", "1", "--data-dir", "/nonexistent", "--no-download", "--dry-run"]
+    for resume in (["--resume", "auto"], ["--resume"]):
+        rc, _, err = run_cli([*resume, *base], capsys)
+        assert rc == 2 and err.strip() == (
+            "error: --resume: no run in results/resnet20_w2a2_fl8_lbr1_lbra0_s42, but "
+            "results/resnet20_w2a2_fl8_lbr1_lbra1_s42 holds one, made when A-BR was on by default (λ_a = 1, "
+            "the seed's default; now 0): add --lambda-br-act 1 to continue it, or --output-dir "
+            "results/resnet20_w2a2_fl8_lbr1_lbra0_s42 for a new run with A-BR off")
+    # a new run, an explicit λ_a or folder, or a run already in the new folder: not this check's business
+    from run.config import build_parser
+    from run.run_folder import refuse_a_run_of_the_old_a_br_default as check
+    for argv in (base, ["--resume", "auto", "--lambda-br-act", "0", *base], ["--resume", "auto", "--output-dir",
+                                                                             "elsewhere", *base]):
+        check(build_parser().parse_args(argv), argv)
+    (tmp_path / "results" / "resnet20_w2a2_fl8_lbr1_lbra0_s42").mkdir()
+    (tmp_path / "results" / "resnet20_w2a2_fl8_lbr1_lbra0_s42" / "config.json").write_text("{}")
+    argv = ["--resume", "auto", *base]
+    check(build_parser().parse_args(argv), argv)
