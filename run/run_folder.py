@@ -38,7 +38,7 @@ def _flag(key: str) -> str:
 
 
 def refuse_a_run_of_the_old_a_br_default(cfg, argv: list[str]) -> None:
-    """Refuse ``--resume [auto]`` that would miss a run made when A-BR was on by default.
+    """Refuse ``--resume`` (no PATH) or ``--resume auto`` that would miss a run made when A-BR was on by default.
 
     The default folder name holds λ_a (``_lbra<λa>_``), whose default was 1 (the seed's) until A-BR was
     turned off by default. A command without ``--output-dir`` and ``--lambda-br-act`` that continued such a
@@ -46,7 +46,7 @@ def refuse_a_run_of_the_old_a_br_default(cfg, argv: list[str]) -> None:
     beside the unfinished run, ``--resume`` would not find it. Raises ConfigError naming both folders and
     the flag that continues the run, when the old default's folder holds run files and the new one none.
     """
-    if cfg.resume is None or cfg.output_dir or cfg.ptq or "lambda_br_act" in explicit_flags(argv):
+    if cfg.resume not in ("", "auto") or cfg.output_dir or cfg.ptq or "lambda_br_act" in explicit_flags(argv):
         return
     old = argparse.Namespace(**{**vars(cfg), "lambda_br_act": 1.0})
     new_dir, old_dir = default_output_dir(cfg), default_output_dir(old)

@@ -64,7 +64,8 @@ def test_a_run_named_by_the_old_a_br_default_is_not_missed(tmp_path, monkeypatch
     from run.config import build_parser
     from run.run_folder import refuse_a_run_of_the_old_a_br_default as check
     for argv in (base, ["--resume", "auto", "--lambda-br-act", "0", *base], ["--resume", "auto", "--output-dir",
-                                                                             "elsewhere", *base]):
+                                                                             "elsewhere", *base],
+                 ["--resume", str(old / "last.pt"), *base]):  # a checkpoint named: its own folder
         check(build_parser().parse_args(argv), argv)
     (tmp_path / "results" / "resnet20_w2a2_fl8_lbr1_lbra0_s42").mkdir()
     (tmp_path / "results" / "resnet20_w2a2_fl8_lbr1_lbra0_s42" / "config.json").write_text("{}")
