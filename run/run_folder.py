@@ -57,10 +57,6 @@ def refuse_a_run_of_the_old_a_br_default(cfg, argv: list[str]) -> None:
                       f"--output-dir {new_dir} for a new run with A-BR off")
 
 
-def _run_files(folder: str) -> bool:
-    return any(os.path.exists(os.path.join(folder, f)) for f in RUN_FILES)
-
-
 def resolve_auto_resume(cfg) -> str:
     """Turn ``--resume auto`` into what ``--output-dir`` needs, so that one command starts,
     continues or skips a run (a job started twice, a requeued SLURM task, a rerun sweep).
