@@ -398,7 +398,10 @@ def test_jobs_run_side_by_side_and_branches_wait_for_their_warmup(shared_folder,
 
 
 def test_the_sweeps_scenarios_are_configs():
-    """scripts/sweep.sh's SCENARIO_TABLE (bash) runs exactly config.SCENARIOS' flags, and names _frz what freezes."""
+    """scripts/sweep.sh's SCENARIO_TABLE (bash) runs exactly config.SCENARIOS' flags, names _frz what freezes, and
+    names each folder as benchmarks/gpu_study.py's qat_name does (the GPU study's folders read like a sweep's)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import gpu_study
     out = _sweep(["-n"], {"RUNS_DIR": "/nonexistent/s", "SEEDS": "1", "BITS": "2",
                           "SCENARIOS": " ".join(config.SCENARIOS)})
     assert out.returncode == 0, out.stderr
@@ -409,6 +412,7 @@ def test_the_sweeps_scenarios_are_configs():
         flags = command[command.index("--seed") + 2:command.index("--resume")]
         assert folder.startswith(key + "_w2a2") and flags == config.SCENARIOS[key][1].split(), key
         assert ("_frz_" in folder) == ("--freeze-alpha" in flags), folder
+        assert folder == gpu_study.qat_name(key, bits=2, seed=1), key
 
 
 def test_every_scenario_is_named_as_the_readme_names_it():
