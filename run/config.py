@@ -50,6 +50,7 @@ SCENARIOS = {
     "a-only": ("A-only", "--lambda-br 0 --lambda-br-act 1 --freeze-alpha"),
     "lsq": ("LSQ baseline", "--lambda-br 0 --lambda-br-act 0"),
     "lsq-frozen": ("LSQ, α frozen after warmup", "--lambda-br 0 --lambda-br-act 0 --freeze-alpha"),
+    "w-only-free": ("W-only, α trained", "--lambda-br 1 --lambda-br-act 0"),  # the tool's defaults
     "wa-stable-free": ("W+A stable, α trained", "--lambda-br 1 --lambda-br-act 1"),
     "wa-moving-free": ("W+A moving target, α trained", "--lambda-br 1 --lambda-br-act 1 --br-backprop-to-alpha-act"),
     # BR's nearest rival (Nagel et al., ICML 2022), with the seed's BR rows' --freeze-alpha, so that it is

@@ -17,7 +17,8 @@
 #   RUNS_DIR    folder of the run folders                           [runs/sweep]
 #   DATA_DIR    --data-dir                                          [./data]
 #   SCENARIOS   rows of the scenario table below, by key            [w-only wa-stable wa-moving a-only lsq]
-#               (the seed's five; also lsq-frozen, wa-stable-free, wa-moving-free, dampen, freeze, ptq)
+#               (the seed's five; also lsq-frozen, w-only-free, wa-stable-free, wa-moving-free, dampen,
+#               freeze, ptq)
 #   BITS        widths: "2" (W2A2) or "w2a4" (W2, A4); space separated  [2]
 #   LAMBDAS     λ of the BR terms a scenario enables                [1]
 #   CLIPS       --clip-value c (activations clipped to [0, c]: "1" ReLU1-, "6" ReLU6-style);
@@ -100,6 +101,7 @@ wa-moving       1 1 --freeze-alpha,--br-backprop-to-alpha-act W+A moving target
 a-only          0 1 --freeze-alpha                            A-only
 lsq             0 0 -                                         LSQ baseline
 lsq-frozen      0 0 --freeze-alpha                            LSQ, α frozen after warmup
+w-only-free     1 0 -                                         W-only, α trained in stage 2 (the tool's defaults)
 wa-stable-free  1 1 -                                         W+A stable, α trained in stage 2
 wa-moving-free  1 1 --br-backprop-to-alpha-act                W+A moving target, α trained in stage 2
 dampen          0 0 --freeze-alpha,--lambda-dampen,0.1         Oscillation dampening (Nagel et al. 2022)

@@ -18,11 +18,15 @@ import cpu_study  # noqa: E402
 
 def test_the_plan_is_the_issues_table():
     names = [row.name for row in cpu_study.plan()]
-    # 2 PTQ references, 7 scenarios x 2 seeds (both seeds of a scenario in turn), W+A stable of seed 42
-    # at two more λ_a, two rivals, LSQ and W+A stable under the seed authors' recipe
-    assert names[:2] == ["ptq_w2a2", "ptq_w4a4"] and len(names) == 2 + 7 * 2 + 2 + 2 + 2
-    assert names[2:16] == [f"w2a2_s{seed}_{k}" for k in ("wa-stable", "lsq", "w-only", "lsq-frozen", "a-only",
-                                                          "wa-stable-free", "wa-moving-free") for seed in (42, 43)]
+    # 2 PTQ references, the issue's 7 scenarios and the tool's defaults (w-only-free) x 2 seeds (both seeds of a
+    # scenario in turn), W+A stable of seed 42 at two more λ_a, two rivals, LSQ and W+A stable under the seed
+    # authors' recipe
+    assert names[:2] == ["ptq_w2a2", "ptq_w4a4"] and len(names) == 2 + 8 * 2 + 2 + 2 + 2
+    assert names[2:18] == [f"w2a2_s{seed}_{k}" for k in ("wa-stable", "lsq", "w-only", "lsq-frozen", "a-only",
+                                                          "w-only-free", "wa-stable-free", "wa-moving-free")
+                           for seed in (42, 43)]
+    assert " ".join({r.name: r for r in cpu_study.plan()}["w2a2_s43_w-only-free"].flags).endswith(
+        "--seed 43 --lambda-br 1 --lambda-br-act 0")  # the tool's defaults: no --freeze-alpha
     assert names[-6:] == ["w2a2_s42_wa-stable_lama0.1", "w2a2_s42_wa-stable_lama0.01", "w2a2_s42_dampen",
                           "w2a2_s42_freeze", "w2a2_s42_lsq_authors", "w2a2_s42_wa-stable_authors"]
     rows = {r.name: r for r in cpu_study.plan()}
@@ -37,7 +41,7 @@ def test_the_plan_is_the_issues_table():
             " ".join(rows[name.replace("_authors", "")].flags)  # else the same row
 
 
-@pytest.mark.parametrize("name", ["w2a2_s42_lsq", "w2a2_s43_wa-moving-free", "w2a2_s42_wa-stable_lama0.01",
+@pytest.mark.parametrize("name", ["w2a2_s42_w-only-free", "w2a2_s43_wa-moving-free", "w2a2_s42_wa-stable_lama0.01",
                                   "w2a2_s42_freeze", "w2a2_s42_wa-stable_authors"])
 def test_each_row_branches_from_its_committed_warmup(name, shared_folder, tmp_path, capsys, monkeypatch):
     """The row's command, as the study runs it, passes every check of --from-warmup (a dry run)."""
