@@ -408,7 +408,8 @@ def plot_curves(runs: dict, keys: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    colors = dict(zip(keys, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    tab20 = plt.get_cmap("tab20").colors  # pairs of a dark and a light shade: the 10 dark ones first
+    colors = dict(zip(keys, tab20[0::2] + tab20[1::2]))
     for name, (_, metrics, _) in runs.items():
         if not name.startswith("w2a2_s") or not metrics:
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -149,3 +150,38 @@ def test_contrast_lines_pair_rows_seed_by_seed():
     assert lines[2:] == ["| W-BR (α frozen) | w-only − lsq-frozen | +0.50 (42), -1.00 (43) | -0.25 | 1 of 4 |",
                          "| A-BR at λ_a = 1 (α frozen) | a-only − lsq-frozen | +5.00 (43) | +5.00 | 1 of 2 |"]
     assert cpu_study.contrast_lines({"w2a2_s42_w-only": run(85.5)}) == []  # no baseline: no table
+
+
+def test_report_writes_the_table_and_the_curves(tmp_path, monkeypatch):
+    """--report from committed run folders: mean ± sample std over seeds of each figure, worked out by hand."""
+    def write(name, summary, metrics, timing):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "summary.json", "w") as f:
+            json.dump(summary, f)
+        for file, rows in (("metrics.jsonl", metrics), ("timing.jsonl", timing)):
+            with open(tmp_path / name / file, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    bins = {"conv1": {"dist_alpha": 9.0, "flips": 9.0},  # 8-bit: left out of the means
+            "layers.0.0.conv1": {"dist_alpha": 0.2, "flips": 0.01},
+            "layers.0.0.conv2": {"dist_alpha": 0.4, "flips": 0.03}}
+    for seed, final, ce, osc in ((42, 85.0, 0.25, (1e-3, 3e-3)), (43, 86.0, 0.35, (2e-3, 2e-3))):
+        metrics = [{"epoch": e, "test_acc": 80.0} for e in range(1, 10)]
+        metrics += [{"epoch": 10, "test_acc": 82.0, "osc_freq": osc[0]},
+                    {"epoch": 11, "test_acc": final, "osc_freq": osc[1], "ce": ce, "br_w": 0.02, "br_a": 0.0,
+                     "bins": bins}]
+        write(f"w2a2_s{seed}_w-only", {"final_test_acc": final}, metrics,
+              [{"epoch": e, "seconds": 60.0} for e in range(1, 12)])  # 2 minutes of its own (epochs 10-11)
+    write("ptq_w2a2", {"final_test_acc": 63.8, "method": "ptq", "wall_time_s": 180.0}, [], [])
+    monkeypatch.setattr(cpu_study, "RESULTS", str(tmp_path))
+    assert cpu_study.main(["--report"]) == 0
+    lines = (tmp_path / "study.md").read_text().splitlines()
+    assert lines[2] == ("| ptq_w2a2 | `--ptq --num-bits 2 --pretrained pretrained/resnet20_fp32_e40/model.pt` | – "
+                        "| 63.80 | – | – | – | – | – | – | 3 min |")
+    # final 85, 86: 85.50 ± 0.71; CE 0.25, 0.35: 0.3000 ± 0.0707; low-bit layers' distance (0.2 + 0.4) / 2,
+    # flips (0.01 + 0.03) / 2; oscillations (1e-3 + 3e-3) / 2 and (2e-3 + 2e-3) / 2
+    assert lines[3] == ("| w-only | `--lambda-br 1 --lambda-br-act 0 --freeze-alpha` | 42, 43 | 85.50 ± 0.71 "
+                        "| 0.3000 ± 0.0707 | 0.0200 ± 0.0000 | 0.0000 ± 0.0000 | 0.3000 ± 0.0000 | 0.0200 ± 0.0000 "
+                        "| 2.00e-03 ± 0.00e+00 | 2 ± 0 min |")
+    assert len(lines) == 4  # no contrast: no baseline row
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
