@@ -103,7 +103,8 @@ def test_only_picks_rows_by_pattern(tmp_path, capsys):
     assert listed == ["ptq_w2a2", "ptq_w4a4", "w2a2_s43_lsq"]
 
 
-def test_bad_arguments_are_refused_before_any_row_starts(tmp_path, capsys):
+def test_bad_arguments_are_refused_before_any_row_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cpu_study, "RESULTS", str(tmp_path / "results"))  # no row committed, whatever the study's state
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     for argv, message in ((["--runs-dir", str(a_file)], f"--runs-dir {a_file} is a file, not a folder"),
