@@ -397,10 +397,10 @@ def test_jobs_run_side_by_side_and_branches_wait_for_their_warmup(shared_folder,
     assert "3 run(s), 3 finished, 3 configuration(s)." in out.stdout
 
 
-def test_the_sweeps_scenarios_are_configs():
+def test_the_sweeps_scenarios_are_configs(monkeypatch):
     """scripts/sweep.sh's SCENARIO_TABLE (bash) runs exactly config.SCENARIOS' flags, names _frz what freezes, and
     names each folder as benchmarks/gpu_study.py's qat_name does (the GPU study's folders read like a sweep's)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
     import gpu_study
     out = _sweep(["-n"], {"RUNS_DIR": "/nonexistent/s", "SEEDS": "1", "BITS": "2",
                           "SCENARIOS": " ".join(config.SCENARIOS)})
