@@ -10,7 +10,8 @@ it is shared (data, α, BR, BatchNorm, evaluation) and how the ranks agree on er
 
 Exit status: 0 finished (also: ``--resume auto`` found the run finished); 2 bad flag, data or checkpoint;
 3 non-finite values; 4 an output file could not be written (disk full, ...: the last good last.pt is kept);
-128+signal when interrupted, at any moment (finished epochs are kept; the message says how to resume); under
+128+signal when interrupted, at any moment (finished epochs are kept; the message says how to resume; once the
+run has returned, a signal changes nothing); under
 torchrun, 1 when another process of the run ended (``distributed.lost_rank``). Each failure prints one ``error:`` line.
 """
 
@@ -377,3 +378,8 @@ if __name__ == "__main__":
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    finally:  # the work is done and the exit status decided: a signal from here on changes neither
+        # (the teardown takes a second with torch loaded; it first restores the default handlers, so a SIGTERM
+        # then ended a finished run with "killed by SIGTERM", and before that with the start-up message)
+        for _signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(_signum, signal.SIG_IGN)

@@ -322,6 +322,30 @@ def test_a_signal_during_start_up_ends_with_one_line(shared_folder, tmp_path):
         assert len(err.strip().splitlines()) == 1 and "Interrupted by SIGTERM" in err and "Traceback" not in err
 
 
+# Runs the entrypoint (argv[1:]) and sends itself SIGTERM once it returned: at exit, while Python's handlers
+# still run, or when an object is collected late in the teardown, after Python restored the default handlers.
+_SIGNAL_AFTER_THE_RUN = """
+import atexit, os, runpy, signal, sys
+class SignalWhenCollected:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+if sys.argv[1] == "at exit":
+    atexit.register(os.kill, os.getpid(), signal.SIGTERM)
+else:
+    collected_late = SignalWhenCollected()
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("when", ["at exit", "late in the teardown"])
+def test_a_signal_after_the_run_changes_nothing(when, shared_folder, tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_AFTER_THE_RUN, when, os.path.join(REPO, "cifar10_qat_br.py"),
+                           "--data-dir", shared_folder, "--output-dir", tmp_path / "run", "--dry-run", *TINY],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)  # not 143/-15, no message
+
+
 # -- checkpoints of the wrong shape, on every path -----------------------------------------------------
 
 WRONG = {
