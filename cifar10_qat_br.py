@@ -10,9 +10,9 @@ it is shared (data, α, BR, BatchNorm, evaluation) and how the ranks agree on er
 
 Exit status: 0 finished (also: ``--resume auto`` found the run finished); 2 bad flag, data or checkpoint;
 3 non-finite values; 4 an output file could not be written (disk full, ...: the last good last.pt is kept);
-128+signal when interrupted, at any moment (finished epochs are kept; the message says how to resume; once the
-run has returned, a signal changes nothing); under
-torchrun, 1 when another process of the run ended (``distributed.lost_rank``). Each failure prints one ``error:`` line.
+128+signal when interrupted, at any moment (finished epochs are kept; the message says how to resume), until the
+run has returned (a signal then changes nothing); under torchrun, 1 when another process of the run ended
+(``distributed.lost_rank``). Each failure prints one ``error:`` line.
 """
 
 from __future__ import annotations
