@@ -298,15 +298,30 @@ def row_key(name: str) -> str:
     return name.split("_", 2)[2] if name.startswith("w2a2_s") else name
 
 
-def last_epoch_figures(metrics: list[dict]) -> dict:
-    """The final epoch's CE, BR_w, BR_a and, over the low-bit layers (not the 8-bit first and last),
-    the mean distance of a weight to its level (in steps α) and the fraction of weights whose
-    bin changed in that epoch."""
+def weights_per_layer(arch: str = "resnet20") -> dict[str, int]:
+    """The number of weights of each conv and linear layer of the study's network, by the names that
+    metrics.jsonl's ``bins`` use (the float network's module names: quantization keeps them)."""
+    import torch
+    from models import build_model
+    return {name: m.weight.numel() for name, m in build_model(arch).named_modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+
+
+def last_epoch_figures(metrics: list[dict], sizes: dict[str, int]) -> dict:
+    """The final epoch's CE, BR_w, BR_a and, over the weights of the low-bit layers (not the 8-bit first
+    and last), the mean distance of a weight to its level (in steps α) and the fraction of weights whose
+    bin changed in that epoch. metrics.jsonl holds these per layer: each layer counts by its number of
+    weights (``sizes``, from ``weights_per_layer``), as the oscillations do (``OscillationTracker.totals``),
+    not one layer one vote (the 18 layers hold 2,304 to 36,864 weights)."""
     last = metrics[-1]
-    low_bit = [v for k, v in last["bins"].items() if k not in ("conv1", "linear")]
+    low_bit = {k: v for k, v in last["bins"].items() if k not in ("conv1", "linear")}
+
+    def per_weight(key: str) -> float:
+        layers = [k for k, v in low_bit.items() if v[key] is not None]
+        return sum(sizes[k] * low_bit[k][key] for k in layers) / sum(sizes[k] for k in layers)
+
     return {"ce": last["ce"], "br_w": last["br_w"], "br_a": last["br_a"],
-            "dist": statistics.fmean(v["dist_alpha"] for v in low_bit),
-            "flips": statistics.fmean(v["flips"] for v in low_bit if v["flips"] is not None)}
+            "dist": per_weight("dist_alpha"), "flips": per_weight("flips")}
 
 
 def stage2_oscillations(metrics: list[dict]) -> float | None:
@@ -374,13 +389,14 @@ def report() -> int:
         return 2
     order = [r.name for r in plan()]
     keys = list(dict.fromkeys(row_key(n) for n in sorted(runs, key=order.index)))
+    sizes = weights_per_layer()  # every row of the protocol is a ResNet-20
     lines = ["| row | flags beside the protocol's | seeds | final test top-1 (%) | CE | BR_w | BR_a "
              "| distance to level (α) | bin flips / epoch | oscillations / weight / step (stage 2) "
              "| wall time of its own epochs |",
              "|" + "---|" * 11]
     for key in keys:
         names = [n for n in runs if row_key(n) == key]
-        figures = [last_epoch_figures(runs[n][1]) for n in names if runs[n][1] and "bins" in runs[n][1][-1]]
+        figures = [last_epoch_figures(runs[n][1], sizes) for n in names if runs[n][1] and "bins" in runs[n][1][-1]]
         seeds = ", ".join(n.split("_")[1][1:] if n.startswith("w2a2_s") else "–" for n in names)
         accs = [runs[n][0]["final_test_acc"] for n in names]
         own = [own_seconds(runs[n][0], runs[n][2]) for n in names]

@@ -87,14 +87,23 @@ def test_a_warmup_trained_by_one_row_is_published_for_the_others(shared_folder, 
 
 
 def test_last_epoch_figures_by_hand():
-    """Means over the low-bit layers only: conv1 and linear (8-bit) are left out."""
+    """Means over the weights of the low-bit layers: conv1 and linear (8-bit) are left out, a layer counts
+    by its number of weights, and a layer without flips (None) is left out of the flips."""
+    sizes = cpu_study.weights_per_layer()
+    # ResNet-20: a 3 -> 16 conv (3 x 3), 16 -> 16 convs in stage 1, 16 -> 32 then 32 -> 32 in stage 2, 64 -> 10 linear
+    assert (sizes["conv1"], sizes["layers.0.0.conv1"], sizes["layers.1.0.conv1"], sizes["layers.1.0.conv2"],
+            sizes["linear"]) == (3 * 16 * 9, 16 * 16 * 9, 16 * 32 * 9, 32 * 32 * 9, 64 * 10)
+    # 6 x 2,304 + 4,608 + 5 x 9,216 + 18,432 + 5 x 36,864 (stage 3's first conv takes 32 channels)
+    assert sum(n for k, n in sizes.items() if k not in ("conv1", "linear")) == 267_264
     row = {"ce": 0.5, "br_w": 0.04, "br_a": 0.6, "bins": {
         "conv1": {"dist_alpha": 9.0, "flips": 9.0},
-        "layers.0.0.conv1": {"dist_alpha": 0.2, "flips": 0.01},
-        "layers.0.0.conv2": {"dist_alpha": 0.3, "flips": 0.03},
+        "layers.0.0.conv1": {"dist_alpha": 0.2, "flips": 0.01},  # 2,304 weights
+        "layers.1.0.conv1": {"dist_alpha": 0.5, "flips": None},  # 4,608
+        "layers.1.0.conv2": {"dist_alpha": 0.3, "flips": 0.03},  # 9,216
         "linear": {"dist_alpha": 9.0, "flips": 9.0}}}
-    figures = cpu_study.last_epoch_figures([{"bins": {}}, row])
-    assert figures == pytest.approx({"ce": 0.5, "br_w": 0.04, "br_a": 0.6, "dist": 0.25, "flips": 0.02})
+    figures = cpu_study.last_epoch_figures([{"bins": {}}, row], sizes)
+    # weights 1 : 2 : 4: distance (0.2 + 2 x 0.5 + 4 x 0.3) / 7 = 2.4 / 7; flips (0.01 + 4 x 0.03) / 5 = 0.026
+    assert figures == pytest.approx({"ce": 0.5, "br_w": 0.04, "br_a": 0.6, "dist": 2.4 / 7, "flips": 0.026})
 
 
 def test_only_picks_rows_by_pattern(tmp_path, capsys):
@@ -164,8 +173,8 @@ def test_report_writes_the_table_and_the_curves(tmp_path, monkeypatch):
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
     bins = {"conv1": {"dist_alpha": 9.0, "flips": 9.0},  # 8-bit: left out of the means
-            "layers.0.0.conv1": {"dist_alpha": 0.2, "flips": 0.01},
-            "layers.0.0.conv2": {"dist_alpha": 0.4, "flips": 0.03}}
+            "layers.0.0.conv1": {"dist_alpha": 0.2, "flips": 0.01},  # 16 x 16 x 3 x 3 = 2,304 weights
+            "layers.2.0.conv2": {"dist_alpha": 0.4, "flips": 0.03}}  # 64 x 64 x 3 x 3 = 36,864: 16 times more
     for seed, final, ce, osc in ((42, 85.0, 0.25, (1e-3, 3e-3)), (43, 86.0, 0.35, (2e-3, 2e-3))):
         metrics = [{"epoch": e, "test_acc": 80.0} for e in range(1, 10)]
         metrics += [{"epoch": 10, "test_acc": 82.0, "osc_freq": osc[0]},
@@ -179,10 +188,11 @@ def test_report_writes_the_table_and_the_curves(tmp_path, monkeypatch):
     lines = (tmp_path / "study.md").read_text().splitlines()
     assert lines[2] == ("| ptq_w2a2 | `--ptq --num-bits 2 --pretrained pretrained/resnet20_fp32_e40/model.pt` | – "
                         "| 63.80 | – | – | – | – | – | – | 3 min |")
-    # final 85, 86: 85.50 ± 0.71; CE 0.25, 0.35: 0.3000 ± 0.0707; low-bit layers' distance (0.2 + 0.4) / 2,
-    # flips (0.01 + 0.03) / 2; oscillations (1e-3 + 3e-3) / 2 and (2e-3 + 2e-3) / 2
+    # final 85, 86: 85.50 ± 0.71; CE 0.25, 0.35: 0.3000 ± 0.0707; per weight of the low-bit layers (1 : 16),
+    # distance (0.2 + 16 * 0.4) / 17 = 0.38824, flips (0.01 + 16 * 0.03) / 17 = 0.028824; oscillations
+    # (1e-3 + 3e-3) / 2 and (2e-3 + 2e-3) / 2
     assert lines[3] == ("| w-only | `--lambda-br 1 --lambda-br-act 0 --freeze-alpha` | 42, 43 | 85.50 ± 0.71 "
-                        "| 0.3000 ± 0.0707 | 0.0200 ± 0.0000 | 0.0000 ± 0.0000 | 0.3000 ± 0.0000 | 0.0200 ± 0.0000 "
+                        "| 0.3000 ± 0.0707 | 0.0200 ± 0.0000 | 0.0000 ± 0.0000 | 0.3882 ± 0.0000 | 0.0288 ± 0.0000 "
                         "| 2.00e-03 ± 0.00e+00 | 2 ± 0 min |")
     assert len(lines) == 4  # no contrast: no baseline row
     assert (tmp_path / "curves.png").stat().st_size > 10_000
