@@ -299,12 +299,12 @@ def row_key(name: str) -> str:
 
 
 def weights_per_layer(arch: str = "resnet20") -> dict[str, int]:
-    """The number of weights of each conv and linear layer of the study's network, by the names that
-    metrics.jsonl's ``bins`` use (the float network's module names: quantization keeps them)."""
-    import torch
+    """The number of weights of each quantized layer of the study's W2A2 network, keyed as metrics.jsonl's
+    ``bins`` are (``quantized_layers``, which the trainer's bin statistics iterate)."""
     from models import build_model
-    return {name: m.weight.numel() for name, m in build_model(arch).named_modules()
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    from quant import quantize_model, quantized_layers
+    model = quantize_model(build_model(arch), weight_bits=2, act_bits=2)
+    return {name: layer.weight.numel() for name, layer in quantized_layers(model).items()}
 
 
 def last_epoch_figures(metrics: list[dict], sizes: dict[str, int]) -> dict:
