@@ -229,7 +229,8 @@ def data_loaders(cfg, source, device, ckpt, group=None, channels_last=False):
     split sizes.
 
     Returns:
-        ((train, test, val) loaders, the validation split or None, its indices into the training set or None).
+        ((train, test, val) loaders, the validation split or None, its indices into the training set or None,
+        the training images' ``Split.label_digest()``).
 
     Raises:
         DataError: the data; CheckpointError: ``ckpt`` was made with another validation split or training set.
@@ -255,10 +256,11 @@ def data_loaders(cfg, source, device, ckpt, group=None, channels_last=False):
     if cfg.bn_reestimate > len(train_loader) and is_main:  # said now, not after the last epoch
         print(f"WARNING: --bn-reestimate {cfg.bn_reestimate}: an epoch has {len(train_loader)} training batches; "
               f"the re-estimation after the last epoch uses those {len(train_loader)}", flush=True)
+    digest = train_split.label_digest()
     if ckpt is not None:  # before any training: a continued run trains on the data it trained on
         run_folder.check_val_split(ckpt, val_index, cfg)
-        run_folder.check_training_images(ckpt, train_loader.images_per_epoch(), cfg)
-    return (train_loader, evaluation_loader(test_split), val_loader), val_split, val_index
+        run_folder.check_training_images(ckpt, train_loader.images_per_epoch(), digest, cfg)
+    return (train_loader, evaluation_loader(test_split), val_loader), val_split, val_index, digest
 
 
 def set_up(cfg, source, ckpt, group=None):
@@ -277,8 +279,8 @@ def set_up(cfg, source, ckpt, group=None):
         device = group.device(device)
     cpu_kernels = load_cpu_kernels(cfg, device)
     channels_last = device.type == "cuda"  # the model's layout and its batches' must agree
-    (train_loader, test_loader, val_loader), val_split, val_index = data_loaders(cfg, source, device, ckpt, group,
-                                                                                 channels_last)
+    (train_loader, test_loader, val_loader), val_split, val_index, digest = data_loaders(cfg, source, device, ckpt,
+                                                                                         group, channels_last)
     seed_everything(cfg.seed)  # after data loading, which may draw from the global generators
     model = build_quantized_model(cfg, pretrained=ckpt is None)
     if group is not None:
@@ -292,7 +294,8 @@ def set_up(cfg, source, ckpt, group=None):
                       cfg.output_dir if distributed.is_main(group) else None,
                       val_loader=val_loader, val_index=val_index, group=group, recipe=recipe)
     world_size, backend = (group.world_size, group.backend(device)) if group is not None else (1, None)
-    run_config = config_json.run_config(cfg, source.describe(), cpu_kernels, val_split, world_size, backend)
+    run_config = config_json.run_config(cfg, source.describe(), cpu_kernels, val_split, world_size, backend,
+                                            train_digest=digest)
     if ckpt is not None:
         run_config["derived"]["warmup_source"] = run_folder.warmup_source(cfg, ckpt)
         try:

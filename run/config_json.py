@@ -25,20 +25,22 @@ def git_commit() -> str | None:
 
 
 def run_config(cfg, data_source: str, cpu_kernels: str | None, val_split=None, world_size: int = 1,
-               backend: str | None = None) -> dict:
+               backend: str | None = None, train_digest: str | None = None) -> dict:
     """The content of config.json: every resolved flag, derived values and versions.
 
     ``cpu_kernels``: ``quant.kernels.describe()`` where the run uses them, else None.
     ``val_split``: the held-out ``data.Split`` of ``--val-split`` (config.json gives its size,
     seed and images per class; its indices are in every checkpoint), or None.
     ``world_size``, ``backend``: the processes of a torchrun run and their collectives' backend
-    (1 and None: one process).
+    (1 and None: one process). ``train_digest``: ``Split.label_digest()`` of the images the run trains on
+    (``--resume`` and ``--from-warmup`` compare it), or None where there are none (PTQ calibrates).
     """
     import torchvision
     return {"flags": dict(vars(cfg)),
             "derived": {"weight_bits": weight_bits(cfg), "act_bits": act_bits(cfg),
                         "first_last_bits": first_last_bits(cfg), "float_run": is_float_run(cfg),
                         "device": str(resolve_device(cfg.device)), "data": data_source,
+                        "train_labels_sha256": train_digest,
                         "cpu_kernels": cpu_kernels, "compile": compile_mode(cfg),
                         "val_split": describe_val_split(cfg, val_split),
                         "world_size": world_size, "backend": backend,

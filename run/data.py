@@ -10,6 +10,7 @@ are skipped). An image folder is decoded once and cached next to the data as
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -36,6 +37,13 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor
+
+    def label_digest(self) -> str:
+        """SHA-256 (hex) of the labels in this split's order: another data set, or a copy of CIFAR-10 whose
+        images come in another order (torchvision's binary copy against an image folder's class-sorted one),
+        gives another digest. The pixels are left out on purpose: two machines may decode the same JPEG
+        files to slightly different pixels (another libjpeg), and that should not stop a run."""
+        return hashlib.sha256(self.labels.cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 @dataclass

@@ -558,18 +558,30 @@ def check_val_split(ckpt: dict, val_index, cfg) -> None:
                               f"Continue with the run's data")
 
 
-def check_training_images(ckpt: dict, images_per_epoch: int, cfg) -> None:
-    """Refuse to continue a run (or branch from a warmup) on another training set: ``images_per_epoch``,
+def check_training_images(ckpt: dict, images_per_epoch: int, digest: str, cfg) -> None:
+    """Refuse to continue a run (or branch from a warmup) on another training set. ``images_per_epoch``,
     what an epoch of this run would train on (``DeviceLoader.images_per_epoch``), must be what the
-    checkpoint's last epoch trained on (its timing row's ``train_images``; a checkpoint without log
-    rows is not checked). ``--data-dir`` is not compared: the same data may lie elsewhere on another
-    machine; a folder with other images (a subset, another data set) is what this catches.
+    checkpoint's last epoch trained on (its timing row's ``train_images``), and ``digest``, the
+    ``Split.label_digest()`` of the images this run would train on, the one in the checkpoint's config
+    (``derived.train_labels_sha256``); a checkpoint without log rows, or without a digest (written before
+    the digest was recorded), is not checked for that. ``--data-dir`` is not compared: the same data may
+    lie elsewhere on another machine; a folder with other images (a subset, another data set, a copy of
+    CIFAR-10 whose images come in another order) is what this catches. The pixels are not compared
+    (see ``Split.label_digest``).
 
     Raises:
-        CheckpointError: the numbers differ."""
+        CheckpointError: the numbers or the digests differ."""
     trained = ckpt.get("log_rows", {}).get("timing.jsonl", {}).get("train_images")
+    flags = f"--data-dir {cfg.data_dir}, --train-subset {cfg.train_subset}, --val-split {cfg.val_split}"
     if trained is not None and trained != images_per_epoch:
         raise CheckpointError(f"{_continued_by(ckpt, cfg)}: the run trained on {trained} images per epoch, this one "
-                              f"would train on {images_per_epoch} (--data-dir {cfg.data_dir}, --train-subset "
-                              f"{cfg.train_subset}, --val-split {cfg.val_split}); is --data-dir another data set? "
+                              f"would train on {images_per_epoch} ({flags}); is --data-dir another data set? "
+                              f"Continue with the run's data")
+    saved = ckpt["config"].get("derived", {}).get("train_labels_sha256")
+    if saved is not None and saved != digest:
+        raise CheckpointError(f"{_continued_by(ckpt, cfg)}: the run's training images had other labels, or came in "
+                              f"another order, than this one's ({flags}): "
+                              f"SHA-256 of the labels in order {saved[:12]}..., now {digest[:12]}...; is --data-dir "
+                              f"another copy of the data (torchvision's binary copy and an image folder hold the "
+                              f"images in different orders)? "
                               f"Continue with the run's data")

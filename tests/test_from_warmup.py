@@ -1,12 +1,16 @@
 """--from-warmup: a scenario branched from another scenario's warmup is the run from scratch, bit for bit."""
 
+import hashlib
 import json
+import os
 import signal
+import struct
 
 import pytest
 import torch
 
 from conftest import TINY, make_image_folder, run_cli, signal_in_epoch
+from run.data import Split
 
 # The seed's scenarios by their stage-2 flags (config.STAGE2_FLAGS); everything else is shared.
 W_ONLY = ["--lambda-br", "1", "--lambda-br-act", "0", "--freeze-alpha"]
@@ -148,4 +152,34 @@ def test_a_run_continues_only_on_the_training_set_it_trained_on(scratch, tmp_pat
         flag = f"--from-warmup {warmup}" if folder == "branch" else "--resume"
         assert rc == 2 and err.startswith(f"error: {flag}: the run trained on 40 images per epoch, this one would "
                                           f"train on 30 (--data-dir {other}, --train-subset None"), err
+        assert not (tmp_path / folder).exists()
+
+
+def _sha256_of_labels(labels):
+    """The digest worked out apart from ``Split.label_digest``: each label as 8 little-endian bytes."""
+    return hashlib.sha256(b"".join(struct.pack("<q", label) for label in labels)).hexdigest()
+
+
+def test_the_label_digest_is_the_labels_in_order():
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    split = Split(images, torch.tensor([0, 1, 1, 2]))
+    assert split.label_digest() == _sha256_of_labels([0, 1, 1, 2])
+    assert Split(images + 7, torch.tensor([0, 1, 1, 2])).label_digest() == split.label_digest()  # pixels aside
+    assert Split(images, torch.tensor([1, 0, 1, 2])).label_digest() != split.label_digest()
+
+
+def test_a_run_continues_only_on_the_labels_it_trained_on(scratch, tmp_path, capsys):
+    """A folder with the warmups' 40 training images per epoch, one airplane moved to the automobiles:
+    the count agrees, the labels in training order do not."""
+    assert json.loads((scratch["lsq"] / "config.json").read_text())["derived"]["train_labels_sha256"] == \
+        _sha256_of_labels([c for c in range(10) for _ in range(4)])  # the class-sorted folder, 4 per class
+    other = make_image_folder(tmp_path / "other", train_per_class=4)
+    os.rename(os.path.join(other, "train", "airplane", "0003.png"), os.path.join(other, "train", "automobile",
+                                                                                 "0004.png"))
+    warmup = scratch["lsq"] / "warmup_end.pt"
+    for how, folder in ((["--from-warmup", warmup, *TINY, *W_ONLY], "branch"), (["--resume", warmup], "resume")):
+        rc, _, err = run_cli(["--data-dir", other, "--output-dir", tmp_path / folder, *how], capsys)
+        flag = f"--from-warmup {warmup}" if folder == "branch" else "--resume"
+        assert rc == 2 and err.startswith(f"error: {flag}: the run's training images had other labels, or came in "
+                                          f"another order, than this one's (--data-dir {other}, "), err
         assert not (tmp_path / folder).exists()
