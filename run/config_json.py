@@ -33,7 +33,7 @@ def run_config(cfg, data_source: str, cpu_kernels: str | None, val_split=None, w
     seed and images per class; its indices are in every checkpoint), or None.
     ``world_size``, ``backend``: the processes of a torchrun run and their collectives' backend
     (1 and None: one process). ``train_digest``: ``Split.label_digest()`` of the images the run trains on
-    (``--resume`` and ``--from-warmup`` compare it), or None where there are none (PTQ calibrates).
+    (``--resume`` and ``--from-warmup`` compare it), or None (PTQ: nothing continues from it).
     """
     import torchvision
     return {"flags": dict(vars(cfg)),

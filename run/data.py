@@ -39,11 +39,13 @@ class Split:
     labels: torch.Tensor
 
     def label_digest(self) -> str:
-        """SHA-256 (hex) of the labels in this split's order: another data set, or a copy of CIFAR-10 whose
-        images come in another order (torchvision's binary copy against an image folder's class-sorted one),
-        gives another digest. The pixels are left out on purpose: two machines may decode the same JPEG
-        files to slightly different pixels (another libjpeg), and that should not stop a run."""
-        return hashlib.sha256(self.labels.cpu().contiguous().numpy().tobytes()).hexdigest()
+        """SHA-256 (hex) of the labels in this split's order, each as 8 little-endian bytes. An image folder
+        is read class by class, so its digest says how many images each class has; torchvision's binary
+        copy holds the classes interleaved, so the two copies of CIFAR-10 differ. Two image folders with
+        the same counts per class share it, whatever their images. The pixels are left out on purpose: two
+        machines may decode the same JPEG files to slightly different pixels (another libjpeg), and that
+        should not stop a run."""
+        return hashlib.sha256(self.labels.cpu().numpy().astype("<i8").tobytes()).hexdigest()
 
 
 @dataclass

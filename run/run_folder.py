@@ -565,9 +565,9 @@ def check_training_images(ckpt: dict, images_per_epoch: int, digest: str, cfg) -
     ``Split.label_digest()`` of the images this run would train on, the one in the checkpoint's config
     (``derived.train_labels_sha256``); a checkpoint without log rows, or without a digest (written before
     the digest was recorded), is not checked for that. ``--data-dir`` is not compared: the same data may
-    lie elsewhere on another machine; a folder with other images (a subset, another data set, a copy of
-    CIFAR-10 whose images come in another order) is what this catches. The pixels are not compared
-    (see ``Split.label_digest``).
+    lie elsewhere on another machine; other data (a subset, another data set, torchvision's binary copy
+    of CIFAR-10 against an image folder, an image folder with other counts per class) is what this
+    catches. The pixels are not compared (see ``Split.label_digest``).
 
     Raises:
         CheckpointError: the numbers or the digests differ."""
