@@ -97,6 +97,10 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
         if freeze_w and E > W:
             lines.append("    └─> Note: weight alpha is frozen after warmup, "
                          "so in stage 2 this gradient cannot change it")
+        elif E > W:  # the tool's default: said because the W2A2 study measured it against the frozen run
+            lines.append("    └─> Note: weight alpha is trained in stage 2; in this tool's W2A2 CPU study this "
+                         "gradient shrank it (median 0.62-0.63x) and the run ended 0.43 points below W-BR with "
+                         "--freeze-alpha, the seed's W-only (both seeds; README)")
     lines.append(f"  - A-BR (activations): λ={float(cfg.lambda_br_act)} "
                  f"{state(cfg.lambda_br_act, a_br, 'activations')}")
     if cfg.lambda_br_act == 0 and "lambda_br_act" in defaulted and a_bits < FULL_PRECISION_BITS:

@@ -100,6 +100,20 @@ def test_a_br_off_by_default_is_said_under_its_line(capsys):
     assert not noted("--num-bits-weight", "2", "--num-bits-act", "32")  # nothing for A-BR to act on
 
 
+def test_w_br_with_weight_alpha_trained_says_what_the_study_measured(capsys):
+    """The default run trains the weight α under W-BR; the banner says, under the W-BR line, that the study
+    measured W-BR with --freeze-alpha ahead, and says nothing of it where the weight α is frozen or W-BR off."""
+    def noted(*flags):
+        lines = _banner(capsys, *flags).splitlines()
+        at = lines.index("    └─> Gradients to alpha: Always enabled (paper-faithful, weights are stable)") \
+            if "  - W-BR (weights): λ=1.0 [ENABLED]" in lines else None
+        return at is not None and lines[at + 1].startswith("    └─> Note: weight alpha is trained in stage 2; in this "
+                                                           "tool's W2A2 CPU study")
+    assert noted() and noted("--freeze-act-alpha") and noted("--lambda-br-act", "1")
+    assert not noted("--freeze-alpha") and not noted("--freeze-weight-alpha") and not noted("--lambda-br", "0")
+    assert not noted("--epochs", "3", "--warmup-epochs", "3")  # no stage 2
+
+
 def test_cpu_banner_says_how_many_threads_torch_uses(capsys):
     before = torch.get_num_threads()
     try:
