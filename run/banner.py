@@ -99,7 +99,7 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
                          "so in stage 2 this gradient cannot change it")
         elif E > W:  # the tool's default: said because the W2A2 study measured it against the frozen run
             lines.append("    └─> Note: weight alpha is trained in stage 2; in this tool's W2A2 CPU study this "
-                         "gradient shrank it (median 0.62-0.63x) and the run ended 0.43 points below W-BR with "
+                         "gradient shrank it (median 0.62-0.63x) and the run ended 0.43-0.44 points below W-BR with "
                          "--freeze-alpha, the seed's W-only (both seeds; README)")
     lines.append(f"  - A-BR (activations): λ={float(cfg.lambda_br_act)} "
                  f"{state(cfg.lambda_br_act, a_br, 'activations')}")
