@@ -40,10 +40,12 @@ import csv
 import json
 import math
 import os
+import re
 import socket
 import statistics
 import sys
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 
 #: Files that make a folder a run folder.
 RUN_MARKERS = ("config.json", "summary.json", "metrics.jsonl", "last.pt", "sweep_exit_code", "sweep_running")
@@ -368,23 +370,46 @@ def varying_settings(runs: list[Run]) -> list[str]:
     return sorted(varying, key=lambda k: (order.index(k) if k in order else len(order), k))
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+def mean_std(values: list[float]) -> tuple[Decimal | None, Decimal | None]:
+    """Mean and sample standard deviation of one figure over seeds: (None, None) for no value, std None for one.
+
+    Computed in decimal on the numbers as the runs wrote them (each float's shortest repr: 85.58, not
+    85.5799…), so that the mean of two accuracies is exact (85.315) and ``rounded`` rounds it as a reader
+    does by hand (85.32), not as its binary neighbour 85.31499… would (85.31).
+    """
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+    exact = [Decimal(repr(float(v))) for v in values]
+    return statistics.mean(exact), (statistics.stdev(exact) if len(exact) > 1 else None)
 
 
-def _fmt_acc(mean: float | None, std: float | None) -> str:
+def rounded(value: Decimal | float, spec: str) -> str:
+    """``format(value, spec)`` (``.2f``, ``.1e``, …) with ties rounded away from zero, as by hand: 85.125 ->
+    85.13, −0.245 -> −0.25. (Python rounds ties to even, and a float by its binary value.) An exponent has
+    two digits at least, as Python writes a float's: 7.83e-04."""
+    if value == 0:  # Decimal writes a zero's exponent from its digits: 0.00e+1
+        return format(0.0, spec)
+    with localcontext(rounding=ROUND_HALF_UP):
+        text = format(value if isinstance(value, Decimal) else Decimal(repr(float(value))), spec)
+    return re.sub(r"e([+-])(\d)$", r"e\g<1>0\2", text)
+
+
+def _fmt_acc(mean: Decimal | float | None, std: Decimal | None) -> str:
     if mean is None:
         return "–"
-    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    return rounded(mean, ".2f") + (f" ± {rounded(std, '.2f')}" if std is not None else "")
 
 
-def _fmt_sci(mean: float | None, std: float | None) -> str:
+def _fmt_sci(mean: Decimal | None, std: Decimal | None) -> str:
     """``1.23e-04 ± 2.0e-05``: small rates (oscillations per weight and step); ``–`` for None."""
     if mean is None:
         return "–"
-    return f"{mean:.2e}" + (f" ± {std:.1e}" if std is not None else "")
+    return rounded(mean, ".2e") + (f" ± {rounded(std, '.1e')}" if std is not None else "")
+
+
+def _float(value: Decimal | None) -> float | None:
+    """A mean or std as the CSV holds it (a float: 85.315, not 28 digits of a Decimal)."""
+    return None if value is None else float(value)
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -429,10 +454,10 @@ def group_runs(runs: list[Run]) -> list[dict]:
         done = sorted((r for r in g["runs"] if r.status == "finished"), key=lambda r: (r.seed is None, r.seed))
         g["scenario"] = scenario(g["settings"])
         g["seeds"] = [r.seed for r in done]
-        g["final"] = _mean_std([r.final_acc for r in done if r.final_acc is not None])
-        g["at_best_val"] = _mean_std([r.at_best_val_acc for r in done if r.at_best_val_acc is not None])
-        g["best_test"] = _mean_std([r.best_test_acc for r in done if r.best_test_acc is not None])
-        g["osc_freq"] = _mean_std([r.osc_freq for r in done if r.osc_freq is not None])
+        g["final"] = mean_std([r.final_acc for r in done if r.final_acc is not None])
+        g["at_best_val"] = mean_std([r.at_best_val_acc for r in done if r.at_best_val_acc is not None])
+        g["best_test"] = mean_std([r.best_test_acc for r in done if r.best_test_acc is not None])
+        g["osc_freq"] = mean_std([r.osc_freq for r in done if r.osc_freq is not None])
         g["epochs"] = g["settings"].get("epochs")
         times = [r.wall_time_s for r in done if r.wall_time_s is not None]
         g["wall_time_s"] = statistics.fmean(times) if times else None
@@ -490,12 +515,13 @@ def build_tables(runs: list[Run]) -> tuple[str, list[dict], list[dict]]:
         config_rows.append({"scenario": g["scenario"], **{k: g["settings"].get(k) for k in columns},
                             "seeds": " ".join(str(s) for s in g["seeds"]), "n_finished": len(g["seeds"]),
                             "n_runs": len(g["runs"]),
-                            "final_top1_mean": g["final"][0], "final_top1_std": g["final"][1],
-                            "test_top1_at_best_val_mean": g["at_best_val"][0],
-                            "test_top1_at_best_val_std": g["at_best_val"][1],
-                            "best_test_top1_optimistic_mean": g["best_test"][0],
-                            "best_test_top1_optimistic_std": g["best_test"][1],
-                            "osc_freq_last_epoch_mean": g["osc_freq"][0], "osc_freq_last_epoch_std": g["osc_freq"][1],
+                            "final_top1_mean": _float(g["final"][0]), "final_top1_std": _float(g["final"][1]),
+                            "test_top1_at_best_val_mean": _float(g["at_best_val"][0]),
+                            "test_top1_at_best_val_std": _float(g["at_best_val"][1]),
+                            "best_test_top1_optimistic_mean": _float(g["best_test"][0]),
+                            "best_test_top1_optimistic_std": _float(g["best_test"][1]),
+                            "osc_freq_last_epoch_mean": _float(g["osc_freq"][0]),
+                            "osc_freq_last_epoch_std": _float(g["osc_freq"][1]),
                             "epochs": g["epochs"], "wall_time_s_mean": g["wall_time_s"]})
     n_done = sum(r.status == "finished" for r in runs)
     text = [f"{len(runs)} run(s), {n_done} finished, {len(groups)} configuration(s). "

@@ -36,11 +36,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from analysis.summarize import mean_std, rounded  # noqa: E402
 from run.checkpoint import CheckpointError, read_jsonl, write_jsonl  # noqa: E402
 from run.config import SCENARIOS, ConfigError  # noqa: E402
 from run.data import DataError, find_source  # noqa: E402
@@ -345,7 +347,8 @@ def paired(row: list[dict], baseline: list[dict]) -> tuple[float, int, int]:
     points, and at how many of the stage-2 epochs they both have the row was ahead, of how many."""
     base = {m["epoch"]: m["test_acc"] for m in baseline if m["epoch"] > WARMUP_EPOCHS}
     stage2 = [(m["test_acc"], base[m["epoch"]]) for m in row if m["epoch"] in base]
-    return (row[-1]["test_acc"] - baseline[-1]["test_acc"], sum(a > b for a, b in stage2), len(stage2))
+    difference = Decimal(repr(row[-1]["test_acc"])) - Decimal(repr(baseline[-1]["test_acc"]))  # 85.31 - 84.82 = 0.49
+    return float(difference), sum(a > b for a, b in stage2), len(stage2)
 
 
 def contrast_lines(runs: dict) -> list[str]:
@@ -361,17 +364,17 @@ def contrast_lines(runs: dict) -> list[str]:
             continue
         pairs = [paired(runs[f"w2a2_{s}_{key}"][1], runs[f"w2a2_{s}_{base}"][1]) for s in seeds]
         per_seed = ", ".join(f"{d:+.2f} ({s[1:]})" for (d, _, _), s in zip(pairs, seeds))
-        lines.append(f"| {what} | {key} − {base} | {per_seed} | {statistics.fmean(d for d, _, _ in pairs):+.2f} "
+        mean = rounded(mean_std([d for d, _, _ in pairs])[0], "+.2f")
+        lines.append(f"| {what} | {key} − {base} | {per_seed} | {mean} "
                      f"| {sum(a for _, a, _ in pairs)} of {sum(n for _, _, n in pairs)} |")
     return lines if len(lines) > 2 else []
 
 
-def _mean_std(values: list[float], fmt: str = "{:.2f}") -> str:
-    if not values:
+def _mean_std(values: list[float], spec: str = ".2f") -> str:
+    mean, std = mean_std(values)
+    if mean is None:
         return "–"
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))}"
+    return rounded(mean, spec) + (f" ± {rounded(std, spec)}" if std is not None else "")
 
 
 def report() -> int:
@@ -403,10 +406,10 @@ def report() -> int:
         flags = next((r.flags for r in plan() if r.name == names[0]), [])
         own_flags = flags[flags.index("--seed") + 2:] if "--seed" in flags else flags
         cells = [key, f"`{' '.join(own_flags)}`", seeds, _mean_std(accs)]
-        cells += [_mean_std([f[k] for f in figures], "{:.4f}") for k in ("ce", "br_w", "br_a", "dist", "flips")]
+        cells += [_mean_std([f[k] for f in figures], ".4f") for k in ("ce", "br_w", "br_a", "dist", "flips")]
         oscillations = [stage2_oscillations(runs[n][1]) for n in names if not n.startswith("ptq")]
-        cells.append("not tracked" if None in oscillations else _mean_std(oscillations, "{:.2e}"))
-        cells.append(_mean_std([s / 60 for s in own], "{:.0f}") + " min")
+        cells.append("not tracked" if None in oscillations else _mean_std(oscillations, ".2e"))
+        cells.append(_mean_std([s / 60 for s in own], ".0f") + " min")
         lines.append("| " + " | ".join(cells) + " |")
     contrasts = contrast_lines(runs)
     if contrasts:

@@ -446,3 +446,16 @@ def test_the_oscillation_column_is_the_mean_of_the_last_epochs(tmp_path):
     assert "| Oscillation dampening |" in text and "3.00e-04 ± 1.4e-04" in text
     assert config_rows[0]["osc_freq_last_epoch_mean"] == pytest.approx(3e-4)
     assert sorted(r["osc_freq_last_epoch"] for r in run_rows) == [2e-4, 4e-4]
+
+
+def test_means_of_accuracies_round_as_by_hand():
+    """Seed means are exact decimals rounded half away from zero, not their binary neighbours: the study's
+    W-only seeds 85.13 and 85.50 average to 85.315 (a float: 85.31499…, which printed as 85.31)."""
+    mean, std = summarize.mean_std([85.13, 85.50])
+    assert summarize.rounded(mean, ".2f") == "85.32"
+    assert summarize.rounded(std, ".2f") == "0.26"  # |85.50 − 85.13| / √2 = 0.2616
+    assert summarize.rounded(summarize.mean_std([85.19, 85.06])[0], ".2f") == "85.13"  # LSQ's 85.125: not to even
+    assert summarize.rounded(summarize.mean_std([-0.49, 0.0])[0], "+.2f") == "-0.25"
+    assert summarize.rounded(summarize.mean_std([7.835e-4])[0], ".2e") == "7.84e-04"
+    assert summarize.rounded(summarize.mean_std([2e-3, 2e-3])[1], ".2e") == "0.00e+00"
+    assert summarize.mean_std([]) == (None, None) and summarize.mean_std([84.7])[1] is None
