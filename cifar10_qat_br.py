@@ -101,12 +101,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise config.ConfigError("--from-warmup starts a new run from a warmup and --resume continues a run: "
                                          "pass one (or --resume auto: it continues the run if there is one, else "
                                          "branches)")
-            run_folder.refuse_a_run_of_the_old_a_br_default(cfg, argv)
+            freeze_defaulted = config.resolve_freeze_alpha(cfg)  # before the folder name, which holds it
+            run_folder.refuse_a_run_of_an_old_default(cfg, argv)
             auto = run_folder.resolve_auto_resume(cfg) if cfg.resume == "auto" else None
             ckpt = run_folder.resolve_resume(cfg, argv)  # first: flags not given come from the run
             defaulted = config.resolve_defaults(cfg)
             if ckpt is None and "lambda_br_act" not in config.explicit_flags(argv):
                 defaulted.add("lambda_br_act")  # off by default, unlike the seed: the banner says so
+            if ckpt is None and freeze_defaulted:
+                defaulted.add("freeze_alpha")  # on with BR by default, unlike the seed: the banner says so
             config.validate(cfg)
             if cfg.from_warmup and ckpt is None:  # after the defaults: the warmup's flags are resolved ones
                 ckpt = run_folder.branch_from_warmup(cfg)

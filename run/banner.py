@@ -97,7 +97,7 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
         if freeze_w and E > W:
             lines.append("    └─> Note: weight alpha is frozen after warmup, "
                          "so in stage 2 this gradient cannot change it")
-        elif E > W:  # the tool's default: said because the W2A2 study measured it against the frozen run
+        elif E > W:  # not the default with BR (--no-freeze-alpha, ...): the W2A2 study measured it below the frozen run
             lines.append("    └─> Note: weight alpha is trained in stage 2; in this tool's W2A2 CPU study this "
                          "gradient shrank it (median 0.62-0.63x) and the run ended 0.43-0.44 points below W-BR with "
                          "--freeze-alpha, the seed's W-only (both seeds; README)")
@@ -113,7 +113,17 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
                          "change it: the target k·α cannot move, and the run is the one without "
                          "--br-backprop-to-alpha-act")
     lines += _oscillation_lines(cfg)
-    lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {cfg.freeze_alpha}"]
+    lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {bool(cfg.freeze_alpha)}"]
+    if "freeze_alpha" in defaulted and cfg.freeze_alpha:
+        lines.append("    └─> Note: on by default with BR (the seed's default was off; W-BR with alpha trained ended "
+                     "0.43-0.44 points below in this tool's W2A2 CPU study, README); --no-freeze-alpha trains alpha")
+    elif "freeze_alpha" in defaulted and (w_br or a_br) and E > W:  # BR, yet not frozen: another flag decided
+        given = [f for f, on in (("--freeze-weight-alpha", cfg.freeze_weight_alpha),
+                                 ("--freeze-act-alpha", cfg.freeze_act_alpha),
+                                 ("--br-backprop-to-alpha-act", cfg.br_backprop_to_alpha_act)) if on]
+        verb = "decides" if len(given) == 1 else "decide"
+        lines.append(f"    └─> Note: off, though BR is on, as {' and '.join(given)} {verb} the step sizes "
+                     "(BR runs freeze them by default); --freeze-alpha freezes every one")
     lines.append("    └─> If True: NO updates to alpha from ANY loss (CE or BR)")
     lines.append("    └─> If False: CE can update alpha, A-BR respects --br-backprop-to-alpha-act flag")
     if not cfg.freeze_alpha and (freeze_w or freeze_a):
@@ -211,8 +221,9 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
     seed's commands, exactly and in the seed's order (tests/test_seed_banner.py); whatever this tool
     says beyond them (how the warmup was chosen, the optimiser, ...) is on lines below the block.
 
-    ``defaulted``: the flags ``resolve_defaults`` filled in, and ``lambda_br_act`` when a new run was not given
-    it (A-BR off by default, unlike the seed): the banner says so.
+    ``defaulted``: the flags ``resolve_defaults`` filled in, ``lambda_br_act`` when a new run was not given
+    it (A-BR off by default, unlike the seed) and ``freeze_alpha`` when ``resolve_freeze_alpha`` filled it
+    for a new run (on with BR, unlike the seed): the banner says so.
     ``processes``: a line about the processes of a torchrun run (``distributed.Group.describe``).
     """
     w_bits, a_bits = weight_bits(cfg), act_bits(cfg)

@@ -50,9 +50,10 @@ SCENARIOS = {
     "a-only": ("A-only", "--lambda-br 0 --lambda-br-act 1 --freeze-alpha"),
     "lsq": ("LSQ baseline", "--lambda-br 0 --lambda-br-act 0"),
     "lsq-frozen": ("LSQ, α frozen after warmup", "--lambda-br 0 --lambda-br-act 0 --freeze-alpha"),
-    "w-only-free": ("W-only, α trained", "--lambda-br 1 --lambda-br-act 0"),  # the tool's defaults
-    "wa-stable-free": ("W+A stable, α trained", "--lambda-br 1 --lambda-br-act 1"),
-    "wa-moving-free": ("W+A moving target, α trained", "--lambda-br 1 --lambda-br-act 1 --br-backprop-to-alpha-act"),
+    "w-only-free": ("W-only, α trained", "--lambda-br 1 --lambda-br-act 0 --no-freeze-alpha"),
+    "wa-stable-free": ("W+A stable, α trained", "--lambda-br 1 --lambda-br-act 1 --no-freeze-alpha"),
+    "wa-moving-free": ("W+A moving target, α trained",
+                       "--lambda-br 1 --lambda-br-act 1 --no-freeze-alpha --br-backprop-to-alpha-act"),
     # BR's nearest rival (Nagel et al., ICML 2022), with the seed's BR rows' --freeze-alpha, so that it is
     # compared with them (and with lsq-frozen) on the same footing: λ_d 0.1 (every recipe of theirs) and the
     # freezing thresholds of their 4-bit recipe (they publish none for 2 bits). No BN re-estimation: no BR row has it.
@@ -140,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--bn-reestimate", type=int, default=0, metavar="N",
                    help="after the last epoch, re-estimate BatchNorm statistics on N training batches; 0: none")
     a = p.add_argument_group("step sizes")
-    a.add_argument("--freeze-alpha", action="store_true",
-                   help="freeze every step size (weights and activations) after warmup")
+    # Not the seed's off: in the W2A2 study W-BR with α trained ended 0.43-0.44 points below W-BR with α
+    # frozen (README), so BR runs freeze α unless told otherwise (default_freeze_alpha).
+    a.add_argument("--freeze-alpha", action=argparse.BooleanOptionalAction, default=None,
+                   help="freeze every step size (weights and activations) after warmup; --no-freeze-alpha trains "
+                        "them (None: frozen when a BR term acts in a stage 2 and no step-size flag below or "
+                        "--br-backprop-to-alpha-act is given; else trained)")
     a.add_argument("--freeze-weight-alpha", action="store_true", help="freeze the weight step sizes after warmup")
     a.add_argument("--freeze-act-alpha", action="store_true", help="freeze the activation step sizes after warmup")
     s = p.add_argument_group("schedule and optimiser")
@@ -235,6 +240,33 @@ def resolve_defaults(cfg) -> set[str]:
         cfg.lr = learning_rate(cfg)
         filled.add("lr")
     return filled
+
+
+def default_freeze_alpha(cfg) -> bool:
+    """What ``--freeze-alpha`` is when not given: True when a BR term acts (λ > 0 on quantized tensors) in a
+    stage 2 and none of ``--freeze-weight-alpha``, ``--freeze-act-alpha``, ``--br-backprop-to-alpha-act``
+    says otherwise how the step sizes are treated; False otherwise (the LSQ baseline trains α throughout).
+
+    Why: in this tool's W2A2 CPU study (README, docs/results.md section 9) W-BR with every α trained ended
+    0.43-0.44 points below W-BR with α frozen after the warmup (both seeds): W-BR's gradient shrank the weight
+    step sizes. The seed's BR scenarios froze α too; its default did not. A moving A-BR target
+    (``--br-backprop-to-alpha-act``) needs the activation α to move, so it keeps α trained.
+    """
+    warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else default_warmup_epochs(cfg.epochs)
+    acts = ((cfg.lambda_br > 0 and weight_bits(cfg) < FULL_PRECISION_BITS)
+            or (cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS))
+    said = cfg.freeze_weight_alpha or cfg.freeze_act_alpha or cfg.br_backprop_to_alpha_act
+    return bool(acts and cfg.epochs > warmup and not said)
+
+
+def resolve_freeze_alpha(cfg) -> bool:
+    """Fill ``--freeze-alpha`` when it was not given (``default_freeze_alpha``), in place. Call before anything
+    names the run's folder (its name holds ``_frz``); ``--resume`` then takes the run's own value. Returns True
+    when it was filled."""
+    if cfg.freeze_alpha is not None:
+        return False
+    cfg.freeze_alpha = default_freeze_alpha(cfg)
+    return True
 
 
 def weight_bits(cfg) -> int:

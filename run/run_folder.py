@@ -37,24 +37,46 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def refuse_a_run_of_the_old_a_br_default(cfg, argv: list[str]) -> None:
-    """Refuse ``--resume`` (no PATH) or ``--resume auto`` that would miss a run made when A-BR was on by default.
+#: Defaults that a run folder's name holds and that changed, newest first: (the old values, when they held).
+#: A command that names no folder and leaves these flags out named, under the old defaults, another folder.
+OLD_DEFAULTS = (
+    ({"freeze_alpha": False}, "when step sizes were trained through stage 2 by default (the seed's default; "
+                              "now BR runs freeze them)"),
+    ({"lambda_br_act": 1.0, "freeze_alpha": False}, "when A-BR was on by default (λ_a = 1, the seed's default; "
+                                                    "now 0) and step sizes were trained by default"),
+)
 
-    The default folder name holds λ_a (``_lbra<λa>_``), whose default was 1 (the seed's) until A-BR was
-    turned off by default. A command without ``--output-dir`` and ``--lambda-br-act`` that continued such a
-    run now names the ``_lbra0_`` folder: ``--resume auto`` (a requeued job) would start another experiment
-    beside the unfinished run, ``--resume`` would not find it. Raises ConfigError naming both folders and
-    the flag that continues the run, when the old default's folder holds run files and the new one none.
+
+def _flag_setting(key: str, value) -> str:
+    """The flag that sets ``key`` to ``value``: ``--no-freeze-alpha``, ``--lambda-br-act 1``."""
+    flag = _flag(key)
+    if isinstance(value, bool):
+        return flag if value else flag.replace("--", "--no-", 1)
+    return f"{flag} {value:g}"
+
+
+def refuse_a_run_of_an_old_default(cfg, argv: list[str]) -> None:
+    """Refuse ``--resume`` (no PATH) or ``--resume auto`` that would miss a run made under an old default.
+
+    The default folder name holds λ_a (``_lbra<λa>_``) and ``--freeze-alpha`` (``_frz``), whose defaults changed
+    (``OLD_DEFAULTS``). A command without ``--output-dir`` and those flags that continued such a run now names
+    another folder: ``--resume auto`` (a requeued job) would start another experiment beside the unfinished
+    run, ``--resume`` would not find it. Call after ``config.resolve_freeze_alpha``. Raises ConfigError naming
+    both folders and the flags that continue the run, when an old default's folder holds run files and the new
+    one none.
     """
-    if cfg.resume not in ("", "auto") or cfg.output_dir or cfg.ptq or "lambda_br_act" in explicit_flags(argv):
+    if cfg.resume not in ("", "auto") or cfg.output_dir or cfg.ptq:
         return
-    old = argparse.Namespace(**{**vars(cfg), "lambda_br_act": 1.0})
-    new_dir, old_dir = default_output_dir(cfg), default_output_dir(old)
-    if new_dir == old_dir or _run_files(new_dir) or not _run_files(old_dir):
+    new_dir, given = default_output_dir(cfg), explicit_flags(argv)
+    if _run_files(new_dir):
         return
-    raise ConfigError(f"--resume: no run in {new_dir}, but {old_dir} holds one, made when A-BR was on by "
-                      "default (λ_a = 1, the seed's default; now 0): add --lambda-br-act 1 to continue it, or "
-                      f"--output-dir {new_dir} for a new run with A-BR off")
+    for old_values, when in OLD_DEFAULTS:
+        changed = {k: v for k, v in old_values.items() if k not in given and getattr(cfg, k) != v}
+        old_dir = default_output_dir(argparse.Namespace(**{**vars(cfg), **changed}))
+        if changed and old_dir != new_dir and _run_files(old_dir):
+            flags = " ".join(_flag_setting(k, v) for k, v in changed.items())
+            raise ConfigError(f"--resume: no run in {new_dir}, but {old_dir} holds one, made {when}: add {flags} to "
+                              f"continue it, or --output-dir {new_dir} for a new run with today's defaults")
 
 
 def resolve_auto_resume(cfg) -> str:

@@ -101,9 +101,9 @@ wa-moving       1 1 --freeze-alpha,--br-backprop-to-alpha-act W+A moving target
 a-only          0 1 --freeze-alpha                            A-only
 lsq             0 0 -                                         LSQ baseline
 lsq-frozen      0 0 --freeze-alpha                            LSQ, α frozen after warmup
-w-only-free     1 0 -                                         W-only, α trained in stage 2 (the tool's defaults)
-wa-stable-free  1 1 -                                         W+A stable, α trained in stage 2
-wa-moving-free  1 1 --br-backprop-to-alpha-act                W+A moving target, α trained in stage 2
+w-only-free     1 0 --no-freeze-alpha                         W-only, α trained in stage 2
+wa-stable-free  1 1 --no-freeze-alpha                         W+A stable, α trained in stage 2
+wa-moving-free  1 1 --no-freeze-alpha,--br-backprop-to-alpha-act W+A moving target, α trained in stage 2
 dampen          0 0 --freeze-alpha,--lambda-dampen,0.1         Oscillation dampening (Nagel et al. 2022)
 freeze          0 0 --freeze-alpha,--freeze-oscillating,0.1:0.01 Iterative freezing (Nagel et al. 2022)
 ptq             0 0 --ptq                                     PTQ (post-training quantization)
@@ -182,8 +182,8 @@ done
 # them behind the folder's name (argparse also takes an unambiguous prefix, as --optim).
 GRID_FLAGS="SEEDS:--seed BITS:--num-bits BITS:--num-bits-weight BITS:--num-bits-act LAMBDAS:--lambda-br
     LAMBDAS:--lambda-br-act SCENARIOS:--br-backprop-to-alpha-act SCENARIOS:--ptq SCENARIOS:--freeze-alpha
-    SCENARIOS:--freeze-weight-alpha SCENARIOS:--freeze-act-alpha CLIPS:--clip-value OPTIMIZERS:--optimizer
-    RUNS_DIR:--output-dir BRANCH:--from-warmup"
+    SCENARIOS:--no-freeze-alpha SCENARIOS:--freeze-weight-alpha SCENARIOS:--freeze-act-alpha CLIPS:--clip-value
+    OPTIMIZERS:--optimizer RUNS_DIR:--output-dir BRANCH:--from-warmup"
 for arg in "${EXTRA[@]}"; do
     name=${arg%%=*}
     [[ $name == --?* ]] || continue

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_cli
-from run.config import SCENARIOS, build_parser
+from run.config import SCENARIOS, build_parser, default_output_dir, explicit_flags, resolve_freeze_alpha
 from run.data import DeviceLoader, Split
 from engine import Trainer
 from models import build_model
@@ -54,6 +54,7 @@ def _banner(capsys, *flags):
 def test_dry_run_banners_for_the_scenarios(capsys, key):
     flags = SCENARIOS[key][1].split()
     scenario = build_parser().parse_args(flags)
+    resolve_freeze_alpha(scenario)  # the run's rule where the scenario does not say (lsq)
     lam_w, lam_a, backprop = scenario.lambda_br, scenario.lambda_br_act, scenario.br_backprop_to_alpha_act
     out = _banner(capsys, *flags)
     assert f"  - Freeze alpha after warmup: {scenario.freeze_alpha}" in out.splitlines()
@@ -101,17 +102,53 @@ def test_a_br_off_by_default_is_said_under_its_line(capsys):
 
 
 def test_w_br_with_weight_alpha_trained_says_what_the_study_measured(capsys):
-    """The default run trains the weight α under W-BR; the banner says, under the W-BR line, that the study
-    measured W-BR with --freeze-alpha ahead, and says nothing of it where the weight α is frozen or W-BR off."""
+    """A run that trains the weight α under W-BR (not the default since the study) hears, under the W-BR line,
+    that the study measured W-BR with --freeze-alpha ahead; nothing where the weight α is frozen or W-BR off."""
     def noted(*flags):
         lines = _banner(capsys, *flags).splitlines()
         at = lines.index("    └─> Gradients to alpha: Always enabled (paper-faithful, weights are stable)") \
             if "  - W-BR (weights): λ=1.0 [ENABLED]" in lines else None
         return at is not None and lines[at + 1].startswith("    └─> Note: weight alpha is trained in stage 2; in this "
                                                            "tool's W2A2 CPU study")
-    assert noted() and noted("--freeze-act-alpha") and noted("--lambda-br-act", "1")
+    assert noted("--no-freeze-alpha") and noted("--freeze-act-alpha") and noted("--lambda-br-act", "1",
+                                                                                "--br-backprop-to-alpha-act")
+    assert not noted() and not noted("--lambda-br-act", "1")  # frozen by default with BR
     assert not noted("--freeze-alpha") and not noted("--freeze-weight-alpha") and not noted("--lambda-br", "0")
     assert not noted("--epochs", "3", "--warmup-epochs", "3")  # no stage 2
+
+
+@pytest.mark.parametrize("flags,frozen", [
+    ([], True),  # W-BR at its default λ_w = 1, a stage 2 (epochs 31-100)
+    (["--lambda-br", "0"], False),  # the LSQ baseline trains α
+    (["--lambda-br", "0", "--lambda-br-act", "1"], True),  # A-BR alone is BR too
+    (["--num-bits", "32"], False),  # float: no step sizes
+    (["--num-bits-weight", "32", "--num-bits-act", "2"], False),  # W-BR has no quantized weights, A-BR is off
+    (["--epochs", "3", "--warmup-epochs", "3"], False),  # no stage 2 to freeze α in
+    (["--epochs", "3"], True),  # warmup 1 (30 % of 3, rounded): epochs 2-3 are stage 2
+    (["--lambda-br-act", "1", "--br-backprop-to-alpha-act"], False),  # a moving target needs α to move
+    (["--freeze-weight-alpha"], False), (["--freeze-act-alpha"], False),  # the user chose which α to freeze
+    (["--no-freeze-alpha"], False), (["--lambda-br", "0", "--freeze-alpha"], True),  # given: as given
+])
+def test_br_runs_freeze_alpha_unless_told_otherwise(flags, frozen):
+    cfg = build_parser().parse_args(flags)
+    assert resolve_freeze_alpha(cfg) == ("freeze_alpha" not in explicit_flags(flags)) and cfg.freeze_alpha is frozen
+    assert default_output_dir(cfg).endswith("_frz_s42") == frozen  # the folder name says it
+
+
+def test_the_banner_says_why_alpha_is_frozen_or_not_by_default(capsys):
+    def alpha_notes(*flags):
+        lines = _banner(capsys, *flags).splitlines()
+        at = lines.index("Alpha Control:")
+        return [x for x in lines[at + 2:at + 3] if x.startswith("    └─> Note: ")]
+    on = alpha_notes()
+    assert len(on) == 1 and on[0].startswith("    └─> Note: on by default with BR (the seed's default was off")
+    assert alpha_notes("--lambda-br-act", "1", "--br-backprop-to-alpha-act") == [
+        "    └─> Note: off, though BR is on, as --br-backprop-to-alpha-act decides the step sizes (BR runs freeze "
+        "them by default); --freeze-alpha freezes every one"]
+    assert "--freeze-weight-alpha and --freeze-act-alpha decide" in alpha_notes("--freeze-weight-alpha",
+                                                                                "--freeze-act-alpha")[0]
+    for flags in (["--freeze-alpha"], ["--no-freeze-alpha"], ["--lambda-br", "0"]):  # given, or no BR: no note
+        assert alpha_notes(*flags) == [], flags
 
 
 def test_cpu_banner_says_how_many_threads_torch_uses(capsys):

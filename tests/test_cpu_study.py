@@ -27,7 +27,7 @@ def test_the_plan_is_the_issues_table():
                                                           "w-only-free", "wa-stable-free", "wa-moving-free")
                            for seed in (42, 43)]
     assert " ".join({r.name: r for r in cpu_study.plan()}["w2a2_s43_w-only-free"].flags).endswith(
-        "--seed 43 --lambda-br 1 --lambda-br-act 0")  # the tool's defaults: no --freeze-alpha
+        "--seed 43 --lambda-br 1 --lambda-br-act 0 --no-freeze-alpha")  # W-BR with α trained (not the default)
     assert names[-6:] == ["w2a2_s42_wa-stable_lama0.1", "w2a2_s42_wa-stable_lama0.01", "w2a2_s42_dampen",
                           "w2a2_s42_freeze", "w2a2_s42_lsq_authors", "w2a2_s42_wa-stable_authors"]
     rows = {r.name: r for r in cpu_study.plan()}

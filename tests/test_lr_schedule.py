@@ -62,7 +62,7 @@ def test_banner_and_folder_name(capsys):
     assert rc == 0
     assert ("lr constant through the warmup (epochs 1-3), then cosine over the 7 epochs with BR "
             "(--lr-schedule warmup-constant), batch 128, seed 42") in out
-    assert "Output: results/resnet20_w2a2_fl8_lbr1_lbra0_lrwc_s42" in out
+    assert "Output: results/resnet20_w2a2_fl8_lbr1_lbra0_frz_lrwc_s42" in out
     rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--epochs", "10"], capsys)
     assert ", cosine over 10 epochs, batch 128" in out
     cfg = build_parser().parse_args([])

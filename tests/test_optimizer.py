@@ -84,7 +84,7 @@ def test_banner_config_and_folder_name_say_adam(capsys, tmp_path):
     assert optimiser.startswith("Optimiser: Adam lr 0.001 (Adam's default, as --lr was not given) betas (0.9, 0.999) "
                                 "weight decay 0.0005 (L2; none on alpha)")
     assert "WARNING: --momentum 0.5 has no effect with --optimizer adam (Adam's betas are (0.9, 0.999))" in lines
-    assert "Output: results/resnet20_w2a2_fl8_lbr1_lbra0_adam_s42" in lines
+    assert "Output: results/resnet20_w2a2_fl8_lbr1_lbra0_frz_adam_s42" in lines
     rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--lr", "0.1"], capsys)
     assert "Optimiser: SGD lr 0.1 momentum 0.9 weight decay 0.0005 (none on alpha)" in out
     assert "momentum" not in "".join(line for line in out.splitlines() if line.startswith("WARNING"))

@@ -47,7 +47,7 @@ def test_banner_block(capsys):
     assert lines[start + 3] == "  - Iterative freezing: threshold 0.1 -> 0.01 [ENABLED]"
     assert "  - BN re-estimation after the last epoch: 50 training batches [ENABLED]" in lines
     assert lines.index("Alpha Control:") > start  # its own block under BR Configuration
-    assert "Output: results/resnet20_w2a2_fl8_lbr1_lbra0_ld0.1_fo0.1-0.01_bnre50_s42" in out
+    assert "Output: results/resnet20_w2a2_fl8_lbr1_lbra0_frz_ld0.1_fo0.1-0.01_bnre50_s42" in out
     rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent"], capsys)  # a seed command: the seed's block
     assert "Oscillation Control" not in out
     rc, out, _ = run_cli(["--dry-run", "--data-dir", "/nonexistent", "--bn-reestimate", "5"], capsys)

@@ -72,4 +72,4 @@ def test_cli_quick_trial_with_epochs_alone_and_a_subset(shared_folder, tmp_path,
 
 def test_default_output_folder_names_the_subset(capsys):
     lines = _banner(capsys, "--train-subset", "5000")
-    assert "Output: results/resnet20_w2a2_fl8_lbr1_lbra0_sub5000_s42" in lines
+    assert "Output: results/resnet20_w2a2_fl8_lbr1_lbra0_frz_sub5000_s42" in lines

@@ -44,30 +44,47 @@ def test_continues_an_interrupted_run(shared_folder, tmp_path, monkeypatch, caps
     assert _epochs(out) == [1, 2] and json.loads((out / "summary.json").read_text())["status"] == "finished"
 
 
-def test_a_run_named_by_the_old_a_br_default_is_not_missed(tmp_path, monkeypatch, capsys):
+def test_a_run_named_by_an_old_default_is_not_missed(tmp_path, monkeypatch, capsys):
     """Before A-BR was off by default, a command without --output-dir and --lambda-br-act named its folder
-    ``..._lbra1_...``; the same command now names ``..._lbra0_...``. --resume [auto] refuses, naming both
-    folders, rather than start another experiment beside the unfinished run (a requeued job)."""
+    ``..._lbra1_...``; before BR runs froze α by default, without ``_frz``; the same command now names
+    ``..._lbra0_frz_...``. --resume [auto] refuses, naming both folders and the flags that continue the run,
+    rather than start another experiment beside the unfinished run (a requeued job)."""
     monkeypatch.chdir(tmp_path)
-    old = tmp_path / "results" / "resnet20_w2a2_fl8_lbr1_lbra1_s42"
-    old.mkdir(parents=True)
-    (old / "last.pt").write_bytes(b"")  # an unfinished run of the old default (the check reads names only)
+    results = tmp_path / "results"
+    new = "results/resnet20_w2a2_fl8_lbr1_lbra0_frz_s42"
     base = ["--epochs", "2", "--warmup-epochs", "1", "--data-dir", "/nonexistent", "--no-download", "--dry-run"]
+
+    def unfinished(name):  # a run of an old default (the check reads names only)
+        (results / name).mkdir(parents=True)
+        (results / name / "last.pt").write_bytes(b"")
+
+    unfinished("resnet20_w2a2_fl8_lbr1_lbra1_s42")  # the seed's defaults: A-BR on, α trained
     for resume in (["--resume", "auto"], ["--resume"]):
         rc, _, err = run_cli([*resume, *base], capsys)
         assert rc == 2 and err.strip() == (
-            "error: --resume: no run in results/resnet20_w2a2_fl8_lbr1_lbra0_s42, but "
-            "results/resnet20_w2a2_fl8_lbr1_lbra1_s42 holds one, made when A-BR was on by default (λ_a = 1, "
-            "the seed's default; now 0): add --lambda-br-act 1 to continue it, or --output-dir "
-            "results/resnet20_w2a2_fl8_lbr1_lbra0_s42 for a new run with A-BR off")
-    # a new run, an explicit λ_a or folder, or a run already in the new folder: not this check's business
-    from run.config import build_parser
-    from run.run_folder import refuse_a_run_of_the_old_a_br_default as check
-    for argv in (base, ["--resume", "auto", "--lambda-br-act", "0", *base], ["--resume", "auto", "--output-dir",
-                                                                             "elsewhere", *base],
-                 ["--resume", str(old / "last.pt"), *base]):  # a checkpoint named: its own folder
-        check(build_parser().parse_args(argv), argv)
-    (tmp_path / "results" / "resnet20_w2a2_fl8_lbr1_lbra0_s42").mkdir()
-    (tmp_path / "results" / "resnet20_w2a2_fl8_lbr1_lbra0_s42" / "config.json").write_text("{}")
-    argv = ["--resume", "auto", *base]
-    check(build_parser().parse_args(argv), argv)
+            f"error: --resume: no run in {new}, but results/resnet20_w2a2_fl8_lbr1_lbra1_s42 holds one, made when "
+            "A-BR was on by default (λ_a = 1, the seed's default; now 0) and step sizes were trained by default: "
+            f"add --lambda-br-act 1 --no-freeze-alpha to continue it, or --output-dir {new} for a new run with "
+            "today's defaults")
+    rc, _, err = run_cli(["--resume", "auto", "--lambda-br-act", "1", *base], capsys)  # λ_a given: α alone differs
+    assert rc == 2 and "results/resnet20_w2a2_fl8_lbr1_lbra1_s42 holds one, made when step sizes were trained " \
+        "through stage 2 by default (the seed's default; now BR runs freeze them): add --no-freeze-alpha to " in err
+    unfinished("resnet20_w2a2_fl8_lbr1_lbra0_s42")  # A-BR off, α trained: the newer of the two old defaults
+    rc, _, err = run_cli(["--resume", "auto", *base], capsys)
+    assert rc == 2 and "but results/resnet20_w2a2_fl8_lbr1_lbra0_s42 holds one" in err and \
+        "add --no-freeze-alpha to continue it" in err
+    # a new run, explicit flags or folder, a checkpoint named, a run already in the new folder: not its business
+    from run.config import build_parser, resolve_freeze_alpha
+    from run.run_folder import refuse_a_run_of_an_old_default as check
+
+    def passes(argv):
+        cfg = build_parser().parse_args(argv)
+        resolve_freeze_alpha(cfg)
+        check(cfg, argv)
+    for argv in (base, ["--resume", "auto", "--lambda-br-act", "0", "--freeze-alpha", *base],
+                 ["--resume", "auto", "--output-dir", "elsewhere", *base],
+                 ["--resume", str(results / "resnet20_w2a2_fl8_lbr1_lbra1_s42" / "last.pt"), *base]):
+        passes(argv)
+    (tmp_path / new).mkdir()
+    (tmp_path / new / "config.json").write_text("{}")
+    passes(["--resume", "auto", *base])

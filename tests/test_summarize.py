@@ -221,7 +221,7 @@ def test_sweep_rejects_bad_settings(tmp_path):
 
 @pytest.mark.parametrize("extra,variable", [("--optimizer adam", "OPTIMIZERS"), ("--optim=adam", "OPTIMIZERS"),
                                             ("--clip-value 6", "CLIPS"), ("--seed 1", "SEEDS"),
-                                            ("--num-bits-act 4", "BITS")])
+                                            ("--num-bits-act 4", "BITS"), ("--no-freeze-alpha", "SCENARIOS")])
 def test_sweep_refuses_extra_flags_that_the_grid_sets(extra, variable, tmp_path):
     """An extra flag would run another experiment than the folder's name says (lsq_w2a2_s42 with Adam)."""
     env = dict(os.environ, RUNS_DIR=str(tmp_path / "s"), SCENARIOS="lsq", SEEDS="42", BITS="2")
@@ -422,7 +422,9 @@ def test_every_scenario_is_named_as_the_readme_names_it():
     assert summarize.scenario({"lambda_br": 1.0, "lambda_dampen": 0.1, "freeze_alpha": True}) == "W-only + dampening"
     assert summarize.scenario({"lambda_dampen": 0.1, "freeze_oscillating": "0.1:0.01", "freeze_alpha": True}) == \
         "Oscillation dampening + iterative freezing"
-    assert summarize.scenario(vars(config.build_parser().parse_args([]))) == "W-only, α trained"  # A-BR off by default
+    defaults = config.build_parser().parse_args([])
+    config.resolve_freeze_alpha(defaults)
+    assert summarize.scenario(vars(defaults)) == "W-only"  # A-BR off, α frozen with BR: by default since the study
     assert summarize.scenario({"lambda_br": 1.0, "freeze_weight_alpha": True}) == "W-only, A α trained"
     assert summarize.scenario({"lambda_br": 1.0, "freeze_act_alpha": True}) == "W-only, W α trained"
     assert summarize.scenario({"lambda_br": 1.0, "freeze_weight_alpha": True, "freeze_act_alpha": True}) == "W-only"
