@@ -60,7 +60,7 @@ PROTOCOL = ["--num-bits", "2", "--epochs", "30", "--warmup-epochs", str(WARMUP_E
 #: paper's method) comes right after the LSQ baseline, then lsq-frozen, which tells freezing α from BR.
 #: W+A moving target with α frozen is W+A stable bit for bit (tests/test_from_warmup.py), so it does
 #: not run; the moving target is studied α-free. w-only-free is not one of the issue's seven rows: it was the
-#: tool's defaults when the study began (α trained), and against LSQ it differs by W-BR alone.
+#: tool's defaults in sessions 12-15 (α trained), and against LSQ it differs by W-BR alone.
 ROWS = ("wa-stable", "lsq", "w-only", "lsq-frozen", "a-only", "w-only-free", "wa-stable-free", "wa-moving-free")
 SEEDS = (42, 43)
 #: The seed's "different lambda values": W+A stable of seed 42 at these λ_a as well.

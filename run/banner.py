@@ -115,12 +115,13 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     lines += _oscillation_lines(cfg)
     lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {bool(cfg.freeze_alpha)}"]
     if "freeze_alpha" in defaulted and cfg.freeze_alpha:
-        lines.append("    └─> Note: on by default with BR (the seed's default was off; W-BR with alpha trained ended "
-                     "0.43-0.44 points below in this tool's W2A2 CPU study, README); --no-freeze-alpha trains alpha")
-    elif "freeze_alpha" in defaulted and (w_br or a_br) and E > W:  # BR, yet not frozen: another flag decided
+        lines.append("    └─> Note: on by default with BR, as in the seed's BR scenarios (its default was off; W-BR "
+                     "with alpha trained ended 0.43-0.44 points below in this tool's W2A2 CPU study, two seeds, "
+                     "README); --no-freeze-alpha trains alpha")
+    elif "freeze_alpha" in defaulted and (w_br or a_br) and 0 < W < E:  # BR, yet not frozen: another flag decided
         given = [f for f, on in (("--freeze-weight-alpha", cfg.freeze_weight_alpha),
                                  ("--freeze-act-alpha", cfg.freeze_act_alpha),
-                                 ("--br-backprop-to-alpha-act", cfg.br_backprop_to_alpha_act)) if on]
+                                 ("--br-backprop-to-alpha-act", cfg.br_backprop_to_alpha_act and a_br)) if on]
         verb = "decides" if len(given) == 1 else "decide"
         lines.append(f"    └─> Note: off, though BR is on, as {' and '.join(given)} {verb} the step sizes "
                      "(BR runs freeze them by default); --freeze-alpha freezes every one")

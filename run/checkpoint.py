@@ -3,6 +3,7 @@ place, so a crash mid-write leaves the previous version intact."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -277,7 +278,9 @@ def _flag_types() -> dict:
     types = {}
     for action in build_parser()._actions:
         kind = action.type or (type(action.default) if action.default is not None else None)
-        if kind is not None:
+        if isinstance(action, argparse.BooleanOptionalAction) and action.default is None:
+            types[action.dest] = (bool, type(None))  # None: a default resolved later (--freeze-alpha)
+        elif kind is not None:
             types[action.dest] = (kind, int) if kind is float else (kind,)
     types["compile"] = (str, bool)  # older versions stored --compile as a switch
     return types

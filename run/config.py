@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     # frozen (README), so BR runs freeze α unless told otherwise (default_freeze_alpha).
     a.add_argument("--freeze-alpha", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze every step size (weights and activations) after warmup; --no-freeze-alpha trains "
-                        "them (None: frozen when a BR term acts in a stage 2 and no step-size flag below or "
-                        "--br-backprop-to-alpha-act is given; else trained)")
+                        "them (None: frozen when a BR term acts after a warmup of 1 epoch or more and neither a "
+                        "step-size flag below nor --br-backprop-to-alpha-act with A-BR on is given; else trained)")
     a.add_argument("--freeze-weight-alpha", action="store_true", help="freeze the weight step sizes after warmup")
     a.add_argument("--freeze-act-alpha", action="store_true", help="freeze the activation step sizes after warmup")
     s = p.add_argument_group("schedule and optimiser")
@@ -244,19 +244,20 @@ def resolve_defaults(cfg) -> set[str]:
 
 def default_freeze_alpha(cfg) -> bool:
     """What ``--freeze-alpha`` is when not given: True when a BR term acts (λ > 0 on quantized tensors) in a
-    stage 2 and none of ``--freeze-weight-alpha``, ``--freeze-act-alpha``, ``--br-backprop-to-alpha-act``
-    says otherwise how the step sizes are treated; False otherwise (the LSQ baseline trains α throughout).
+    stage 2 after a warmup of at least one epoch (α is learned there) and none of ``--freeze-weight-alpha``,
+    ``--freeze-act-alpha``, an acting ``--br-backprop-to-alpha-act`` says otherwise how the step sizes are
+    treated; False otherwise (the LSQ baseline trains α throughout).
 
-    Why: in this tool's W2A2 CPU study (README, docs/results.md section 9) W-BR with every α trained ended
-    0.43-0.44 points below W-BR with α frozen after the warmup (both seeds): W-BR's gradient shrank the weight
-    step sizes. The seed's BR scenarios froze α too; its default did not. A moving A-BR target
-    (``--br-backprop-to-alpha-act``) needs the activation α to move, so it keeps α trained.
+    Why: in this tool's W2A2 CPU study (README, docs/results.md section 9; two seeds, a 9-epoch warmup) W-BR
+    with every α trained ended 0.43-0.44 points below W-BR with α frozen after the warmup: W-BR's gradient
+    shrank the weight step sizes. The seed's BR scenarios, A-BR's included, froze α too; its default did not.
+    A moving A-BR target (``--br-backprop-to-alpha-act``) needs the activation α to move, so it keeps α trained.
     """
     warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else default_warmup_epochs(cfg.epochs)
-    acts = ((cfg.lambda_br > 0 and weight_bits(cfg) < FULL_PRECISION_BITS)
-            or (cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS))
-    said = cfg.freeze_weight_alpha or cfg.freeze_act_alpha or cfg.br_backprop_to_alpha_act
-    return bool(acts and cfg.epochs > warmup and not said)
+    w_br = cfg.lambda_br > 0 and weight_bits(cfg) < FULL_PRECISION_BITS
+    a_br = cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS
+    said = cfg.freeze_weight_alpha or cfg.freeze_act_alpha or (a_br and cfg.br_backprop_to_alpha_act)
+    return bool((w_br or a_br) and 0 < warmup < cfg.epochs and not said)
 
 
 def resolve_freeze_alpha(cfg) -> bool:

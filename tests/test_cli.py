@@ -125,7 +125,9 @@ def test_w_br_with_weight_alpha_trained_says_what_the_study_measured(capsys):
     (["--num-bits-weight", "32", "--num-bits-act", "2"], False),  # W-BR has no quantized weights, A-BR is off
     (["--epochs", "3", "--warmup-epochs", "3"], False),  # no stage 2 to freeze α in
     (["--epochs", "3"], True),  # warmup 1 (30 % of 3, rounded): epochs 2-3 are stage 2
+    (["--epochs", "1"], False), (["--warmup-epochs", "0"], False),  # no warmup: α would never be learned
     (["--lambda-br-act", "1", "--br-backprop-to-alpha-act"], False),  # a moving target needs α to move
+    (["--br-backprop-to-alpha-act"], True),  # A-BR is off: nothing for its target to move
     (["--freeze-weight-alpha"], False), (["--freeze-act-alpha"], False),  # the user chose which α to freeze
     (["--no-freeze-alpha"], False), (["--lambda-br", "0", "--freeze-alpha"], True),  # given: as given
 ])
@@ -141,7 +143,7 @@ def test_the_banner_says_why_alpha_is_frozen_or_not_by_default(capsys):
         at = lines.index("Alpha Control:")
         return [x for x in lines[at + 2:at + 3] if x.startswith("    └─> Note: ")]
     on = alpha_notes()
-    assert len(on) == 1 and on[0].startswith("    └─> Note: on by default with BR (the seed's default was off")
+    assert len(on) == 1 and on[0].startswith("    └─> Note: on by default with BR, as in the seed's BR scenarios")
     assert alpha_notes("--lambda-br-act", "1", "--br-backprop-to-alpha-act") == [
         "    └─> Note: off, though BR is on, as --br-backprop-to-alpha-act decides the step sizes (BR runs freeze "
         "them by default); --freeze-alpha freezes every one"]
