@@ -86,6 +86,7 @@ CONTRASTS = (
     ("wa-stable_lama0.1", "w-only", "A-BR at λ_a = 0.1 beside W-BR"),
     ("wa-stable_lama0.01", "w-only", "A-BR at λ_a = 0.01 beside W-BR"),
     ("wa-stable-free", "wa-stable", "training α through stage 2 (W+A BR)"),
+    ("wa-stable-free", "w-only-free", "A-BR at λ_a = 1 beside W-BR (α trained)"),
     ("wa-moving-free", "wa-stable-free", "A-BR's gradient reaching α_act (moving target, α trained)"),
     ("dampen", "lsq-frozen", "oscillation dampening (α frozen)"),
     ("freeze", "lsq-frozen", "iterative freezing (α frozen)"),

@@ -117,7 +117,9 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     if "freeze_alpha" in defaulted and cfg.freeze_alpha:
         lines.append("    └─> Note: on by default with BR, as in the seed's BR scenarios (its default was off; W-BR "
                      "with alpha trained ended 0.43-0.44 points below in this tool's W2A2 CPU study, two seeds, "
-                     "README); --no-freeze-alpha trains alpha")
+                     "README); --no-freeze-alpha trains alpha"
+                     + ("; with A-BR on, the one W+A run with alpha trained (seed 42) ended 0.46 points above"
+                        if a_br else ""))
     elif "freeze_alpha" in defaulted and (w_br or a_br) and 0 < W < E:  # BR, yet not frozen: another flag decided
         given = [f for f, on in (("--freeze-weight-alpha", cfg.freeze_weight_alpha),
                                  ("--freeze-act-alpha", cfg.freeze_act_alpha),

@@ -144,6 +144,8 @@ def test_the_banner_says_why_alpha_is_frozen_or_not_by_default(capsys):
         return [x for x in lines[at + 2:at + 3] if x.startswith("    └─> Note: ")]
     on = alpha_notes()
     assert len(on) == 1 and on[0].startswith("    └─> Note: on by default with BR, as in the seed's BR scenarios")
+    assert "A-BR" not in on[0] and alpha_notes("--lambda-br-act", "1")[0].endswith(
+        "; with A-BR on, the one W+A run with alpha trained (seed 42) ended 0.46 points above")  # the study's W+A row
     assert alpha_notes("--lambda-br-act", "1", "--br-backprop-to-alpha-act") == [
         "    └─> Note: off, though BR is on, as --br-backprop-to-alpha-act decides the step sizes (BR runs freeze "
         "them by default); --freeze-alpha freezes every one"]
