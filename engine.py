@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from run.checkpoint import append_jsonl, atomic_torch_save
-from run.config import act_bits, compile_mode, freeze_thresholds, frozen_kinds, learning_rate, weight_bits
+from run.config import act_bits, br_terms_act, compile_mode, freeze_thresholds, frozen_kinds, learning_rate, weight_bits
 from run.distributed import is_main
 from hooks import ActivationHookManager, BinStatsCollector
 from run.evaluation import recalibrate_batchnorm, top1_accuracy
@@ -124,10 +124,11 @@ def build_recipe(cfg, model: nn.Module) -> SimpleNamespace:
                          if not (n in layers and layers[n].is_first_or_last)}
     r = SimpleNamespace(layers=layers, br_layers=br_layers, br_act_quantizers=br_act_quantizers, w_reg=None,
                         a_reg=None, hooks=None, weight_stats=None, tracker=None, freeze=None)
-    if cfg.lambda_br > 0 and weight_bits(cfg) < FULL_PRECISION_BITS and br_layers:
+    w_br, a_br = br_terms_act(cfg)
+    if w_br and br_layers:
         r.w_reg = BinRegularizer(weight_bits(cfg), signed=True)
         r.weight_stats = BinStatsCollector({n: m.weight_quant for n, m in br_layers.items()}, grad_to_alpha=True)
-    if cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS and br_act_quantizers:
+    if a_br and br_act_quantizers:
         r.a_reg = BinRegularizer(act_bits(cfg), signed=False)
         r.hooks = ActivationHookManager(model, br_act_quantizers, bin_stats_grad_to_alpha=cfg.br_backprop_to_alpha_act)
     # oscillations of the low-bit weights, tracked in every run that has them; dampening and freezing in stage 2

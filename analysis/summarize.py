@@ -379,8 +379,13 @@ def mean_std(values: list[float]) -> tuple[Decimal | None, Decimal | None]:
     """
     if not values:
         return None, None
-    exact = [Decimal(repr(float(v))) for v in values]
+    exact = [as_written(v) for v in values]
     return statistics.mean(exact), (statistics.stdev(exact) if len(exact) > 1 else None)
+
+
+def as_written(value: float) -> Decimal:
+    """The decimal number a run wrote (a float's shortest repr): 85.58, not 85.5799…"""
+    return Decimal(repr(float(value)))
 
 
 def rounded(value: Decimal | float, spec: str) -> str:
@@ -390,21 +395,25 @@ def rounded(value: Decimal | float, spec: str) -> str:
     if value == 0:  # Decimal writes a zero's exponent from its digits: 0.00e+1
         return format(0.0, spec)
     with localcontext(rounding=ROUND_HALF_UP):
-        text = format(value if isinstance(value, Decimal) else Decimal(repr(float(value))), spec)
+        text = format(value if isinstance(value, Decimal) else as_written(value), spec)
     return re.sub(r"e([+-])(\d)$", r"e\g<1>0\2", text)
 
 
-def _fmt_acc(mean: Decimal | float | None, std: Decimal | None) -> str:
+def fmt_mean_std(mean: Decimal | float | None, std: Decimal | None, spec: str = ".2f", std_spec: str = "") -> str:
+    """``85.32 ± 0.26`` (``rounded`` by ``spec``; the std by ``std_spec`` when given), ``85.32`` without a std,
+    ``–`` without a mean."""
     if mean is None:
         return "–"
-    return rounded(mean, ".2f") + (f" ± {rounded(std, '.2f')}" if std is not None else "")
+    return rounded(mean, spec) + (f" ± {rounded(std, std_spec or spec)}" if std is not None else "")
+
+
+def _fmt_acc(mean: Decimal | float | None, std: Decimal | None) -> str:
+    return fmt_mean_std(mean, std)
 
 
 def _fmt_sci(mean: Decimal | None, std: Decimal | None) -> str:
     """``1.23e-04 ± 2.0e-05``: small rates (oscillations per weight and step); ``–`` for None."""
-    if mean is None:
-        return "–"
-    return rounded(mean, ".2e") + (f" ± {rounded(std, '.1e')}" if std is not None else "")
+    return fmt_mean_std(mean, std, ".2e", ".1e")
 
 
 def _float(value: Decimal | None) -> float | None:

@@ -36,13 +36,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from decimal import Decimal
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from analysis.summarize import mean_std, rounded  # noqa: E402
+from analysis.summarize import as_written, fmt_mean_std, mean_std, rounded  # noqa: E402
 from run.checkpoint import CheckpointError, read_jsonl, write_jsonl  # noqa: E402
 from run.config import SCENARIOS, ConfigError  # noqa: E402
 from run.data import DataError, find_source  # noqa: E402
@@ -348,7 +347,7 @@ def paired(row: list[dict], baseline: list[dict]) -> tuple[float, int, int]:
     points, and at how many of the stage-2 epochs they both have the row was ahead, of how many."""
     base = {m["epoch"]: m["test_acc"] for m in baseline if m["epoch"] > WARMUP_EPOCHS}
     stage2 = [(m["test_acc"], base[m["epoch"]]) for m in row if m["epoch"] in base]
-    difference = Decimal(repr(row[-1]["test_acc"])) - Decimal(repr(baseline[-1]["test_acc"]))  # 85.31 - 84.82 = 0.49
+    difference = as_written(row[-1]["test_acc"]) - as_written(baseline[-1]["test_acc"])  # 85.31 - 84.82 = 0.49
     return float(difference), sum(a > b for a, b in stage2), len(stage2)
 
 
@@ -372,10 +371,7 @@ def contrast_lines(runs: dict) -> list[str]:
 
 
 def _mean_std(values: list[float], spec: str = ".2f") -> str:
-    mean, std = mean_std(values)
-    if mean is None:
-        return "–"
-    return rounded(mean, spec) + (f" ± {rounded(std, spec)}" if std is not None else "")
+    return fmt_mean_std(*mean_std(values), spec)
 
 
 def report() -> int:

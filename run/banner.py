@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from quant.grid import FULL_PRECISION_BITS
-from run.config import (act_bits, build_parser, compile_mode, decode_workers, defaults_of, first_last_bits,
-                        freeze_thresholds, frozen_kinds, is_float_run, learning_rate, resolve_device,
-                        torchrun_world_size, usable_cpus, weight_bits)
+from run.config import (act_bits, br_terms_act, build_parser, compile_mode, decode_workers, defaults_of,
+                        first_last_bits, freeze_thresholds, frozen_kinds, is_float_run, learning_rate,
+                        resolve_device, step_size_flags, torchrun_world_size, usable_cpus, weight_bits)
 
 RULE = "=" * 80
 
@@ -64,12 +64,10 @@ def warnings_for(cfg) -> list[str]:
 
 def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     """The banner's title, stages, BR configuration and alpha control of a quantized run."""
-    w_bits, a_bits = weight_bits(cfg), act_bits(cfg)
+    a_bits = act_bits(cfg)
     E, W = cfg.epochs, cfg.warmup_epochs
     freeze_w, freeze_a = frozen_kinds(cfg)
-    # A BR term acts only with λ > 0 on quantized tensors; the banner never calls one on that does not.
-    w_br = cfg.lambda_br > 0 and w_bits < FULL_PRECISION_BITS
-    a_br = cfg.lambda_br_act > 0 and a_bits < FULL_PRECISION_BITS
+    w_br, a_br = br_terms_act(cfg)  # the banner never calls on a BR term that does not act
     lines = [RULE, "Starting 2-Stage QAT+BR Training", RULE]
     if W > 0:  # the seed's line; how W was chosen is said below the block (warmup_line)
         lines.append(f"Stage 1 (Warmup): Epochs 1-{W} (LSQ only)")
@@ -121,9 +119,7 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
                      + ("; with A-BR on, the one W+A run with alpha trained (seed 42) ended 0.46 points above"
                         if a_br else ""))
     elif "freeze_alpha" in defaulted and (w_br or a_br) and 0 < W < E:  # BR, yet not frozen: another flag decided
-        given = [f for f, on in (("--freeze-weight-alpha", cfg.freeze_weight_alpha),
-                                 ("--freeze-act-alpha", cfg.freeze_act_alpha),
-                                 ("--br-backprop-to-alpha-act", cfg.br_backprop_to_alpha_act and a_br)) if on]
+        given = step_size_flags(cfg)
         verb = "decides" if len(given) == 1 else "decide"
         lines.append(f"    └─> Note: off, though BR is on, as {' and '.join(given)} {verb} the step sizes "
                      "(BR runs freeze them by default); --freeze-alpha freezes every one")

@@ -254,10 +254,23 @@ def default_freeze_alpha(cfg) -> bool:
     A moving A-BR target (``--br-backprop-to-alpha-act``) needs the activation α to move, so it keeps α trained.
     """
     warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else default_warmup_epochs(cfg.epochs)
-    w_br = cfg.lambda_br > 0 and weight_bits(cfg) < FULL_PRECISION_BITS
-    a_br = cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS
-    said = cfg.freeze_weight_alpha or cfg.freeze_act_alpha or (a_br and cfg.br_backprop_to_alpha_act)
-    return bool((w_br or a_br) and 0 < warmup < cfg.epochs and not said)
+    return any(br_terms_act(cfg)) and 0 < warmup < cfg.epochs and not step_size_flags(cfg)
+
+
+def br_terms_act(cfg) -> tuple[bool, bool]:
+    """(W-BR acts, A-BR acts): a BR term acts with λ > 0 on quantized tensors (below 32 bits)."""
+    return (cfg.lambda_br > 0 and weight_bits(cfg) < FULL_PRECISION_BITS,
+            cfg.lambda_br_act > 0 and act_bits(cfg) < FULL_PRECISION_BITS)
+
+
+def step_size_flags(cfg) -> list[str]:
+    """The flags given that decide how the step sizes are treated in stage 2, so that ``--freeze-alpha``'s
+    default leaves them trained: ``--freeze-weight-alpha``, ``--freeze-act-alpha``, and
+    ``--br-backprop-to-alpha-act`` where A-BR acts (elsewhere it has no effect)."""
+    return [flag for flag, given in (("--freeze-weight-alpha", cfg.freeze_weight_alpha),
+                                     ("--freeze-act-alpha", cfg.freeze_act_alpha),
+                                     ("--br-backprop-to-alpha-act", cfg.br_backprop_to_alpha_act
+                                      and br_terms_act(cfg)[1])) if given]
 
 
 def resolve_freeze_alpha(cfg) -> bool:
