@@ -243,8 +243,8 @@ def run_steps(args, device: torch.device) -> dict:
     trainers = {v: make_trainer(v, args, device) for v in args.variants}
     for t in trainers.values():
         t.model.train()
-        # every α trained in every variant, so the ratios compare like with like; a default BR run freezes α
-        # in stage 2 (config.default_freeze_alpha), which only takes work away from its steps
+        # every α trained in every variant, so the ratios compare like with like; a default run (W-BR alone)
+        # freezes α in stage 2 (config.default_freeze_alpha), which only takes work away from its steps
         t.set_alpha_trainable(1)
         for _ in range(args.warmup_steps):  # first steps: α initialisation, allocator and cuDNN warm-up
             t.train_step(x, y, use_br=True)

@@ -62,6 +62,22 @@ def warnings_for(cfg) -> list[str]:
     return out
 
 
+def _freeze_default_note(cfg, a_br: bool) -> str:
+    """Why ``--freeze-alpha`` is what it is in a BR run that did not give it (``config.default_freeze_alpha``)."""
+    if cfg.freeze_alpha:
+        return ("    └─> Note: on by default with W-BR alone, as in the seed's W-only scenario (its default was off; "
+                "W-BR with alpha trained ended 0.43-0.44 points below in this tool's W2A2 CPU study, two seeds, "
+                "README); --no-freeze-alpha trains alpha")
+    if a_br:
+        return ("    └─> Note: off by default with A-BR on, unlike the seed's W+A scenarios: W+A stable with alpha "
+                "trained ended 0.46 and 0.51 points above W+A stable with alpha frozen in this tool's W2A2 CPU "
+                "study (two seeds, README); --freeze-alpha freezes every one")
+    given = step_size_flags(cfg)
+    verb = "decides" if len(given) == 1 else "decide"
+    return (f"    └─> Note: off, though W-BR is on, as {' and '.join(given)} {verb} the step sizes (W-BR runs "
+            "freeze them by default); --freeze-alpha freezes every one")
+
+
 def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
     """The banner's title, stages, BR configuration and alpha control of a quantized run."""
     a_bits = act_bits(cfg)
@@ -95,7 +111,7 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
         if freeze_w and E > W:
             lines.append("    └─> Note: weight alpha is frozen after warmup, "
                          "so in stage 2 this gradient cannot change it")
-        elif E > W:  # not the default with BR (--no-freeze-alpha, ...): the W2A2 study measured it below the frozen run
+        elif E > W and not a_br:  # not the default (--no-freeze-alpha, ...): the study measured it below the frozen run
             lines.append("    └─> Note: weight alpha is trained in stage 2; in this tool's W2A2 CPU study this "
                          "gradient shrank it (median 0.62-0.63x) and the run ended 0.43-0.44 points below W-BR with "
                          "--freeze-alpha, the seed's W-only (both seeds; README)")
@@ -112,17 +128,8 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
                          "--br-backprop-to-alpha-act")
     lines += _oscillation_lines(cfg)
     lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {bool(cfg.freeze_alpha)}"]
-    if "freeze_alpha" in defaulted and cfg.freeze_alpha:
-        lines.append("    └─> Note: on by default with BR, as in the seed's BR scenarios (its default was off; W-BR "
-                     "with alpha trained ended 0.43-0.44 points below in this tool's W2A2 CPU study, two seeds, "
-                     "README); --no-freeze-alpha trains alpha"
-                     + ("; with A-BR on, the one W+A run with alpha trained (seed 42) ended 0.46 points above"
-                        if a_br else ""))
-    elif "freeze_alpha" in defaulted and (w_br or a_br) and 0 < W < E:  # BR, yet not frozen: another flag decided
-        given = step_size_flags(cfg)
-        verb = "decides" if len(given) == 1 else "decide"
-        lines.append(f"    └─> Note: off, though BR is on, as {' and '.join(given)} {verb} the step sizes "
-                     "(BR runs freeze them by default); --freeze-alpha freezes every one")
+    if "freeze_alpha" in defaulted and (w_br or a_br) and 0 < W < E:
+        lines.append(_freeze_default_note(cfg, a_br))
     lines.append("    └─> If True: NO updates to alpha from ANY loss (CE or BR)")
     lines.append("    └─> If False: CE can update alpha, A-BR respects --br-backprop-to-alpha-act flag")
     if not cfg.freeze_alpha and (freeze_w or freeze_a):

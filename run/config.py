@@ -141,12 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--bn-reestimate", type=int, default=0, metavar="N",
                    help="after the last epoch, re-estimate BatchNorm statistics on N training batches; 0: none")
     a = p.add_argument_group("step sizes")
-    # Not the seed's off: in the W2A2 study W-BR with α trained ended 0.43-0.44 points below W-BR with α
-    # frozen (README), so BR runs freeze α unless told otherwise (default_freeze_alpha).
+    # Not the seed's off where W-BR is alone: in the W2A2 study W-BR with α trained ended 0.43-0.44 points below
+    # W-BR with α frozen, and W+A with α trained above W+A with α frozen (README; default_freeze_alpha).
     a.add_argument("--freeze-alpha", action=argparse.BooleanOptionalAction, default=None,
                    help="freeze every step size (weights and activations) after warmup; --no-freeze-alpha trains "
-                        "them (None: frozen when a BR term acts after a warmup of 1 epoch or more and neither a "
-                        "step-size flag below nor --br-backprop-to-alpha-act with A-BR on is given; else trained)")
+                        "them (None: frozen when W-BR is the only BR term acting, after a warmup of 1 epoch or "
+                        "more, and no step-size flag below is given; else trained)")
     a.add_argument("--freeze-weight-alpha", action="store_true", help="freeze the weight step sizes after warmup")
     a.add_argument("--freeze-act-alpha", action="store_true", help="freeze the activation step sizes after warmup")
     s = p.add_argument_group("schedule and optimiser")
@@ -243,18 +243,24 @@ def resolve_defaults(cfg) -> set[str]:
 
 
 def default_freeze_alpha(cfg) -> bool:
-    """What ``--freeze-alpha`` is when not given: True when a BR term acts (λ > 0 on quantized tensors) in a
-    stage 2 after a warmup of at least one epoch (α is learned there) and none of ``--freeze-weight-alpha``,
-    ``--freeze-act-alpha``, an acting ``--br-backprop-to-alpha-act`` says otherwise how the step sizes are
-    treated; False otherwise (the LSQ baseline trains α throughout).
+    """What ``--freeze-alpha`` is when not given: True when W-BR is the only BR term that acts (λ > 0 on
+    quantized tensors), in a stage 2 after a warmup of at least one epoch (α is learned there), and neither
+    ``--freeze-weight-alpha`` nor ``--freeze-act-alpha`` says otherwise which step sizes are frozen; False
+    otherwise (the LSQ baseline, and every run with A-BR on, train α throughout).
 
-    Why: in this tool's W2A2 CPU study (README, docs/results.md section 9; two seeds, a 9-epoch warmup) W-BR
-    with every α trained ended 0.43-0.44 points below W-BR with α frozen after the warmup: W-BR's gradient
-    shrank the weight step sizes. The seed's BR scenarios, A-BR's included, froze α too; its default did not.
-    A moving A-BR target (``--br-backprop-to-alpha-act``) needs the activation α to move, so it keeps α trained.
+    Why, from this tool's W2A2 CPU study (README, docs/results.md section 9; a 9-epoch warmup, two seeds
+    each): W-BR alone with every α trained ended 0.43-0.44 points below W-BR with α frozen after the warmup
+    (W-BR's gradient shrank the weight step sizes); W-BR with A-BR at λ_a = 1 and α trained ended 0.46 and
+    0.51 points above the same with α frozen. The seed's BR scenarios froze α in both cases; its default did not.
     """
+    return br_terms_act(cfg) == (True, False) and warmup_then_stage_two(cfg) and not step_size_flags(cfg)
+
+
+def warmup_then_stage_two(cfg) -> bool:
+    """True when the run has a warmup of at least one epoch (``--warmup-epochs``, or its default) and a stage 2:
+    the runs where freezing α after the warmup means something."""
     warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else default_warmup_epochs(cfg.epochs)
-    return any(br_terms_act(cfg)) and 0 < warmup < cfg.epochs and not step_size_flags(cfg)
+    return 0 < warmup < cfg.epochs
 
 
 def br_terms_act(cfg) -> tuple[bool, bool]:
@@ -264,13 +270,10 @@ def br_terms_act(cfg) -> tuple[bool, bool]:
 
 
 def step_size_flags(cfg) -> list[str]:
-    """The flags given that decide how the step sizes are treated in stage 2, so that ``--freeze-alpha``'s
-    default leaves them trained: ``--freeze-weight-alpha``, ``--freeze-act-alpha``, and
-    ``--br-backprop-to-alpha-act`` where A-BR acts (elsewhere it has no effect)."""
+    """The flags given that decide which step sizes are frozen in stage 2, so that ``--freeze-alpha``'s
+    default leaves them as they say: ``--freeze-weight-alpha``, ``--freeze-act-alpha``."""
     return [flag for flag, given in (("--freeze-weight-alpha", cfg.freeze_weight_alpha),
-                                     ("--freeze-act-alpha", cfg.freeze_act_alpha),
-                                     ("--br-backprop-to-alpha-act", cfg.br_backprop_to_alpha_act
-                                      and br_terms_act(cfg)[1])) if given]
+                                     ("--freeze-act-alpha", cfg.freeze_act_alpha)) if given]
 
 
 def resolve_freeze_alpha(cfg) -> bool:

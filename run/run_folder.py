@@ -21,8 +21,9 @@ import torch
 
 from run.checkpoint import (CheckpointError, append_jsonl, atomic_copy, atomic_torch_save, load_checkpoint,
                             load_tensors, read_jsonl, remove_temporaries, truncate_jsonl, write_jsonl, writing)
-from run.config import (HISTORY_FLAGS, INVOCATION_FLAGS, RUN_FLAGS, STAGE2_FLAGS, ConfigError, build_parser,
-                        default_output_dir, explicit_flags)
+from run.config import (HISTORY_FLAGS, INVOCATION_FLAGS, RUN_FLAGS, STAGE2_FLAGS, ConfigError, br_terms_act,
+                        build_parser, default_output_dir, explicit_flags, step_size_flags,
+                        warmup_then_stage_two)
 from run.config_json import REPO_ROOT
 
 #: Files that make a folder "hold a run".
@@ -37,13 +38,25 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-#: Defaults that a run folder's name holds and that changed, newest first: (the old values, when they held).
-#: A command that names no folder and leaves these flags out named, under the old defaults, another folder.
+def _abr_froze_alpha(cfg) -> dict:
+    """``--freeze-alpha`` as the default of 2026-12-07 had it for this run, where it differs from today's: on
+    for every run where a BR term acts, A-BR's included (today W-BR alone), after a warmup, before the last
+    epoch, without ``--freeze-weight-alpha``, ``--freeze-act-alpha`` or ``--br-backprop-to-alpha-act``."""
+    frozen = (br_terms_act(cfg)[1] and warmup_then_stage_two(cfg) and not step_size_flags(cfg)
+              and not cfg.br_backprop_to_alpha_act)
+    return {"freeze_alpha": True} if frozen else {}
+
+
+#: Defaults that a run folder's name holds and that changed, newest first: (the old values for a run's
+#: flags, when they held). A command that names no folder and leaves these flags out named, under the old
+#: defaults, another folder.
 OLD_DEFAULTS = (
-    ({"freeze_alpha": False}, "when step sizes were trained through stage 2 by default (the seed's default; "
-                              "now BR runs freeze them)"),
-    ({"lambda_br_act": 1.0, "freeze_alpha": False}, "when A-BR was on by default (λ_a = 1, the seed's default; "
-                                                    "now 0) and step sizes were trained by default"),
+    (_abr_froze_alpha, "when step sizes were frozen after warmup by default in runs with A-BR on (now they are "
+                       "trained: the CPU study measured W+A stable ahead with alpha trained)"),
+    (lambda cfg: {"freeze_alpha": False}, "when step sizes were trained through stage 2 by default (the seed's "
+                                          "default; now runs with W-BR alone freeze them)"),
+    (lambda cfg: {"lambda_br_act": 1.0, "freeze_alpha": False},
+     "when A-BR was on by default (λ_a = 1, the seed's default; now 0) and step sizes were trained by default"),
 )
 
 
@@ -71,7 +84,7 @@ def refuse_a_run_of_an_old_default(cfg, argv: list[str]) -> None:
     if _run_files(new_dir):
         return
     for old_values, when in OLD_DEFAULTS:
-        changed = {k: v for k, v in old_values.items() if k not in given and getattr(cfg, k) != v}
+        changed = {k: v for k, v in old_values(cfg).items() if k not in given and getattr(cfg, k) != v}
         old_dir = default_output_dir(argparse.Namespace(**{**vars(cfg), **changed}))
         if changed and old_dir != new_dir and _run_files(old_dir):
             flags = " ".join(_flag_setting(k, v) for k, v in changed.items())

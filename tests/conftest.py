@@ -51,8 +51,8 @@ def run_cli(argv, capsys=None):
     return rc, out, err
 
 
-# A tiny run of both BR terms with α trained in stage 2: A-BR is off and BR runs freeze α by default (README),
-# and the runs of the tests exercise every α's gradient and optimizer state too.
+# A tiny run of both BR terms with α trained in stage 2: A-BR is off by default (README), and the runs of the
+# tests exercise every α's gradient and optimizer state too (said, so that no default can take it away).
 TINY = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16", "--workers", "0", "--no-download",
         "--lambda-br-act", "1", "--no-freeze-alpha"]
 

@@ -102,8 +102,9 @@ def test_a_br_off_by_default_is_said_under_its_line(capsys):
 
 
 def test_w_br_with_weight_alpha_trained_says_what_the_study_measured(capsys):
-    """A run that trains the weight α under W-BR (not the default since the study) hears, under the W-BR line,
-    that the study measured W-BR with --freeze-alpha ahead; nothing where the weight α is frozen or W-BR off."""
+    """A run that trains the weight α under W-BR alone (not the default since the study) hears, under the W-BR
+    line, that the study measured W-BR with --freeze-alpha ahead; nothing where the weight α is frozen, W-BR off,
+    or A-BR on (there the study measured α trained ahead, which the Alpha Control note says)."""
     def noted(*flags):
         lines = _banner(capsys, *flags).splitlines()
         at = lines.index("    └─> Gradients to alpha: Always enabled (paper-faithful, weights are stable)") \
@@ -111,8 +112,10 @@ def test_w_br_with_weight_alpha_trained_says_what_the_study_measured(capsys):
         return at is not None and lines[at + 1].startswith("    └─> Note: weight alpha is trained in stage 2; in this "
                                                            "tool's W2A2 CPU study")
     assert noted("--no-freeze-alpha") and noted("--freeze-act-alpha") and noted("--lambda-br-act", "1",
-                                                                                "--br-backprop-to-alpha-act")
-    assert not noted() and not noted("--lambda-br-act", "1")  # frozen by default with BR
+                                                                                "--num-bits-act", "32",
+                                                                                "--no-freeze-alpha")  # A-BR no effect
+    assert not noted()  # frozen by default with W-BR alone
+    assert not noted("--lambda-br-act", "1") and not noted("--lambda-br-act", "1", "--br-backprop-to-alpha-act")
     assert not noted("--freeze-alpha") and not noted("--freeze-weight-alpha") and not noted("--lambda-br", "0")
     assert not noted("--epochs", "3", "--warmup-epochs", "3")  # no stage 2
 
@@ -120,7 +123,8 @@ def test_w_br_with_weight_alpha_trained_says_what_the_study_measured(capsys):
 @pytest.mark.parametrize("flags,frozen", [
     ([], True),  # W-BR at its default λ_w = 1, a stage 2 (epochs 31-100)
     (["--lambda-br", "0"], False),  # the LSQ baseline trains α
-    (["--lambda-br", "0", "--lambda-br-act", "1"], True),  # A-BR alone is BR too
+    (["--lambda-br", "0", "--lambda-br-act", "1"], False),  # A-BR on: α trained (W+A measured ahead so)
+    (["--lambda-br-act", "1"], False), (["--lambda-br-act", "1", "--num-bits-act", "32"], True),  # A-BR acts, or not
     (["--num-bits", "32"], False),  # float: no step sizes
     (["--num-bits-weight", "32", "--num-bits-act", "2"], False),  # W-BR has no quantized weights, A-BR is off
     (["--epochs", "3", "--warmup-epochs", "3"], False),  # no stage 2 to freeze α in
@@ -128,6 +132,7 @@ def test_w_br_with_weight_alpha_trained_says_what_the_study_measured(capsys):
     (["--epochs", "1"], False), (["--warmup-epochs", "0"], False),  # no warmup: α would never be learned
     (["--lambda-br-act", "1", "--br-backprop-to-alpha-act"], False),  # a moving target needs α to move
     (["--br-backprop-to-alpha-act"], True),  # A-BR is off: nothing for its target to move
+    (["--lambda-br-act", "1", "--freeze-alpha"], True),  # given: as given
     (["--freeze-weight-alpha"], False), (["--freeze-act-alpha"], False),  # the user chose which α to freeze
     (["--no-freeze-alpha"], False), (["--lambda-br", "0", "--freeze-alpha"], True),  # given: as given
 ])
@@ -143,15 +148,20 @@ def test_the_banner_says_why_alpha_is_frozen_or_not_by_default(capsys):
         at = lines.index("Alpha Control:")
         return [x for x in lines[at + 2:at + 3] if x.startswith("    └─> Note: ")]
     on = alpha_notes()
-    assert len(on) == 1 and on[0].startswith("    └─> Note: on by default with BR, as in the seed's BR scenarios")
-    assert "A-BR" not in on[0] and alpha_notes("--lambda-br-act", "1")[0].endswith(
-        "; with A-BR on, the one W+A run with alpha trained (seed 42) ended 0.46 points above")  # the study's W+A row
-    assert alpha_notes("--lambda-br-act", "1", "--br-backprop-to-alpha-act") == [
-        "    └─> Note: off, though BR is on, as --br-backprop-to-alpha-act decides the step sizes (BR runs freeze "
+    assert len(on) == 1 and on[0].startswith("    └─> Note: on by default with W-BR alone, as in the seed's W-only")
+    assert "ended 0.43-0.44 points below" in on[0] and on[0].endswith("--no-freeze-alpha trains alpha")
+    for flags in (["--lambda-br-act", "1"], ["--lambda-br", "0", "--lambda-br-act", "1"],
+                  ["--lambda-br-act", "1", "--br-backprop-to-alpha-act"]):  # A-BR on: off, with the study's W+A rows
+        off = alpha_notes(*flags)
+        assert len(off) == 1 and off[0].startswith("    └─> Note: off by default with A-BR on, unlike the seed's W+A "
+                                                   "scenarios: W+A stable with alpha trained ended 0.46 and "), flags
+    assert alpha_notes("--freeze-weight-alpha") == [
+        "    └─> Note: off, though W-BR is on, as --freeze-weight-alpha decides the step sizes (W-BR runs freeze "
         "them by default); --freeze-alpha freezes every one"]
     assert "--freeze-weight-alpha and --freeze-act-alpha decide" in alpha_notes("--freeze-weight-alpha",
                                                                                 "--freeze-act-alpha")[0]
-    for flags in (["--freeze-alpha"], ["--no-freeze-alpha"], ["--lambda-br", "0"]):  # given, or no BR: no note
+    for flags in (["--freeze-alpha"], ["--no-freeze-alpha"], ["--lambda-br", "0"],  # given, or no BR: no note
+                  ["--lambda-br-act", "1", "--no-freeze-alpha"], ["--epochs", "3", "--warmup-epochs", "3"]):
         assert alpha_notes(*flags) == [], flags
 
 

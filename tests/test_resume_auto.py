@@ -66,13 +66,14 @@ def test_a_run_named_by_an_old_default_is_not_missed(tmp_path, monkeypatch, caps
             "A-BR was on by default (λ_a = 1, the seed's default; now 0) and step sizes were trained by default: "
             f"add --lambda-br-act 1 --no-freeze-alpha to continue it, or --output-dir {new} for a new run with "
             "today's defaults")
-    rc, _, err = run_cli(["--resume", "auto", "--lambda-br-act", "1", *base], capsys)  # λ_a given: α alone differs
-    assert rc == 2 and "results/resnet20_w2a2_fl8_lbr1_lbra1_s42 holds one, made when step sizes were trained " \
-        "through stage 2 by default (the seed's default; now BR runs freeze them): add --no-freeze-alpha to " in err
+    rc, _, err = run_cli(["--resume", "auto", "--lambda-br-act", "1", *base], capsys)  # today's default: α trained
+    assert "results/resnet20_w2a2_fl8_lbr1_lbra1_s42/last.pt is not a readable checkpoint" in err  # it resumes it
     unfinished("resnet20_w2a2_fl8_lbr1_lbra0_s42")  # A-BR off, α trained: the newer of the two old defaults
     rc, _, err = run_cli(["--resume", "auto", *base], capsys)
-    assert rc == 2 and "but results/resnet20_w2a2_fl8_lbr1_lbra0_s42 holds one" in err and \
-        "add --no-freeze-alpha to continue it" in err
+    assert rc == 2 and err.strip() == (
+        f"error: --resume: no run in {new}, but results/resnet20_w2a2_fl8_lbr1_lbra0_s42 holds one, made when step "
+        "sizes were trained through stage 2 by default (the seed's default; now runs with W-BR alone freeze them): "
+        f"add --no-freeze-alpha to continue it, or --output-dir {new} for a new run with today's defaults")
     # a new run, explicit flags or folder, a checkpoint named, a run already in the new folder: not its business
     from run.config import build_parser, resolve_freeze_alpha
     from run.run_folder import refuse_a_run_of_an_old_default as check
@@ -88,3 +89,26 @@ def test_a_run_named_by_an_old_default_is_not_missed(tmp_path, monkeypatch, caps
     (tmp_path / new).mkdir()
     (tmp_path / new / "config.json").write_text("{}")
     passes(["--resume", "auto", *base])
+
+
+def test_a_run_with_a_br_frozen_by_the_default_of_2026_12_07_is_not_missed(tmp_path, monkeypatch, capsys):
+    """On 2026-12-07 a run with A-BR on froze α after the warmup by default (``..._lbra1_frz_...``); now it
+    trains α (``..._lbra1_...``). --resume [auto] refuses, naming both folders and --freeze-alpha; a run
+    with W-BR alone (frozen then and now) or with its target moving (trained then and now) is not concerned."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--epochs", "2", "--warmup-epochs", "1", "--data-dir", "/nonexistent", "--no-download", "--dry-run",
+            "--lambda-br-act", "1"]
+    old, new = "results/resnet20_w2a2_fl8_lbr1_lbra1_frz_s42", "results/resnet20_w2a2_fl8_lbr1_lbra1_s42"
+    (tmp_path / old).mkdir(parents=True)
+    (tmp_path / old / "last.pt").write_bytes(b"")
+    for resume in (["--resume", "auto"], ["--resume"]):
+        rc, _, err = run_cli([*resume, *base], capsys)
+        assert rc == 2 and err.strip() == (
+            f"error: --resume: no run in {new}, but {old} holds one, made when step sizes were frozen after warmup "
+            "by default in runs with A-BR on (now they are trained: the CPU study measured W+A stable ahead with "
+            f"alpha trained): add --freeze-alpha to continue it, or --output-dir {new} for a new run with today's "
+            "defaults")
+    for flags in (["--no-freeze-alpha"], ["--br-backprop-to-alpha-act"],
+                  ["--lambda-br-act", "0"]):  # given, a moving target, or W-BR alone: not the old default's folder
+        _, _, err = run_cli(["--resume", "auto", *base, *flags], capsys)
+        assert "holds one, made when" not in err and "no CIFAR-10 found" in err, (flags, err)  # a new run
