@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             if ckpt is None and "lambda_br_act" not in config.explicit_flags(argv):
                 defaulted.add("lambda_br_act")  # off by default, unlike the seed: the banner says so
             if ckpt is None and freeze_defaulted:
-                defaulted.add("freeze_alpha")  # on with BR by default, unlike the seed: the banner says so
+                defaulted.add("freeze_alpha")  # on with W-BR alone by default, unlike the seed: the banner says so
             config.validate(cfg)
             if cfg.from_warmup and ckpt is None:  # after the defaults: the warmup's flags are resolved ones
                 ckpt = run_folder.branch_from_warmup(cfg)

@@ -69,13 +69,13 @@ def _freeze_default_note(cfg, a_br: bool) -> str:
                 "W-BR with alpha trained ended 0.43-0.44 points below in this tool's W2A2 CPU study, two seeds, "
                 "README); --no-freeze-alpha trains alpha")
     if a_br:
-        return ("    └─> Note: off by default with A-BR on, unlike the seed's W+A scenarios: W+A stable with alpha "
+        return ("    └─> Note: off by default with A-BR on, unlike the seed's A-BR scenarios: W+A stable with alpha "
                 "trained ended 0.46 and 0.51 points above W+A stable with alpha frozen in this tool's W2A2 CPU "
-                "study (two seeds, README); --freeze-alpha freezes every one")
+                "study (two seeds, README; A-only with alpha trained not measured); --freeze-alpha freezes every one")
     given = step_size_flags(cfg)
     verb = "decides" if len(given) == 1 else "decide"
-    return (f"    └─> Note: off, though W-BR is on, as {' and '.join(given)} {verb} the step sizes (W-BR runs "
-            "freeze them by default); --freeze-alpha freezes every one")
+    return (f"    └─> Note: off, though W-BR is on, as {' and '.join(given)} {verb} the step sizes (runs with "
+            "W-BR alone freeze them by default); --freeze-alpha freezes every one")
 
 
 def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
@@ -229,7 +229,7 @@ def banner(cfg, source_line: str, n_layers: str = "", defaulted: set[str] = froz
 
     ``defaulted``: the flags ``resolve_defaults`` filled in, ``lambda_br_act`` when a new run was not given
     it (A-BR off by default, unlike the seed) and ``freeze_alpha`` when ``resolve_freeze_alpha`` filled it
-    for a new run (on with BR, unlike the seed): the banner says so.
+    for a new run (on with W-BR alone, unlike the seed): the banner says so.
     ``processes``: a line about the processes of a torchrun run (``distributed.Group.describe``).
     """
     w_bits, a_bits = weight_bits(cfg), act_bits(cfg)

@@ -130,7 +130,7 @@ def test_w_br_with_weight_alpha_trained_says_what_the_study_measured(capsys):
     (["--epochs", "3", "--warmup-epochs", "3"], False),  # no stage 2 to freeze α in
     (["--epochs", "3"], True),  # warmup 1 (30 % of 3, rounded): epochs 2-3 are stage 2
     (["--epochs", "1"], False), (["--warmup-epochs", "0"], False),  # no warmup: α would never be learned
-    (["--lambda-br-act", "1", "--br-backprop-to-alpha-act"], False),  # a moving target needs α to move
+    (["--lambda-br-act", "1", "--br-backprop-to-alpha-act"], False),  # A-BR on: trained (the moving target too)
     (["--br-backprop-to-alpha-act"], True),  # A-BR is off: nothing for its target to move
     (["--lambda-br-act", "1", "--freeze-alpha"], True),  # given: as given
     (["--freeze-weight-alpha"], False), (["--freeze-act-alpha"], False),  # the user chose which α to freeze
@@ -153,11 +153,11 @@ def test_the_banner_says_why_alpha_is_frozen_or_not_by_default(capsys):
     for flags in (["--lambda-br-act", "1"], ["--lambda-br", "0", "--lambda-br-act", "1"],
                   ["--lambda-br-act", "1", "--br-backprop-to-alpha-act"]):  # A-BR on: off, with the study's W+A rows
         off = alpha_notes(*flags)
-        assert len(off) == 1 and off[0].startswith("    └─> Note: off by default with A-BR on, unlike the seed's W+A "
+        assert len(off) == 1 and off[0].startswith("    └─> Note: off by default with A-BR on, unlike the seed's A-BR "
                                                    "scenarios: W+A stable with alpha trained ended 0.46 and "), flags
     assert alpha_notes("--freeze-weight-alpha") == [
-        "    └─> Note: off, though W-BR is on, as --freeze-weight-alpha decides the step sizes (W-BR runs freeze "
-        "them by default); --freeze-alpha freezes every one"]
+        "    └─> Note: off, though W-BR is on, as --freeze-weight-alpha decides the step sizes (runs with W-BR "
+        "alone freeze them by default); --freeze-alpha freezes every one"]
     assert "--freeze-weight-alpha and --freeze-act-alpha decide" in alpha_notes("--freeze-weight-alpha",
                                                                                 "--freeze-act-alpha")[0]
     for flags in (["--freeze-alpha"], ["--no-freeze-alpha"], ["--lambda-br", "0"],  # given, or no BR: no note

@@ -71,7 +71,7 @@ sys.exit(cifar10_qat_br.main(argv))
 #: One global batch of 20 per epoch (20 images), 10 per rank.
 RUN = ["--epochs", "2", "--warmup-epochs", "1", "--batch-size", "20", "--train-subset", "20", "--workers", "0",
        "--no-download", "--seed", "42", "--lambda-br-act", "1",  # both BR terms (A-BR is off by default)
-       "--no-freeze-alpha"]  # α trained in stage 2 too (BR runs freeze it by default): the ranks must agree on it
+       "--no-freeze-alpha"]  # α trained in stage 2 too (given, not left to the default): the ranks must agree on it
 
 
 def _torchrun(tmp_path, args, **env):

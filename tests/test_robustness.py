@@ -18,7 +18,7 @@ from conftest import TINY, make_image_folder, run_cli
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREE = ["--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16", "--workers", "0", "--no-download",
          "--lambda-br-act", "1", "--no-freeze-alpha"]  # both BR terms (A-BR is off by default) and α trained in
-# stage 2 (BR runs freeze it by default): their state resumes too
+# stage 2 (the default with A-BR on, given so as not to depend on it): their state resumes too
 
 
 def _metrics_text(out):
