@@ -75,8 +75,8 @@ def refuse_a_run_of_an_old_default(cfg, argv: list[str]) -> None:
     (``OLD_DEFAULTS``). A command without ``--output-dir`` and those flags that continued such a run now names
     another folder: ``--resume auto`` (a requeued job) would start another experiment beside the unfinished
     run, ``--resume`` would not find it. Call after ``config.resolve_freeze_alpha``. Raises ConfigError naming
-    both folders and the flags that continue the run, when an old default's folder holds run files and the new
-    one none.
+    both folders and the flags that continue the run (that name it, when it finished), when an old default's
+    folder holds run files and the new one none.
     """
     if cfg.resume not in ("", "auto") or cfg.output_dir or cfg.ptq:
         return
@@ -88,8 +88,9 @@ def refuse_a_run_of_an_old_default(cfg, argv: list[str]) -> None:
         old_dir = default_output_dir(argparse.Namespace(**{**vars(cfg), **changed}))
         if changed and old_dir != new_dir and _run_files(old_dir):
             flags = " ".join(_flag_setting(k, v) for k, v in changed.items())
-            raise ConfigError(f"--resume: no run in {new_dir}, but {old_dir} holds one, made {when}: add {flags} to "
-                              f"continue it, or --output-dir {new_dir} for a new run with today's defaults")
+            held, to = ("a finished run", "name it") if run_finished(old_dir) else ("one", "continue it")
+            raise ConfigError(f"--resume: no run in {new_dir}, but {old_dir} holds {held}, made {when}: add {flags} "
+                              f"to {to}, or --output-dir {new_dir} for a new run with today's defaults")
 
 
 def resolve_auto_resume(cfg) -> str:

@@ -108,6 +108,12 @@ def test_a_run_with_a_br_frozen_by_the_default_of_2026_12_07_is_not_missed(tmp_p
             "by default in runs with A-BR on (now they are trained: the CPU study measured W+A stable ahead with "
             f"alpha trained): add --freeze-alpha to continue it, or --output-dir {new} for a new run with today's "
             "defaults")
+    (tmp_path / old / "summary.json").write_text('{"status": "finished"}')  # finished: nothing to continue
+    _, _, err = run_cli(["--resume", "auto", *base], capsys)
+    assert err.strip() == (f"error: --resume: no run in {new}, but {old} holds a finished run, made when step sizes "
+                           "were frozen after warmup by default in runs with A-BR on (now they are trained: the CPU "
+                           "study measured W+A stable ahead with alpha trained): add --freeze-alpha to name it, or "
+                           f"--output-dir {new} for a new run with today's defaults")
     for flags in (["--no-freeze-alpha"], ["--br-backprop-to-alpha-act"],
                   ["--lambda-br-act", "0"]):  # given, a moving target, or W-BR alone: not the old default's folder
         _, _, err = run_cli(["--resume", "auto", *base, *flags], capsys)
