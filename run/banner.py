@@ -7,7 +7,8 @@ import torch
 from quant.grid import FULL_PRECISION_BITS
 from run.config import (act_bits, br_terms_act, build_parser, compile_mode, decode_workers, defaults_of,
                         first_last_bits, freeze_thresholds, frozen_kinds, is_float_run, learning_rate,
-                        resolve_device, step_size_flags, torchrun_world_size, usable_cpus, weight_bits)
+                        resolve_device, step_size_flags, torchrun_world_size, usable_cpus, warmup_then_stage_two,
+                        weight_bits)
 
 RULE = "=" * 80
 
@@ -128,7 +129,7 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
                          "--br-backprop-to-alpha-act")
     lines += _oscillation_lines(cfg)
     lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {bool(cfg.freeze_alpha)}"]
-    if "freeze_alpha" in defaulted and (w_br or a_br) and 0 < W < E:
+    if "freeze_alpha" in defaulted and (w_br or a_br) and warmup_then_stage_two(cfg):
         lines.append(_freeze_default_note(cfg, a_br))
     lines.append("    └─> If True: NO updates to alpha from ANY loss (CE or BR)")
     lines.append("    └─> If False: CE can update alpha, A-BR respects --br-backprop-to-alpha-act flag")
