@@ -26,7 +26,7 @@ from run.config import act_bits, br_terms_act, compile_mode, freeze_thresholds, 
 from run.distributed import is_main
 from hooks import ActivationHookManager, BinStatsCollector
 from run.evaluation import recalibrate_batchnorm, top1_accuracy
-from run.progress import EpochProgress
+from run.progress import EpochProgress, typical_epoch_seconds
 from run.seeding import rng_state, set_rng_state
 from quant import (FULL_PRECISION_BITS, activation_quantizers, keep_step_sizes_positive, quantized_layers,
                    step_size_quantizers)
@@ -179,9 +179,9 @@ class Trainer:
         # best_acc: the selection metric (validation top-1 with a val split, else test top-1) of
         # best_epoch; best_test_acc: the test top-1 of that epoch.
         self.start_epoch, self.best_acc, self.best_epoch, self.elapsed = 1, -1.0, 0, 0.0
-        # ``elapsed`` when this process took over (a resume): the ETA is paced by this process's epochs only
-        # (a resumed or branched run's earlier epochs may have run on another machine, or beside other work).
-        self.elapsed_before = 0.0
+        # The seconds of each epoch this process ran: the ETA is paced by these only (a resumed or
+        # branched run's earlier epochs may have run on another machine, or beside other work).
+        self.epoch_durations: list[float] = []
         self.best_test_acc = self.last_acc = None
         self.previous_bins: dict[str, torch.Tensor] = {}
         self._stop_signal = None
@@ -217,7 +217,6 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.start_epoch = ckpt["epoch"] + 1
         self.best_acc, self.best_epoch, self.elapsed = ckpt["best_acc"], ckpt["best_epoch"], ckpt["elapsed"]
-        self.elapsed_before = self.elapsed
         self.best_test_acc = ckpt.get("best_test_acc", ckpt["best_acc"])  # before --val-split: selected on test
         self.last_acc = ckpt["last_acc"]
         self.previous_bins = dict(ckpt["previous_bins"])
@@ -351,8 +350,7 @@ class Trainer:
                    desc=f"epoch {epoch}", disable=None if is_main(self.group) else True)
         # Plain progress lines when the console is a file (a SLURM log): tqdm is silent there.
         progress = EpochProgress(epoch, self.cfg.epochs, len(self.train_loader),
-                                 (self.elapsed - self.elapsed_before) / (epoch - self.start_epoch)
-                                 if epoch > self.start_epoch else None,
+                                 typical_epoch_seconds(self.epoch_durations),
                                  0 if sys.stdout.isatty() else self.cfg.progress_interval, self.log, bar)
         for x, y in bar:
             steps += 1
@@ -532,6 +530,7 @@ class Trainer:
             osc_freq, frozen = self.tracker.totals()
         seconds = time.perf_counter() - start
         self.elapsed += seconds
+        self.epoch_durations.append(seconds)
         row = {"epoch": epoch, "epochs": self.cfg.epochs, "stage": self.stage(epoch), "lr": lr,
                "loss": train["loss"], "ce": train["ce"], "br_w": train["br_w"], "br_a": train["br_a"],
                "dampen": train["dampen"], "osc_freq": osc_freq, "frozen": frozen,

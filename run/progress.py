@@ -7,13 +7,15 @@ tqdm stays silent, and one plain line is printed every ``--progress-interval`` s
     epoch 3/100 step 120/391 | 1234 img/s | ETA epoch 3m40s, run 5h12m
 
 The estimates: the epoch's remaining steps at this epoch's mean seconds per step; each
-later epoch as long as the mean epoch this process finished (training and evaluation: not
-the epochs before a resume, which may have run on another machine), or, before any
-finished, as long as this epoch's training is projected to take.
+later epoch as long as the median epoch this process finished (training and evaluation: not
+the epochs before a resume, which may have run on another machine; the median, so that one
+epoch slowed by other work or a suspended process does not stretch every later one), or,
+before any finished, as long as this epoch's training is projected to take.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 #: Seconds between updates of the run ETA on the tqdm bar.
@@ -30,14 +32,20 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def typical_epoch_seconds(durations: list[float]) -> float | None:
+    """The median of the epochs this process finished (seconds each), or None before the first."""
+    return statistics.median(durations) if durations else None
+
+
 class EpochProgress:
     """Counts one epoch's steps and reports its progress.
 
     Args:
         epoch: this epoch (1-based). epochs: the run's last epoch.
         total_steps: steps in this epoch.
-        epoch_seconds: the expected length of each later epoch in seconds (the mean of the
-            epochs this process finished), or None when none has finished yet.
+        epoch_seconds: the expected length of each later epoch in seconds
+            (``typical_epoch_seconds`` of the epochs this process finished), or None when none has
+            finished yet.
         interval: seconds between plain lines given to ``log``; 0 prints none.
         log: a ``print``-like function.
         bar: the epoch's tqdm bar; unless disabled, its postfix shows the run's ETA.

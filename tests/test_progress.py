@@ -13,7 +13,7 @@ from models.resnet import CifarResNet
 from quant import quantize_model
 from run.config import build_parser
 from run.data import DeviceLoader, Split
-from run.progress import EpochProgress, format_duration
+from run.progress import EpochProgress, format_duration, typical_epoch_seconds
 
 
 class FakeClock:
@@ -32,8 +32,16 @@ def test_format_duration():
         "0s", "42s", "1m00s", "3m40s", "59m59s", "1h00m", "5h12m", "0s"]
 
 
+def test_later_epochs_are_expected_to_last_the_median_finished_epoch():
+    # one epoch of four stretched by a suspended process (600 s) must not set the pace: the median of
+    # 30, 31, 600, 29 is (30 + 31) / 2 = 30.5 s (their mean would be 172.5 s)
+    assert typical_epoch_seconds([30.0, 31.0, 600.0, 29.0]) == 30.5
+    assert typical_epoch_seconds([42.0]) == 42.0
+    assert typical_epoch_seconds([]) is None
+
+
 def test_lines_at_the_interval_with_rate_and_both_etas():
-    # epoch 3 of 5, 10 steps of 100 images, 2 s per step; later epochs take 30 s each (run's mean)
+    # epoch 3 of 5, 10 steps of 100 images, 2 s per step; later epochs take 30 s each (the median finished epoch)
     clock, lines = FakeClock(2.0), []
     progress = EpochProgress(3, 5, 10, 30.0, interval=5.0, log=lines.append, clock=clock)
     for _ in range(10):
@@ -99,8 +107,8 @@ def test_bad_interval_is_refused(value, tmp_path, capsys):
 
 def test_a_resumed_run_paces_its_eta_by_this_process_not_by_the_epochs_before_the_resume(tmp_path):
     # As after a resume of a run whose first 2 epochs took 500,000 s each (another machine): epoch 3
-    # of 4 must not be expected to leave 500,000 s for epoch 4; a 2-step epoch of a tiny net takes < 1 h.
-    cfg = build_parser().parse_args(["--epochs", "4", "--warmup-epochs", "0", "--output-dir", str(tmp_path),
+    # of 5 must not be expected to leave 500,000 s for each later one; a 2-step epoch of a tiny net takes < 1 h.
+    cfg = build_parser().parse_args(["--epochs", "5", "--warmup-epochs", "0", "--output-dir", str(tmp_path),
                                      "--progress-interval", "1e-9"])
     torch.manual_seed(0)
     model = quantize_model(CifarResNet((1, 1), (4, 8), "A"), 2, 2)
@@ -112,5 +120,13 @@ def test_a_resumed_run_paces_its_eta_by_this_process_not_by_the_epochs_before_th
     resumed["elapsed"] = 1e6
     trainer.load_state_dict(resumed)
     trainer.run_epoch(3, {})
-    runs = re.findall(r"epoch 3/4 step \d/2 \| \d+ img/s \| ETA epoch (\S+), run (\S+)$", "\n".join(lines), re.M)
+    runs = re.findall(r"epoch 3/5 step \d/2 \| \d+ img/s \| ETA epoch (\S+), run (\S+)$", "\n".join(lines), re.M)
+    assert len(runs) == 2 and all("h" not in run for _, run in runs), lines
+    # then an epoch of this process stretched to a day (the machine slept): epoch 5's expected length is
+    # the median of this process's epochs (seconds), not their mean (about 7 h)
+    trainer.epoch_durations[:0] = [1.0, 1.0]
+    trainer.epoch_durations.append(1e5)
+    lines.clear()
+    trainer.run_epoch(4, {})
+    runs = re.findall(r"epoch 4/5 step \d/2 \| \d+ img/s \| ETA epoch (\S+), run (\S+)$", "\n".join(lines), re.M)
     assert len(runs) == 2 and all("h" not in run for _, run in runs), lines
