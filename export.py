@@ -9,7 +9,10 @@ Writes into DIR:
   ``onnx.checker`` and run with onnxruntime;
 * ``model_int.npz``: the integer weights (2-bit codes four to a byte), step sizes and float
   parts (``deploy/integer.py``);
-* ``export.json``: the checks below and the file sizes.
+* ``export.json``: the checks below, the file sizes, and the input both files expect
+  (``input``: float32 ``(N, 3, 32, 32)``, each pixel p (0..255) of channel c as
+  ``(p - 255·mean[c]) / (255·std[c])``, ``run.data.input_preprocessing()``; also in the ONNX
+  model's metadata ``preprocessing`` and in the integer file's ``meta``).
 
 Checks, on the test split of the checkpoint's data (or ``--data-dir``): the logits of onnxruntime
 and of the integer reference (int32 accumulation, one float rescale per layer) against the
@@ -34,10 +37,10 @@ import time
 import torch
 
 from run.checkpoint import EXIT_WRITE_FAILED, CheckpointError, WriteError, atomic_write_json, writing
-from run.data import DataError, DeviceLoader, find_source, load_split
+from run.data import DataError, DeviceLoader, input_preprocessing, load_split
 from deploy.integer import load_integer_model, save_integer_model
 from deploy.onnx_qdq import ExportError, export_onnx, quantizer_steps, run_session, session
-from deploy.restore import describe, restore
+from deploy.restore import checkpoint_data, describe, restore
 from models import build_model
 
 #: Largest ONNX-vs-PyTorch top-1 difference accepted (percentage points).
@@ -61,6 +64,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="processes for decoding images once [2]")
     p.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
     return p
+
+
+def check_out_folder(out: str, overwrite: bool) -> None:
+    """Refuse an ``--out`` that cannot receive an export, before any work and without writing.
+
+    Raises:
+        ExportError: ``out`` is a file, lies below a file, or holds an export and ``overwrite`` is False.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ExportError(f"--out {out} is a file, not a folder")
+    ancestor = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ExportError(f"--out {out}: {ancestor} is a file, so no folder can be made below it")
+    existing = [f for f in EXPORT_FILES if os.path.exists(os.path.join(out, f))]
+    if existing and not overwrite:
+        raise ExportError(f"--out {out} already holds an export ({', '.join(existing)}); pass --overwrite to "
+                          f"replace it")
 
 
 def float_checkpoint_bytes(model: torch.nn.Module, model_cfg: dict) -> int:
@@ -108,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.eval_batch_size < 1:
             raise ExportError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
+        if args.workers < 0:
+            raise ExportError(f"--workers must be >= 0, got {args.workers}")
+        check_out_folder(args.out, args.overwrite)
         model, model_cfg, ckpt = restore(args.checkpoint, "export.py", {"arch": "resnet20", "clip_value": None}, set())
         if not ckpt or min(model_cfg["weight_bits"], model_cfg["act_bits"]) >= 32:
             raise ExportError(f"{args.checkpoint} holds {describe(model_cfg)}: export.py expects a quantized "
                               f"checkpoint of cifar10_qat_br.py (QAT or --ptq)")
-        flags = ckpt["config"].get("flags", {})
-        data_dir = args.data_dir or flags.get("data_dir", "./data")
-        download = not (args.no_download or (args.data_dir is None and flags.get("no_download", False)))
-        source = find_source(data_dir, download=download)
+        source, download = checkpoint_data(ckpt["config"].get("flags", {}), args.data_dir, args.no_download)
         test = load_split(source, train=False, download=download, workers=args.workers,
                           log=lambda m: print(m, file=sys.stderr))
         loader = DeviceLoader(test, args.eval_batch_size, torch.device("cpu"), train=False)
@@ -123,13 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         steps = quantizer_steps(model, example)  # one forward pass for both formats
         onnx_model = export_onnx(model, example, steps)
-        existing = [f for f in EXPORT_FILES if os.path.exists(os.path.join(args.out, f))]
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ExportError(f"--out {args.out} is a file, not a folder")
-        if existing and not args.overwrite:
-            raise ExportError(f"--out {args.out} already holds an export ({', '.join(existing)}); "
-                              f"pass --overwrite to replace it")
-        os.makedirs(args.out, exist_ok=True)
+        check_out_folder(args.out, args.overwrite)  # again: minutes may have passed
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as exc:
+            raise ExportError(f"--out {args.out}: cannot make the folder ({exc.strerror})") from None
     except (ExportError, CheckpointError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -143,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     report = {"checkpoint": os.path.abspath(args.checkpoint), "model": describe(model_cfg), "data": source.describe(),
-              "onnx_opset": onnx_model.opset_import[0].version,
+              "onnx_opset": onnx_model.opset_import[0].version, "input": input_preprocessing(),
               "bytes": {"model.onnx": os.path.getsize(onnx_path), "model_int.npz": os.path.getsize(int_path),
                         "checkpoint": os.path.getsize(args.checkpoint),
                         "float32_state_dict": float_checkpoint_bytes(model, model_cfg)}}
@@ -165,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  model_int.npz  {b['model_int.npz'] / 1024:8.1f} KiB  "
           f"(float32 weights: {b['float32_state_dict'] / 1024:.1f} KiB, "
           f"x{b['float32_state_dict'] / b['model_int.npz']:.1f} smaller)")
+    pre = report["input"]
+    print(f"Input of both: float32 (N, 3, 32, 32) RGB, each pixel p (0..255) of channel c as (p - 255·mean[c]) / "
+          f"(255·std[c]), mean {pre['mean']}, std {pre['std']} (export.json: input)")
     print(f"Test top-1 on {report['test_images']} images ({report['data']}): PyTorch fake-quant "
           f"{report['pytorch_top1']:.2f}% | onnxruntime {report['onnx_top1']:.2f}% | integer reference "
           f"{report['integer_top1']:.2f}%")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 
 from run.config import ConfigError, explicit_flags, resolve_device
-from run.data import DeviceLoader, find_source, load_split
-from deploy.restore import MODEL_FLAGS, describe, restore, step_size_count
+from run.data import DeviceLoader, load_split
+from deploy.restore import MODEL_FLAGS, checkpoint_data, describe, restore, step_size_count
 from run.evaluation import top1_accuracy
 
 #: Flags that may accompany --evaluate: where the data is, how to run, and model flags (checked
@@ -52,9 +52,7 @@ def evaluate_checkpoint(cfg, argv: list[str]) -> int:
     device = resolve_device(cfg.device)
     model, model_cfg, ckpt = restore(cfg.evaluate, "--evaluate", vars(cfg), explicit)
     saved = ckpt.get("config", {}).get("flags", {})
-    data_dir = run_setting("data_dir", cfg, explicit, saved)
-    download = not run_setting("no_download", cfg, explicit, saved)
-    source = find_source(data_dir, download=download)
+    source, download = checkpoint_data(saved, cfg.data_dir if "data_dir" in explicit else None, cfg.no_download)
     test = load_split(source, train=False, download=download, workers=cfg.workers, log=_stderr)
     loader = DeviceLoader(test, run_setting("eval_batch_size", cfg, explicit, saved), device, train=False)
     acc = top1_accuracy(model.to(device).eval(), loader, device)

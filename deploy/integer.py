@@ -2,7 +2,8 @@
 
 File layout (``numpy.savez``, read with ``allow_pickle=False``):
 
-* ``meta``: JSON text: ``format``, the network (``deploy.restore.model_config``) and per
+* ``meta``: JSON text: ``format``, the network (``deploy.restore.model_config``), the input it
+  expects (``input``: ``run.data.input_preprocessing()``, the normalisation of the images) and per
   quantized layer its grids (``weight_bits``, ``weight_min``/``weight_max``, ``weight_shape``,
   ``act_bits``, ``act_min``/``act_max``, ``input_relu``; ``act_from``: the activation quantizer whose
   output is the layer's input, with ``--act-quant-at relu-output``), and per activation quantizer at
@@ -42,6 +43,7 @@ from deploy.restore import build_network
 from quant import QuantAct, QuantizedLayer, quantized_layers
 from quant.convert import inputs_on_activation_grid
 from quant.grid import per_channel_view, round_to_grid
+from run.data import input_preprocessing
 
 FORMAT = 1
 
@@ -115,7 +117,7 @@ def save_integer_model(model: nn.Module, steps: dict, model_cfg: dict, path: str
         if key in skip or "_quant." in key or key.endswith("num_batches_tracked"):
             continue
         arrays[f"float/{key}"] = value.detach().float().cpu().numpy()
-    meta = {"format": FORMAT, "model": model_cfg, "layers": layers}
+    meta = {"format": FORMAT, "model": model_cfg, "input": input_preprocessing(), "layers": layers}
     if activations:
         meta["activations"] = activations
     with open(path, "wb") as f:

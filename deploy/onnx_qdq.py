@@ -20,6 +20,7 @@ nodes translated one by one; an operation without a translation raises ``ExportE
 
 from __future__ import annotations
 
+import json
 import operator
 
 import numpy as np
@@ -31,6 +32,7 @@ from torch import fx, nn
 
 from quant import LSQQuantizer, QuantizedLayer, step_size_quantizers
 from quant.grid import per_channel_view, round_to_grid
+from run.data import input_preprocessing
 
 #: ONNX opset of the export (int2/uint2 arrived in opset 25).
 OPSET = 25
@@ -280,13 +282,16 @@ def export_onnx(model: nn.Module, example: torch.Tensor, steps: dict | None = No
         steps: ``quantizer_steps(model, example)`` when the caller has them already.
 
     Returns:
-        the model, checked with ``onnx.checker`` (input ``input``, output ``logits``).
+        the model, checked with ``onnx.checker`` (input ``input``, normalised as
+        ``run.data.input_preprocessing()`` says, which the input's doc_string and the model's
+        metadata ``preprocessing`` (JSON) record; output ``logits``).
 
     Raises:
         ExportError: an operation or quantizer the exporter cannot translate.
     """
     model = model.eval()
     steps = quantizer_steps(model, example) if steps is None else steps
+    preprocessing = input_preprocessing()
     with torch.no_grad():
         out_shape = model(example[:1]).shape  # only the logits' shape after N is used
     graph = _Tracer().trace(model)
@@ -299,7 +304,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, steps: dict | None = No
         args = [names.get(a, a) if isinstance(a, fx.Node) else a for a in node.args]
         if node.op == "placeholder":
             names[node] = "input"
-            inputs.append(helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *example.shape[1:]]))
+            inputs.append(helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *example.shape[1:]],
+                                                        doc_string=f"normalised images: {preprocessing['formula']}, "
+                                                                   f"mean {preprocessing['mean']}, "
+                                                                   f"std {preprocessing['std']}"))
         elif node.op == "call_module":
             names[node] = builder.module(modules[node.target], args[0], node.target.replace(".", "_"))
         elif node.op == "call_function":
@@ -315,6 +323,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, steps: dict | None = No
     onnx_model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", OPSET)],
                                    producer_name="cifar10-qat-br")
     onnx_model.ir_version = helper.find_min_ir_version_for(onnx_model.opset_import)
+    helper.set_model_props(onnx_model, {"preprocessing": json.dumps(preprocessing)})
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
 

@@ -185,8 +185,8 @@ def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
              f"Bits: W{weight_bits(cfg)}A{act_bits(cfg)}; first/last layers {bits(first_last_bits(cfg))}",
              f"Step sizes: MSE-optimal, weights "
              f"{'per output channel (--per-channel-weights)' if cfg.per_channel_weights else 'per tensor'}, "
-             f"activations per tensor from {cfg.calib_batches} training batch(es) of "
-             f"{cfg.batch_size} images, augmented as in training (seed {cfg.seed})"
+             f"activations per tensor from the first {cfg.calib_batches} training batch(es) of "
+             f"{cfg.batch_size} images (fewer if the training set is smaller), augmented as in training (seed {cfg.seed})"
              + (f", none of the {cfg.val_split} held out by --val-split" if cfg.val_split else ""),
              f"BatchNorm re-estimated on them: {'yes' if cfg.bn_recalib else 'no (--no-bn-recalib)'}",
              *([act_quant_line(cfg)] if act_bits(cfg) < 32 else []),
@@ -210,6 +210,8 @@ def run(cfg, source, replace_old_run) -> int:
     test_loader = DeviceLoader(test, cfg.eval_batch_size, device, train=False)
     float_acc = top1_accuracy(model.eval(), test_loader, device)
     batches = calibration_batches(train, cfg.calib_batches, cfg.batch_size, cfg.seed, device)
+    calibration_images = sum(len(b) for b in batches)
+    print(f"Calibration: {calibration_images} training images in {len(batches)} batch(es)", flush=True)
     float_bn_acc = None
     if cfg.bn_recalib:  # the float network with the same re-estimated statistics: what PTQ alone costs
         float_bn = copy.deepcopy(model)
@@ -226,7 +228,7 @@ def run(cfg, source, replace_old_run) -> int:
     config = run_config(cfg, source.describe(), None, val)
     for key in TRAINING_FLAGS:
         config["flags"].pop(key, None)
-    config["derived"].update(method="ptq", calibration_images=sum(len(b) for b in batches))
+    config["derived"].update(method="ptq", calibration_images=calibration_images)
     replace_old_run()
     write_config(cfg, config)
     atomic_torch_save({"model": model.state_dict(), "config": config, "method": "ptq", "epoch": 0,

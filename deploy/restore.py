@@ -14,6 +14,7 @@ from torch import nn
 
 from run.checkpoint import CheckpointError, checkpoint_problem, load_tensors, foreign_checkpoint_error, type_phrase
 from run.config import act_bits, build_parser, first_last_bits, weight_bits
+from run.data import DataError, DataSource, find_source
 from models import build_model
 from quant import quantize_model, step_size_quantizers
 
@@ -59,6 +60,14 @@ def build_network(model_cfg: dict) -> nn.Module:
 def _is_state_dict(obj) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _mismatches(exc: RuntimeError, shown: int = 2) -> str:
+    """``load_state_dict``'s complaints (one per line after its heading: a tensor of another shape,
+    missing or unexpected keys) on one line, the first ``shown`` of them and how many more."""
+    lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc).strip()]
+    more = f"; and {len(lines) - shown} more" if len(lines) > shown else ""
+    return "; ".join(lines[:shown]) + more
 
 
 def restore(path: str, what: str, cli_flags: dict, explicit: set[str]) -> tuple[nn.Module, dict, dict]:
@@ -111,11 +120,40 @@ def restore(path: str, what: str, cli_flags: dict, explicit: set[str]) -> tuple[
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"{what}: {path} does not fit {describe(saved)} ({first})") from None
+        raise CheckpointError(f"{what}: {path} does not fit {describe(saved)}: {_mismatches(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - e.g. a tensor of the wrong kind in a corrupt file
         raise CheckpointError(f"{what}: {path}: cannot load its weights ({type(exc).__name__}: {exc})") from None
     return model.eval(), saved, ckpt
+
+
+def checkpoint_data(saved_flags: dict, data_dir: str | None, no_download: bool) -> tuple[DataSource, bool]:
+    """Where the test images of a checkpoint's checks are: ``--data-dir`` when given (downloading
+    unless ``--no-download``), else the checkpoint's own ``--data-dir`` and ``--no-download`` (a plain
+    state_dict, which has none: ``./data``, the tool's default).
+
+    Args:
+        saved_flags: the checkpoint's ``config["flags"]`` ({} for a plain state_dict).
+        data_dir: ``--data-dir`` as given on this command line, or None.
+        no_download: ``--no-download`` on this command line.
+
+    Returns:
+        ``(run.data.DataSource, download allowed)``.
+
+    Raises:
+        DataError: no CIFAR-10 there (``run.data.find_source``); when the folder is the checkpoint's,
+            the message says so and how to name another.
+    """
+    if data_dir is not None or "data_dir" not in saved_flags:
+        data_dir = "./data" if data_dir is None else data_dir
+        return find_source(data_dir, download=not no_download), not no_download
+    data_dir = saved_flags["data_dir"]
+    download = not (no_download or saved_flags.get("no_download", False))
+    try:
+        return find_source(data_dir, download=download), download
+    except DataError as exc:
+        saved = "--data-dir and --no-download are" if saved_flags.get("no_download") else "--data-dir is"
+        raise DataError(f"{exc} ({saved} the checkpoint's own, from its training command: pass --data-dir PATH "
+                        f"to name the CIFAR-10 of this machine)") from None
 
 
 def step_size_count(model: nn.Module) -> int:

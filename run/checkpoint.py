@@ -246,9 +246,13 @@ def load_tensors(path: str, what: str):
         path: the file. what: the flag it came from, for messages (``--resume``).
 
     Raises:
-        CheckpointError: missing file, unreadable or corrupt file, a file that would run code
-            when unpickled.
+        CheckpointError: missing file, a folder (the message names its ``.pt`` files), unreadable
+            or corrupt file, a file that would run code when unpickled.
     """
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
+        inside = f"name one of its checkpoints: {', '.join(files)}" if files else "it holds no .pt file"
+        raise CheckpointError(f"{what}: {path} is a folder, not a checkpoint file; {inside}")
     if not os.path.isfile(path):
         raise CheckpointError(f"{what}: no checkpoint at {path}")
     try:

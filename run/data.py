@@ -27,6 +27,16 @@ IMAGE_SIZE = 32
 CROP_PADDING = 4
 
 
+def input_preprocessing() -> dict:
+    """What every network of this tool takes as input, as ``DeviceLoader`` makes it: a float32
+    tensor ``(N, 3, 32, 32)`` (NCHW, RGB), each pixel p (0..255) of channel c given as
+    ``(p - 255·MEAN[c]) / (255·STD[c])``, with MEAN and STD CIFAR-10's training-set channel
+    statistics. Recorded in exported models (``export.py``), which expect the same input."""
+    return {"shape": ["N", 3, IMAGE_SIZE, IMAGE_SIZE], "dtype": "float32", "layout": "NCHW, RGB",
+            "formula": "(pixel - 255 * mean[c]) / (255 * std[c]), pixel in 0..255",
+            "mean": list(MEAN), "std": list(STD)}
+
+
 class DataError(ValueError):
     """The data directory cannot be used; the message says what to pass or fix."""
 
@@ -406,7 +416,7 @@ class DeviceLoader:
         self.batch_size, self.device, self.train, self.seed = batch_size, device, train, seed
         self.drop_last = drop_last and train
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255  # input_preprocessing()
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
 
     def __len__(self) -> int:

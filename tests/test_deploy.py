@@ -72,7 +72,16 @@ def test_evaluate_refuses_bad_input_with_one_line(runs, shared_folder, tmp_path,
     truncated.write_bytes(q.read_bytes()[:2000])
     plain = tmp_path / "plain.pt"
     torch.save(torch.load(f, weights_only=False)["model"], plain)
+    moved = tmp_path / "moved.pt"  # the checkpoint of a run whose data folder is not on this machine
+    ckpt = torch.load(q, weights_only=False)
+    ckpt["config"]["flags"].update(data_dir=str(tmp_path / "elsewhere"), no_download=True)
+    torch.save(ckpt, moved)
     cases = [
+        ((runs / "w2a2",), "is a folder, not a checkpoint file; name one of its checkpoints: best.pt, last.pt, "
+                           "warmup_end.pt"),
+        ((moved,), f"--data-dir {tmp_path / 'elsewhere'}: no CIFAR-10 found"),
+        ((moved,), "(--data-dir and --no-download are the checkpoint's own, from its training command: pass "
+                   "--data-dir PATH"),
         ((q, "--num-bits", "4"), "holds resnet20 W2A2, first/last 8-bit; --num-bits 4 contradicts it"),
         ((q, "--arch", "resnet32"), "--arch resnet32 contradicts it"),
         ((q, "--per-channel-weights"), "holds resnet20 W2A2, first/last 8-bit; --per-channel-weights contradicts it"),
@@ -87,7 +96,9 @@ def test_evaluate_refuses_bad_input_with_one_line(runs, shared_folder, tmp_path,
         rc, out, err = _evaluate(capsys, *args)
         assert rc == 2 and out == "", args
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (args, err)
-    assert sorted(os.listdir(tmp_path)) == ["plain.pt", "truncated.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["moved.pt", "plain.pt", "truncated.pt"]
+    rc, out, err = _evaluate(capsys, moved, "--data-dir", shared_folder)  # --data-dir names this machine's copy
+    assert rc == 0 and _printed_acc(out) == f"{ckpt['last_acc']:.2f}%", err
 
 
 def test_evaluate_accepts_model_flags_that_agree(runs, capsys):
@@ -170,6 +181,8 @@ def test_ptq_run_folder_evaluate_and_summary(runs, shared_folder, tmp_path, caps
     assert summary["method"] == "ptq" and summary["status"] == "finished" and summary["epochs"] == 0
     assert config["derived"]["method"] == "ptq" and config["derived"]["weight_bits"] == 4
     assert "lr" not in config["flags"] and config["flags"]["calib_batches"] == 2
+    # 2 batches of 16 of the 40 training images: 32 images, said after the banner and recorded
+    assert "Calibration: 32 training images in 2 batch(es)" in stdout and config["derived"]["calibration_images"] == 32
     assert summary["float_test_acc"] == torch.load(runs / "fp" / "last.pt", weights_only=False)["last_acc"]
     assert 0 <= summary["float_bn_recalib_test_acc"] <= 100
     rc, stdout, _ = _evaluate(capsys, out / "ptq.pt")
@@ -190,6 +203,8 @@ def test_ptq_calibrates_on_the_training_part_only(runs, shared_folder, tmp_path,
                                "--workers", "0", "--no-download"], capsys)
     assert rc == 0, err
     assert "none of the 10 held out by --val-split" in stdout
+    # one batch of 128 asked for, 40 - 10 = 30 training images there: the run says it calibrated on 30
+    assert "Calibration: 30 training images in 1 batch(es)" in stdout
     train = load_split(DataSource("imagefolder", shared_folder), train=True, workers=0)
     split, = calibrated_on
     assert len(split.labels) == 40 - 10
@@ -214,7 +229,7 @@ def test_ptq_refuses_what_it_cannot_do(runs, shared_folder, tmp_path, capsys):
 
 # -- export.py -------------------------------------------------------------------------------------
 
-def test_export_writes_checked_onnx_and_integer_files(runs, tmp_path, capsys):
+def test_export_writes_checked_onnx_and_integer_files(runs, shared_folder, tmp_path, capsys):
     import export
     out = tmp_path / "exp"
     rc = export.main([str(runs / "w2a2" / "last.pt"), "--out", str(out), "--workers", "0"])
@@ -229,20 +244,68 @@ def test_export_writes_checked_onnx_and_integer_files(runs, tmp_path, capsys):
     assert report["bytes"]["model_int.npz"] == os.path.getsize(out / "model_int.npz")
     assert report["bytes"]["model_int.npz"] < report["bytes"]["float32_state_dict"] / 5
     assert "onnxruntime" in stdout and "integer reference" in stdout
+    import numpy as np
     import onnx
-    onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
+    from deploy.onnx_qdq import session
+    from run.data import DataSource, DeviceLoader, load_split
+    onnx_model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(onnx_model, full_check=True)
+    # a user who has only the files: the recorded recipe, applied to the raw pixels (0..255) of the test
+    # images, gives the input the tool's own loader gave the network, bit for bit, and so its logits
+    recipe = json.loads({p.key: p.value for p in onnx_model.metadata_props}["preprocessing"])
+    assert recipe == report["input"] and "(pixel - 255 * mean[c]) / (255 * std[c])" in recipe["formula"]
+    with np.load(out / "model_int.npz", allow_pickle=False) as arrays:
+        assert json.loads(str(arrays["meta"]))["input"] == recipe
+    test = load_split(DataSource("imagefolder", shared_folder), train=False, workers=0)
+    pixels = test.images.numpy().astype(np.float32)
+    mean = np.float32(255) * np.array(recipe["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.float32(255) * np.array(recipe["std"], dtype=np.float32).reshape(1, 3, 1, 1)
+    by_hand = (pixels - mean) / std
+    loader_input = next(DeviceLoader(test, len(test.labels), torch.device("cpu"), train=False).batches())[0]
+    assert by_hand.shape == (20, 3, 32, 32) and np.array_equal(by_hand, loader_input.numpy())
+    logits = session(onnx_model).run(["logits"], {"input": by_hand})[0]
+    hits = (logits.argmax(1) == test.labels.numpy()).sum()
+    assert hits == round(report["onnx_top1"] * 20 / 100)  # 20 test images: the export's own ONNX top-1
+    assert "Input of both: float32 (N, 3, 32, 32) RGB" in stdout
 
 
 def test_export_refuses_bad_input_and_writes_nothing(runs, tmp_path, capsys):
     import export
+    last = runs / "w2a2" / "last.pt"
     truncated = tmp_path / "t.pt"
-    truncated.write_bytes((runs / "w2a2" / "last.pt").read_bytes()[:1000])
-    for ckpt, message in ((runs / "fp" / "last.pt", "expects a quantized checkpoint"),
-                          (truncated, "is not a readable checkpoint"),
-                          (tmp_path / "missing.pt", "no checkpoint at")):
-        rc = export.main([str(ckpt), "--out", str(tmp_path / "out"), "--workers", "0"])
+    truncated.write_bytes(last.read_bytes()[:1000])
+    ckpt = torch.load(last, weights_only=False)
+    key = next(k for k in ckpt["model"] if k.endswith("conv1.weight") and ckpt["model"][k].shape[0] == 16)
+    ckpt["model"][key] = ckpt["model"][key][:8]  # 8 of the layer's 16 output channels
+    cut = tmp_path / "cut.pt"
+    torch.save(ckpt, cut)
+    moved = tmp_path / "moved.pt"
+    ckpt = torch.load(last, weights_only=False)
+    ckpt["config"]["flags"].update(data_dir=str(tmp_path / "elsewhere"), no_download=True)
+    torch.save(ckpt, moved)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    out = str(tmp_path / "out")
+    shape = ", ".join(str(d) for d in ckpt["model"][key].shape[1:])
+
+    def argv(ckpt, *flags):  # a flag given twice: argparse keeps the later value
+        return [str(ckpt), "--out", out, "--workers", "0", *map(str, flags)]
+
+    for args, message in ((argv(runs / "fp" / "last.pt"), "expects a quantized checkpoint"),
+                          (argv(truncated), "is not a readable checkpoint"),
+                          (argv(tmp_path / "missing.pt"), "no checkpoint at"),
+                          (argv(runs / "w2a2"), "is a folder, not a checkpoint file; name one of its checkpoints: "
+                                                "best.pt, last.pt, warmup_end.pt"),
+                          (argv(cut), f"size mismatch for {key}: copying a param with shape torch.Size([8, {shape}]) "
+                                      f"from checkpoint, the shape in current model is torch.Size([16, {shape}])"),
+                          (argv(moved), "(--data-dir and --no-download are the checkpoint's own, from its training "
+                                        "command: pass --data-dir PATH"),
+                          (argv(last, "--workers", "-1"), "--workers must be >= 0, got -1"),
+                          (argv(last, "--out", a_file / "sub"), f"--out {a_file / 'sub'}: {a_file} is a file, so no "
+                                                                f"folder can be made below it")):
+        rc = export.main(args)
         _, err = capsys.readouterr()
-        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, (args, err)
         assert not (tmp_path / "out").exists()
     taken = tmp_path / "taken"
     taken.mkdir()
