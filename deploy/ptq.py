@@ -186,7 +186,8 @@ def banner(cfg, source_line: str, warnings: list[str]) -> list[str]:
              f"Step sizes: MSE-optimal, weights "
              f"{'per output channel (--per-channel-weights)' if cfg.per_channel_weights else 'per tensor'}, "
              f"activations per tensor from the first {cfg.calib_batches} training batch(es) of "
-             f"{cfg.batch_size} images (fewer if the training set is smaller), augmented as in training (seed {cfg.seed})"
+             f"{cfg.batch_size} images (fewer if the training set is smaller), augmented as in training "
+             f"(seed {cfg.seed})"
              + (f", none of the {cfg.val_split} held out by --val-split" if cfg.val_split else ""),
              f"BatchNorm re-estimated on them: {'yes' if cfg.bn_recalib else 'no (--no-bn-recalib)'}",
              *([act_quant_line(cfg)] if act_bits(cfg) < 32 else []),
