@@ -63,6 +63,19 @@ def warnings_for(cfg) -> list[str]:
     return out
 
 
+def _moving_target_note(backprop: bool) -> str:
+    """The note under A-BR's gradient line when the activation α is trained in stage 2: what the
+    W2A2 CPU study measured of ``--br-backprop-to-alpha-act`` there (README, docs/results.md section 9)."""
+    if backprop:
+        return ("    └─> Note: activation alpha is trained in stage 2, and this gradient shrinks it: in this tool's "
+                "W2A2 CPU study to a median 0.28x its end-of-warmup value, A-BR nearly inert (BR_a 0.038 against "
+                "0.395 without it), the run level with W-BR alone (84.77% against 84.70%) and 2.33 points above "
+                "the run without it (one seed; README)")
+    return ("    └─> Note: with activation alpha trained, True ended 2.33 points above False in this tool's W2A2 "
+            "CPU study, by shrinking that alpha (median 0.28x) until A-BR was nearly inert: level with W-BR "
+            "alone (one seed; README)")
+
+
 def _freeze_default_note(cfg, a_br: bool) -> str:
     """Why ``--freeze-alpha`` is what it is in a BR run that did not give it (``config.default_freeze_alpha``)."""
     if cfg.freeze_alpha:
@@ -127,6 +140,8 @@ def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:
             lines.append("    └─> Note: activation alpha is frozen after warmup, so in stage 2 this gradient cannot "
                          "change it: the target k·α cannot move, and the run is the one without "
                          "--br-backprop-to-alpha-act")
+        elif not freeze_a and E > W:  # what the study measured against the seed's "recommended"
+            lines.append(_moving_target_note(cfg.br_backprop_to_alpha_act))
     lines += _oscillation_lines(cfg)
     lines += ["", "Alpha Control:", f"  - Freeze alpha after warmup: {bool(cfg.freeze_alpha)}"]
     if "freeze_alpha" in defaulted and (w_br or a_br) and warmup_then_stage_two(cfg):

@@ -70,6 +70,28 @@ def test_dry_run_banners_for_the_scenarios(capsys, key):
     assert "WARNING" not in out
 
 
+@pytest.mark.parametrize("flags,note", [
+    (["--lambda-br-act", "1"], "True ended 2.33 points above False"),  # α trained by default with A-BR on
+    (["--lambda-br-act", "1", "--br-backprop-to-alpha-act"], "this gradient shrinks it"),
+    (["--lambda-br-act", "1", "--br-backprop-to-alpha-act", "--freeze-weight-alpha"], "this gradient shrinks it"),
+    (["--lambda-br-act", "1", "--br-backprop-to-alpha-act", "--freeze-alpha"], "this gradient cannot change it"),
+    (["--lambda-br-act", "1", "--br-backprop-to-alpha-act", "--freeze-act-alpha"], "this gradient cannot change it"),
+    (["--lambda-br-act", "1", "--freeze-alpha"], None),
+    (["--lambda-br-act", "1", "--br-backprop-to-alpha-act", "--warmup-epochs", "100"], None),  # no stage 2
+    (["--lambda-br-act", "0"], None),
+])
+def test_a_br_gradient_note_says_what_the_study_measured_where_the_activation_alpha_is_trained(capsys, flags,
+                                                                                                note):
+    lines = _banner(capsys, *flags).splitlines()
+    a_br = [i for i, x in enumerate(lines) if x.startswith("  - A-BR (activations)")]
+    after = lines[a_br[0] + 1:a_br[0] + 3]
+    notes = [x for x in after if x.startswith("    └─> Note: ")]
+    if note is None:
+        assert not any("activation alpha" in x for x in notes), after
+    else:
+        assert len(notes) == 1 and note in notes[0], after
+
+
 def test_banner_example_wording_and_freeze_truth_line(capsys):
     out = _banner(capsys, "--freeze-alpha")
     expected = """================================================================================
