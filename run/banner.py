@@ -68,12 +68,12 @@ def _moving_target_note(backprop: bool) -> str:
     W2A2 CPU study measured of ``--br-backprop-to-alpha-act`` there (README, docs/results.md section 9)."""
     if backprop:
         return ("    └─> Note: activation alpha is trained in stage 2, and this gradient shrinks it: in this tool's "
-                "W2A2 CPU study to a median 0.28x its end-of-warmup value, A-BR nearly inert (BR_a 0.038 against "
-                "0.395 without it), the run level with W-BR alone (84.77% against 84.70%) and 2.33 points above "
-                "the run without it (one seed; README)")
+                "W2A2 CPU study (λ_w = λ_a = 1, every alpha trained) to a median 0.28x its end-of-warmup value, "
+                "and the run ended 2.33 points above the one without this flag, level with W-BR alone (84.77% "
+                "against 84.70%; one seed; README)")
     return ("    └─> Note: with activation alpha trained, True ended 2.33 points above False in this tool's W2A2 "
-            "CPU study, by shrinking that alpha (median 0.28x) until A-BR was nearly inert: level with W-BR "
-            "alone (one seed; README)")
+            "CPU study (λ_w = λ_a = 1, every alpha trained), level with W-BR alone, by shrinking that alpha to a "
+            "median 0.28x (one seed; README)")
 
 
 def _freeze_default_note(cfg, a_br: bool) -> str:
