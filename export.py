@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if not ckpt or min(model_cfg["weight_bits"], model_cfg["act_bits"]) >= 32:
             raise ExportError(f"{args.checkpoint} holds {describe(model_cfg)}: export.py expects a quantized "
                               f"checkpoint of cifar10_qat_br.py (QAT or --ptq)")
-        source, download = checkpoint_data(ckpt["config"].get("flags", {}), args.data_dir, args.no_download)
+        source, download = checkpoint_data(ckpt["config"].get("flags", {}), args.data_dir,
+                                           True if args.no_download else None)
         test = load_split(source, train=False, download=download, workers=args.workers,
                           log=lambda m: print(m, file=sys.stderr))
         loader = DeviceLoader(test, args.eval_batch_size, torch.device("cpu"), train=False)

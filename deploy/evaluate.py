@@ -52,7 +52,8 @@ def evaluate_checkpoint(cfg, argv: list[str]) -> int:
     device = resolve_device(cfg.device)
     model, model_cfg, ckpt = restore(cfg.evaluate, "--evaluate", vars(cfg), explicit)
     saved = ckpt.get("config", {}).get("flags", {})
-    source, download = checkpoint_data(saved, cfg.data_dir if "data_dir" in explicit else None, cfg.no_download)
+    source, download = checkpoint_data(saved, cfg.data_dir if "data_dir" in explicit else None,
+                                       cfg.no_download if "no_download" in explicit else None)
     test = load_split(source, train=False, download=download, workers=cfg.workers, log=_stderr)
     loader = DeviceLoader(test, run_setting("eval_batch_size", cfg, explicit, saved), device, train=False)
     acc = top1_accuracy(model.to(device).eval(), loader, device)

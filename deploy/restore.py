@@ -62,12 +62,14 @@ def _is_state_dict(obj) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _mismatches(exc: RuntimeError, shown: int = 2) -> str:
+def _mismatches(exc: RuntimeError, shown: int = 2, width: int = 200) -> str:
     """``load_state_dict``'s complaints (one per line after its heading: a tensor of another shape,
-    missing or unexpected keys) on one line, the first ``shown`` of them and how many more."""
+    missing or unexpected keys) on one line, the first ``shown`` of them, each cut to ``width``
+    characters (a line of missing keys names them all), and how many more."""
     lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc).strip()]
+    cut = [line if len(line) <= width else line[:width] + " ..." for line in lines[:shown]]
     more = f"; and {len(lines) - shown} more" if len(lines) > shown else ""
-    return "; ".join(lines[:shown]) + more
+    return "; ".join(cut) + more
 
 
 def restore(path: str, what: str, cli_flags: dict, explicit: set[str]) -> tuple[nn.Module, dict, dict]:
@@ -126,15 +128,16 @@ def restore(path: str, what: str, cli_flags: dict, explicit: set[str]) -> tuple[
     return model.eval(), saved, ckpt
 
 
-def checkpoint_data(saved_flags: dict, data_dir: str | None, no_download: bool) -> tuple[DataSource, bool]:
-    """Where the test images of a checkpoint's checks are: ``--data-dir`` when given (downloading
-    unless ``--no-download``), else the checkpoint's own ``--data-dir`` and ``--no-download`` (a plain
-    state_dict, which has none: ``./data``, the tool's default).
+def checkpoint_data(saved_flags: dict, data_dir: str | None, no_download: bool | None) -> tuple[DataSource, bool]:
+    """Where the test images of a checkpoint's checks are: ``--data-dir`` when given, else the
+    checkpoint's own (a plain state_dict has none: the tool's default); downloading as
+    ``--no-download`` / ``--download`` say when given, else as the checkpoint's run did when its
+    folder is used, else allowed.
 
     Args:
         saved_flags: the checkpoint's ``config["flags"]`` ({} for a plain state_dict).
         data_dir: ``--data-dir`` as given on this command line, or None.
-        no_download: ``--no-download`` on this command line.
+        no_download: ``--no-download`` (True) or ``--download`` (False) as given, or None.
 
     Returns:
         ``(run.data.DataSource, download allowed)``.
@@ -143,17 +146,19 @@ def checkpoint_data(saved_flags: dict, data_dir: str | None, no_download: bool) 
         DataError: no CIFAR-10 there (``run.data.find_source``); when the folder is the checkpoint's,
             the message says so and how to name another.
     """
-    if data_dir is not None or "data_dir" not in saved_flags:
-        data_dir = "./data" if data_dir is None else data_dir
-        return find_source(data_dir, download=not no_download), not no_download
-    data_dir = saved_flags["data_dir"]
-    download = not (no_download or saved_flags.get("no_download", False))
+    own = data_dir is None and "data_dir" in saved_flags
+    if data_dir is None:
+        data_dir = saved_flags.get("data_dir", build_parser().get_default("data_dir"))
+    if no_download is None:
+        no_download = bool(saved_flags.get("no_download", False)) if own else False
     try:
-        return find_source(data_dir, download=download), download
-    except DataError as exc:
-        saved = "--data-dir and --no-download are" if saved_flags.get("no_download") else "--data-dir is"
-        raise DataError(f"{exc} ({saved} the checkpoint's own, from its training command: pass --data-dir PATH "
-                        f"to name the CIFAR-10 of this machine)") from None
+        return find_source(data_dir, download=not no_download), not no_download
+    except DataError:
+        if not own:
+            raise
+        raise DataError(f"--data-dir {data_dir}: no CIFAR-10 found (expected cifar-10-batches-py/ or train/<class>/ "
+                        f"and test/<class>/ image folders); that folder is the checkpoint's own, from its training "
+                        f"command: pass --data-dir PATH to name the CIFAR-10 of this machine") from None
 
 
 def step_size_count(model: nn.Module) -> int:

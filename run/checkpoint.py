@@ -250,8 +250,12 @@ def load_tensors(path: str, what: str):
             or corrupt file, a file that would run code when unpickled.
     """
     if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
-        inside = f"name one of its checkpoints: {', '.join(files)}" if files else "it holds no .pt file"
+        try:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".pt"))
+        except OSError:  # an unreadable folder: still a folder, not a checkpoint
+            files = None
+        inside = (f"name one of its checkpoints: {', '.join(files)}" if files
+                  else "name a checkpoint file" if files is None else "it holds no .pt file")
         raise CheckpointError(f"{what}: {path} is a folder, not a checkpoint file; {inside}")
     if not os.path.isfile(path):
         raise CheckpointError(f"{what}: no checkpoint at {path}")

@@ -8,8 +8,9 @@ tqdm stays silent, and one plain line is printed every ``--progress-interval`` s
 
 The estimates: the epoch's remaining steps at this epoch's mean seconds per step; each
 later epoch as long as the median epoch this process finished (training and evaluation: not
-the epochs before a resume, which may have run on another machine; the median, so that one
-epoch slowed by other work or a suspended process does not stretch every later one), or,
+the epochs before a resume, which may have run on another machine; the median, so that once three
+have finished one epoch slowed by other work or a suspended process does not stretch every
+later one), or,
 before any finished, as long as this epoch's training is projected to take.
 """
 

@@ -80,8 +80,7 @@ def test_evaluate_refuses_bad_input_with_one_line(runs, shared_folder, tmp_path,
         ((runs / "w2a2",), "is a folder, not a checkpoint file; name one of its checkpoints: best.pt, last.pt, "
                            "warmup_end.pt"),
         ((moved,), f"--data-dir {tmp_path / 'elsewhere'}: no CIFAR-10 found"),
-        ((moved,), "(--data-dir and --no-download are the checkpoint's own, from its training command: pass "
-                   "--data-dir PATH"),
+        ((moved,), "that folder is the checkpoint's own, from its training command: pass --data-dir PATH"),
         ((q, "--num-bits", "4"), "holds resnet20 W2A2, first/last 8-bit; --num-bits 4 contradicts it"),
         ((q, "--arch", "resnet32"), "--arch resnet32 contradicts it"),
         ((q, "--per-channel-weights"), "holds resnet20 W2A2, first/last 8-bit; --per-channel-weights contradicts it"),
@@ -99,6 +98,24 @@ def test_evaluate_refuses_bad_input_with_one_line(runs, shared_folder, tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["moved.pt", "plain.pt", "truncated.pt"]
     rc, out, err = _evaluate(capsys, moved, "--data-dir", shared_folder)  # --data-dir names this machine's copy
     assert rc == 0 and _printed_acc(out) == f"{ckpt['last_acc']:.2f}%", err
+
+
+def test_checkpoint_data_takes_the_command_line_first_then_the_checkpoint(shared_folder, tmp_path):
+    from deploy.restore import checkpoint_data
+    from run.data import DataError
+    saved = {"data_dir": str(shared_folder), "no_download": True}
+    assert checkpoint_data(saved, None, None)[1] is False  # the checkpoint's folder, its --no-download
+    assert checkpoint_data(saved, None, False)[1] is True  # --download given: it wins
+    assert checkpoint_data(saved, str(shared_folder), None)[1] is True  # another --data-dir: downloads allowed
+    assert checkpoint_data(saved, str(shared_folder), True)[1] is False
+    source, download = checkpoint_data({}, None, None)  # a plain state_dict: the tool's default folder
+    assert source.root.startswith("./data") and download is True
+    with pytest.raises(DataError) as err:
+        checkpoint_data({"data_dir": str(tmp_path / "gone"), "no_download": True}, None, None)
+    assert "the checkpoint's own" in str(err.value) and "drop --no-download" not in str(err.value)
+    with pytest.raises(DataError) as err:  # a folder the user named: find_source's own message
+        checkpoint_data(saved, str(tmp_path / "gone"), True)
+    assert "the checkpoint's own" not in str(err.value)
 
 
 def test_evaluate_accepts_model_flags_that_agree(runs, capsys):
@@ -298,8 +315,8 @@ def test_export_refuses_bad_input_and_writes_nothing(runs, tmp_path, capsys):
                                                 "best.pt, last.pt, warmup_end.pt"),
                           (argv(cut), f"size mismatch for {key}: copying a param with shape torch.Size([8, {shape}]) "
                                       f"from checkpoint, the shape in current model is torch.Size([16, {shape}])"),
-                          (argv(moved), "(--data-dir and --no-download are the checkpoint's own, from its training "
-                                        "command: pass --data-dir PATH"),
+                          (argv(moved), "that folder is the checkpoint's own, from its training command: pass "
+                                        "--data-dir PATH"),
                           (argv(last, "--workers", "-1"), "--workers must be >= 0, got -1"),
                           (argv(last, "--out", a_file / "sub"), f"--out {a_file / 'sub'}: {a_file} is a file, so no "
                                                                 f"folder can be made below it")):
