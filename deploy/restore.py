@@ -14,7 +14,7 @@ from torch import nn
 
 from run.checkpoint import CheckpointError, checkpoint_problem, load_tensors, foreign_checkpoint_error, type_phrase
 from run.config import act_bits, build_parser, first_last_bits, weight_bits
-from run.data import DataError, DataSource, find_source
+from run.data import NO_DATA_HINT, DataSource, find_source
 from models import build_model
 from quant import quantize_model, step_size_quantizers
 
@@ -151,14 +151,9 @@ def checkpoint_data(saved_flags: dict, data_dir: str | None, no_download: bool |
         data_dir = saved_flags.get("data_dir", build_parser().get_default("data_dir"))
     if no_download is None:
         no_download = bool(saved_flags.get("no_download", False)) if own else False
-    try:
-        return find_source(data_dir, download=not no_download), not no_download
-    except DataError:
-        if not own:
-            raise
-        raise DataError(f"--data-dir {data_dir}: no CIFAR-10 found (expected cifar-10-batches-py/ or train/<class>/ "
-                        f"and test/<class>/ image folders); that folder is the checkpoint's own, from its training "
-                        f"command: pass --data-dir PATH to name the CIFAR-10 of this machine") from None
+    hint = ("that folder is the checkpoint's own, from its training command: pass --data-dir PATH to name the "
+            "CIFAR-10 of this machine") if own else NO_DATA_HINT
+    return find_source(data_dir, download=not no_download, hint=hint), not no_download
 
 
 def step_size_count(model: nn.Module) -> int:

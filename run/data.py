@@ -73,7 +73,11 @@ def _is_image_folder(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "train")) or os.path.isdir(os.path.join(path, "test"))
 
 
-def find_source(data_dir: str, download: bool) -> DataSource:
+#: What a DataError for a folder without CIFAR-10 tells the user to do, unless the caller knows better.
+NO_DATA_HINT = "pass --data-dir pointing at one, or drop --no-download to download it"
+
+
+def find_source(data_dir: str, download: bool, hint: str = NO_DATA_HINT) -> DataSource:
     """Decide how to read ``data_dir`` (``--data-dir``) without reading any image.
 
     Accepts ``cifar-10-batches-py/`` inside ``data_dir``, an image folder ``data_dir``
@@ -81,7 +85,7 @@ def find_source(data_dir: str, download: bool) -> DataSource:
     to ``cifar10-jpeg/``). Otherwise torchvision's copy is downloaded if allowed.
 
     Raises:
-        DataError: nothing usable is there and ``download`` is False.
+        DataError: nothing usable is there and ``download`` is False; its message ends with ``hint``.
     """
     if os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
         return DataSource("torchvision", data_dir)
@@ -97,7 +101,7 @@ def find_source(data_dir: str, download: bool) -> DataSource:
         return DataSource("torchvision", data_dir)
     raise DataError(
         f"--data-dir {data_dir}: no CIFAR-10 found (expected cifar-10-batches-py/ or train/<class>/ and "
-        f"test/<class>/ image folders); pass --data-dir pointing at one, or drop --no-download to download it")
+        f"test/<class>/ image folders); {hint}")
 
 
 def _listdir(path: str) -> list[str]:
