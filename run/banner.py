@@ -82,14 +82,15 @@ def _freeze_default_note(cfg, a_br: bool) -> str:
         return ("    └─> Note: on by default with W-BR alone, as in the seed's W-only scenario (its default was off; "
                 "W-BR with alpha trained ended 0.43-0.44 points below in this tool's W2A2 CPU study, two seeds, "
                 "README); --no-freeze-alpha trains alpha")
-    if a_br:
-        return ("    └─> Note: off by default with A-BR on, unlike the seed's A-BR scenarios: W+A stable with alpha "
-                "trained ended 0.46 and 0.51 points above W+A stable with alpha frozen in this tool's W2A2 CPU "
-                "study (two seeds, README; A-only with alpha trained not measured); --freeze-alpha freezes every one")
-    given = step_size_flags(cfg)
-    verb = "decides" if len(given) == 1 else "decide"
-    return (f"    └─> Note: off, though W-BR is on, as {' and '.join(given)} {verb} the step sizes (runs with "
-            "W-BR alone freeze them by default); --freeze-alpha freezes every one")
+    given = step_size_flags(cfg)  # checked first: with these given, A-BR is not why it is off
+    if given:
+        verb = "decides" if len(given) == 1 else "decide"
+        why = " (runs with W-BR alone freeze them by default)" if not a_br else ""
+        return (f"    └─> Note: off, as {' and '.join(given)} {verb} the step sizes{why}; --freeze-alpha freezes "
+                "every one")
+    return ("    └─> Note: off by default with A-BR on, unlike the seed's A-BR scenarios: W+A stable with alpha "
+            "trained ended 0.46 and 0.51 points above W+A stable with alpha frozen in this tool's W2A2 CPU "
+            "study (two seeds, README; A-only with alpha trained not measured); --freeze-alpha freezes every one")
 
 
 def _qat_schedule_lines(cfg, defaulted: set[str]) -> list[str]:

@@ -178,10 +178,14 @@ def test_the_banner_says_why_alpha_is_frozen_or_not_by_default(capsys):
         assert len(off) == 1 and off[0].startswith("    └─> Note: off by default with A-BR on, unlike the seed's A-BR "
                                                    "scenarios: W+A stable with alpha trained ended 0.46 and "), flags
     assert alpha_notes("--freeze-weight-alpha") == [
-        "    └─> Note: off, though W-BR is on, as --freeze-weight-alpha decides the step sizes (runs with W-BR "
-        "alone freeze them by default); --freeze-alpha freezes every one"]
+        "    └─> Note: off, as --freeze-weight-alpha decides the step sizes (runs with W-BR alone freeze them by "
+        "default); --freeze-alpha freezes every one"]
     assert "--freeze-weight-alpha and --freeze-act-alpha decide" in alpha_notes("--freeze-weight-alpha",
                                                                                 "--freeze-act-alpha")[0]
+    # With A-BR on, the flags given are why it is off, not A-BR (no "off by default with A-BR on" beside them)
+    assert alpha_notes("--lambda-br-act", "1", "--freeze-weight-alpha", "--freeze-act-alpha") == [
+        "    └─> Note: off, as --freeze-weight-alpha and --freeze-act-alpha decide the step sizes; --freeze-alpha "
+        "freezes every one"]
     for flags in (["--freeze-alpha"], ["--no-freeze-alpha"], ["--lambda-br", "0"],  # given, or no BR: no note
                   ["--lambda-br-act", "1", "--no-freeze-alpha"], ["--epochs", "3", "--warmup-epochs", "3"]):
         assert alpha_notes(*flags) == [], flags
