@@ -224,6 +224,9 @@ def commit(folder: str, message: str) -> None:
 
 
 def run(args) -> int:
+    """Run the rows ``--only`` picks (each: skip if committed, resume its folder, else branch from its warmup),
+    ``--jobs`` at a time, committing each result as it finishes with ``--commit``. Returns the exit status:
+    0, 1 when a row failed, 2 when ``--data-dir`` holds no CIFAR-10, 128 + the signal when stopped."""
     rows = [row for row in plan() if any(fnmatch.fnmatch(row.name, pattern) for pattern in args.only)]
     todo = []
     for row in rows:

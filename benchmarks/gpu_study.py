@@ -304,6 +304,7 @@ def size_epochs(seconds: float, measure: dict, epoch_s: float, low: int, high: i
 
 
 def float_flags(epochs: int) -> list[str]:
+    """The float ResNet-20 run's flags (32 bits, no BR, no warmup, seed 42)."""
     return ["--num-bits", "32", "--lambda-br", "0", "--lambda-br-act", "0", "--warmup-epochs", "0",
             "--epochs", str(epochs), "--seed", "42"]
 
@@ -317,6 +318,8 @@ def qat_name(key: str, bits: int, seed: int) -> str:
 
 
 def qat_flags(args, key: str, seed: int, epochs: int, pretrained: str | None) -> list[str]:
+    """A QAT row's flags: the study's bits, schedule (warmup ``WARMUP_SHARE`` of ``epochs``) and lr, then the
+    scenario's stage-2 flags, from ``pretrained`` when given."""
     flags = ["--num-bits", str(args.bits), "--epochs", str(epochs), "--warmup-epochs",
              str(round(WARMUP_SHARE * epochs)), "--lr", str(args.qat_lr), "--seed", str(seed)]
     return flags + SCENARIOS[key][1] + (["--pretrained", pretrained] if pretrained else [])

@@ -235,6 +235,9 @@ def step_peak_bytes(trainer: Trainer, x, y, use_br: bool, device: torch.device) 
 
 # -- step mode ----------------------------------------------------------------------------------
 def run_steps(args, device: torch.device) -> dict:
+    """``--mode step``: time ``--steps`` training steps of each variant on one fixed random batch, ``--rounds``
+    times in rotating order; per variant the median seconds per step and images/s, the ratios between
+    variants measured round by round, and (unless ``--no-memory``) peak and saved-for-backward memory in MiB."""
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
@@ -284,12 +287,14 @@ def run_steps(args, device: torch.device) -> dict:
 
 # -- epoch mode ---------------------------------------------------------------------------------
 def synthetic_split(n: int, seed: int) -> Split:
+    """``n`` random uint8 (3, 32, 32) images with random labels 0-9: the shape of CIFAR-10, for timing only."""
     gen = torch.Generator().manual_seed(seed)
     return Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
                  torch.randint(0, 10, (n,), generator=gen))
 
 
 def run_epochs(args, device: torch.device) -> dict:
+    """``--mode epoch``: time whole epochs (training and test) of each variant on synthetic data."""
     cuda = device.type == "cuda"
     n_train = args.train_images or (50000 if cuda else 1024)
     n_test = args.test_images or (10000 if cuda else 500)

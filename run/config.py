@@ -287,10 +287,12 @@ def resolve_freeze_alpha(cfg) -> bool:
 
 
 def weight_bits(cfg) -> int:
+    """The weights' bit width: ``--num-bits-weight`` when given, else ``--num-bits`` (32 = not quantized)."""
     return cfg.num_bits_weight if cfg.num_bits_weight is not None else cfg.num_bits
 
 
 def act_bits(cfg) -> int:
+    """The activations' bit width: ``--num-bits-act`` when given, else ``--num-bits`` (32 = not quantized)."""
     return cfg.num_bits_act if cfg.num_bits_act is not None else cfg.num_bits
 
 

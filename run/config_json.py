@@ -64,4 +64,5 @@ def describe_val_split(cfg, val_split) -> dict | None:
 
 
 def write_config(cfg, config: dict) -> None:
+    """Write ``config`` to ``<--output-dir>/config.json`` atomically (a crash leaves the old file or the new)."""
     atomic_write_json(config, os.path.join(cfg.output_dir, "config.json"))

@@ -66,6 +66,7 @@ class DataSource:
     root: str
 
     def describe(self) -> str:
+        """For the banner: ``torchvision CIFAR-10 at <root>`` or ``image folder at <root>``."""
         return f"{'torchvision CIFAR-10' if self.kind == 'torchvision' else 'image folder'} at {self.root}"
 
 
@@ -437,6 +438,8 @@ class DeviceLoader:
         return min(len(self) * self.batch_size, len(self.labels))
 
     def batches(self, epoch: int = 0):
+        """This epoch's ``len(self)`` batches ``(x, y)`` as the class says; ``epoch`` seeds a training
+        epoch's order and augmentation, so that a resumed run draws the batches it would have drawn."""
         n = len(self.labels)
         if self.train:
             gen = epoch_generator(self.seed, epoch)

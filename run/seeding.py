@@ -26,6 +26,8 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the generators from ``rng_state()``'s dict (CUDA's only where CUDA is there: a run saved on
+    a GPU resumes on the CPU with the rest restored)."""
     random.setstate(state["python"])
     np.random.set_state(numpy_rng_from_plain(state["numpy"]))
     torch.set_rng_state(state["torch"])
