@@ -331,7 +331,7 @@ class TrainingImages(NamedTuple):
     available: int
 
 
-def training_images(source: DataSource, cfg, workers: int, write_cache: bool = True) -> TrainingImages:
+def training_images(source: DataSource, cfg, workers: int, write_cache: bool = True, log=print) -> TrainingImages:
     """The images a run trains (or calibrates) on, and its validation set.
 
     ``--val-split N`` holds out N class-balanced images first (``hold_out``); ``--train-subset``
@@ -341,7 +341,8 @@ def training_images(source: DataSource, cfg, workers: int, write_cache: bool = T
         DataError: see ``load_split``, ``hold_out`` and ``balanced_subset``; fewer than 2
             training images.
     """
-    train = load_split(source, train=True, download=not cfg.no_download, workers=workers, write_cache=write_cache)
+    train = load_split(source, train=True, download=not cfg.no_download, workers=workers, log=log,
+                       write_cache=write_cache)
     val = val_index = None
     if cfg.val_split:
         train, val, val_index = hold_out(train, cfg.val_split, cfg.seed)

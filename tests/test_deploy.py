@@ -90,6 +90,7 @@ def test_evaluate_refuses_bad_input_with_one_line(runs, shared_folder, tmp_path,
         ((plain, "--arch", "resnet32", "--data-dir", shared_folder), "does not fit resnet32 float"),
         ((plain, "--num-bits", "2", "--data-dir", shared_folder), "--num-bits 2 contradicts it"),
         ((q, "--epochs", "3"), "--evaluate: --epochs cannot be combined with it"),
+        ((q, "--bn-reestimate", "-1"), "--bn-reestimate must be >= 0 training batches (0: none), got -1"),
     ]
     for args, message in cases:
         rc, out, err = _evaluate(capsys, *args)

@@ -150,6 +150,12 @@ def test_bn_reestimate_averages_the_batch_statistics(shared_folder, tmp_path, ca
                             capsys)
     assert rc == 0 and stdout.startswith(f"Test top-1 {bn['test_acc_after']:.2f}%")
     assert f"the run logged {bn['test_acc_after']:.2f}% for epoch 2 after --bn-reestimate" in stdout
+    # --evaluate last.pt --bn-reestimate re-estimates on the same draw (checked below by hand): the run's numbers
+    rc, stdout, _ = run_cli(["--evaluate", out / "last.pt", "--data-dir", shared_folder, "--workers", "0",
+                             "--bn-reestimate", "5"], capsys)
+    assert rc == 0 and stdout.startswith(
+        f"Test top-1 {bn['test_acc_before']:.2f}% (20 images) | after BatchNorm re-estimation on 3 training batches "
+        f"(--bn-reestimate): {bn['test_acc_after']:.2f}% | resnet20 W2A2")
     # the reference: the first BatchNorm's input on the 3 batches of a fresh draw (epoch E + 1 = 3), the
     # network as trained; running mean = mean of the batch means, variance = mean of the unbiased batch variances
     last = torch.load(out / "last.pt", weights_only=True)
