@@ -68,12 +68,12 @@ def _moving_target_note(backprop: bool) -> str:
     W2A2 CPU study measured of ``--br-backprop-to-alpha-act`` there (README, docs/results.md section 9)."""
     if backprop:
         return ("    └─> Note: activation alpha is trained in stage 2, and this gradient shrinks it: in this tool's "
-                "W2A2 CPU study (λ_w = λ_a = 1, every alpha trained) to a median 0.28-0.29x its end-of-warmup "
+                "W2A2 CPU study (λ_w = λ_a = 1, every alpha trained) to a median 0.285x its end-of-warmup "
                 "value, and the runs ended 2.33 and 2.40 points above those without this flag, level with W-BR "
                 "alone (84.88% against 84.88%, mean of two seeds; README)")
     return ("    └─> Note: with activation alpha trained, True ended 2.33 and 2.40 points above False in this tool's "
             "W2A2 CPU study (λ_w = λ_a = 1, every alpha trained), level with W-BR alone, by shrinking that alpha "
-            "to a median 0.28-0.29x (two seeds; README)")
+            "to a median 0.285x (two seeds; README)")
 
 
 def _freeze_default_note(cfg, a_br: bool) -> str:
