@@ -474,11 +474,7 @@ class Trainer:
         for collector in (self.hooks, self.weight_stats):  # no BR statistics from these passes
             if collector is not None:
                 collector.enabled = False
-        xs = []
-        for x, _ in self.train_loader.batches(self.cfg.epochs + 1):
-            if len(xs) == batches:
-                break
-            xs.append(x)
+        xs = self.train_loader.first_images(batches, self.cfg.epochs + 1)
         before = self.last_acc if self.last_acc is not None else self.evaluate()
         recalibrate_batchnorm(self.model, xs)
         after = self.evaluate()

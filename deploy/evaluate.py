@@ -11,11 +11,10 @@ run's own ``--bn-reestimate`` draws them after its last epoch (Nagel et al., ICM
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
 
-from run.config import ConfigError, build_parser, explicit_flags, resolve_device
+from run.config import ConfigError, explicit_flags, resolve_device
 from run.data import DeviceLoader, load_split, training_images
-from deploy.restore import MODEL_FLAGS, checkpoint_data, describe, restore, step_size_count
+from deploy.restore import MODEL_FLAGS, checkpoint_data, describe, restore, saved_flags_namespace, step_size_count
 from run.evaluation import recalibrate_batchnorm, top1_accuracy
 
 #: Flags that may accompany --evaluate: where the data is, how to run, and model flags (checked
@@ -42,10 +41,9 @@ def reestimation_batches(source, download: bool, saved_flags: dict, batches: int
     Raises:
         DataError: see ``run.data.training_images``.
     """
-    run = SimpleNamespace(**{**vars(build_parser().parse_args([])), **saved_flags, "no_download": not download})
+    run = saved_flags_namespace({**saved_flags, "no_download": not download})
     train = training_images(source, run, workers, log=_stderr).train
-    loader = DeviceLoader(train, run.batch_size, device, train=True, seed=run.seed)
-    return [x for _, (x, _) in zip(range(batches), loader.batches(run.epochs + 1))]
+    return DeviceLoader(train, run.batch_size, device, train=True, seed=run.seed).first_images(batches, run.epochs + 1)
 
 
 def recorded_accuracy(ckpt: dict) -> tuple[float, int] | None:

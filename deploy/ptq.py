@@ -62,13 +62,7 @@ def calibration_batches(split: Split, batches: int, batch_size: int, seed: int,
     them on un-augmented images cost a float ResNet-20 2.4 points of test top-1 (79.40 -> 76.99 %
     on CIFAR-10; 79.55 % with augmented batches; docs/results.md).
     """
-    loader = DeviceLoader(split, batch_size, device, train=True, seed=seed)
-    out = []
-    for x, _ in loader.batches(epoch=0):
-        if len(out) == batches:
-            break
-        out.append(x)
-    return out
+    return DeviceLoader(split, batch_size, device, train=True, seed=seed).first_images(batches)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from run.checkpoint import CheckpointError, checkpoint_problem, load_tensors, foreign_checkpoint_error, type_phrase
-from run.config import act_bits, build_parser, first_last_bits, weight_bits
+from run.config import act_bits, build_parser, defaults_of, first_last_bits, weight_bits
 from run.data import NO_DATA_HINT, DataSource, find_source
 from models import build_model
 from quant import quantize_model, step_size_quantizers
@@ -23,12 +23,18 @@ MODEL_FLAGS = ("arch", "num_bits", "num_bits_weight", "num_bits_act", "first_las
                "per_channel_weights", "act_quant_at")
 
 
+def saved_flags_namespace(flags: dict) -> argparse.Namespace:
+    """A checkpoint's ``config["flags"]`` as the parsed flags of its run; a flag missing from ``flags`` (a
+    checkpoint from before it existed, or a plain state_dict: ``{}``) has its default."""
+    return argparse.Namespace(**{**vars(build_parser().parse_args([])), **flags})
+
+
 def model_config(flags: dict) -> dict:
     """The network a set of flags describes: ``arch``, ``weight_bits``, ``act_bits``, ``first_last_bits``
     (32 = float), ``clip_value``, ``per_channel_weights`` (False where no weight is quantized),
     ``act_quant_at`` (``conv-input`` where no activation is quantized: the same network). A flag
     missing from ``flags`` (a checkpoint from before it existed) has its default."""
-    ns = argparse.Namespace(**{**vars(build_parser().parse_args([])), **flags})
+    ns = saved_flags_namespace(flags)
     quantized_weights = min(weight_bits(ns), first_last_bits(ns)) < 32
     return {"arch": ns.arch, "weight_bits": weight_bits(ns), "act_bits": act_bits(ns),
             "first_last_bits": first_last_bits(ns), "clip_value": ns.clip_value,
@@ -148,7 +154,7 @@ def checkpoint_data(saved_flags: dict, data_dir: str | None, no_download: bool |
     """
     own = data_dir is None and "data_dir" in saved_flags
     if data_dir is None:
-        data_dir = saved_flags.get("data_dir", build_parser().get_default("data_dir"))
+        data_dir = saved_flags.get("data_dir", defaults_of("data_dir"))
     if no_download is None:
         no_download = bool(saved_flags.get("no_download", False)) if own else False
     hint = ("that folder is the checkpoint's own, from its training command: pass --data-dir PATH to name the "

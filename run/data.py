@@ -11,6 +11,7 @@ are skipped). An image folder is decoded once and cached next to the data as
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -437,6 +438,11 @@ class DeviceLoader:
         """The images an epoch goes through, all processes together: every one, less a final batch
         that is dropped."""
         return min(len(self) * self.batch_size, len(self.labels))
+
+    def first_images(self, batches: int, epoch: int = 0) -> list[torch.Tensor]:
+        """The images ``x`` of this epoch's first ``batches`` batches (fewer when the epoch has fewer): the
+        inputs BatchNorm re-estimation and PTQ calibration take, drawn and augmented as training draws them."""
+        return [x for x, _ in itertools.islice(self.batches(epoch), batches)]
 
     def batches(self, epoch: int = 0):
         """This epoch's ``len(self)`` batches ``(x, y)`` as the class says; ``epoch`` seeds a training
